@@ -1,0 +1,31 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv/ and install
+# the project (with the extras they need) under constraints.txt before running.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+PIP_FLAGS := --disable-pip-version-check --no-input -q
+
+.PHONY: demo test bench bench-quick info clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install $(PIP_FLAGS) -c constraints.txt -e ".[all]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m uniopt demo
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m uniopt bench
+	cd asv_bench && ../$(BIN)/asv machine --yes >/dev/null && ../$(BIN)/asv run --python=same --quick --show-stderr
+
+info: $(STAMP)
+	$(BIN)/python -m uniopt info
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis asv_bench/.asv

@@ -1,0 +1,12 @@
+"""uniopt: research optimizers, one numerical definition per update rule, every framework.
+
+The core package needs only NumPy, SciPy and Numba; it never imports torch or JAX. The
+framework faces live in :mod:`uniopt.adapters.torch` and :mod:`uniopt.adapters.jax`.
+"""
+
+from ._minimize import minimize, minimize_qhadam, minimize_qhm
+from .qh import QHM, QHAdam, QHAdamW
+
+__version__ = "0.1.0"
+
+__all__ = ["QHM", "QHAdam", "QHAdamW", "minimize", "minimize_qhm", "minimize_qhadam", "__version__"]

@@ -1,0 +1,27 @@
+"""Shared fixtures. The CUDA tests run on numba-cuda's simulator unless a real device is asked
+for with UNIOPT_TEST_REAL_CUDA=1 (the simulator must be chosen before numba.cuda is imported)."""
+
+import os
+
+if os.environ.get("UNIOPT_TEST_REAL_CUDA") != "1":
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+import numpy as np
+import pytest
+
+
+def tolerance(dtype) -> dict:
+    """rtol/atol for comparing two executions of the same rule (a few ulps of accumulation)."""
+    if np.dtype(dtype) == np.float32:
+        return dict(rtol=2e-5, atol=1e-6)
+    return dict(rtol=1e-12, atol=1e-14)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(params=[np.float32, np.float64], ids=["float32", "float64"])
+def dtype(request):
+    return request.param

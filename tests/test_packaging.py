@@ -1,0 +1,77 @@
+"""Packaging and isolation: the layout the pyproject declares is the layout on disk, the core
+imports no framework, and only the distinctive import name is importable."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(code: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_import_uniopt_loads_neither_torch_nor_jax():
+    code = (
+        "import sys, json, uniopt, uniopt.adapters, uniopt.rules.qh, uniopt.kernels.qh_cpu\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'jax', 'jaxlib', 'optax', 'tensorflow'))))"
+    )
+    out = _run(code, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == []
+
+
+def test_importing_uniopt_compiles_nothing():
+    code = (
+        "import uniopt, numba\n"
+        "from uniopt.kernels import qh_cpu\n"
+        "print(sum(len(k.signatures) for k in (qh_cpu.qhm_table_, qh_cpu.qhadam_table_)))"
+    )
+    out = _run(code, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"
+
+
+def test_pyproject_packages_match_folders():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    declared = set(config["packages"])
+    mapping = config["package-dir"]
+    on_disk = set()
+    for name, folder in mapping.items():
+        base = ROOT / folder
+        for init in base.rglob("__init__.py"):
+            if "__pycache__" in init.parts:
+                continue
+            rel = init.parent.relative_to(base)
+            on_disk.add(".".join([name, *rel.parts]) if rel.parts else name)
+    assert declared == on_disk
+
+
+def test_bare_core_and_adapters_are_not_importable():
+    out = _run("import importlib.util as u; print(u.find_spec('core'), u.find_spec('adapters'))", cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "None None"
+
+
+def test_cli_info_runs():
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    out = subprocess.run([sys.executable, "-m", "uniopt", "info"], capture_output=True, text=True,
+                         timeout=300, env=env, cwd="/")
+    assert out.returncode == 0, out.stderr
+    for needle in ("uniopt", "numba", "backends:", "numba threading layer", "cuda:"):
+        assert needle in out.stdout
+
+
+@pytest.mark.parametrize("argv", [["nope"], []])
+def test_cli_rejects_unknown_commands(argv):
+    out = subprocess.run([sys.executable, "-m", "uniopt", *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2

@@ -2,7 +2,7 @@
 
 ``uniopt.minimize(fun, x0, method="qhm", jac=True, options={...})`` returns a
 :class:`scipy.optimize.OptimizeResult`. The per-method functions (``minimize_qhm``, ...) have
-the signature SciPy expects of a custom method, so they can also be handed to SciPy itself:
+the signature SciPy expects of a custom method (SciPy is imported on first use), so they can also be handed to SciPy itself:
 ``scipy.optimize.minimize(fun, x0, method=uniopt.minimize_qhm, jac=True, options={...})``.
 """
 
@@ -13,7 +13,6 @@ import warnings
 from typing import Callable
 
 import numpy as np
-from scipy.optimize import OptimizeResult, OptimizeWarning, approx_fprime
 
 from ._validation import nonnegative
 from .qh import QHM, QHAdam
@@ -35,6 +34,8 @@ def _objective(fun: Callable, jac, args: tuple, counts: dict) -> Callable:
             counts["njev"] += 1
             return float(fun(x, *args)), np.asarray(jac(x, *args), dtype=x.dtype)
     elif jac is None or jac is False or jac in ("2-point", "3-point", "cs"):
+        from scipy.optimize import approx_fprime
+
         def value_and_grad(x):
             counts["nfev"] += 1 + x.size
             f = float(fun(x, *args))
@@ -52,6 +53,8 @@ def _notify(callback, x, f):
     except (TypeError, ValueError):
         params = {}
     if "intermediate_result" in params:
+        from scipy.optimize import OptimizeResult
+
         result = callback(intermediate_result=OptimizeResult(x=x.copy(), fun=f))
     else:
         result = callback(x.copy())
@@ -65,10 +68,14 @@ _SCIPY_PASSES = frozenset({"hess", "hessp", "bounds", "constraints"})
 def _warn_unknown(options: dict) -> None:
     unknown = sorted(set(options) - _SCIPY_PASSES)
     if unknown:
+        from scipy.optimize import OptimizeWarning
+
         warnings.warn(f"Unknown solver options: {', '.join(unknown)}", OptimizeWarning, stacklevel=3)
 
 
-def _run(optimizer_cls, fun, x0, args, jac, callback, maxiter, gtol, hyper) -> OptimizeResult:
+def _run(optimizer_cls, fun, x0, args, jac, callback, maxiter, gtol, hyper):
+    from scipy.optimize import OptimizeResult  # scipy.optimize costs ~0.3 s to import
+
     maxiter = int(nonnegative("maxiter", maxiter))
     gtol = nonnegative("gtol", gtol)
     x0 = np.asarray(x0)

@@ -1,0 +1,35 @@
+"""QHM and QHAdam on a least-squares problem with the NumPy core, and through SciPy.
+
+Run: python examples/numpy_qhm_least_squares.py
+"""
+
+import numpy as np
+import scipy.optimize
+
+import uniopt
+
+rng = np.random.default_rng(0)
+a = rng.standard_normal((200, 20))
+b = a @ rng.standard_normal(20) + 0.01 * rng.standard_normal(200)
+exact = np.linalg.lstsq(a, b, rcond=None)[0]
+
+
+def fun(x):
+    r = a @ x - b
+    return 0.5 * float(r @ r) / len(b), a.T @ r / len(b)
+
+
+# The stateful optimizer: arrays are updated in place.
+x = np.zeros(20)
+opt = uniopt.QHM([x], **uniopt.QHM.from_synthesized_nesterov(alpha=0.2, beta1=0.9, beta2=0.5))
+for _ in range(500):
+    opt.step([fun(x)[1]])
+print(f"QHM (synthesized Nesterov) : |x - x*| = {np.linalg.norm(x - exact):.2e}")
+
+# SciPy-style driver, and the same function handed to scipy.optimize.minimize.
+res = uniopt.minimize(fun, np.zeros(20), method="qhm", jac=True,
+                      options=dict(lr=0.5, momentum=0.9, nu=0.7, gtol=1e-10, maxiter=5000))
+print(f"uniopt.minimize(qhm)       : {res.message} nit={res.nit}, |x - x*| = {np.linalg.norm(res.x - exact):.2e}")
+res = scipy.optimize.minimize(fun, np.zeros(20), method=uniopt.minimize_qhm, jac=True,
+                              options=dict(lr=0.5, momentum=0.9, nu=0.7, gtol=1e-10, maxiter=5000))
+print(f"scipy.optimize.minimize    : {res.message} nit={res.nit}, |x - x*| = {np.linalg.norm(res.x - exact):.2e}")

@@ -487,3 +487,29 @@ def test_minimize_finite_differences_callback_and_errors(rng):
         uniopt.minimize(fun, np.zeros(4), method="qhm", jac=True, options=dict(learning_rate=0.1, maxiter=1))
     result = uniopt.minimize(lambda x: (float("nan"), x), np.zeros(2), method="qhm", jac=True)
     assert not result.success and "NaN" in result.message
+
+
+def test_disable_jit_runs_the_same_kernels_as_python():
+    """NUMBA_DISABLE_JIT=1 (coverage, debugging) executes the kernels' Python source."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, numpy as np, uniopt\n"
+        "x, y = np.linspace(-1, 1, 7), np.linspace(2, 3, 5).astype(np.float32)\n"
+        "a = uniopt.QHM([x], lr=0.1, momentum=0.9, nu=0.7, weight_decay=0.1)\n"
+        "b = uniopt.QHAdam([y], lr=0.1, nus=(0.7, 0.9), weight_decay=0.1, decouple_weight_decay=True)\n"
+        "for k in range(3):\n"
+        "    a.step([np.cos(x + k)]); b.step([np.sin(y + k)])\n"
+        "print(json.dumps([x.tolist(), y.tolist()]))\n"
+    )
+    results = []
+    for disable in ("1", "0"):
+        env = dict(os.environ, NUMBA_DISABLE_JIT=disable)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr
+        results.append(json.loads(out.stdout))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-14)
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-6)

@@ -6,6 +6,8 @@ tensors owned by NumPy or torch without building a Python list of arrays per cal
 
 from __future__ import annotations
 
+import ctypes
+
 import numba
 import numpy as np
 from numba import types
@@ -26,10 +28,18 @@ def address_as_pointer(typingctx, address, like):
     return signature, codegen
 
 
-@numba.njit(inline="always")
 def view(address, size, like):
     """A 1-D array of ``size`` elements of ``like``'s dtype starting at ``address``."""
     return numba.carray(address_as_pointer(address, like), (size,))
+
+
+if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: the same kernels run as plain Python
+    def view(address, size, like):  # noqa: F811
+        c_type = np.ctypeslib.as_ctypes_type(like.dtype)
+        pointer = ctypes.cast(ctypes.c_void_p(int(address)), ctypes.POINTER(c_type))
+        return np.ctypeslib.as_array(pointer, (int(size),))
+else:
+    view = numba.njit(inline="always")(view)
 
 
 def addresses(arrays) -> np.ndarray:

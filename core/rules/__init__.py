@@ -25,7 +25,8 @@ def bind(module: types.ModuleType, wrap: Callable | None = None, **ops) -> Simpl
       module: a rule module listing its rule functions in ``RULES``.
       wrap: applied to every re-bound function (for example a Numba decorator); rules that call
         each other then call the wrapped versions.
-      **ops: replacements for the module's helper globals, e.g. ``sqrt=torch.sqrt``.
+      **ops: replacements for the module's helper globals, e.g. ``sqrt=torch.sqrt``; a rule
+        named here (e.g. a scalar ``where``) is replaced by the given function.
 
     Returns:
       A namespace with one attribute per rule.
@@ -34,6 +35,9 @@ def bind(module: types.ModuleType, wrap: Callable | None = None, **ops) -> Simpl
     namespace.update(ops)
     bound = {}
     for name in module.RULES:
+        if name in ops:  # the backend brings its own version of this helper
+            bound[name] = ops[name]
+            continue
         original = module.__dict__[name]
         fn = types.FunctionType(
             original.__code__, namespace, original.__name__, original.__defaults__, original.__closure__

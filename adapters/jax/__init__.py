@@ -1,0 +1,29 @@
+"""uniopt's JAX face: optax gradient transformations (``scale_by_*`` blocks and recipes).
+
+This package imports jax and optax; ``import uniopt`` never does.
+
+Example:
+  >>> import optax
+  >>> from uniopt.adapters.jax import qhadam
+  >>> solver = optax.chain(optax.clip_by_global_norm(1.0), qhadam(1e-3, nus=(0.7, 1.0)))
+"""
+
+from ._qh import (
+    ScaleByQHAdamState,
+    ScaleByQHMState,
+    qhadam,
+    qhadamw,
+    qhm,
+    scale_by_qhadam,
+    scale_by_qhm,
+)
+
+__all__ = [
+    "ScaleByQHMState",
+    "ScaleByQHAdamState",
+    "scale_by_qhm",
+    "scale_by_qhadam",
+    "qhm",
+    "qhadam",
+    "qhadamw",
+]

@@ -1,0 +1,397 @@
+r"""QHM and QHAdam as optax gradient transformations.
+
+The building blocks (:func:`scale_by_qhm`, :func:`scale_by_qhadam`) trace the rules of
+:mod:`uniopt.rules.qh` bound to ``jax.numpy``; the recipes (:func:`qhm`, :func:`qhadam`,
+:func:`qhadamw`) chain them with :func:`optax.add_decayed_weights` and
+:func:`optax.scale_by_learning_rate`, as :func:`optax.adam` / :func:`optax.adamw` do.
+
+Coefficients are cast to each leaf's dtype, so float32 leaves stay float32 whether or not
+``jax_enable_x64`` is set. Coefficients given as Python numbers are combined on the host in
+float64 (``1 - momentum`` is computed before the cast), like the NumPy kernels do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from uniopt import _validation
+from uniopt.rules import bind
+from uniopt.rules import qh as _qh
+from uniopt.rules.qh_convert import QHAdamConversions, QHMConversions
+
+__all__ = [
+    "ScaleByQHMState",
+    "ScaleByQHAdamState",
+    "scale_by_qhm",
+    "scale_by_qhadam",
+    "qhm",
+    "qhadam",
+    "qhadamw",
+]
+
+_rules = bind(_qh, sqrt=jnp.sqrt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Construction-time checks (shared messages from uniopt._validation)
+# ----------------------------------------------------------------------------------------------
+def _check(check, what: str, value: Any, *, schedule_ok: bool = False) -> None:
+    """Run ``check(what, value)`` unless ``value`` is traced (or an allowed schedule).
+
+    Under ``jax.jit``/``jax.vmap`` or :func:`optax.inject_hyperparams` a hyper-parameter may be
+    a tracer whose value is unknown at construction: it is accepted as it is. Concrete numbers,
+    NumPy scalars and concrete 0-d jax arrays are checked.
+    """
+    if isinstance(value, jax.core.Tracer):
+        return
+    if schedule_ok and callable(value):
+        return
+    check(what, value)
+
+
+def _check_pair(what: str, value: Any) -> tuple:
+    if isinstance(value, jax.core.Tracer):
+        # A traced pair (e.g. ``jnp.array([b1, b2])`` under vmap): unpack without checking.
+        return value[0], value[1]
+    return _validation.pair(what, value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+def _complement(x):
+    """``1 - x``: in float64 on the host for Python numbers, in ``x``'s dtype for arrays."""
+    return 1.0 - x
+
+
+def _cast(dtype, *values):
+    return tuple(jnp.asarray(v, dtype=dtype) for v in values)
+
+
+def _leaves_with(updates, *trees):
+    """Flatten ``updates`` and each tree in ``trees`` to ``updates``' structure."""
+    leaves, treedef = jax.tree.flatten(updates)
+    return treedef, leaves, [treedef.flatten_up_to(t) for t in trees]
+
+
+def _weight_dtype(params):
+    """Dtype of QHAdam's scalar bias weights: the widest float among the params, >= float32."""
+    dtype = jnp.dtype(jnp.float32)
+    for leaf in jax.tree.leaves(params):
+        leaf_dtype = jnp.result_type(leaf)
+        if jnp.issubdtype(leaf_dtype, jnp.floating):
+            dtype = jnp.promote_types(dtype, leaf_dtype)
+    return dtype
+
+
+# ----------------------------------------------------------------------------------------------
+# QHM
+# ----------------------------------------------------------------------------------------------
+class ScaleByQHMState(NamedTuple):
+    """State of :func:`scale_by_qhm`: qhoptim's dampened ``momentum_buffer`` (zeros at init)."""
+
+    momentum_buffer: optax.Updates
+
+
+def scale_by_qhm(momentum: Any, nu: Any) -> optax.GradientTransformation:
+    r"""Rescale updates by quasi-hyperbolic momentum (no learning rate, no decay).
+
+    Returns the direction :math:`d_t = (1 - \nu) g_t + \nu b_{t+1}` with
+    :math:`b_{t+1} = \beta b_t + (1 - \beta) g_t`. See :func:`qhm` for details.
+
+    Args:
+      momentum: :math:`\beta` (>= 0); a float or a (traced) scalar array.
+      nu: immediate discount :math:`\nu` (any finite number).
+
+    Returns:
+      An :class:`optax.GradientTransformation` with state :class:`ScaleByQHMState`.
+    """
+    _check(_validation.nonnegative, "momentum value", momentum)
+    _check(_validation.finite, "nu value", nu)
+    one_minus_beta, one_minus_nu = _complement(momentum), _complement(nu)
+
+    def init_fn(params):
+        return ScaleByQHMState(momentum_buffer=optax.tree.zeros_like(params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        treedef, grads, (bufs,) = _leaves_with(updates, state.momentum_buffer)
+        directions, new_bufs = [], []
+        for g, buf in zip(grads, bufs):
+            dtype = jnp.result_type(g, buf)
+            direction, new_buf = _rules.qhm_direction(
+                g.astype(dtype), buf.astype(dtype),
+                *_cast(dtype, momentum, one_minus_beta, nu, one_minus_nu))
+            directions.append(direction.astype(g.dtype))
+            new_bufs.append(new_buf.astype(buf.dtype))
+        return (treedef.unflatten(directions),
+                ScaleByQHMState(momentum_buffer=treedef.unflatten(new_bufs)))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class _QHMConversions(QHMConversions):
+    _conversion_keys = ("learning_rate", "momentum", "nu")
+
+
+def qhm(learning_rate: optax.ScalarOrSchedule, momentum: Any, nu: Any,
+        weight_decay: optax.ScalarOrSchedule = 0.0,
+        weight_decay_type: str = "grad") -> optax.GradientTransformation:
+    r"""Quasi-hyperbolic momentum (QHM), with qhoptim's weight-decay options.
+
+    .. math::
+       \begin{align*}
+         g_t' &\leftarrow g_t + \lambda \theta_t \quad \text{(weight\_decay\_type="grad")} \\
+         b_{t+1} &\leftarrow \beta b_t + (1 - \beta) g_t' \\
+         \theta_{t+1} &\leftarrow \theta_t - \alpha_t \left[(1 - \nu) g_t' + \nu b_{t+1}
+           \right] \; \left(- \alpha_t \lambda \theta_t \text{ for weight\_decay\_type="direct"}\right)
+       \end{align*}
+
+    Let :math:`\alpha_t` be ``learning_rate`` (at step :math:`t` for a schedule),
+    :math:`\beta` ``momentum``, :math:`\nu` ``nu`` and :math:`\lambda` ``weight_decay``. The
+    buffer starts at zero. ``nu=0`` is plain SGD; ``nu=1`` is momentum SGD with learning rate
+    :math:`\alpha(1 - \beta)` (:func:`optax.sgd` with ``momentum=beta``); ``nu=momentum`` is
+    Nesterov's. The recipe is ``chain([add_decayed_weights,] scale_by_qhm, [add_decayed_weights,]
+    scale_by_learning_rate)``: coupled decay before, direct decay after the QHM block
+    (:math:`\theta(1 - \alpha\lambda) - \alpha d = \theta - \alpha(d + \lambda\theta)`).
+
+    ``qhm.from_pid``, ``from_synthesized_nesterov``, ``from_robust_momentum``,
+    ``from_accsgd`` and ``from_two_state_optimizer`` return ``learning_rate``/``momentum``/``nu``
+    dictionaries: ``qhm(**qhm.from_pid(k_p, k_i, k_d))``.
+
+    Args:
+      learning_rate: :math:`\alpha` (>= 0), a float or an optax schedule.
+      momentum: :math:`\beta` (>= 0).
+      nu: :math:`\nu`, any finite number (values outside [0, 1] arise from the conversions).
+      weight_decay: :math:`\lambda` (>= 0), a float or an optax schedule.
+      weight_decay_type: ``"grad"`` adds :math:`\lambda\theta` to the gradient (before the
+        momentum); ``"direct"`` shrinks the parameter by :math:`1 - \alpha_t\lambda`.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` (an :func:`optax.chain`).
+
+    Raises:
+      ValueError: a negative ``learning_rate``, ``momentum`` or ``weight_decay``, a non-finite
+        ``nu``, or an unknown ``weight_decay_type``. TypeError: a value that is not a number.
+        Traced values (inside ``jit``/``vmap``/``inject_hyperparams``) are not checked.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from uniopt.adapters.jax import qhm
+      >>> solver = qhm(learning_rate=0.5, momentum=0.9, nu=0.7)
+      >>> params = jnp.array([1.0, -2.0])
+      >>> state = solver.init(params)
+      >>> for _ in range(200):
+      ...     updates, state = solver.update(2 * params, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> bool(jnp.abs(params).max() < 1e-5)
+      True
+
+    References:
+      Ma & Yarats, `Quasi-hyperbolic momentum and Adam for deep learning
+      <https://arxiv.org/abs/1810.06801>`_, ICLR 2019
+    """
+    _check(_validation.nonnegative, "learning rate", learning_rate, schedule_ok=True)
+    _check(_validation.nonnegative, "weight_decay value", weight_decay, schedule_ok=True)
+    _validation.choice("weight_decay_type value", weight_decay_type, ("grad", "direct"))
+    block = scale_by_qhm(momentum, nu)
+    decay = optax.add_decayed_weights(weight_decay)
+    steps = (decay, block) if weight_decay_type == "grad" else (block, decay)
+    return optax.chain(*steps, optax.scale_by_learning_rate(learning_rate))
+
+
+# ----------------------------------------------------------------------------------------------
+# QHAdam
+# ----------------------------------------------------------------------------------------------
+class ScaleByQHAdamState(NamedTuple):
+    r"""State of :func:`scale_by_qhadam`, as qhoptim keeps it.
+
+    ``beta1_weight``/``beta2_weight`` are the running bias-correction normalisers
+    :math:`w_{i,t} = 1 + \beta_i w_{i,t-1}` (0-d arrays, float32 or wider, shared by all
+    leaves); ``exp_avg``/``exp_avg_sq`` are the *bias-corrected* moments.
+    """
+
+    beta1_weight: jax.Array
+    beta2_weight: jax.Array
+    exp_avg: optax.Updates
+    exp_avg_sq: optax.Updates
+
+
+def scale_by_qhadam(betas: tuple = (0.9, 0.999), nus: tuple = (1.0, 1.0),
+                    eps: Any = 1e-8) -> optax.GradientTransformation:
+    r"""Rescale updates by QHAdam (no learning rate, no decay).
+
+    Returns :math:`(\nu_1 m_t + (1 - \nu_1) g_t) / (\sqrt{\nu_2 v_t + (1 - \nu_2) g_t^2} +
+    \epsilon)`. See :func:`qhadam` for details.
+
+    Args:
+      betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
+      nus: :math:`(\nu_1, \nu_2)`, finite.
+      eps: :math:`\epsilon` (>= 0), added outside the square root.
+
+    Returns:
+      An :class:`optax.GradientTransformation` with state :class:`ScaleByQHAdamState`.
+    """
+    beta1, beta2 = _check_pair("betas", betas)
+    _check(_validation.unit_interval, "beta parameter at index 0", beta1)
+    _check(_validation.unit_interval, "beta parameter at index 1", beta2)
+    nu1, nu2 = _check_pair("nus", nus)
+    _check(_validation.finite, "nu parameter at index 0", nu1)
+    _check(_validation.finite, "nu parameter at index 1", nu2)
+    _check(_validation.nonnegative, "epsilon value", eps)
+    one_minus_nu1, one_minus_nu2 = _complement(nu1), _complement(nu2)
+
+    def init_fn(params):
+        zero = jnp.zeros([], _weight_dtype(params))
+        return ScaleByQHAdamState(beta1_weight=zero, beta2_weight=zero,
+                                  exp_avg=optax.tree.zeros_like(params),
+                                  exp_avg_sq=optax.tree.zeros_like(params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        w_dtype = jnp.result_type(state.beta1_weight)
+        w1, w2, a1, a2 = _rules.qhadam_bias_weights(
+            state.beta1_weight, state.beta2_weight, *_cast(w_dtype, beta1, beta2))
+        step = (a1, _complement(a1), a2, _complement(a2),
+                nu1, one_minus_nu1, nu2, one_minus_nu2, eps)
+        treedef, grads, (ms, vs) = _leaves_with(updates, state.exp_avg, state.exp_avg_sq)
+        directions, new_ms, new_vs = [], [], []
+        for g, m, v in zip(grads, ms, vs):
+            dtype = jnp.result_type(g, m, v)
+            direction, new_m, new_v = _rules.qhadam_direction(
+                g.astype(dtype), m.astype(dtype), v.astype(dtype), *_cast(dtype, *step))
+            directions.append(direction.astype(g.dtype))
+            new_ms.append(new_m.astype(m.dtype))
+            new_vs.append(new_v.astype(v.dtype))
+        return treedef.unflatten(directions), ScaleByQHAdamState(
+            beta1_weight=w1, beta2_weight=w2,
+            exp_avg=treedef.unflatten(new_ms), exp_avg_sq=treedef.unflatten(new_vs))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class _QHAdamConversions(QHAdamConversions):
+    _conversion_keys = ("learning_rate", "betas", "nus")
+
+
+def _from_nadam(learning_rate=1e-3, betas=(0.9, 0.999)) -> dict:
+    """QHAdam hyper-parameters approximating NAdam (Dozat, 2016).
+
+    Returns ``{"learning_rate", "betas", "nus"}``: ``qhadam(**qhadam.from_nadam(1e-3))``.
+    """
+    return _QHAdamConversions.from_nadam(learning_rate, betas)
+
+
+def qhadam(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: tuple = (0.9, 0.999),
+           nus: tuple = (1.0, 1.0), eps: Any = 1e-8,
+           weight_decay: optax.ScalarOrSchedule = 0.0,
+           decouple_weight_decay: bool = False) -> optax.GradientTransformation:
+    r"""QHAdam: Adam with quasi-hyperbolic numerator and denominator.
+
+    .. math::
+       \begin{align*}
+         g_t' &\leftarrow g_t + \lambda \theta_t \quad \text{(coupled decay only)} \\
+         w_{i,t} &\leftarrow 1 + \beta_i w_{i,t-1}, \quad a_i = 1 - 1 / w_{i,t} \\
+         m_t &\leftarrow a_1 m_{t-1} + (1 - a_1) g_t', \quad
+         v_t \leftarrow a_2 v_{t-1} + (1 - a_2) g_t'^2 \\
+         \theta_{t+1} &\leftarrow \theta_t - \alpha_t \frac{\nu_1 m_t + (1 - \nu_1) g_t'}
+           {\sqrt{\nu_2 v_t + (1 - \nu_2) g_t'^2} + \epsilon}
+           \; \left(- \alpha_t \lambda \theta_t \text{ for decoupled decay}\right)
+       \end{align*}
+
+    Let :math:`\alpha_t` be ``learning_rate``, :math:`\beta_1, \beta_2` ``betas``,
+    :math:`\nu_1, \nu_2` ``nus``, :math:`\epsilon` ``eps`` and :math:`\lambda`
+    ``weight_decay``. The running weights :math:`w_{i,t}` (qhoptim's ``beta1_weight``,
+    ``beta2_weight``, starting at 0) equal :math:`(1 - \beta_i^t) / (1 - \beta_i)` for constant
+    betas, so :math:`m_t, v_t` are Adam's bias-corrected moments; when the betas change between
+    steps (e.g. through :func:`optax.inject_hyperparams`) they stay the exact normalisers of
+    the time-varying averages, as in qhoptim. ``nus=(1, 1)`` is :func:`optax.adam`;
+    ``nus=(beta1, 1)`` is NAdam up to bias correction (``qhadam.from_nadam``).
+
+    .. warning::
+      The argument order follows optax (``eps`` before ``weight_decay``), not qhoptim's
+      ``QHAdam(params, lr, betas, nus, weight_decay, decouple_weight_decay, eps)``; pass
+      arguments by keyword when porting code.
+
+    Args:
+      learning_rate: :math:`\alpha` (>= 0), a float or an optax schedule.
+      betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
+      nus: :math:`(\nu_1, \nu_2)`, finite.
+      eps: :math:`\epsilon` (>= 0), added outside the square root.
+      weight_decay: :math:`\lambda` (>= 0), a float or an optax schedule.
+      decouple_weight_decay: if true, shrink the parameter by :math:`1 - \alpha_t\lambda`
+        (:func:`qhadamw`) instead of adding :math:`\lambda\theta` to the gradient.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` (an :func:`optax.chain`).
+
+    Raises:
+      ValueError: a negative ``learning_rate``, ``eps`` or ``weight_decay``, a beta outside
+        [0, 1), a non-finite nu, or ``betas``/``nus`` not of length 2. TypeError: a value that
+        is not a number. Traced values are not checked.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from uniopt.adapters.jax import qhadam
+      >>> solver = qhadam(learning_rate=0.1, nus=(0.7, 1.0))
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> state = solver.init(params)
+      >>> for _ in range(300):
+      ...     grads = {"w": 2 * params["w"]}
+      ...     updates, state = solver.update(grads, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> bool(jnp.abs(params["w"]).max() < 1e-2)
+      True
+
+    References:
+      Ma & Yarats, `Quasi-hyperbolic momentum and Adam for deep learning
+      <https://arxiv.org/abs/1810.06801>`_, ICLR 2019
+    """
+    _check(_validation.nonnegative, "learning rate", learning_rate, schedule_ok=True)
+    _check(_validation.nonnegative, "weight_decay value", weight_decay, schedule_ok=True)
+    block = scale_by_qhadam(betas, nus, eps)
+    decay = optax.add_decayed_weights(weight_decay)
+    steps = (block, decay) if bool(decouple_weight_decay) else (decay, block)
+    return optax.chain(*steps, optax.scale_by_learning_rate(learning_rate))
+
+
+def qhadamw(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: tuple = (0.9, 0.999),
+            nus: tuple = (1.0, 1.0), eps: Any = 1e-8,
+            weight_decay: optax.ScalarOrSchedule = 0.0) -> optax.GradientTransformation:
+    r"""QHAdam with decoupled weight decay: ``qhadam(..., decouple_weight_decay=True)``.
+
+    .. math::
+       \theta_{t+1} \leftarrow \theta_t - \alpha_t \left(d_t + \lambda \theta_t\right)
+       = (1 - \alpha_t\lambda)\,\theta_t - \alpha_t d_t
+
+    where :math:`d_t` is QHAdam's direction (see :func:`qhadam`). ``nus=(1, 1)`` is
+    :func:`optax.adamw` (note that qhadamw's ``weight_decay`` defaults to 0, qhoptim's default,
+    where optax.adamw's is 1e-4).
+
+    Args:
+      learning_rate: :math:`\alpha` (>= 0), a float or an optax schedule.
+      betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
+      nus: :math:`(\nu_1, \nu_2)`, finite.
+      eps: :math:`\epsilon` (>= 0).
+      weight_decay: :math:`\lambda` (>= 0), a float or an optax schedule.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` (an :func:`optax.chain`).
+
+    References:
+      Ma & Yarats, `Quasi-hyperbolic momentum and Adam for deep learning
+      <https://arxiv.org/abs/1810.06801>`_, ICLR 2019
+    """
+    return qhadam(learning_rate, betas, nus, eps, weight_decay, decouple_weight_decay=True)
+
+
+for _name in ("from_pid", "from_synthesized_nesterov", "from_robust_momentum", "from_accsgd",
+              "from_two_state_optimizer"):
+    setattr(qhm, _name, getattr(_QHMConversions, _name))
+qhadam.from_nadam = _from_nadam
+qhadamw.from_nadam = _from_nadam
+del _name

@@ -5,8 +5,12 @@ framework faces live in :mod:`uniopt.adapters.torch` and :mod:`uniopt.adapters.j
 """
 
 from ._minimize import minimize, minimize_qhadam, minimize_qhm
+from .polyak import OptStep, PolyakSGD, PolyakSGDState, minimize_polyak
 from .qh import QHM, QHAdam, QHAdamW
 
 __version__ = "0.1.0"
 
-__all__ = ["QHM", "QHAdam", "QHAdamW", "minimize", "minimize_qhm", "minimize_qhadam", "__version__"]
+__all__ = [
+    "QHM", "QHAdam", "QHAdamW", "PolyakSGD", "PolyakSGDState", "OptStep",
+    "minimize", "minimize_qhm", "minimize_qhadam", "minimize_polyak", "__version__",
+]

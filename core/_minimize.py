@@ -17,7 +17,7 @@ import numpy as np
 from ._validation import nonnegative
 from .qh import QHM, QHAdam
 
-__all__ = ["minimize", "minimize_qhm", "minimize_qhadam", "METHODS"]
+__all__ = ["minimize", "minimize_qhm", "minimize_qhadam"]
 
 
 def _objective(fun: Callable, jac, args: tuple, counts: dict) -> Callable:
@@ -131,7 +131,10 @@ def minimize_qhadam(fun, x0, args=(), jac=None, callback=None, lr=1e-3, betas=(0
     return _run(QHAdam, fun, x0, args, jac, callback, maxiter, gtol, hyper)
 
 
-METHODS = {"qhm": minimize_qhm, "qhadam": minimize_qhadam}
+def _methods() -> dict:
+    from .polyak import minimize_polyak  # core/polyak.py builds on this module's helpers
+
+    return {"qhm": minimize_qhm, "qhadam": minimize_qhadam, "polyak": minimize_polyak}
 
 
 def minimize(fun, x0, args=(), method="qhadam", jac=None, callback=None, options=None):
@@ -141,7 +144,7 @@ def minimize(fun, x0, args=(), method="qhadam", jac=None, callback=None, options
       fun: ``fun(x, *args) -> float`` (or ``(float, gradient)`` with ``jac=True``).
       x0: initial point (any shape; float32 is kept, other dtypes become float64).
       args: extra arguments for ``fun`` and ``jac``.
-      method: one of ``"qhm"``, ``"qhadam"`` (case-insensitive).
+      method: one of ``"qhm"``, ``"qhadam"``, ``"polyak"`` (case-insensitive).
       jac: ``True`` if ``fun`` returns the gradient too, a callable ``jac(x, *args)``, or
         ``None`` for finite differences.
       callback: called after each step as ``callback(xk)`` or
@@ -152,6 +155,7 @@ def minimize(fun, x0, args=(), method="qhadam", jac=None, callback=None, options
       A :class:`scipy.optimize.OptimizeResult` with ``x, fun, jac, nit, nfev, njev, status,
       success, message``.
     """
-    if not isinstance(method, str) or method.lower() not in METHODS:
-        raise ValueError(f"Invalid method: {method!r} (expected one of {', '.join(map(repr, METHODS))})")
-    return METHODS[method.lower()](fun, x0, args=args, jac=jac, callback=callback, **(options or {}))
+    methods = _methods()
+    if not isinstance(method, str) or method.lower() not in methods:
+        raise ValueError(f"Invalid method: {method!r} (expected one of {', '.join(map(repr, methods))})")
+    return methods[method.lower()](fun, x0, args=args, jac=jac, callback=callback, **(options or {}))

@@ -1,4 +1,5 @@
-"""uniopt's JAX face: optax gradient transformations (``scale_by_*`` blocks and recipes).
+"""uniopt's JAX face: optax gradient transformations (``scale_by_*`` blocks and recipes) and
+jaxopt-style solvers (:class:`PolyakSGD`).
 
 This package imports jax and optax; ``import uniopt`` never does.
 
@@ -8,6 +9,14 @@ Example:
   >>> solver = optax.chain(optax.clip_by_global_norm(1.0), qhadam(1e-3, nus=(0.7, 1.0)))
 """
 
+from ._polyak import (
+    OptStep,
+    PolyakSGD,
+    PolyakSGDState,
+    ScaleByPolyakState,
+    polyak_sgd,
+    scale_by_polyak,
+)
 from ._qh import (
     ScaleByQHAdamState,
     ScaleByQHMState,
@@ -26,4 +35,10 @@ __all__ = [
     "qhm",
     "qhadam",
     "qhadamw",
+    "OptStep",
+    "PolyakSGD",
+    "PolyakSGDState",
+    "ScaleByPolyakState",
+    "scale_by_polyak",
+    "polyak_sgd",
 ]

@@ -246,8 +246,9 @@ def scale_by_qhadam(betas: tuple = (0.9, 0.999), nus: tuple = (1.0, 1.0),
     one_minus_nu1, one_minus_nu2 = _complement(nu1), _complement(nu2)
 
     def init_fn(params):
-        zero = jnp.zeros([], _weight_dtype(params))
-        return ScaleByQHAdamState(beta1_weight=zero, beta2_weight=zero,
+        dtype = _weight_dtype(params)
+        # Two distinct arrays, so the state can be donated to a jitted step.
+        return ScaleByQHAdamState(beta1_weight=jnp.zeros([], dtype), beta2_weight=jnp.zeros([], dtype),
                                   exp_avg=optax.tree.zeros_like(params),
                                   exp_avg_sq=optax.tree.zeros_like(params))
 

@@ -1,0 +1,779 @@
+r"""Polyak step-size SGD in JAX: a jaxopt-style solver and optax transforms.
+
+* :class:`PolyakSGD` has the public surface of ``jaxopt.PolyakSGD`` (jaxopt 0.8.5): the same
+  constructor fields in the same order, ``init_state``/``update``/``run``/``run_iterator``,
+  :class:`PolyakSGDState`, :class:`OptStep`, ``jit``/``unroll`` modes, differentiation through
+  the unrolled loop and implicit differentiation. jaxopt is not imported.
+* :func:`scale_by_polyak` and :func:`polyak_sgd` are optax transforms with ``optax``'s
+  signatures (their ``update`` needs ``value=``), plus heavy-ball ``momentum``.
+
+Both trace the rules of :mod:`uniopt.rules.polyak` bound to ``jax.numpy``; the step size is
+never computed anywhere else. Deviations from jaxopt and optax are listed in
+``docs/deviations.md`` ("Polyak SGD (JAX)").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import operator
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from uniopt import _validation
+from uniopt.rules import bind
+from uniopt.rules import polyak as _polyak
+
+__all__ = [
+    "OptStep",
+    "PolyakSGDState",
+    "PolyakSGD",
+    "ScaleByPolyakState",
+    "scale_by_polyak",
+    "polyak_sgd",
+]
+
+_rules = bind(_polyak, where=jnp.where, minimum=jnp.minimum, maximum=jnp.maximum)
+
+#: optax's zero guard: no step when ``||g||^2 + eps`` is at most float64's machine epsilon.
+_OPTAX_TINY = float(np.finfo(np.float64).eps)
+
+_NUM_EVAL_DTYPE = jnp.int32
+_OPTAX_VARIANTS = ("sps", "sps+")
+
+
+# ----------------------------------------------------------------------------------------------
+# Construction-time checks
+# ----------------------------------------------------------------------------------------------
+def _traced(value: Any) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def _check(check, what: str, value: Any) -> None:
+    """``check(what, value)`` unless ``value`` is traced (unknown until run time)."""
+    if not _traced(value):
+        check(what, value)
+
+
+def _check_bool(what: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"Invalid {what}: {value!r} (expected True or False)")
+
+
+def _check_callable(what: str, value: Any, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not callable(value):
+        raise TypeError(f"Invalid {what}: {value!r} (expected a callable)")
+
+
+def _check_count(what: str, value: Any) -> None:
+    """A non-negative integer (``bool`` is refused: ``maxiter=True`` is a mistake)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"Invalid {what}: {value!r} (expected a non-negative integer)")
+    if value < 0:
+        raise ValueError(f"Invalid {what}: {value}")
+
+
+def _is_zero(value: Any) -> bool:
+    """``value == 0`` for concrete numbers; False for traced values (they may be non-zero)."""
+    if _traced(value):
+        return False
+    return bool(value == 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pytree helpers
+# ----------------------------------------------------------------------------------------------
+def _single_dtype(tree: Any):
+    """The one dtype shared by every array leaf of ``tree`` (None for a tree without leaves)."""
+    dtypes = {jnp.asarray(leaf).dtype for leaf in jax.tree.leaves(tree)
+              if isinstance(leaf, (bool, int, float, complex, np.ndarray, np.generic, jax.Array))}
+    if not dtypes:
+        return None
+    if len(dtypes) > 1:
+        found = sorted(map(str, dtypes))
+        raise ValueError(f"PolyakSGD: every parameter leaf must have the same dtype, got {found}")
+    return dtypes.pop()
+
+
+def _leaf_sq_norm(leaf):
+    if jnp.iscomplexobj(leaf):
+        return jnp.sum(jnp.square(leaf.real) + jnp.square(leaf.imag))
+    return jnp.sum(jnp.square(leaf))
+
+
+def _tree_sq_norm(tree: Any):
+    """``sum_i ||leaf_i||^2``: per-leaf sums added in tree order (jaxopt's and optax's order)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.asarray(0.0)
+    return functools.reduce(operator.add, [_leaf_sq_norm(leaf) for leaf in leaves])
+
+
+def _safe_sqrt(x):
+    """``sqrt(x)`` whose derivative at ``x == 0`` is 0, not inf (so no 0 * inf = NaN)."""
+    positive = x > 0
+    root = jnp.sqrt(jnp.where(positive, x, jnp.ones_like(x)))
+    return jnp.where(positive, root, jnp.zeros_like(x))
+
+
+def _tree_neg(tree: Any):
+    return jax.tree.map(operator.neg, tree)
+
+
+def _solve_normal_cg(matvec: Callable, b: Any) -> Any:
+    """Solve ``A x = b`` by conjugate gradient on the normal equations ``A^T A x = A^T b``.
+
+    ``matvec(x) = A x`` must be linear; ``A^T`` comes from :func:`jax.linear_transpose`.
+    This is the default ``implicit_diff_solve`` (as jaxopt's ``solve_normal_cg``): it works
+    whether or not ``A`` is symmetric positive definite.
+    """
+    transpose = jax.linear_transpose(matvec, b)
+
+    def rmatvec(y):
+        return transpose(y)[0]
+
+    def normal_matvec(x):
+        return rmatvec(matvec(x))
+
+    return jax.scipy.sparse.linalg.cg(normal_matvec, rmatvec(b))[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The four signatures of ``fun`` -> one ``value_and_grad(params, ...) -> ((value, aux), grad)``
+# ----------------------------------------------------------------------------------------------
+def _make_funs(fun: Callable, value_and_grad: Union[bool, Callable], has_aux: bool):
+    """Return ``(fun_with_aux, value_and_grad_with_aux)``; aux is None without ``has_aux``.
+
+    =================  =======  ============================================================
+    value_and_grad     has_aux  what ``fun`` (and the callable) return
+    =================  =======  ============================================================
+    False              False    ``value``
+    False              True     ``(value, aux)``
+    True               False    ``(value, grad)``
+    True               True     ``((value, aux), grad)``
+    a callable         False    ``fun``: value; the callable: ``(value, grad)``
+    a callable         True     ``fun``: ``(value, aux)``; the callable: ``((value, aux), grad)``
+    =================  =======  ============================================================
+    """
+    if value_and_grad is True:
+        if has_aux:
+            vg = fun
+        else:
+            def vg(*a, **kw):
+                value, grad = fun(*a, **kw)
+                return (value, None), grad
+
+        def f(*a, **kw):
+            return vg(*a, **kw)[0]
+
+        return f, vg
+
+    if value_and_grad is False:
+        if has_aux:
+            f = fun
+        else:
+            def f(*a, **kw):
+                return fun(*a, **kw), None
+        return f, jax.value_and_grad(f, has_aux=True)
+
+    # a user-supplied value_and_grad callable next to a value-only ``fun``
+    if has_aux:
+        return fun, value_and_grad
+
+    def f(*a, **kw):
+        return fun(*a, **kw), None
+
+    def vg(*a, **kw):
+        value, grad = value_and_grad(*a, **kw)
+        return (value, None), grad
+
+    return f, vg
+
+
+# ----------------------------------------------------------------------------------------------
+# The solver
+# ----------------------------------------------------------------------------------------------
+class OptStep(NamedTuple):
+    """What ``update`` and ``run`` return (jaxopt's ``OptStep``)."""
+
+    params: Any
+    state: Any
+
+
+class PolyakSGDState(NamedTuple):
+    """State of :class:`PolyakSGD` (jaxopt's field order).
+
+    ``error``, ``value``, ``aux`` and ``stepsize`` describe the point *before* the last update
+    (the gradient norm, objective value and auxiliary output at the parameters the step was
+    taken from), as in jaxopt. ``velocity`` is None when ``momentum == 0``.
+    """
+
+    iter_num: Any
+    error: Any
+    value: Any
+    aux: Any
+    stepsize: Any
+    velocity: Optional[Any]
+    num_fun_eval: Any = 0
+    num_grad_eval: Any = 0
+
+
+@dataclasses.dataclass(eq=False)
+class PolyakSGD:
+    r"""SGD with the (stochastic) Polyak step size: a drop-in for ``jaxopt.PolyakSGD``.
+
+    With :math:`f` the objective, :math:`f^\star` a lower bound of it and
+    :math:`s_k = \|\nabla f(x_k)\|^2` (summed over every leaf of the parameter pytree):
+
+    .. math::
+       \gamma_k = \begin{cases}
+         \min\left(\frac{f(x_k) - f^\star}{s_k + \delta}, \gamma_{\max}\right)
+           & \text{``"SPS_max"`` (Loizou et al., 2021)} \\
+         \max\left(\frac{f(x_k) - f^\star}{s_k}, 0\right)
+           & \text{``"SPS+"`` (Garrigos et al., 2023), 0 if } s_k \le \epsilon_{\text{dtype}}
+       \end{cases}
+       \qquad v_{k+1} = \mu v_k - \gamma_k \nabla f(x_k), \quad x_{k+1} = x_k + v_{k+1}
+
+    with :math:`f^\star` = ``fun_min``, :math:`\delta` = ``delta``, :math:`\gamma_{\max}` =
+    ``max_stepsize`` and :math:`\mu` = ``momentum`` (:math:`\mu = 0`: plain SGD, no velocity).
+    Under ``"SPS_max"`` the step is 0 whenever :math:`f(x_k) \le f^\star`; jaxopt instead
+    returns NaN at an exact minimiser with ``delta=0`` (0/0) and takes an ascent step when
+    :math:`f(x_k) < f^\star`. Everywhere else the trajectories are jaxopt's.
+
+    The method needs a good ``fun_min``: 0 for models that interpolate the data (zero loss is
+    reachable); a value above the true minimum stalls it, one far below slows it down.
+
+    Differences from jaxopt (``docs/deviations.md``): arguments are validated here, at
+    construction (jaxopt checks nothing; an unknown variant fails when ``update`` is traced,
+    ``unroll=False, jit=False`` when ``run`` is called); ``run_iterator`` also accepts an
+    iterable; ``implicit_diff=True`` also works with a ``fun`` taking catch-all ``**kwargs``;
+    ``run`` with ``maxiter=0`` does not evaluate the discarded first update.
+
+    Attributes:
+      fun: ``fun(params, *args, **kwargs)``; what it returns depends on ``value_and_grad``
+        and ``has_aux`` (value; ``(value, aux)``; ``(value, grad)``; ``((value, aux), grad)``).
+      value_and_grad: False: ``fun`` returns the value (JAX differentiates it); True: ``fun``
+        returns value and gradient; a callable: it returns them, ``fun`` returns the value.
+      has_aux: whether the value comes with auxiliary output (stored in ``state.aux``).
+      fun_min: :math:`f^\star`, a lower bound on ``fun`` (finite).
+      variant: ``"SPS_max"`` or ``"SPS+"``.
+      max_stepsize: :math:`\gamma_{\max} \ge 0` (``"SPS_max"`` only).
+      delta: :math:`\delta \ge 0`, added to the denominator (``"SPS_max"`` only).
+      momentum: heavy-ball coefficient :math:`\mu \ge 0`.
+      pre_update: optional ``params, state = pre_update(params, state, *args, **kwargs)``,
+        called at the start of every ``update``.
+      maxiter: maximum number of updates in ``run`` (>= 0).
+      tol: ``run`` stops once the gradient norm ``state.error`` is ``<= tol`` (>= 0).
+      verbose: print one line per update (``jax.debug.print``, works under ``jit``).
+      implicit_diff: differentiate ``run`` by the implicit function theorem on
+        :math:`\nabla f(x^\star, \theta) = 0` instead of through the iterations.
+      implicit_diff_solve: ``x = solve(matvec, b)`` for the linear system of implicit
+        differentiation; None: conjugate gradient on the normal equations.
+      jit: compile ``update`` and the loop of ``run``.
+      unroll: ``"auto"`` (= ``not implicit_diff or not jit``), True (a ``lax.scan`` of
+        ``maxiter - 1`` steps, no-ops once converged: reverse-differentiable; a Python loop
+        when ``jit=False``) or False (``lax.while_loop``: exits early, needs ``jit=True``).
+
+    Raises:
+      ValueError: an unknown ``variant``; a negative (or NaN) ``max_stepsize``, ``delta``,
+        ``momentum``, ``maxiter`` or ``tol``; a non-finite ``fun_min``; ``unroll=False``
+        with ``jit=False``. TypeError: an argument of the wrong type. Traced values (a solver
+        built inside ``jit``/``vmap``) are not checked.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from uniopt.adapters.jax._polyak import PolyakSGD
+      >>> X = jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 7.0]])
+      >>> y = X @ jnp.array([1.0, -1.0])        # realisable: the minimum is 0
+      >>> loss = lambda w, X, y: 0.5 * jnp.mean((X @ w - y) ** 2)
+      >>> params, state = PolyakSGD(loss, maxiter=2000, tol=1e-6).run(jnp.zeros(2), X, y)
+      >>> bool(state.error <= 1e-6), bool(jnp.allclose(params, jnp.array([1.0, -1.0]), atol=1e-3))
+      (True, True)
+
+    References:
+      Loizou, Vaswani, Laradji & Lacoste-Julien, `Stochastic Polyak step-size for SGD: an
+      adaptive learning rate for fast convergence <https://arxiv.org/abs/2002.10542>`_,
+      AISTATS 2021.
+      Berrada, Zisserman & Kumar, `Training neural networks for and by interpolation
+      <https://arxiv.org/abs/1906.05661>`_, ICML 2020.
+      Garrigos, Gower & Schaipp, `Function value learning: adaptive learning rates based on the
+      Polyak stepsize and function splitting in ERM <https://arxiv.org/abs/2307.14528>`_, 2023.
+    """
+
+    fun: Callable
+    value_and_grad: Union[bool, Callable] = False
+    has_aux: bool = False
+    fun_min: float = 0.0
+
+    variant: str = "SPS_max"
+    max_stepsize: float = 1.0
+    delta: float = 0.0
+    momentum: float = 0.0
+    pre_update: Optional[Callable] = None
+
+    maxiter: int = 500
+    tol: float = 1e-3
+    verbose: Union[bool, int] = False
+
+    implicit_diff: bool = False
+    implicit_diff_solve: Optional[Callable] = None
+
+    jit: bool = True
+    unroll: Union[str, bool] = "auto"
+
+    # -- construction ------------------------------------------------------------------------
+    def __post_init__(self):
+        self._validate()
+        self._fun, self._value_and_grad_fun = _make_funs(
+            self.fun, self.value_and_grad, self.has_aux)
+        # jaxopt's AndersonWrapper and custom_root look for this attribute.
+        self.reference_signature = self.fun
+        if self.jit:
+            self.update = jax.jit(self.update)
+
+    def _validate(self) -> None:
+        _check_callable("fun", self.fun)
+        if not isinstance(self.value_and_grad, (bool, np.bool_)):
+            _check_callable("value_and_grad value", self.value_and_grad)
+        else:
+            self.value_and_grad = bool(self.value_and_grad)
+        _check_bool("has_aux value", self.has_aux)
+        _check(_validation.finite, "fun_min value", self.fun_min)
+        _validation.choice("variant value", self.variant, _polyak.VARIANTS)
+        _check(_validation.nonnegative, "max_stepsize value", self.max_stepsize)
+        _check(_validation.nonnegative, "delta value", self.delta)
+        _check(_validation.nonnegative, "momentum value", self.momentum)
+        _check_callable("pre_update value", self.pre_update, optional=True)
+        _check_count("maxiter value", self.maxiter)
+        _check(_validation.nonnegative, "tol value", self.tol)
+        if not isinstance(self.verbose, (bool, int, np.integer)):
+            raise TypeError(f"Invalid verbose value: {self.verbose!r} (expected a bool or an int)")
+        _check_bool("implicit_diff value", self.implicit_diff)
+        _check_callable("implicit_diff_solve value", self.implicit_diff_solve, optional=True)
+        _check_bool("jit value", self.jit)
+        if not (self.unroll == "auto" or isinstance(self.unroll, (bool, np.bool_))):
+            raise ValueError(
+                f"Invalid unroll value: {self.unroll!r} (expected 'auto', True or False)")
+        if self.unroll is False and not self.jit:
+            raise ValueError("unroll=False and jit=False cannot be used together")
+
+    # -- jaxopt's solver protocol -------------------------------------------------------------
+    def attribute_names(self) -> tuple:
+        """The constructor fields, in order."""
+        return tuple(field.name for field in dataclasses.fields(self))
+
+    def attribute_values(self) -> tuple:
+        """The values of :meth:`attribute_names`."""
+        return tuple(getattr(self, name) for name in self.attribute_names())
+
+    def __hash__(self):
+        # The fields determine the solver, so it can be a static argument of jax.jit (equality
+        # stays identity, as in jaxopt).
+        return hash(self.attribute_values())
+
+    def optimality_fun(self, params, *args, **kwargs):
+        """The gradient of ``fun`` at ``params`` (zero at a stationary point); aux dropped."""
+        return self._value_and_grad_fun(params, *args, **kwargs)[1]
+
+    def l2_optimality_error(self, params, *args, **kwargs):
+        """The L2 norm of :meth:`optimality_fun` (over the whole pytree)."""
+        return jnp.sqrt(_tree_sq_norm(self.optimality_fun(params, *args, **kwargs)))
+
+    # -- one step -----------------------------------------------------------------------------
+    def init_state(self, init_params: Any, *args, **kwargs) -> PolyakSGDState:
+        """The state before the first update.
+
+        Evaluates ``fun`` once at ``init_params`` (for the structure of ``aux`` and the dtype
+        of the value); ``error`` and ``value`` start at +inf, ``stepsize`` at 1.
+
+        Args:
+          init_params: pytree of parameters (one dtype for every leaf).
+          *args, **kwargs: passed on to ``fun``.
+        """
+        value, aux = self._fun(init_params, *args, **kwargs)
+        dtype = _single_dtype(init_params)
+        velocity = None if _is_zero(self.momentum) else jax.tree.map(jnp.zeros_like, init_params)
+        return PolyakSGDState(
+            iter_num=jnp.asarray(0),
+            error=jnp.asarray(jnp.inf, dtype=dtype),
+            value=jnp.asarray(jnp.inf, dtype=jnp.asarray(value).dtype),
+            aux=aux,
+            stepsize=jnp.asarray(1.0, dtype=dtype),
+            velocity=velocity,
+            num_fun_eval=jnp.array(1, _NUM_EVAL_DTYPE),
+            num_grad_eval=jnp.array(0, _NUM_EVAL_DTYPE),
+        )
+
+    def _stepsize(self, value, grad_sq_norm, dtype):
+        if self.variant == "SPS_max":
+            return _rules.sps_max_stepsize(
+                value, self.fun_min, grad_sq_norm, self.delta, self.max_stepsize)
+        tiny = float(jnp.finfo(dtype).eps)
+        return _rules.sps_plus_stepsize(value, self.fun_min, grad_sq_norm, tiny)
+
+    def update(self, params: Any, state: PolyakSGDState, *args, **kwargs) -> OptStep:
+        """One Polyak step from ``params``.
+
+        Args:
+          params: pytree of parameters.
+          state: the state from :meth:`init_state` or the previous :meth:`update`.
+          *args, **kwargs: passed on to ``pre_update`` and ``fun``.
+
+        Returns:
+          ``OptStep(params, state)``: the new parameters, and a state whose ``error``,
+          ``value``, ``aux`` and ``stepsize`` belong to the parameters the step started from.
+        """
+        dtype = _single_dtype(params)
+        if self.pre_update is not None:
+            params, state = self.pre_update(params, state, *args, **kwargs)
+
+        (value, aux), grad = self._value_and_grad_fun(params, *args, **kwargs)
+        grad_sq_norm = _tree_sq_norm(grad)
+        stepsize = self._stepsize(value, grad_sq_norm, dtype).astype(state.stepsize.dtype)
+
+        if _is_zero(self.momentum):
+            new_params = jax.tree.map(
+                lambda p, g: _rules.sgd_update(p, g, stepsize), params, grad)
+            new_velocity = None
+        else:
+            pairs = jax.tree.map(
+                lambda p, g, v: _rules.heavy_ball_update(p, g, v, stepsize, self.momentum),
+                params, grad, state.velocity)
+            treedef = jax.tree.structure(params)
+            new_params, new_velocity = jax.tree.transpose(
+                treedef, jax.tree.structure((0, 0)), pairs)
+
+        error = _safe_sqrt(grad_sq_norm)
+        value = jnp.asarray(value)
+        new_state = PolyakSGDState(
+            iter_num=state.iter_num + 1,
+            error=jnp.asarray(error, dtype=dtype),
+            value=jnp.asarray(value, dtype=value.dtype),
+            aux=aux,
+            stepsize=jnp.asarray(stepsize, dtype=dtype),
+            velocity=new_velocity,
+            num_fun_eval=state.num_fun_eval + 1,
+            num_grad_eval=state.num_grad_eval + 1,
+        )
+        if self.verbose:
+            jax.debug.print(
+                "INFO: uniopt.PolyakSGD: Iter: {} Gradient Norm (stopping criterion): {} "
+                "Objective Value: {} Stepsize: {}",
+                new_state.iter_num, new_state.error, value, stepsize, ordered=True)
+        return OptStep(params=new_params, state=new_state)
+
+    # -- loops --------------------------------------------------------------------------------
+    def _unroll(self) -> bool:
+        if self.unroll == "auto":
+            return (not self.implicit_diff) or (not self.jit)
+        return bool(self.unroll)
+
+    def _run(self, init_params: Any, *args, **kwargs) -> OptStep:
+        state = self.init_state(init_params, *args, **kwargs)
+        if self.maxiter == 0:
+            return OptStep(params=init_params, state=state)
+        # The first update is unconditional (state.error starts at +inf) and fixes the types
+        # of the loop carry; at most maxiter - 1 more follow while error > tol.
+        step = self.update(init_params, state, *args, **kwargs)
+        if self.maxiter == 1:
+            return step
+        if not self.jit:
+            for _ in range(self.maxiter - 1):
+                if not bool(step.state.error > self.tol):
+                    break
+                step = self.update(step.params, step.state, *args, **kwargs)
+            return step
+        loop = _scan_loop if self._unroll() else _while_loop
+        return loop(_Static(self), step, args, kwargs)
+
+    def run(self, init_params: Any, *args, **kwargs) -> OptStep:
+        """Run the solver from ``init_params``.
+
+        One update always happens (for ``maxiter >= 1``); further updates follow while
+        ``state.error > tol``, up to ``maxiter`` in all. The returned parameters are one step
+        past the point whose gradient norm met ``tol``. Differentiable with respect to
+        ``args``/``kwargs``: through the iterations (``unroll``), or implicitly
+        (``implicit_diff=True``; reverse mode only, the initial parameters get a zero
+        cotangent).
+
+        Args:
+          init_params: pytree of initial parameters.
+          *args, **kwargs: passed on to ``fun`` at every step.
+
+        Returns:
+          ``OptStep(params, state)``.
+        """
+        if self.implicit_diff:
+            return _implicit_run(_Static(self), init_params, args, kwargs)
+        return self._run(init_params, *args, **kwargs)
+
+    def run_iterator(self, init_params: Any, iterator, *args, **kwargs) -> OptStep:
+        """Run over mini-batches, passed to ``fun`` as the keyword argument ``data``.
+
+        As in jaxopt, the first batch only initialises the state (``init_state(...,
+        data=batch)``); each of the next ``maxiter`` batches (fewer if the iterable runs out)
+        gives one update. ``tol`` is not used. Any iterable is accepted (jaxopt needs an
+        iterator).
+        """
+        iterator = iter(iterator)
+        try:
+            data = next(iterator)
+        except StopIteration:
+            raise ValueError("run_iterator: the iterator yielded no batch") from None
+        state = self.init_state(init_params, *args, **kwargs, data=data)
+        params = init_params
+        for data in itertools.islice(iterator, self.maxiter):
+            params, state = self.update(params, state, *args, **kwargs, data=data)
+        return OptStep(params=params, state=state)
+
+
+class _Static:
+    """A solver as a static ``jax.jit`` argument, hashed by identity.
+
+    Compiled loops are cached per solver object, and a solver whose fields are not hashable
+    (e.g. a ``fun_min`` given as an array) can still run.
+    """
+
+    __slots__ = ("solver",)
+
+    def __init__(self, solver):
+        self.solver = solver
+
+    def __hash__(self):
+        return id(self.solver)
+
+    def __eq__(self, other):
+        return isinstance(other, _Static) and other.solver is self.solver
+
+
+def _converging(solver: PolyakSGD, step: OptStep):
+    return step.state.error > solver.tol
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _scan_loop(static: _Static, step: OptStep, args: tuple, kwargs: dict) -> OptStep:
+    """``maxiter - 1`` scan steps, each a no-op ``lax.cond`` branch once converged."""
+    solver = static.solver
+
+    def advance(s):
+        return solver.update(s.params, s.state, *args, **kwargs)
+
+    def body(carry, _):
+        s, go_on = carry
+        s = jax.lax.cond(go_on, advance, lambda s: s, s)
+        return (s, _converging(solver, s)), None
+
+    (step, _), _ = jax.lax.scan(body, (step, _converging(solver, step)), None,
+                                length=solver.maxiter - 1)
+    return step
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _while_loop(static: _Static, step: OptStep, args: tuple, kwargs: dict) -> OptStep:
+    """``lax.while_loop`` with early exit (not reverse-differentiable)."""
+    solver = static.solver
+
+    def cond(carry):
+        count, s = carry
+        return jnp.logical_and(_converging(solver, s), count < solver.maxiter - 1)
+
+    def body(carry):
+        count, s = carry
+        return count + 1, solver.update(s.params, s.state, *args, **kwargs)
+
+    return jax.lax.while_loop(cond, body, (0, step))[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _implicit_run(static: _Static, init_params, args: tuple, kwargs: dict) -> OptStep:
+    return static.solver._run(init_params, *args, **kwargs)
+
+
+def _implicit_run_fwd(static, init_params, args, kwargs):
+    step = static.solver._run(init_params, *args, **kwargs)
+    return step, (step.params, args, kwargs)
+
+
+def _implicit_run_bwd(static, residuals, cotangent):
+    sol, args, kwargs = residuals
+    d_args, d_kwargs = _implicit_vjp(static, sol, args, kwargs, cotangent.params)
+    return None, d_args, d_kwargs
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _implicit_vjp(static: _Static, sol, args: tuple, kwargs: dict, cotangent):
+    """Implicit function theorem on ``F(x, theta) = grad_x f(x, theta) = 0`` at ``x*``.
+
+    ``dx*/dtheta = -(dF/dx)^{-1} dF/dtheta``, so the VJP of a cotangent ``c`` is
+    ``(dF/dtheta)^T u`` with ``(dF/dx)^T u = -c``. Compiled once per solver and shapes.
+    """
+    solver = static.solver
+    solve = solver.implicit_diff_solve or _solve_normal_cg
+
+    def in_params(x):
+        return solver.optimality_fun(x, *args, **kwargs)
+
+    _, vjp_params = jax.vjp(in_params, sol)
+    u = solve(lambda w: vjp_params(w)[0], _tree_neg(cotangent))
+
+    def in_args(a, kw):
+        return solver.optimality_fun(sol, *a, **kw)
+
+    _, vjp_args = jax.vjp(in_args, args, kwargs)
+    return vjp_args(u)
+
+
+_implicit_run.defvjp(_implicit_run_fwd, _implicit_run_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# optax
+# ----------------------------------------------------------------------------------------------
+class ScaleByPolyakState(NamedTuple):
+    """State of :func:`scale_by_polyak`: the heavy-ball ``velocity`` (None without momentum).
+
+    ``velocity`` is the last returned direction ``mu * velocity + gamma * u``, the same sign as
+    the incoming updates ``u``.
+    """
+
+    velocity: Optional[optax.Updates]
+
+
+def scale_by_polyak(
+    f_min: Any = 0.0,
+    max_learning_rate: Any = 1.0,
+    eps: Any = 0.0,
+    variant: str = "sps",
+    momentum: Any = 0.0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Scale updates by the Polyak step size, with optional heavy-ball momentum.
+
+    With incoming updates :math:`u` (usually the gradient) and the loss ``value``
+    :math:`f(x)`:
+
+    .. math::
+       \gamma = \min\left(\frac{f(x) - f^\star}{\|u\|^2 + \epsilon}, \gamma_{\max}\right)
+       \text{ if } f(x) > f^\star \text{ and } \|u\|^2 + \epsilon > \epsilon_{64},
+       \text{ else } 0; \qquad d = \mu d_{\text{prev}} + \gamma u
+
+    with :math:`f^\star` = ``f_min``, :math:`\gamma_{\max}` = ``max_learning_rate``,
+    :math:`\epsilon` = ``eps``, :math:`\mu` = ``momentum`` and :math:`\epsilon_{64}` the float64
+    machine epsilon (optax's zero guard). The arguments come in :func:`optax.scale_by_polyak`'s
+    order; ``momentum`` is new. With ``momentum=0`` this equals optax's transform wherever
+    :math:`f(x) \ge f^\star`; below it optax takes an ascent step (``"sps"``) where this one takes
+    none, so ``"sps"`` and ``"sps+"`` coincide here (``docs/deviations.md``).
+
+    Args:
+      f_min: :math:`f^\star`, a lower bound of the loss (finite).
+      max_learning_rate: :math:`\gamma_{\max} \ge 0`.
+      eps: :math:`\epsilon \ge 0`, added to the denominator.
+      variant: ``"sps"`` or ``"sps+"``.
+      momentum: :math:`\mu \ge 0` (a traced value, e.g. from :func:`optax.inject_hyperparams`,
+        always gets a velocity buffer).
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` whose ``update(updates, state,
+      params=None, *, value)`` needs the loss ``value`` (TypeError without it).
+    """
+    _check(_validation.finite, "f_min value", f_min)
+    _check(_validation.nonnegative, "max_learning_rate value", max_learning_rate)
+    _check(_validation.nonnegative, "eps value", eps)
+    _validation.choice("variant value", variant, _OPTAX_VARIANTS)
+    _check(_validation.nonnegative, "momentum value", momentum)
+    use_velocity = isinstance(momentum, jax.Array) or not _is_zero(momentum)
+
+    def init_fn(params):
+        if not use_velocity:
+            return ScaleByPolyakState(velocity=None)
+        return ScaleByPolyakState(velocity=optax.tree.zeros_like(params))
+
+    def update_fn(updates, state, params=None, *, value, **extra_args):
+        del params, extra_args
+        sq_norm = _tree_sq_norm(updates)
+        loss = jnp.asarray(value).astype(sq_norm.dtype)
+        step = _rules.sps_max_stepsize(loss, f_min, sq_norm, eps, max_learning_rate)
+        step = jnp.where(sq_norm + eps <= _OPTAX_TINY, jnp.zeros_like(step), step)
+        leaves, treedef = jax.tree.flatten(updates)
+        # The rule descends along -u (``p - gamma * g`` from p = 0 with g = -u); -u is exact.
+        if not use_velocity:
+            out = [_rules.sgd_update(0.0, -u, step.astype(u.dtype)).astype(u.dtype)
+                   for u in leaves]
+            return treedef.unflatten(out), state
+        velocities = treedef.flatten_up_to(state.velocity)
+        out = []
+        for u, v in zip(leaves, velocities):
+            _, new_v = _rules.heavy_ball_update(
+                0.0, -u, v, step.astype(v.dtype), jnp.asarray(momentum, dtype=v.dtype))
+            out.append(new_v.astype(v.dtype))
+        new = treedef.unflatten(out)
+        return new, ScaleByPolyakState(velocity=new)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def polyak_sgd(
+    max_learning_rate: Any = 1.0,
+    scaling: optax.ScalarOrSchedule = 1.0,
+    f_min: Any = 0.0,
+    eps: Any = 0.0,
+    variant: str = "sps",
+    momentum: Any = 0.0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""SGD with the Polyak step size (:func:`optax.polyak_sgd`'s signature, plus momentum).
+
+    .. math::
+       d_t = \mu d_{t-1} + \gamma_t \nabla f(x_t), \qquad x_{t+1} = x_t - s_t d_t,
+       \qquad \gamma_t = \min\left(\frac{f(x_t) - f^\star}{\|\nabla f(x_t)\|^2 + \epsilon},
+       \gamma_{\max}\right)_{\ge 0}
+
+    with :math:`s_t` = ``scaling`` (a float or an optax schedule) and the rest as in
+    :func:`scale_by_polyak` (this is ``chain(scale_by_polyak(...), scale_by_learning_rate(
+    scaling))``). ``scaling`` multiplies the Polyak step, as optax's docstring formula says;
+    optax's code applies it to the gradient *before* the step is computed, which changes the
+    step when ``scaling != 1``. That behaviour is ``optax.chain(optax.sgd(scaling),
+    scale_by_polyak(...))`` (``docs/deviations.md``). ``momentum > 0`` gives jaxopt's heavy
+    ball: :math:`x_{t+1} = x_t + v_{t+1}`, :math:`v_{t+1} = \mu v_t - \gamma_t \nabla f(x_t)`.
+
+    Args:
+      max_learning_rate: :math:`\gamma_{\max} \ge 0`.
+      scaling: :math:`s \ge 0`, a float or a schedule.
+      f_min: :math:`f^\star`, a lower bound of the loss (0 for interpolating models).
+      eps: :math:`\epsilon \ge 0`.
+      variant: ``"sps"`` or ``"sps+"`` (the same here: the step is never negative).
+      momentum: :math:`\mu \ge 0`.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`; ``update`` needs ``value=``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from uniopt.adapters.jax._polyak import polyak_sgd
+      >>> f = lambda x: jnp.sum(x ** 2)
+      >>> solver, params = polyak_sgd(), jnp.array([1.0, 2.0, 3.0])
+      >>> state = solver.init(params)
+      >>> for _ in range(2):
+      ...     value, grad = jax.value_and_grad(f)(params)
+      ...     updates, state = solver.update(grad, state, params, value=value)
+      ...     params = optax.apply_updates(params, updates)
+      >>> float(f(params))
+      0.875
+
+    References:
+      Loizou et al., `Stochastic Polyak step-size for SGD
+      <https://arxiv.org/abs/2002.10542>`_, 2021; Garrigos et al., `Function value learning
+      <https://arxiv.org/abs/2307.14528>`_, 2023.
+    """
+    if not callable(scaling):
+        _check(_validation.nonnegative, "scaling value", scaling)
+    return optax.chain(
+        scale_by_polyak(f_min=f_min, max_learning_rate=max_learning_rate, eps=eps,
+                        variant=variant, momentum=momentum),
+        optax.scale_by_learning_rate(scaling),
+    )

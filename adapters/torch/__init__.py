@@ -1,0 +1,9 @@
+"""PyTorch face of uniopt: ``torch.optim`` optimizers that run uniopt's kernels.
+
+Importing this module imports torch (``import uniopt`` alone never does).
+"""
+
+from ._polyak import PolyakSGD
+from .qh import QHM, QHAdam, QHAdamW
+
+__all__ = ["QHM", "QHAdam", "QHAdamW", "PolyakSGD"]

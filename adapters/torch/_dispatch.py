@@ -1,0 +1,328 @@
+"""How one step of a uniopt torch optimizer runs, so the optimizer classes need not care.
+
+Each parameter of a param group goes one of three ways:
+
+* **table** -- CPU, float32/float64, contiguous parameter, gradient and state: the group's
+  tensors of one dtype are updated by *one* call of a Numba table kernel
+  (:mod:`uniopt.kernels.qh_cpu`), which reads and writes the tensors' memory in place through
+  their data addresses (no copies);
+* **cuda** -- CUDA, float32/float64, contiguous: one numba.cuda kernel launch per tensor on the
+  current torch stream (when numba-cuda is installed and not in simulator mode);
+* **torch** -- anything else (non-contiguous tensors, float16/bfloat16, other devices, a forced
+  ``backend="torch"``): the same rule executed with torch ops (``uniopt.rules.bind(...,
+  sqrt=torch.sqrt)``) under ``torch.no_grad()``, results ``copy_``-ed into place.
+
+The address tables of parameters and state are cached per group and rebuilt when the group's
+parameters or their data pointers change, when ``opt.state`` is replaced (``load_state_dict``)
+or when a parameter gets its state. Scalar state (QHAdam's ``beta1_weight``...) lives in the
+table between steps and is written back to the state dicts after every kernel call. Gradients
+are checked and their addresses read at every step (``zero_grad()`` usually replaces them): a
+gradient the kernel cannot read as it is (non-contiguous, another size or dtype) takes the
+torch path for that step. The cache keeps references to the state tensors it points to, so a
+kernel never writes to freed memory; replacing state tensors or scalars by hand (instead of via
+``load_state_dict``) requires :meth:`Dispatcher.invalidate` (``opt._dispatcher.invalidate()``).
+
+A step is all-or-nothing: every group is checked (sparse or mismatched gradients, state that
+does not fit its parameter) before the first tensor is touched.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+
+from uniopt import _jit
+
+__all__ = ["BACKENDS", "Rule", "Table", "Dispatcher"]
+
+BACKENDS = ("auto", "torch")
+_NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+
+
+class Rule:
+    """What the dispatcher needs to know about one update rule; one subclass per rule.
+
+    Attributes:
+      name: the optimizer's name, used in error messages.
+      buffers: keys of the tensor state (each shaped like its parameter).
+      scalars: keys of per-parameter Python-float state that the table kernel advances in place
+        (passed to it as float64 arrays, one entry per tensor).
+    """
+
+    name = "?"
+    buffers: tuple = ()
+    scalars: tuple = ()
+
+    def init_state(self, p: torch.Tensor) -> dict:
+        """The state of a parameter at its first gradient."""
+        raise NotImplementedError
+
+    def constants(self, group: dict):
+        """The host-side constants of one step of ``group`` (re-read at every step)."""
+        raise NotImplementedError
+
+    def run_table(self, constants, table: "Table") -> None:
+        """Run the CPU table kernel over ``table``."""
+        raise NotImplementedError
+
+    def run_cuda(self, constants, p, g, buffers, state, stream) -> None:
+        """One numba.cuda step of one tensor; ``p, g, buffers`` are 1-D device arrays."""
+        raise NotImplementedError
+
+    def run_torch(self, constants, p, g, buffers, state) -> None:
+        """One step of one tensor with torch ops (any device, dtype and layout)."""
+        raise NotImplementedError
+
+
+class Table:
+    """The tensors of one param group that share a dtype and run in one CPU kernel call.
+
+    ``p_addrs``, ``g_addrs``, ``buffer_addrs[k]`` (int64) and ``sizes`` are the kernel's pointer
+    table; ``scalars[k]`` (float64) hold the rule's scalar state per tensor; ``scratch`` is a
+    small work array of the tensors' dtype.
+    """
+
+    def __init__(self, dtype: torch.dtype, rule: Rule, rows: list, params: list, states: list):
+        self.dtype, self.np_dtype, self.rows = dtype, _NUMPY_DTYPES[dtype], rows
+        self.params = [params[i] for i in rows]
+        self.p_ptrs = [p.data_ptr() for p in self.params]
+        self.nbytes = [p.nbytes for p in self.params]
+        self.sizes = np.array([p.numel() for p in self.params], dtype=np.int64)
+        self.p_addrs = np.array(self.p_ptrs, dtype=np.int64)
+        self.g_addrs = np.zeros(len(rows), dtype=np.int64)
+        self.buffer_addrs = [np.zeros(len(rows), dtype=np.int64) for _ in rule.buffers]
+        self.scalars = [np.zeros(len(rows), dtype=np.float64) for _ in rule.scalars]
+        self.scratch = np.zeros(16, dtype=self.np_dtype)
+        self.parallel = int(self.sizes.sum()) >= _jit.PARALLEL_MIN_SIZE
+        self.states: list = [None] * len(rows)  # state dicts (a private dummy until created)
+        self._held: list = [None] * len(rows)   # keeps the state tensors we point to alive
+        self._rule = rule
+        for row, i in enumerate(rows):
+            self.set_state(row, states[i])
+
+    def set_state(self, row: int, state: dict | None) -> None:
+        rule = self._rule
+        if state is None:
+            state = dict.fromkeys(rule.scalars, 0.0)  # no state yet: the kernel skips the row
+            for addrs in self.buffer_addrs:
+                addrs[row] = 0
+        else:
+            for addrs, key in zip(self.buffer_addrs, rule.buffers):
+                addrs[row] = state[key].data_ptr()
+            self._held[row] = [state[key] for key in rule.buffers]
+        self.states[row] = state
+        self.load_scalars(row)
+
+    def scan(self) -> list | None:
+        """This step's gradient addresses, or ``None`` if a parameter's data pointer changed.
+
+        An address is 0 for no gradient and -1 for a gradient the kernel cannot read as it is
+        (non-contiguous, of another size in bytes, sparse): it takes the torch path this step,
+        where it is checked (shape, device, layout) or computed with type promotion. The size
+        in bytes stands in for the dtype (one attribute read less per tensor): torch enforces a
+        gradient's dtype unless ``p.grad_dtype`` is changed, and the dtypes a float32/float64
+        gradient could then have with the same item size are integer or complex ones.
+        """
+        try:
+            addrs = [(0 if (g := p.grad) is None else
+                      g.data_ptr() if g.is_contiguous() and g.nbytes == nb else -1)
+                     if p.data_ptr() == pp else -2
+                     for p, pp, nb in zip(self.params, self.p_ptrs, self.nbytes)]
+        except RuntimeError:  # a gradient without storage (sparse)
+            addrs = [(0 if (g := p.grad) is None else -1 if g.layout != torch.strided else
+                      g.data_ptr() if g.is_contiguous() and g.nbytes == nb else -1)
+                     if p.data_ptr() == pp else -2
+                     for p, pp, nb in zip(self.params, self.p_ptrs, self.nbytes)]
+        return None if -2 in addrs else addrs
+
+    def load_scalars(self, row: int) -> None:
+        """Re-read one row's scalar state from its state dict."""
+        for values, key in zip(self.scalars, self._rule.scalars):
+            values[row] = self.states[row][key]
+
+    def store_scalars(self) -> None:
+        """Write the scalar state the kernel advanced back into the state dicts (as floats)."""
+        for values, key in zip(self.scalars, self._rule.scalars):
+            for s, v in zip(self.states, values.tolist()):
+                s[key] = v
+
+
+_cuda_usable: bool | None = None
+
+
+def _cuda_kernels_usable() -> bool:
+    """Whether numba.cuda can run kernels on torch's CUDA tensors (not its simulator)."""
+    global _cuda_usable
+    if _cuda_usable is None:
+        try:
+            import numba
+            from numba import cuda
+
+            _cuda_usable = not numba.config.ENABLE_CUDASIM and cuda.is_available()
+        except Exception:  # numba-cuda missing or no driver: torch ops instead
+            _cuda_usable = False
+    return _cuda_usable
+
+
+def _kind(p: torch.Tensor, state: dict | None, rule: Rule, backend: str) -> str:
+    """``"table"``, ``"cuda"`` or ``"torch"`` for a parameter (gradients are checked per step)."""
+    if backend == "torch" or p.dtype not in _NUMPY_DTYPES or p.numel() == 0 or not p.is_contiguous():
+        return "torch"
+    if state is not None:
+        for key in rule.buffers:
+            b = state[key]
+            if b.dtype != p.dtype or not b.is_contiguous():
+                return "torch"
+    if p.device.type == "cpu":
+        return "table"
+    if p.device.type == "cuda" and _cuda_kernels_usable():
+        return "cuda"
+    return "torch"
+
+
+def _check_state(rule: Rule, index: int, p: torch.Tensor, state: dict) -> None:
+    for key in rule.buffers + rule.scalars:
+        if key not in state:
+            raise RuntimeError(f"{rule.name}: the state of parameter {index} has no {key!r}")
+    for key in rule.buffers:
+        b = state[key]
+        if not isinstance(b, torch.Tensor) or b.shape != p.shape or b.device != p.device:
+            what = (f"shape {tuple(b.shape)} on {b.device}" if isinstance(b, torch.Tensor)
+                    else type(b).__name__)
+            raise RuntimeError(f"{rule.name}: state {key!r} of parameter {index} ({what}) does "
+                               f"not match the parameter (shape {tuple(p.shape)} on {p.device})")
+
+
+def _check_grad(rule: Rule, index: int, p: torch.Tensor, g: torch.Tensor) -> None:
+    if g.is_sparse or g.layout != torch.strided:
+        raise RuntimeError(f"{rule.name} does not support sparse gradients")
+    if g.shape != p.shape or g.device != p.device or not (g.is_floating_point() or g.is_complex()):
+        raise RuntimeError(
+            f"{rule.name}: gradient of parameter {index} (shape {tuple(g.shape)}, {g.dtype}, "
+            f"{g.device}) does not match the parameter (shape {tuple(p.shape)}, {p.dtype}, {p.device})")
+
+
+class _GroupPlan:
+    """Cached routing of one param group: its tables and the tensors on the other paths."""
+
+    def __init__(self, rule: Rule, group: dict, state, backend: str):
+        params = group["params"]
+        self.group, self.params_list, self.state_obj = group, params, state
+        self.params = list(params)
+        states = [state.get(p) or None for p in params]
+        for i, (p, s) in enumerate(zip(params, states)):
+            if s is not None:
+                _check_state(rule, i, p, s)
+        self.states = states
+        self.missing = {i for i, s in enumerate(states) if s is None}
+        self.kinds = [_kind(p, s, rule, backend) for p, s in zip(params, states)]
+        by_dtype: dict = {}
+        for i, (p, kind) in enumerate(zip(params, self.kinds)):
+            if kind == "table":
+                by_dtype.setdefault(p.dtype, []).append(i)
+        self.tables = [Table(dtype, rule, rows, params, states) for dtype, rows in by_dtype.items()]
+        self.place = {i: (table, row) for table in self.tables for row, i in enumerate(table.rows)}
+        self.others = [i for i, kind in enumerate(self.kinds) if kind != "table"]
+        self.other_ptrs = [params[i].data_ptr() for i in self.others]
+
+    def matches(self, group: dict, state) -> bool:
+        """Whether the plan still describes ``group`` (table pointers are checked by ``scan``)."""
+        params = group["params"]
+        return (group is self.group and state is self.state_obj and params is self.params_list
+                and len(params) == len(self.params) and all(map(operator.is_, params, self.params))
+                and [params[i].data_ptr() for i in self.others] == self.other_ptrs)
+
+
+class Dispatcher:
+    """Runs a :class:`Rule` over an optimizer's param groups (see the module docstring)."""
+
+    def __init__(self, rule: Rule, backend: str = "auto"):
+        if backend not in BACKENDS:
+            expected = ", ".join(map(repr, BACKENDS))
+            raise ValueError(f"Invalid backend: {backend!r} (expected one of {expected})")
+        self.rule, self.backend = rule, backend
+        self._plans: dict = {}  # id(group) -> _GroupPlan (which checks it is still that group)
+
+    def invalidate(self) -> None:
+        """Forget every cached table (after parameters, state or scalars were changed by hand)."""
+        self._plans = {}
+
+    def _plan(self, group: dict, state):
+        """The group's plan and this step's gradient addresses of each of its tables."""
+        plan = self._plans.get(id(group))
+        if plan is not None and plan.matches(group, state):
+            scans = [table.scan() for table in plan.tables]
+            if None not in scans:
+                return plan, scans
+        plan = self._plans[id(group)] = _GroupPlan(self.rule, group, state, self.backend)
+        return plan, [table.scan() for table in plan.tables]
+
+    def step(self, param_groups: list, state) -> None:
+        """One step of every param group; raises before changing anything if a check fails."""
+        rule = self.rule
+        work = []
+        for group in param_groups:  # 1. check and collect; mutate nothing
+            plan, scans = self._plan(group, state)
+            params = plan.params
+            tables, slow = [], []
+            for table, addrs in zip(plan.tables, scans):
+                if -1 in addrs:  # gradients the kernel cannot read go the torch way this step
+                    for row, a in enumerate(addrs):
+                        if a == -1:
+                            addrs[row] = 0
+                            slow.append(table.rows[row])
+                if any(addrs):
+                    tables.append((table, addrs))
+            slow.extend(i for i in plan.others if params[i].grad is not None)
+            for i in slow:
+                _check_grad(rule, i, params[i], params[i].grad)
+            if tables or slow:
+                new = [i for i in plan.missing if params[i].grad is not None] if plan.missing else ()
+                work.append((group, plan, tables, slow, new))
+        for group, plan, tables, slow, new in work:  # 2. run
+            for i in new:
+                self._create_state(plan, state, i)
+            constants = rule.constants(group)
+            for table, addrs in tables:
+                table.g_addrs[:] = addrs
+                if table.parallel:
+                    threads = torch.get_num_threads()  # numba's OpenMP pool may change it
+                    rule.run_table(constants, table)
+                    torch.set_num_threads(threads)
+                else:
+                    rule.run_table(constants, table)
+                if rule.scalars:
+                    table.store_scalars()
+                torch.autograd.graph.increment_version(
+                    table.params if all(addrs) else [p for p, a in zip(table.params, addrs) if a])
+            for i in slow:
+                self._run_one(constants, plan, i)
+
+    def _create_state(self, plan: _GroupPlan, state, i: int) -> None:
+        p = plan.params[i]
+        s = state[p] = self.rule.init_state(p)
+        plan.states[i] = s
+        plan.missing.discard(i)
+        if i in plan.place:
+            table, row = plan.place[i]
+            table.set_state(row, s)
+
+    def _run_one(self, constants, plan: _GroupPlan, i: int) -> None:
+        rule, p, s = self.rule, plan.params[i], plan.states[i]
+        g = p.grad
+        buffers = [s[key] for key in rule.buffers]
+        if plan.kinds[i] == "cuda" and g.dtype == p.dtype and g.is_contiguous():
+            from numba import cuda
+
+            with cuda.gpus[p.device.index or 0]:
+                stream = cuda.external_stream(torch.cuda.current_stream(p.device).cuda_stream)
+                arrays = [cuda.as_cuda_array(t.view(-1), sync=False) for t in (p, g, *buffers)]
+                rule.run_cuda(constants, arrays[0], arrays[1], arrays[2:], s, stream)
+        else:
+            with torch.no_grad():
+                rule.run_torch(constants, p, g, buffers, s)
+        if i in plan.place:  # a table row stepped on the torch path: refresh its scalars
+            table, row = plan.place[i]
+            table.load_scalars(row)

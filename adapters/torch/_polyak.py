@@ -1,0 +1,365 @@
+r"""Polyak step-size SGD as a ``torch.optim`` optimizer.
+
+One step of a param group is a reduction and an update:
+
+1. the squared gradient norm over *every* parameter of the group with a gradient, in float64:
+   one Numba table-kernel call per gradient dtype for CPU float32/float64 contiguous gradients
+   (:func:`uniopt.kernels.polyak_cpu.sq_norm_table`, usually one call per group), one
+   numba.cuda launch per CUDA tensor accumulating into one float64 device scalar
+   (:mod:`uniopt.kernels.polyak_cuda`), torch ops for anything else;
+2. the step size from the loss and that norm (:func:`uniopt.polyak.polyak_stepsize`);
+3. the update through :class:`uniopt.adapters.torch._dispatch.Dispatcher`: one table-kernel call
+   per group and dtype on CPU, numba.cuda kernels on CUDA tensors, torch ops otherwise.
+
+The arithmetic is :mod:`uniopt.rules.polyak` on every path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.optim.optimizer import Optimizer
+
+from uniopt import _jit
+from uniopt.kernels import polyak_cpu
+from uniopt.polyak import check_polyak, polyak_stepsize
+from uniopt.rules import bind
+from uniopt.rules import polyak as _polyak
+
+from ._dispatch import Dispatcher, Rule
+
+__all__ = ["PolyakSGD"]
+
+_torch_rules = bind(_polyak)  # sgd_update / heavy_ball_update use only arithmetic
+_KERNEL_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+_LIKE = {dt: np.zeros(1, dtype=dt) for dt in _KERNEL_DTYPES.values()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The update rules, as the dispatcher sees them
+# ----------------------------------------------------------------------------------------------
+class _Step:
+    """The constants of one group's step: the step size and momentum, per dtype on demand."""
+
+    __slots__ = ("stepsize", "momentum", "_host", "_device")
+
+    def __init__(self, stepsize: float, momentum: float):
+        self.stepsize, self.momentum = stepsize, momentum
+        self._host: dict = {}
+        self._device: dict = {}
+
+    def coef(self, np_dtype) -> np.ndarray:
+        """``(stepsize, momentum)`` cast to ``np_dtype`` (host array, made once per step)."""
+        c = self._host.get(np_dtype)
+        if c is None:
+            c = self._host[np_dtype] = np.array([self.stepsize, self.momentum], dtype=np_dtype)
+        return c
+
+    def device_coef(self, np_dtype, stream):
+        """:meth:`coef` on the current CUDA device (copied once per step, dtype and device).
+
+        The dispatcher launches every kernel of a device on torch's current stream, so the copy
+        made on the first launch's stream is ordered before the later launches.
+        """
+        from numba import cuda
+
+        key = (np_dtype, getattr(cuda.get_current_device(), "id", None))
+        c = self._device.get(key)
+        if c is None:
+            c = self._device[key] = cuda.to_device(self.coef(np_dtype), stream=stream)
+        return c
+
+
+class _SGDRule(Rule):
+    """``p -= stepsize * g`` (groups with ``momentum == 0``: no state)."""
+
+    name = "PolyakSGD"
+    buffers: tuple = ()
+
+    def __init__(self):
+        self.steps: dict = {}  # id(param group) -> its _Step, set before each dispatch
+
+    def init_state(self, p):
+        return {}
+
+    def constants(self, group):
+        return self.steps[id(group)]
+
+    def run_table(self, c: _Step, table):
+        polyak_cpu.sgd_kernel(table.parallel)(table.p_addrs, table.g_addrs, table.sizes,
+                                              c.coef(table.np_dtype))
+
+    def run_cuda(self, c: _Step, p, g, buffers, state, stream):
+        from uniopt.kernels import polyak_cuda
+
+        polyak_cuda.sgd_(p, g, c.device_coef(np.dtype(p.dtype), stream), stream)
+
+    def run_torch(self, c: _Step, p, g, buffers, state):
+        p.copy_(_torch_rules.sgd_update(p, g, c.stepsize))
+
+
+class _HeavyBallRule(_SGDRule):
+    """``v = momentum * v - stepsize * g; p += v`` (groups with ``momentum != 0``)."""
+
+    buffers = ("velocity",)
+
+    def init_state(self, p):
+        return {"velocity": torch.zeros_like(p, memory_format=torch.contiguous_format)}
+
+    def run_table(self, c: _Step, table):
+        polyak_cpu.heavy_ball_kernel(table.parallel)(table.p_addrs, table.g_addrs,
+                                                     table.buffer_addrs[0], table.sizes,
+                                                     c.coef(table.np_dtype))
+
+    def run_cuda(self, c: _Step, p, g, buffers, state, stream):
+        from uniopt.kernels import polyak_cuda
+
+        polyak_cuda.heavy_ball_(p, g, buffers[0], c.device_coef(np.dtype(p.dtype), stream), stream)
+
+    def run_torch(self, c: _Step, p, g, buffers, state):
+        (v,) = buffers
+        new_p, new_v = _torch_rules.heavy_ball_update(p, g, v, c.stepsize, c.momentum)
+        v.copy_(new_v)
+        p.copy_(new_p)
+
+
+# ----------------------------------------------------------------------------------------------
+# The reduction
+# ----------------------------------------------------------------------------------------------
+def _check_grad(index: int, p: torch.Tensor, g: torch.Tensor) -> None:
+    if g.is_sparse or g.layout != torch.strided:
+        raise RuntimeError("PolyakSGD does not support sparse gradients")
+    if g.shape != p.shape or g.device != p.device or not (g.is_floating_point() or g.is_complex()):
+        raise RuntimeError(
+            f"PolyakSGD: gradient of parameter {index} (shape {tuple(g.shape)}, {g.dtype}, "
+            f"{g.device}) does not match the parameter (shape {tuple(p.shape)}, {p.dtype}, {p.device})")
+
+
+def _cuda_sq_norm(grads: list) -> float:
+    """Sum of squares of CUDA float32/float64 contiguous tensors of one device (float64)."""
+    from numba import cuda
+
+    from uniopt.kernels import polyak_cuda
+
+    device = grads[0].device
+    acc = torch.zeros(1, dtype=torch.float64, device=device)
+    with cuda.gpus[device.index or 0]:
+        stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+        d_acc = cuda.as_cuda_array(acc, sync=False)
+        for g in grads:
+            polyak_cuda.sq_norm_accumulate_(cuda.as_cuda_array(g.view(-1), sync=False), d_acc, stream)
+    return float(acc.item())
+
+
+def _sq_norm(grads: list, backend: str) -> float:
+    """``sum ||g||^2`` over ``grads`` (tensors) in float64, in as few kernel calls as possible."""
+    tables: dict = {}
+    cuda_groups: dict = {}
+    total = 0.0
+    for g in grads:
+        if backend == "auto" and g.dtype in _KERNEL_DTYPES and g.is_contiguous() and g.numel():
+            if g.device.type == "cpu":
+                tables.setdefault(g.dtype, []).append(g)
+                continue
+            if g.device.type == "cuda":
+                cuda_groups.setdefault(g.device, []).append(g)
+                continue
+        g = g.detach()
+        if g.is_complex():
+            g = torch.view_as_real(g)
+        total += float(torch.sum(torch.square(g.to(torch.float64))))
+    for dtype, gs in tables.items():
+        addrs = np.array([g.data_ptr() for g in gs], dtype=np.int64)
+        sizes = np.array([g.numel() for g in gs], dtype=np.int64)
+        kernel = polyak_cpu.sq_norm_kernel(int(sizes.sum()) >= _jit.PARALLEL_MIN_SIZE)
+        if kernel is polyak_cpu.sq_norm_table_parallel:
+            threads = torch.get_num_threads()  # numba's OpenMP pool may change it
+            total += float(kernel(addrs, sizes, _LIKE[_KERNEL_DTYPES[dtype]]))
+            torch.set_num_threads(threads)
+        else:
+            total += float(kernel(addrs, sizes, _LIKE[_KERNEL_DTYPES[dtype]]))
+    for gs in cuda_groups.values():
+        total += _cuda_sq_norm(gs)
+    return total
+
+
+def _loss_value(loss) -> float:
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise RuntimeError(f"PolyakSGD: the loss must be a scalar, got a tensor of shape {tuple(loss.shape)}")
+        return float(loss.detach().reshape(()).item())
+    try:
+        if isinstance(loss, (str, bytes)):
+            raise TypeError
+        return float(loss)
+    except (TypeError, ValueError):
+        raise TypeError(f"PolyakSGD: the loss must be a number or a scalar tensor, got {type(loss).__name__}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimizer
+# ----------------------------------------------------------------------------------------------
+class PolyakSGD(Optimizer):
+    r"""SGD with the Polyak step size (SPS), a ``torch.optim`` optimizer.
+
+    .. math::
+       \gamma_t = \min\left(\frac{f(x_t) - f^*}{\|\nabla f(x_t)\|^2 + \delta},
+       \gamma_{\max}\right) \ (\text{SPS\_max}), \qquad
+       \gamma_t = \max\left(\frac{f(x_t) - f^*}{\|\nabla f(x_t)\|^2}, 0\right) \ (\text{SPS+}),
+
+       v_{t+1} = \mu v_t - \gamma_t \nabla f(x_t), \qquad x_{t+1} = x_t + v_{t+1}
+
+    with :math:`f(x_t)` the loss, :math:`f^*` = ``fun_min``, :math:`\delta` = ``delta``,
+    :math:`\gamma_{\max}` = ``max_stepsize``, :math:`\mu` = ``momentum`` (``momentum=0``:
+    :math:`x_{t+1} = x_t - \gamma_t \nabla f(x_t)`). The norm is over every parameter *of the
+    param group* that has a gradient, so each group gets its own step size (one group: the
+    global norm, as in jaxopt and optax). A zero step is taken -- never NaN, never an ascent --
+    when the gradient is zero or the loss is below ``fun_min``.
+
+    Args:
+      params: an iterable of parameters, or of dicts defining parameter groups.
+      fun_min: :math:`f^*`, a lower bound on the loss (0 for models that interpolate).
+      variant: ``"SPS_max"`` or ``"SPS+"`` (which ignores ``max_stepsize`` and ``delta``).
+      max_stepsize: :math:`\gamma_{\max}` (finite, >= 0).
+      delta: :math:`\delta` (>= 0).
+      momentum: heavy-ball :math:`\mu` (>= 0).
+
+    ``step`` needs the loss: ``step(closure)`` (the closure recomputes the loss and its
+    gradients and returns the loss) or ``step(loss=loss)`` after ``loss.backward()``.
+    Hyper-parameters are re-read from each group at every step. State per parameter (only with
+    ``momentum != 0``): ``velocity``. Parameters whose ``.grad`` is ``None`` are skipped (they
+    add nothing to the norm and their velocity is kept). After each step, ``last_step`` holds one
+    dict per group: ``{"loss", "grad_norm", "stepsize"}`` (Python floats; not in the state dict).
+    There is no ``maximize``: minimise the negated objective, with ``fun_min`` a lower bound
+    on it.
+
+    Example:
+      >>> import torch
+      >>> from uniopt.adapters.torch import PolyakSGD
+      >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+      >>> opt = PolyakSGD([w])
+      >>> def closure():
+      ...     opt.zero_grad()
+      ...     loss = (w ** 2).sum()
+      ...     loss.backward()
+      ...     return loss
+      >>> _ = opt.step(closure)        # gamma = ||w||^2 / ||2w||^2 = 1/4 halves w
+      >>> w.detach().tolist(), opt.last_step[0]["stepsize"]
+      ([0.5, -1.0], 0.25)
+
+    References:
+      Loizou, Vaswani, Laradji & Lacoste-Julien, "Stochastic Polyak step-size for SGD: an
+      adaptive learning rate for fast convergence", AISTATS 2021, https://arxiv.org/abs/2002.10542
+      Berrada, Zisserman & Kumar, "Training neural networks for and by interpolation", ICML
+      2020, https://arxiv.org/abs/1906.05661
+      Garrigos, Gower & Schaipp, "Function value learning: adaptive learning rates based on the
+      Polyak stepsize and function splitting in ERM", 2023, https://arxiv.org/abs/2307.14528
+    """
+
+    def __init__(self, params, fun_min=0.0, variant="SPS_max", max_stepsize=1.0, delta=0.0,
+                 momentum=0.0, *, _backend="auto"):
+        defaults = {"fun_min": fun_min, "variant": variant, "max_stepsize": max_stepsize,
+                    "delta": delta, "momentum": momentum}
+        self._check_group(defaults)
+        self._backend = _backend
+        self._dispatchers = (Dispatcher(_SGDRule(), _backend), Dispatcher(_HeavyBallRule(), _backend))
+        self.last_step: list = []
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _check_group(group: dict) -> None:
+        check_polyak(group["fun_min"], group["variant"], group["max_stepsize"], group["delta"],
+                     group["momentum"])
+
+    def add_param_group(self, param_group: dict) -> None:
+        if isinstance(param_group, dict):
+            self._check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        for dispatcher in getattr(self, "_dispatchers", ()):
+            dispatcher.invalidate()
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_backend"] = self._backend
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        backend = self.__dict__.setdefault("_backend", "auto")
+        if "_dispatchers" not in self.__dict__:
+            self._dispatchers = (Dispatcher(_SGDRule(), backend), Dispatcher(_HeavyBallRule(), backend))
+        self.__dict__.setdefault("last_step", [])
+        self._invalidate()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict, copying its tensors (the source is never aliased)."""
+        for group in state_dict["param_groups"]:
+            self._check_group({**self.defaults, **{k: v for k, v in group.items() if k != "params"}})
+
+        def own(value):
+            if isinstance(value, torch.Tensor):
+                return value.detach().clone(memory_format=torch.contiguous_format)
+            return value
+
+        state_dict = dict(state_dict)
+        state_dict["state"] = {k: {key: own(v) for key, v in s.items()}
+                               for k, s in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        self._invalidate()
+
+    def step(self, closure=None, *, loss=None):
+        """One Polyak step of every param group.
+
+        Args:
+          closure: a callable that zeroes the gradients, computes the loss, calls
+            ``backward()`` and returns the loss; it is called once, with gradients enabled.
+          loss: the loss whose gradients are in ``.grad`` (instead of a closure).
+
+        Returns:
+          The loss (the closure's return value, or ``loss``).
+        """
+        if closure is not None:
+            if loss is not None:
+                raise ValueError("PolyakSGD.step: pass either a closure or loss=, not both")
+            with torch.enable_grad():
+                loss = closure()
+            if loss is None:
+                raise RuntimeError("PolyakSGD.step: the closure returned None; it must return the loss")
+        elif loss is None:
+            raise RuntimeError("PolyakSGD.step needs the loss: call step(closure) with a closure "
+                               "that returns the loss, or step(loss=loss) after loss.backward()")
+        value = _loss_value(loss)
+        # 1. Check every gradient and compute each group's step size; nothing is mutated yet.
+        plans = []
+        for group in self.param_groups:
+            grads = []
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    _check_grad(i, p, p.grad)
+                    grads.append(p.grad)
+            sq_norm = _sq_norm(grads, self._backend)
+            # SPS+ takes a zero step when ||g||^2 is at most the machine epsilon of the
+            # gradients' dtype (the finest one, in a group of several dtypes).
+            eps = min((torch.finfo(g.dtype).eps for g in grads if g.is_floating_point()),
+                      default=float(np.finfo(np.float64).eps))
+            stepsize = polyak_stepsize(value, sq_norm, float(group["fun_min"]), group["variant"],
+                                       float(group["max_stepsize"]), float(group["delta"]), eps=eps)
+            plans.append((group, _Step(stepsize, float(group["momentum"])), sq_norm))
+        # 2. Update: heavy-ball groups first (their state is checked before anything moves).
+        heavy = [g for g, step, _ in plans if step.momentum != 0]
+        plain = [g for g, step, _ in plans if step.momentum == 0]
+        steps = {id(group): step for group, step, _ in plans}
+        for dispatcher, groups in zip(self._dispatchers[::-1], (heavy, plain)):
+            if groups:
+                dispatcher.rule.steps = steps
+                try:
+                    dispatcher.step(groups, self.state)
+                finally:
+                    dispatcher.rule.steps = {}
+        self.last_step = [{"loss": value, "grad_norm": float(np.sqrt(sq)), "stepsize": step.stepsize}
+                          for _, step, sq in plans]
+        return loss
+

@@ -1,0 +1,1 @@
+"""uniopt's asv benchmarks (one module per area; shared settings in ``common``)."""

@@ -10,15 +10,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .rules.polyak import VARIANTS as POLYAK_VARIANTS
+
 __all__ = [
     "real",
     "nonnegative",
     "finite",
+    "nonnegative_finite",
     "unit_interval",
     "pair",
     "choice",
     "check_qhm",
     "check_qhadam",
+    "check_polyak",
 ]
 
 
@@ -35,6 +39,13 @@ def real(what: str, value: Any) -> float:
 def nonnegative(what: str, value: Any) -> float:
     v = real(what, value)
     if not v >= 0.0:  # also rejects NaN
+        raise ValueError(f"Invalid {what}: {value}")
+    return v
+
+
+def nonnegative_finite(what: str, value: Any) -> float:
+    v = nonnegative(what, value)
+    if not math.isfinite(v):
         raise ValueError(f"Invalid {what}: {value}")
     return v
 
@@ -90,3 +101,17 @@ def check_qhadam(lr, betas, nus, weight_decay, eps) -> None:
     for i, nu in enumerate(nus):
         finite(f"nu parameter at index {i}", nu)
     nonnegative("weight_decay value", weight_decay)
+
+
+def check_polyak(fun_min, variant, max_stepsize, delta, momentum) -> None:
+    """Polyak SGD's checks, for every backend.
+
+    ``fun_min`` must be finite; ``max_stepsize``, ``delta`` and ``momentum`` finite and
+    non-negative (an infinite ``max_stepsize`` would turn a zero gradient into ``inf * 0``);
+    ``variant`` one of ``"SPS_max"``, ``"SPS+"``.
+    """
+    finite("fun_min value", fun_min)
+    choice("variant value", variant, POLYAK_VARIANTS)
+    nonnegative_finite("max_stepsize value", max_stepsize)
+    nonnegative_finite("delta value", delta)
+    nonnegative_finite("momentum value", momentum)

@@ -21,7 +21,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import numpy as np
 
 from . import _jit
-from ._validation import choice, finite, nonnegative
+from ._validation import check_polyak, nonnegative
 from .kernels import polyak_cpu
 from .kernels._pointers import addresses
 from .rules import polyak as _rules
@@ -41,27 +41,6 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # ----------------------------------------------------------------------------------------------
 # Validation and the step size (shared with the torch adapter)
 # ----------------------------------------------------------------------------------------------
-def _nonnegative_finite(what: str, value: Any) -> float:
-    v = nonnegative(what, value)
-    if not math.isfinite(v):
-        raise ValueError(f"Invalid {what}: {value}")
-    return v
-
-
-def check_polyak(fun_min, variant, max_stepsize, delta, momentum) -> None:
-    """The checks of every Polyak face: messages name the argument and the value.
-
-    ``fun_min`` must be finite; ``max_stepsize``, ``delta`` and ``momentum`` finite and
-    non-negative (an infinite ``max_stepsize`` would turn a zero gradient into ``inf * 0``);
-    ``variant`` one of ``"SPS_max"``, ``"SPS+"``.
-    """
-    finite("fun_min value", fun_min)
-    choice("variant value", variant, _rules.VARIANTS)
-    _nonnegative_finite("max_stepsize value", max_stepsize)
-    _nonnegative_finite("delta value", delta)
-    _nonnegative_finite("momentum value", momentum)
-
-
 def polyak_stepsize(value: float, sq_norm: float, fun_min: float = 0.0, variant: str = "SPS_max",
                     max_stepsize: float = 1.0, delta: float = 0.0, dtype=np.float64,
                     eps: float | None = None) -> float:

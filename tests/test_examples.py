@@ -50,5 +50,7 @@ def test_demo_backends_agree():
     out = _python(["-m", "uniopt", "demo", "--steps", "40"])
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     assert "all backends agree" in out.stdout
-    for backend in ("numpy (core)", "torch", "jax"):
-        assert re.search(rf"^{re.escape(backend)}\s+\d", out.stdout, flags=re.M), out.stdout
+    for section in ("== qhadam-digits ==", "== polyak-interpolation =="):
+        assert section in out.stdout
+    for backend in ("numpy (core)", "torch", "jax"):  # one row per section
+        assert len(re.findall(rf"^{re.escape(backend)}\s+\d", out.stdout, flags=re.M)) == 2, out.stdout

@@ -590,6 +590,7 @@ BAD_SOLVER = [
     (dict(variant="SPS"), ValueError, r"variant value: 'SPS'"),
     (dict(max_stepsize=-1.0), ValueError, r"max_stepsize value: -1\.0"),
     (dict(max_stepsize=float("nan")), ValueError, r"max_stepsize value: nan"),
+    (dict(max_stepsize=float("inf")), ValueError, r"max_stepsize value: inf"),  # inf * 0 = NaN
     (dict(delta=-0.1), ValueError, r"delta value: -0\.1"),
     (dict(momentum=-0.5), ValueError, r"momentum value: -0\.5"),
     (dict(maxiter=-1), ValueError, r"maxiter value: -1"),

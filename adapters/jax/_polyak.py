@@ -347,9 +347,9 @@ class PolyakSGD:
         _check_bool("has_aux value", self.has_aux)
         _check(_validation.finite, "fun_min value", self.fun_min)
         _validation.choice("variant value", self.variant, _polyak.VARIANTS)
-        _check(_validation.nonnegative, "max_stepsize value", self.max_stepsize)
-        _check(_validation.nonnegative, "delta value", self.delta)
-        _check(_validation.nonnegative, "momentum value", self.momentum)
+        _check(_validation.nonnegative_finite, "max_stepsize value", self.max_stepsize)
+        _check(_validation.nonnegative_finite, "delta value", self.delta)
+        _check(_validation.nonnegative_finite, "momentum value", self.momentum)
         _check_callable("pre_update value", self.pre_update, optional=True)
         _check_count("maxiter value", self.maxiter)
         _check(_validation.nonnegative, "tol value", self.tol)
@@ -683,10 +683,10 @@ def scale_by_polyak(
       params=None, *, value)`` needs the loss ``value`` (TypeError without it).
     """
     _check(_validation.finite, "f_min value", f_min)
-    _check(_validation.nonnegative, "max_learning_rate value", max_learning_rate)
+    _check(_validation.nonnegative_finite, "max_learning_rate value", max_learning_rate)
     _check(_validation.nonnegative, "eps value", eps)
     _validation.choice("variant value", variant, _OPTAX_VARIANTS)
-    _check(_validation.nonnegative, "momentum value", momentum)
+    _check(_validation.nonnegative_finite, "momentum value", momentum)
     use_velocity = isinstance(momentum, jax.Array) or not _is_zero(momentum)
 
     def init_fn(params):

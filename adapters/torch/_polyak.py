@@ -22,7 +22,8 @@ from torch.optim.optimizer import Optimizer
 
 from uniopt import _jit
 from uniopt.kernels import polyak_cpu
-from uniopt.polyak import check_polyak, polyak_stepsize
+from uniopt._validation import check_polyak
+from uniopt.polyak import polyak_stepsize
 from uniopt.rules import bind
 from uniopt.rules import polyak as _polyak
 

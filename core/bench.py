@@ -1,4 +1,4 @@
-"""``python -m uniopt bench``: uniopt's QH optimizers against torch.optim, qhoptim and optax.
+"""``python -m uniopt bench``: uniopt's optimizers against torch.optim, qhoptim, optax and jaxopt.
 
 One side-by-side table, in one run: rows are parameter counts x layouts (one tensor, or a
 model-like list of 100 mixed-size tensors), columns are milliseconds per optimizer step of every
@@ -6,6 +6,11 @@ contender, the core kernel's achieved bandwidth next to a measured bandwidth cei
 ratios uniopt's goals are stated in. Measurements are interleaved (every repeat times every
 contender of a row, in a rotating order) and the median of the repeats is reported, so the ratios
 compare numbers taken under the same machine conditions.
+
+A second, smaller table compares whole solver runs: uniopt's JAX ``PolyakSGD(...).run`` against
+``jaxopt.PolyakSGD(...).run`` on the same seeded interpolation problems (realisable least
+squares, separable logistic regression), float32, a fixed ``maxiter`` and ``tol=0`` so that both
+run every iteration (checked when the case is built); called as is and under ``jax.jit``.
 
 Fairness rules (the same as the asv suite in ``asv_bench/``, which builds its cases here):
 
@@ -16,7 +21,7 @@ Fairness rules (the same as the asv suite in ``asv_bench/``, which builds its ca
   keep XLA:CPU on one thread (``--no-pin`` turns it off);
 * every contender is warmed up (compiled, cached, state allocated) before timing;
 * JAX steps are ``jax.jit``-ed with donated params and state, and the timed call blocks until
-  the results are ready.
+  the results are ready; solver runs are compiled by a first run and also block.
 
 The machine, versions and date are printed with the table. Nothing here is asserted: goals are
 reported as measured. This module imports torch and JAX only inside functions, and a missing
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import importlib.metadata
 import json
@@ -54,8 +60,12 @@ __all__ = [
     "QHADAM",
     "QHM",
     "SIZES",
+    "SOLVER_CASES",
+    "SOLVER_MODES",
+    "SOLVER_PROBLEMS",
     "Unavailable",
     "build",
+    "build_solver",
     "compile_times",
     "first_step_time",
     "import_time",
@@ -63,7 +73,9 @@ __all__ = [
     "layout_sizes",
     "main",
     "medians",
+    "paired_ratio",
     "pin_threads",
+    "solver_first_run",
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -82,6 +94,10 @@ TINY_TENSORS, TINY_SIZE = 100, 4
 QHADAM = dict(lr=1e-3, betas=(0.9, 0.999), nus=(0.7, 1.0), eps=1e-8)
 QHM = dict(lr=1e-3, momentum=0.9, nu=0.7)
 ADAM = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+SGD = dict(lr=1e-3)
+#: uniopt's torch PolyakSGD (its defaults, spelt out); the loss passed to ``step(loss=...)`` is
+#: ``SGD["lr"] * ||g||^2``, so its step size equals SGD's learning rate.
+POLYAK = dict(fun_min=0.0, variant="SPS_max", max_stepsize=1.0, delta=0.0, momentum=0.0)
 
 
 class Unavailable(Exception):
@@ -214,6 +230,27 @@ def _build_torch_sgd_momentum(data):
     torch = _import_torch()
     return _torch_step(torch.optim.SGD(_torch_params(data), lr=QHM["lr"], momentum=QHM["momentum"],
                                        foreach=True))
+
+
+def _build_torch_sgd(data):
+    torch = _import_torch()
+    return _torch_step(torch.optim.SGD(_torch_params(data), foreach=True, **SGD))
+
+
+def _build_uniopt_torch_polyak(data):
+    torch = _import_torch()
+    params = _torch_params(data)
+    # A precomputed loss, as after ``loss.backward()``: the timed call is ``step(loss=loss)``
+    # (the loss's ``.item()``, the norm over the group, the step size and the update).
+    sq_norm = sum(float(np.dot(g.astype(np.float64), g.astype(np.float64))) for g in data.grads)
+    loss = torch.tensor(SGD["lr"] * sq_norm, dtype=torch.float32)
+    opt = _uniopt_torch("PolyakSGD")(params, **POLYAK)
+    opt.step(loss=loss)  # tables built, kernels compiled or loaded
+
+    def step():
+        return opt.step(loss=loss)
+
+    return step
 
 
 def _build_qhoptim_qhadam(data):
@@ -361,6 +398,8 @@ CASES: dict[str, Callable[[Data], Callable[[], object]]] = {
     "uniopt_torch_qhm": _build_uniopt_torch_qhm,
     "qhoptim_qhm": _build_qhoptim_qhm,
     "torch_sgd_momentum": _build_torch_sgd_momentum,
+    "uniopt_torch_polyak": _build_uniopt_torch_polyak,
+    "torch_sgd": _build_torch_sgd,
     "uniopt_jax_qhadam": _build_uniopt_jax_qhadam,
     "optax_adam": _build_optax_adam,
     "kernel_qhadam": _build_kernel_qhadam,
@@ -376,6 +415,126 @@ def build(name: str, n: int, layout: str, seed: int = 0, data: Data | None = Non
     if data is None:
         data = Data.make(layout_sizes(n, layout), seed)
     return CASES[name](data)
+
+
+# ----------------------------------------------------------------------------------------------
+# Solver runs: uniopt's JAX PolyakSGD(...).run against jaxopt.PolyakSGD(...).run
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SolverProblem:
+    """A seeded float32 interpolation problem: its minimum is 0 (Polyak's ``fun_min``).
+
+    ``"lstsq"``: ``0.5 * mean((X @ w - y) ** 2)`` with ``y = X @ w_true`` (realisable least
+    squares); ``"logreg"``: ``mean(log(1 + exp(-y * (X @ w))))`` with ``y = sign(X @ w_true)``
+    (separable logistic regression). ``X`` is ``m x d`` standard normal over ``sqrt(d)``; the
+    solvers start from ``w = 0`` and run exactly ``maxiter`` iterations.
+    """
+
+    key: str
+    kind: str
+    m: int
+    d: int
+    maxiter: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.m}x{self.d}"
+
+
+SOLVER_PROBLEMS: dict[str, SolverProblem] = {p.key: p for p in (
+    SolverProblem("lstsq_small", "lstsq", 100, 20, 50),
+    SolverProblem("logreg_small", "logreg", 100, 20, 50),
+    SolverProblem("lstsq_moderate", "lstsq", 2000, 500, 100),
+    SolverProblem("logreg_moderate", "logreg", 2000, 500, 100),
+)}
+QUICK_SOLVER_PROBLEMS = ("lstsq_small",)
+#: "run": ``solver.run(w0, X, y)`` as called (its own jitted pieces, eager glue);
+#: "jit": ``jax.jit(solver.run)(w0, X, y)``.
+SOLVER_MODES = ("run", "jit")
+#: Both solvers' settings: jaxopt's defaults, with ``tol=0`` so that no run stops early.
+POLYAK_SOLVER = dict(fun_min=0.0, variant="SPS_max", max_stepsize=1.0, delta=0.0, momentum=0.0,
+                     tol=0.0)
+
+
+def _lstsq_loss(w, X, y):
+    import jax.numpy as jnp
+
+    r = X @ w - y
+    return 0.5 * jnp.mean(r * r)
+
+
+def _logreg_loss(w, X, y):
+    import jax.numpy as jnp
+
+    return jnp.mean(jnp.logaddexp(0.0, -y * (X @ w)))
+
+
+_SOLVER_LOSSES = {"lstsq": _lstsq_loss, "logreg": _logreg_loss}
+
+
+def solver_data(problem: SolverProblem, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(X, y)`` of ``problem`` (float32, seeded)."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((problem.m, problem.d), dtype=DTYPE) / DTYPE(np.sqrt(problem.d))
+    z = X @ rng.standard_normal(problem.d, dtype=DTYPE)
+    y = z if problem.kind == "lstsq" else np.where(z >= 0, 1, -1).astype(DTYPE)
+    return X.astype(DTYPE), y.astype(DTYPE)
+
+
+def _solver_class(name: str):
+    """The ``PolyakSGD`` class of solver contender ``name`` (raises Unavailable)."""
+    _import_jax()
+    if name == "uniopt_jax_polyak":
+        try:
+            from uniopt.adapters.jax import PolyakSGD
+        except ImportError as exc:
+            raise Unavailable(f"uniopt.adapters.jax.PolyakSGD not available ({exc})") from exc
+        return PolyakSGD
+    if name == "jaxopt_polyak":
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # jaxopt is archived; its import may warn
+                import jaxopt
+        except ImportError as exc:
+            raise Unavailable("jaxopt not installed") from exc
+        return jaxopt.PolyakSGD
+    raise KeyError(name)
+
+
+def _build_solver_run(name: str, problem: SolverProblem, mode: str, seed: int = 0):
+    cls = _solver_class(name)
+    import jax
+    import jax.numpy as jnp
+
+    if mode not in SOLVER_MODES:
+        raise ValueError(f"unknown solver mode {mode!r}; expected one of {SOLVER_MODES}")
+    X, y = (jnp.asarray(a) for a in solver_data(problem, seed))
+    w0 = jnp.zeros(problem.d, dtype=DTYPE)
+    solver = cls(fun=_SOLVER_LOSSES[problem.kind], maxiter=problem.maxiter, **POLYAK_SOLVER)
+    run = jax.jit(solver.run) if mode == "jit" else solver.run
+
+    def step():
+        return jax.block_until_ready(run(w0, X, y))
+
+    out = step()  # compile
+    iters = int(out.state.iter_num)
+    if iters != problem.maxiter:  # both must do the same work
+        raise RuntimeError(f"{name} ran {iters} iterations on {problem.key}, not "
+                           f"maxiter={problem.maxiter}")
+    return step
+
+
+#: Solver contenders: name -> builder(problem, mode, seed) -> warmed-up, blocking run callable.
+SOLVER_CASES: dict[str, Callable[..., Callable[[], object]]] = {
+    "uniopt_jax_polyak": functools.partial(_build_solver_run, "uniopt_jax_polyak"),
+    "jaxopt_polyak": functools.partial(_build_solver_run, "jaxopt_polyak"),
+}
+
+
+def build_solver(name: str, problem: str, mode: str = "run", seed: int = 0):
+    """A compiled run callable of solver contender ``name`` (a key of ``SOLVER_CASES``) on
+    ``SOLVER_PROBLEMS[problem]``; ``mode`` is ``"run"`` or ``"jit"`` (``jax.jit(solver.run)``)."""
+    return SOLVER_CASES[name](SOLVER_PROBLEMS[problem], mode, seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,6 +565,9 @@ COLUMNS: tuple[Column, ...] = (
            help="qhoptim.pyt.QHM, momentum=0.9, nu=0.7"),
     Column("sgd_mom", "SGD mom.", "ms", "torch_sgd_momentum",
            help="torch.optim.SGD(momentum=0.9, foreach=True)"),
+    Column("uo_polyak", "uniopt Polyak", "ms", "uniopt_torch_polyak",
+           help="uniopt.adapters.torch.PolyakSGD, step(loss=...) with a precomputed loss"),
+    Column("sgd", "SGD", "ms", "torch_sgd", help="torch.optim.SGD(lr=1e-3, foreach=True)"),
     Column("uo_jax", "uniopt jax qhadam", "ms", "uniopt_jax_qhadam",
            help="uniopt.adapters.jax.qhadam under jax.jit, donated params and state"),
     Column("optax_adam", "optax adam", "ms", "optax_adam",
@@ -421,6 +583,8 @@ COLUMNS: tuple[Column, ...] = (
            help="uniopt QHAdam time / qhoptim QHAdam time"),
     Column("r_qhm_qho", "QHM/qhoptim", "ratio", ratio=("uo_qhm", "qho_qhm"),
            help="uniopt QHM time / qhoptim QHM time"),
+    Column("r_polyak_sgd", "Polyak/SGD", "ratio", ratio=("uo_polyak", "sgd"),
+           help="uniopt torch PolyakSGD time / torch.optim.SGD time (one more reduction)"),
     Column("r_jax_optax", "jax/optax", "ratio", ratio=("uo_jax", "optax_adam"),
            help="uniopt jax qhadam time / optax.adam time"),
     Column("r_kernel_stream", "kernel/stream", "ratio", ratio=("stream_gbps", "kernel_gbps"),
@@ -465,6 +629,62 @@ class Row:
             "steps_per_sample": self.numbers,
             "samples": self.samples,
             "columns": {c.key: self.value(c.key) for c in COLUMNS},
+            "unavailable": self.unavailable,
+        }
+
+
+def _solver_case(name: str, mode: str) -> str:
+    """The sample key of solver contender ``name`` called in ``mode``."""
+    return f"{name}/{mode}"
+
+
+#: The solver table's columns (milliseconds per whole run, and ratios).
+SOLVER_COLUMNS: tuple[Column, ...] = (
+    Column("uo_run", "uniopt run", "ms", _solver_case("uniopt_jax_polyak", "run"),
+           help="uniopt.adapters.jax.PolyakSGD(...).run(w0, X, y), as called"),
+    Column("jaxopt_run", "jaxopt run", "ms", _solver_case("jaxopt_polyak", "run"),
+           help="jaxopt.PolyakSGD(...).run(w0, X, y), as called"),
+    Column("r_run", "run ratio", "ratio", ratio=("uo_run", "jaxopt_run"),
+           help="uniopt run time / jaxopt run time"),
+    Column("uo_jit", "uniopt jit(run)", "ms", _solver_case("uniopt_jax_polyak", "jit"),
+           help="jax.jit(uniopt.adapters.jax.PolyakSGD(...).run)(w0, X, y)"),
+    Column("jaxopt_jit", "jaxopt jit(run)", "ms", _solver_case("jaxopt_polyak", "jit"),
+           help="jax.jit(jaxopt.PolyakSGD(...).run)(w0, X, y)"),
+    Column("r_jit", "jit ratio", "ratio", ratio=("uo_jit", "jaxopt_jit"),
+           help="uniopt jit(run) time / jaxopt jit(run) time"),
+)
+_SOLVER_BY_KEY = {c.key: c for c in SOLVER_COLUMNS}
+
+
+@dataclass
+class SolverRow:
+    """One problem of the solver table: seconds per whole run of each (solver, mode)."""
+
+    problem: SolverProblem
+    samples: dict[str, list[float]] = field(default_factory=dict)  # case/mode -> seconds per run
+    numbers: dict[str, int] = field(default_factory=dict)  # case/mode -> runs per sample
+    unavailable: dict[str, str] = field(default_factory=dict)  # case/mode -> reason
+
+    def value(self, key: str) -> float | None:
+        """A column's value: seconds per run or a ratio paired by repeat (None: not measured)."""
+        col = _SOLVER_BY_KEY[key]
+        if col.kind == "ratio":
+            a = self.samples.get(_SOLVER_BY_KEY[col.ratio[0]].case)
+            b = self.samples.get(_SOLVER_BY_KEY[col.ratio[1]].case)
+            if not a or not b:
+                return None
+            return statistics.median(x / y for x, y in zip(a, b))
+        s = self.samples.get(col.case)
+        return statistics.median(s) if s else None
+
+    def to_json(self) -> dict:
+        p = self.problem
+        return {
+            "problem": p.key, "kind": p.kind, "m": p.m, "d": p.d, "maxiter": p.maxiter,
+            "seconds_per_run": {c: statistics.median(s) for c, s in self.samples.items() if s},
+            "runs_per_sample": self.numbers,
+            "samples": self.samples,
+            "columns": {c.key: self.value(c.key) for c in SOLVER_COLUMNS},
             "unavailable": self.unavailable,
         }
 
@@ -520,37 +740,67 @@ def medians(steps: dict[str, Callable[[], object]], repeat: int = 7, min_time: f
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def measure_row(row: Row, cases: Sequence[str], repeat: int, min_time: float,
-                seed: int = 0, progress=None) -> Row:
-    """Build every case of ``row`` (unavailable ones are noted), then time them interleaved."""
-    label = f"{_size_label(row.n)} {row.layout}"
+def _measure(label: str, builders: dict[str, Callable[[], Callable[[], object]]],
+             unavailable: dict[str, str], repeat: int, min_time: float, progress=None):
+    """Build every case (``builders``: name -> zero-argument builder; unavailable ones go to
+    ``unavailable``), then time them interleaved. Returns ``(samples, numbers)``."""
     steps: dict[str, Callable] = {}
     with warnings.catch_warnings():  # e.g. qhoptim's deprecated add_ overloads
         warnings.simplefilter("ignore")
         try:
-            data = Data.make(row.sizes, seed)
-            for name in cases:
+            for name, make in builders.items():
                 if progress is not None:
                     progress.set_postfix_str(f"{label}: build {name}")
                 try:
-                    steps[name] = CASES[name](data)
+                    steps[name] = make()
                 except Unavailable as exc:
-                    row.unavailable[name] = str(exc)
+                    unavailable[name] = str(exc)
                 if progress is not None:
                     progress.update(1)
-            del data
+            builders.clear()  # drop the builders' data before timing
 
             def on_sample(name, r):
                 if progress is not None:
                     progress.set_postfix_str(f"{label}: repeat {r + 1}/{repeat}", refresh=False)
                     progress.update(1)
 
-            row.samples, row.numbers = interleave(steps, repeat, min_time, on_sample)
+            samples, numbers = interleave(steps, repeat, min_time, on_sample)
             if progress is not None:  # unavailable cases have no samples
-                progress.update(len(row.unavailable) * repeat)
+                progress.update(len(unavailable) * repeat)
         finally:
             steps.clear()
             gc.collect()
+    return samples, numbers
+
+
+def paired_ratio(steps: dict[str, Callable[[], object]], numerator: str, denominator: str,
+                 repeat: int = 7, min_time: float = 0.05) -> float:
+    """Median over interleaved repeats of ``time(numerator) / time(denominator)`` (the samples
+    of one repeat are taken side by side), as the table's ratio columns."""
+    samples, _ = interleave(steps, repeat, min_time)
+    return statistics.median(a / b for a, b in zip(samples[numerator], samples[denominator]))
+
+
+def measure_row(row: Row, cases: Sequence[str], repeat: int, min_time: float,
+                seed: int = 0, progress=None) -> Row:
+    """Build every case of ``row`` (unavailable ones are noted), then time them interleaved."""
+    data = Data.make(row.sizes, seed)
+    builders = {name: functools.partial(CASES[name], data) for name in cases}
+    del data  # the builders hold it until they have run
+    row.samples, row.numbers = _measure(f"{_size_label(row.n)} {row.layout}", builders,
+                                        row.unavailable, repeat, min_time, progress)
+    return row
+
+
+def measure_solver_row(row: SolverRow, repeat: int, min_time: float, seed: int = 0,
+                       progress=None) -> SolverRow:
+    """Build (compile) every solver contender of ``row`` in every mode, then time whole runs
+    interleaved."""
+    builders = {_solver_case(name, mode): functools.partial(SOLVER_CASES[name], row.problem,
+                                                            mode, seed)
+                for mode in SOLVER_MODES for name in SOLVER_CASES}
+    row.samples, row.numbers = _measure(row.problem.label, builders, row.unavailable, repeat,
+                                        min_time, progress)
     return row
 
 
@@ -670,6 +920,36 @@ def compile_times() -> dict:
     return _run_python(_COMPILE_CODE, env={"UNIOPT_NUMBA_CACHE": "0"})
 
 
+_SOLVER_FIRST_RUN_CODE = """
+import json, sys, time
+import jax, jax.numpy as jnp
+jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.zeros(3)))  # JAX's one-off start-up
+from uniopt import bench
+name, key, mode = sys.argv[1:4]
+problem = bench.SOLVER_PROBLEMS[key]
+cls = bench._solver_class(name)
+X, y = (jnp.asarray(a) for a in bench.solver_data(problem))
+w0 = jax.block_until_ready(jnp.zeros(problem.d, dtype=bench.DTYPE))
+t = time.perf_counter()
+solver = cls(fun=bench._SOLVER_LOSSES[problem.kind], maxiter=problem.maxiter, **bench.POLYAK_SOLVER)
+run = jax.jit(solver.run) if mode == "jit" else solver.run
+jax.block_until_ready(run(w0, X, y))
+first = time.perf_counter() - t
+t = time.perf_counter()
+jax.block_until_ready(run(w0, X, y))
+print(json.dumps({"first_run": first, "second_run": time.perf_counter() - t}))
+"""
+
+
+def solver_first_run(name: str, problem: str = "lstsq_small", mode: str = "run") -> dict:
+    """Seconds of the first ``run`` of solver contender ``name`` in a fresh process: building
+    the solver, tracing and compiling, and running (``first_run``), and of the second run
+    (``second_run``, compiled). Imports and JAX's own start-up (a first trivial ``jax.jit``) are
+    paid before and excluded."""
+    _solver_class(name)  # Unavailable here rather than a failed subprocess
+    return _run_python(_SOLVER_FIRST_RUN_CODE, name, problem, mode)
+
+
 # ----------------------------------------------------------------------------------------------
 # Threads, machine, versions
 # ----------------------------------------------------------------------------------------------
@@ -741,12 +1021,15 @@ def versions() -> dict:
 @dataclass(frozen=True)
 class Goal:
     text: str
-    column: str | None  # a table column (100-tensor rows), or None for a start-up metric
-    sizes: tuple[int, ...] | None  # None: every measured size
+    column: str | None  # a table column (rows of ``layouts``), or None for a start-up metric
+    sizes: tuple[int, ...] | None  # None: every measured size (or solver problem)
     target: float
     at_most: bool = True  # met when value <= target (else value >= target)
-    metric: str | None = None  # a start-up metric key, or "tiny" for the fixed-cost row
+    #: a start-up metric key, "tiny" for the fixed-cost row, or "solver" for a column of the
+    #: solver table (every problem measured)
+    metric: str | None = None
     unit: str = ""  # "", "s" or "us" (values are kept in seconds)
+    layouts: tuple[str, ...] = ("model",)  # the table rows a column goal is evaluated on
 
     def show(self, value: float) -> str:
         if self.unit == "us":
@@ -763,6 +1046,10 @@ GOALS: tuple[Goal, ...] = (
     Goal("uniopt QHAdam / qhoptim QHAdam", "r_qhadam_qho", None, 0.25),
     Goal("uniopt QHM / qhoptim QHM", "r_qhm_qho", None, 0.5),
     Goal("uniopt jax qhadam / optax adam", "r_jax_optax", None, 1.1),
+    Goal("uniopt torch PolyakSGD / SGD", "r_polyak_sgd", (1_000_000, 10_000_000), 1.3,
+         layouts=("one", "model")),
+    Goal("uniopt jax PolyakSGD.run / jaxopt", "r_run", None, 1.0, metric="solver"),
+    Goal("jit(uniopt jax PolyakSGD.run) / jaxopt", "r_jit", None, 1.0, metric="solver"),
     Goal("kernel / stream bandwidth", "r_kernel_stream", (10_000_000,), 0.85, at_most=False),
     Goal("fixed cost per step, uniopt QHAdam", "uo_qhadam", None, 60e-6, metric="tiny", unit="us"),
     Goal("import uniopt", None, None, 0.5, metric="import_uniopt", unit="s"),
@@ -770,7 +1057,8 @@ GOALS: tuple[Goal, ...] = (
 )
 
 
-def evaluate_goals(rows: Sequence[Row], startup: dict) -> list[dict]:
+def evaluate_goals(rows: Sequence[Row], startup: dict,
+                   solver_rows: Sequence[SolverRow] = ()) -> list[dict]:
     """Every goal at every place it applies: value, target, "met" / "MISSED" / "n/a"."""
     out = []
     for goal in GOALS:
@@ -781,9 +1069,13 @@ def evaluate_goals(rows: Sequence[Row], startup: dict) -> list[dict]:
         elif goal.metric == "tiny":
             measured += [(f"{TINY_TENSORS}x{TINY_SIZE}", r.value(goal.column))
                          for r in rows if r.layout == "tiny"]
+        elif goal.metric == "solver":
+            measured += [(r.problem.label, r.value(goal.column)) for r in solver_rows]
         else:
-            measured += [(_size_label(r.n), r.value(goal.column)) for r in rows
-                         if r.layout == "model" and (goal.sizes is None or r.n in goal.sizes)]
+            measured += [(_size_label(r.n) + (f" ({_layout_label(r)})" if len(goal.layouts) > 1
+                                              else ""), r.value(goal.column))
+                         for r in rows
+                         if r.layout in goal.layouts and (goal.sizes is None or r.n in goal.sizes)]
         for where, value in measured:
             if value is None:
                 status = "n/a"
@@ -839,6 +1131,20 @@ def format_table(rows: Sequence[Row], columns: Sequence[Column] = COLUMNS) -> st
     header = ["params", "layout"] + [c.label for c in columns]
     body = [[_size_label(r.n) if r.layout != "tiny" else str(sum(r.sizes)), _layout_label(r)]
             + [_cell(r, c) for c in columns] for r in rows]
+    return _markdown(header, body)
+
+
+def format_solver_table(rows: Sequence[SolverRow],
+                        columns: Sequence[Column] = SOLVER_COLUMNS) -> str:
+    """The solver table in Markdown: one line per problem, times in ms per whole run."""
+    header = ["problem", "maxiter"] + [c.label for c in columns]
+    body = [[r.problem.label, str(r.problem.maxiter)] + [_cell(r, c) for c in columns]
+            for r in rows]
+    return _markdown(header, body)
+
+
+def _markdown(header: list[str], body: list[list[str]]) -> str:
+    """Two left-aligned label columns, then right-aligned numbers."""
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
 
     def line(cells):
@@ -850,7 +1156,18 @@ def format_table(rows: Sequence[Row], columns: Sequence[Column] = COLUMNS) -> st
     return "\n".join([line(header), rule] + [line(b) for b in body])
 
 
-def format_report(result: dict, rows: Sequence[Row]) -> str:
+def _missing(rows, columns: Sequence[Column]) -> dict[str, str]:
+    """Column label -> why it is n/a (the first reason seen)."""
+    label = {c.case: c.label for c in columns if c.case}
+    missing: dict[str, str] = {}
+    for r in rows:
+        for case, reason in r.unavailable.items():
+            if case in label:
+                missing.setdefault(label[case], reason)
+    return missing
+
+
+def format_report(result: dict, rows: Sequence[Row], solver_rows: Sequence[SolverRow] = ()) -> str:
     meta = result["meta"]
     m, v = meta["machine"], meta["versions"]
     lines = [
@@ -866,14 +1183,24 @@ def format_report(result: dict, rows: Sequence[Row]) -> str:
         "columns:",
     ]
     lines += [f"  {c.label:<17} {c.help}" for c in COLUMNS]
-    label = {c.case: c.label for c in COLUMNS if c.case}
-    missing: dict[str, str] = {}
-    for r in rows:
-        for case, reason in r.unavailable.items():
-            if case in label:
-                missing.setdefault(label[case], reason)
+    missing = _missing(rows, COLUMNS)
     if missing:
         lines += ["", "n/a:"] + [f"  {name}: {reason}" for name, reason in missing.items()]
+    if solver_rows:
+        settings = ", ".join(f"{k}={val!r}" for k, val in POLYAK_SOLVER.items())
+        lines += [
+            "",
+            f"Polyak SGD solver runs (JAX, float32, w0 = 0, {settings}: every iteration runs); "
+            "ms per whole run (lower is better)",
+            "",
+            format_solver_table(solver_rows),
+            "",
+            "columns:",
+        ]
+        lines += [f"  {c.label:<17} {c.help}" for c in SOLVER_COLUMNS]
+        missing = _missing(solver_rows, SOLVER_COLUMNS)
+        if missing:
+            lines += ["", "n/a:"] + [f"  {name}: {reason}" for name, reason in missing.items()]
     startup = result.get("startup") or {}
     if startup:
         lines += ["", "start-up (fresh processes):"]
@@ -882,10 +1209,12 @@ def format_report(result: dict, rows: Sequence[Row]) -> str:
             lines.append(f"  {key:<34} {text}")
     goals = result.get("goals") or []
     if goals:
-        lines += ["", "goals (100-tensor layout; measured, not asserted):"]
-        for g in goals:
-            at = f" at {g['at']}" if g["at"] else ""
-            lines.append(f"  {g['goal'] + at:<42} {g['shown']:>9}   target {g['target']:<10} "
+        lines += ["", "goals (100-tensor layout unless a layout or problem is named; measured, "
+                      "not asserted):"]
+        where = [g["goal"] + (f" at {g['at']}" if g["at"] else "") for g in goals]
+        width = max(42, *(len(w) for w in where))
+        for g, w in zip(goals, where):
+            lines.append(f"  {w:<{width}} {g['shown']:>9}   target {g['target']:<10} "
                          f"{g['status']}")
     return "\n".join(lines)
 
@@ -914,11 +1243,13 @@ def _parse_layouts(text: str) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m uniopt bench",
-        description="uniopt's QH optimizers against torch.optim, qhoptim and optax: one "
-                    "side-by-side table (medians of interleaved repeats; float32).",
+        description="uniopt's optimizers against torch.optim, qhoptim, optax and jaxopt: one "
+                    "side-by-side table, and one of Polyak SGD solver runs (medians of "
+                    "interleaved repeats; float32).",
     )
     p.add_argument("--quick", action="store_true",
-                   help="one size (1e4), 3 repeats, short samples, start-up: import time only; a smoke run")
+                   help="one size (1e4), 3 repeats, short samples, one small solver problem, "
+                        "start-up: import time only; a smoke run")
     p.add_argument("--sizes", type=_parse_sizes, default=None,
                    help="comma-separated parameter counts (default 1e4,1e5,1e6,1e7)")
     p.add_argument("--layouts", type=_parse_layouts, default=list(LAYOUTS),
@@ -929,6 +1260,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds per sample (default 0.05, quick 0.005)")
     p.add_argument("--no-fixed-cost", dest="fixed_cost", action="store_false",
                    help=f"skip the fixed-cost row ({TINY_TENSORS} tensors of {TINY_SIZE} elements)")
+    p.add_argument("--no-solver", dest="solver", action="store_false",
+                   help="skip the solver table (uniopt's JAX PolyakSGD.run against jaxopt's)")
     p.add_argument("--no-startup", dest="startup", action="store_false",
                    help="skip the start-up measurements in fresh processes (import time; "
                         "without --quick also first step with a warm cache and compile time)")
@@ -950,8 +1283,9 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, desc="bench", unit="step", file=sys.stderr, leave=False)
 
 
-def _startup(quick: bool) -> dict:
-    """Start-up metrics in fresh processes; ``quick`` measures only the import time."""
+def _startup(quick: bool, solver: bool = True) -> dict:
+    """Start-up metrics in fresh processes; ``quick`` measures only the import time; ``solver``:
+    also the first (compiling) run of each Polyak solver."""
     out: dict = {}
     try:
         out["import_uniopt"] = import_time(repeat=1 if quick else 5)
@@ -979,6 +1313,17 @@ def _startup(quick: bool) -> dict:
         out["numba_first_jit"] = ct["numba_first_jit"]
     except Exception as exc:
         out["compile"] = f"failed: {exc}"
+    if solver:
+        for name in SOLVER_CASES:
+            key = f"polyak_first_run_{name.removesuffix('_polyak')}"
+            try:
+                out[key] = solver_first_run(name, QUICK_SOLVER_PROBLEMS[0])["first_run"]
+            except Unavailable as exc:
+                out[key] = f"n/a: {exc}"
+            except Exception as exc:
+                out[key] = f"failed: {exc}"
+        out["polyak_first_run_setup"] = (f"PolyakSGD(...).run on {QUICK_SOLVER_PROBLEMS[0]}: "
+                                         "build, trace, compile, run")
     return out
 
 
@@ -1000,6 +1345,10 @@ def main(argv: list[str] | None = None) -> int:
         tiny = layout_sizes(0, "tiny")
         rows.append(Row(sum(tiny), "tiny", tiny))
     cases = list(dict.fromkeys(c.case for c in COLUMNS if c.case))
+    solver_rows = ([SolverRow(SOLVER_PROBLEMS[k])
+                    for k in (QUICK_SOLVER_PROBLEMS if args.quick else SOLVER_PROBLEMS)]
+                   if args.solver else [])
+    solver_cases = len(SOLVER_CASES) * len(SOLVER_MODES)
 
     saved = pin_threads(args.pin)
     try:
@@ -1016,7 +1365,8 @@ def main(argv: list[str] | None = None) -> int:
             "min_time": min_time,
             "parallel_min_size": _jit.PARALLEL_MIN_SIZE,
         }
-        bar = _progress_bar(len(rows) * len(cases) * (1 + repeat), args.progress)
+        bar = _progress_bar((len(rows) * len(cases) + len(solver_rows) * solver_cases)
+                            * (1 + repeat), args.progress)
         try:
             for row in rows:
                 measure_row(row, cases, repeat, min_time, seed=args.seed, progress=bar)
@@ -1024,18 +1374,24 @@ def main(argv: list[str] | None = None) -> int:
                     import torch
 
                     torch.set_num_threads(1)
+            for solver_row in solver_rows:
+                measure_solver_row(solver_row, repeat, min_time, seed=args.seed, progress=bar)
         finally:
             if bar is not None:
                 bar.close()
-        startup = _startup(args.quick) if args.startup else {}
+        startup = _startup(args.quick, args.solver) if args.startup else {}
     finally:
         restore_threads(saved)
 
     result = {"meta": meta, "rows": [r.to_json() for r in rows], "startup": startup,
               "columns": [{"key": c.key, "label": c.label, "kind": c.kind, "help": c.help}
                           for c in COLUMNS]}
-    result["goals"] = evaluate_goals(rows, startup)
-    print(format_report(result, rows), flush=True)
+    result["solver"] = {"rows": [r.to_json() for r in solver_rows],
+                        "columns": [{"key": c.key, "label": c.label, "kind": c.kind,
+                                     "help": c.help} for c in SOLVER_COLUMNS],
+                        "settings": dict(POLYAK_SOLVER)}
+    result["goals"] = evaluate_goals(rows, startup, solver_rows)
+    print(format_report(result, rows, solver_rows), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=str)

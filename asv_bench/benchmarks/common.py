@@ -31,6 +31,10 @@ SIZES = [10_000, 100_000, 1_000_000, 10_000_000]
 LAYOUTS = ["one", "model"]
 #: The size at which bandwidth is reported (out of every cache).
 BANDWIDTH_SIZE = 10_000_000
+#: Solver-run problems (keys of uniopt.bench.SOLVER_PROBLEMS) and call modes ("run": as
+#: called; "jit": jax.jit(solver.run)).
+SOLVER_PROBLEMS = list(bench.SOLVER_PROBLEMS)
+SOLVER_MODES = list(bench.SOLVER_MODES)
 
 
 def build(case: str, n: int, layout: str):
@@ -38,6 +42,15 @@ def build(case: str, n: int, layout: str):
     when its framework or adapter is missing."""
     try:
         return bench.build(case, n, layout)
+    except bench.Unavailable as exc:
+        raise NotImplementedError(str(exc)) from exc
+
+
+def build_solver(name: str, problem: str, mode: str):
+    """A compiled, blocking run callable of solver contender ``name``; NotImplementedError
+    (asv: skipped) when JAX, jaxopt or the adapter is missing."""
+    try:
+        return bench.build_solver(name, problem, mode)
     except bench.Unavailable as exc:
         raise NotImplementedError(str(exc)) from exc
 
@@ -66,3 +79,29 @@ class StepBenchmark(abc.ABC):
 
     def time_step(self, n, layout):
         self.step()
+
+
+class SolverRunBenchmark(abc.ABC):
+    """``time_run``: one whole ``run`` of solver contender ``case`` (a key of
+    ``uniopt.bench.SOLVER_CASES``) over SOLVER_PROBLEMS x SOLVER_MODES.
+
+    ``setup`` builds the solver and runs it once (traced and compiled; it also checks that the
+    run did all ``maxiter`` iterations); the timed call blocks until the result is ready.
+    """
+
+    @property
+    @abc.abstractmethod
+    def case(self) -> str:
+        """A key of ``uniopt.bench.SOLVER_CASES``."""
+    params = [SOLVER_PROBLEMS, SOLVER_MODES]
+    param_names = ["problem", "mode"]
+    timeout = 300
+
+    def setup(self, problem, mode):
+        self.run = build_solver(self.case, problem, mode)
+
+    def teardown(self, problem, mode):
+        self.run = None
+
+    def time_run(self, problem, mode):
+        self.run()

@@ -9,6 +9,8 @@ OPTIMIZERS = [
     "torch_adam_fused",
     "torch_adam_foreach",
     "torch_sgd_momentum",
+    "uniopt_torch_polyak",
+    "torch_sgd",
     "qhoptim_qhadam",
     "qhoptim_qhm",
     "uniopt_jax_qhadam",

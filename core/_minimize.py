@@ -73,7 +73,13 @@ def _warn_unknown(options: dict) -> None:
         warnings.warn(f"Unknown solver options: {', '.join(unknown)}", OptimizeWarning, stacklevel=3)
 
 
-def _run(optimizer_cls, fun, x0, args, jac, callback, maxiter, gtol, hyper):
+def run(make_step, fun, x0, args, jac, callback, maxiter, gtol):
+    """The shared driver loop of every method.
+
+    ``make_step(x)`` receives the flat working copy of ``x0`` (float32 kept, otherwise
+    float64) and returns ``step(f, g)``, which updates it in place from the objective value and
+    the flat gradient at the current point.
+    """
     from scipy.optimize import OptimizeResult  # scipy.optimize costs ~0.3 s to import
 
     maxiter = int(nonnegative("maxiter", maxiter))
@@ -83,7 +89,7 @@ def _run(optimizer_cls, fun, x0, args, jac, callback, maxiter, gtol, hyper):
     x = np.array(x0, dtype=dtype, copy=True).reshape(-1)
     counts = {"nfev": 0, "njev": 0}
     value_and_grad = _objective(fun, jac, tuple(args), counts)
-    opt = optimizer_cls([x], **hyper)
+    step = make_step(x)
     shape = x0.shape
     status, message, nit = 1, "Maximum number of iterations has been exceeded.", 0
     f, g = value_and_grad(x.reshape(shape))
@@ -96,7 +102,7 @@ def _run(optimizer_cls, fun, x0, args, jac, callback, maxiter, gtol, hyper):
             break
         if nit == maxiter:
             break
-        opt.step([g.reshape(-1)])
+        step(f, g.reshape(-1))
         f, g = value_and_grad(x.reshape(shape))
         if _notify(callback, x.reshape(shape), f):
             status, message = 99, "`callback` raised `StopIteration`."
@@ -104,6 +110,16 @@ def _run(optimizer_cls, fun, x0, args, jac, callback, maxiter, gtol, hyper):
             break
     return OptimizeResult(x=x.reshape(shape), fun=f, jac=g, nit=nit, nfev=counts["nfev"],
                           njev=counts["njev"], status=status, success=status == 0, message=message)
+
+
+def _optimizer_steps(optimizer_cls, hyper: dict):
+    """``make_step`` for a stateful NumPy optimizer built on the working copy."""
+
+    def make_step(x):
+        opt = optimizer_cls([x], **hyper)
+        return lambda f, g: opt.step([g])
+
+    return make_step
 
 
 def minimize_qhm(fun, x0, args=(), jac=None, callback=None, lr=0.1, momentum=0.9, nu=0.7,
@@ -118,7 +134,7 @@ def minimize_qhm(fun, x0, args=(), jac=None, callback=None, lr=0.1, momentum=0.9
     _warn_unknown(unknown_options)
     hyper = dict(lr=lr, momentum=momentum, nu=nu, weight_decay=weight_decay,
                  weight_decay_type=weight_decay_type)
-    return _run(QHM, fun, x0, args, jac, callback, maxiter, gtol, hyper)
+    return run(_optimizer_steps(QHM, hyper), fun, x0, args, jac, callback, maxiter, gtol)
 
 
 def minimize_qhadam(fun, x0, args=(), jac=None, callback=None, lr=1e-3, betas=(0.9, 0.999),
@@ -128,7 +144,7 @@ def minimize_qhadam(fun, x0, args=(), jac=None, callback=None, lr=1e-3, betas=(0
     _warn_unknown(unknown_options)
     hyper = dict(lr=lr, betas=betas, nus=nus, weight_decay=weight_decay,
                  decouple_weight_decay=decouple_weight_decay, eps=eps)
-    return _run(QHAdam, fun, x0, args, jac, callback, maxiter, gtol, hyper)
+    return run(_optimizer_steps(QHAdam, hyper), fun, x0, args, jac, callback, maxiter, gtol)
 
 
 def _methods() -> dict:

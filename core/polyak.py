@@ -464,42 +464,23 @@ def minimize_polyak(fun, x0, args=(), jac=None, callback=None, max_stepsize=1.0,
       A :class:`scipy.optimize.OptimizeResult` with ``x, fun, jac, nit, nfev, njev, status,
       success, message``.
     """
-    from scipy.optimize import OptimizeResult  # scipy.optimize costs ~0.3 s to import
-
-    from ._minimize import _notify, _objective, _warn_unknown
+    from ._minimize import _warn_unknown, run
 
     _warn_unknown(unknown_options)
     check_polyak(fun_min, variant, max_stepsize, delta, momentum)
-    maxiter = int(nonnegative("maxiter", maxiter))  # (messages as uniopt.minimize's)
-    gtol = nonnegative("gtol", gtol)
-    x0 = np.asarray(x0)
-    dtype = x0.dtype if x0.dtype in _FLOAT_DTYPES else np.dtype(np.float64)
-    shape = x0.shape
-    x = np.array(x0, dtype=dtype, copy=True).reshape(-1)
-    velocity = np.zeros_like(x) if momentum != 0 else None
-    counts = {"nfev": 0, "njev": 0}
-    value_and_grad = _objective(fun, jac, tuple(args), counts)
-    status, message, nit = 1, "Maximum number of iterations has been exceeded.", 0
-    f, g = value_and_grad(x.reshape(shape))
-    for nit in range(maxiter + 1):
-        if not (np.isfinite(f) and np.all(np.isfinite(g))):
-            status, message = 3, "NaN or Inf encountered in the objective or its gradient."
-            break
-        if np.max(np.abs(g), initial=0.0) <= gtol:
-            status, message = 0, "Optimization terminated successfully."
-            break
-        if nit == maxiter:
-            break
-        flat_g = np.ascontiguousarray(g, dtype=dtype).reshape(-1)
-        if flat_g.size != x.size:
-            raise ValueError(f"Invalid gradient: {flat_g.size} elements for {x.size} parameters")
-        stepsize = polyak_stepsize(f, _sq_norm([flat_g], dtype), fun_min, variant, max_stepsize,
-                                   delta, dtype)
-        _step_([x], [flat_g], None if velocity is None else [velocity], stepsize, momentum, dtype)
-        f, g = value_and_grad(x.reshape(shape))
-        if _notify(callback, x.reshape(shape), f):
-            status, message = 99, "`callback` raised `StopIteration`."
-            nit += 1
-            break
-    return OptimizeResult(x=x.reshape(shape), fun=f, jac=g, nit=nit, nfev=counts["nfev"],
-                          njev=counts["njev"], status=status, success=status == 0, message=message)
+
+    def make_step(x):
+        dtype = x.dtype
+        velocity = [np.zeros_like(x)] if momentum != 0 else None
+
+        def step(f, g):
+            g = np.ascontiguousarray(g, dtype=dtype)
+            if g.size != x.size:
+                raise ValueError(f"Invalid gradient: {g.size} elements for {x.size} parameters")
+            stepsize = polyak_stepsize(f, _sq_norm([g], dtype), fun_min, variant, max_stepsize,
+                                       delta, dtype)
+            _step_([x], [g], velocity, stepsize, momentum, dtype)
+
+        return step
+
+    return run(make_step, fun, x0, args, jac, callback, maxiter, gtol)

@@ -9,14 +9,12 @@ real device. The simulator runs each CUDA thread as a Python thread: sizes stay 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 from conftest import tolerance
+from cuda_ptx import compile_ptx_script
 from refimpl.naive_polyak import NaivePolyakSGD, naive_sq_norm
 
 cuda = pytest.importorskip("numba.cuda")
@@ -132,21 +130,7 @@ def test_empty_arrays_launch_nothing():
     assert acc[0] == 0.0
 
 
-_PTX_SCRIPT = textwrap.dedent(
-    """
-    import sys, types
-    try:
-        from numba import cuda, float32, float64
-        from numba.cuda.cudadrv import nvvm
-        nvvm.NVVM()  # loads libNVVM or raises
-        from cuda.bindings import nvrtc  # noqa: F401  (NVRTC bindings)
-        import nvidia.cu13  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        print("SKIP", type(exc).__name__, exc)
-        sys.exit(0)
-    import numba.cuda.dispatcher as dispatcher
-    # Device functions are compiled for the current device; without a GPU, name one.
-    dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(8, 0))
+_PTX_BODY = """
     from uniopt.kernels import polyak_cuda as k
     f64 = float64[::1]
     for ty in (float32, float64):
@@ -160,17 +144,12 @@ _PTX_SCRIPT = textwrap.dedent(
             print("OK", fn.__name__, ty, len(ptx))
     ptx, _ = cuda.compile_ptx(k._zero_kernel, (float64[::1],), cc=(8, 0))
     print("OK _zero_kernel")
-    """
-)
+"""
 
 
 def test_cuda_kernels_compile_to_ptx():
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    out = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    if out.stdout.startswith("SKIP"):
-        pytest.skip(f"libNVVM/NVRTC not available: {out.stdout.strip()}")
-    assert out.stdout.count("OK") == 9, out.stdout
+    stdout = compile_ptx_script(_PTX_BODY)
+    assert stdout.count("OK") == 9, stdout
 
 
 @pytest.mark.gpu

@@ -8,14 +8,12 @@ to real PTX (in a subprocess without the simulator). Tests marked ``gpu`` need a
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 from conftest import tolerance
+from cuda_ptx import compile_ptx_script
 
 cuda = pytest.importorskip("numba.cuda")
 
@@ -87,38 +85,19 @@ def test_empty_array_launches_nothing():
     assert p.size == 0
 
 
-_PTX_SCRIPT = textwrap.dedent(
-    """
-    import sys, types
-    try:
-        from numba import cuda, float32, float64
-        from numba.cuda.cudadrv import nvvm
-        nvvm.NVVM()  # loads libNVVM or raises
-        from cuda.bindings import nvrtc  # noqa: F401  (NVRTC bindings)
-        import nvidia.cu13  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        print("SKIP", type(exc).__name__, exc)
-        sys.exit(0)
-    import numba.cuda.dispatcher as dispatcher
-    # Device functions are compiled for the current device; without a GPU, name one.
-    dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(8, 0))
+_PTX_BODY = """
     from uniopt.kernels import qh_cuda
     for ty in (float32, float64):
         for fn, n_arrays, n_scalars in ((qh_cuda._qhm_kernel, 3, 8), (qh_cuda._qhadam_kernel, 4, 13)):
             ptx, _ = cuda.compile_ptx(fn, (ty[::1],) * n_arrays + (ty,) * n_scalars, cc=(8, 0))
             assert ".entry" in ptx and ("f32" if ty is float32 else "f64") in ptx
             print("OK", fn.__name__, ty, len(ptx))
-    """
-)
+"""
 
 
 def test_cuda_kernels_compile_to_ptx():
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    out = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    if out.stdout.startswith("SKIP"):
-        pytest.skip(f"libNVVM/NVRTC not available: {out.stdout.strip()}")
-    assert out.stdout.count("OK") == 4, out.stdout
+    stdout = compile_ptx_script(_PTX_BODY)
+    assert stdout.count("OK") == 4, stdout
 
 
 @pytest.mark.gpu

@@ -48,6 +48,31 @@ def test_sq_norm_table_matches_naive(rng, dtype):
     assert polyak_cpu.sq_norm_table(addrs[:0], sizes[:0], like) == 0.0
 
 
+def test_sq_norm_spans_and_partial_blocks(rng, dtype):
+    """Tensors over several two-stream spans (odd and even block counts, partial last blocks):
+    the serial kernel equals the parallel one bitwise (same block sums in the same order) and
+    the exactly rounded sum to a few ulps, alone and in one table with gaps."""
+    span = 2 * polyak_cpu.SPAN * polyak_cpu.BLOCK  # elements of one span
+    sizes = [span, span + 1, span + polyak_cpu.BLOCK, 2 * span - 5,
+             span + 3 * polyak_cpu.BLOCK + 7, 2 * span + polyak_cpu.SPAN * polyak_cpu.BLOCK + 1]
+    grads = [(rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3)).astype(dtype) for n in sizes]
+    like = np.zeros(1, dtype)
+
+    def exact(gs):
+        return math.fsum(math.fsum(np.square(g, dtype=np.float64)) for g in gs)
+
+    for g in grads:
+        serial = polyak_cpu.sq_norm_table(*_table([g]), like)
+        assert serial == pytest.approx(exact([g]), rel=4e-16)
+        assert polyak_cpu.sq_norm_table_parallel(*_table([g]), like) == serial
+    addrs, lengths = _table(grads)
+    addrs[1] = addrs[4] = 0  # no gradient
+    kept = [g for i, g in enumerate(grads) if i not in (1, 4)]
+    serial = polyak_cpu.sq_norm_table(addrs, lengths, like)
+    assert serial == pytest.approx(exact(kept), rel=4e-16)
+    assert polyak_cpu.sq_norm_table_parallel(addrs, lengths, like) == serial
+
+
 def test_sq_norm_float32_1e7_loses_no_precision():
     """1e7 float32 values of mixed magnitudes: the float64 result is within ~1 ulp of fsum."""
     rng = np.random.default_rng(7)

@@ -247,7 +247,7 @@ def test_deepcopy_and_pickle_keep_working():
 def test_step_with_loss_keyword_equals_closure():
     problem = Problem(7)
     a, b = _torch_params(problem), _torch_params(problem)
-    opt_a = _run(problem, a, 3, momentum=0.5)
+    _run(problem, a, 3, momentum=0.5)
     opt_b = PolyakSGD(b, momentum=0.5)
     for _ in range(3):
         opt_b.zero_grad()
@@ -314,6 +314,59 @@ def test_sparse_gradients_fail_before_any_change():
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         opt.step(loss=1.0)
     torch.testing.assert_close(a.detach(), torch.ones(3), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad_group", [0, 1])
+def test_bad_gradient_in_any_group_fails_before_any_change(bad_group):
+    """A heavy-ball group and a plain one (run by different dispatchers): a bad gradient in
+    either fails the step before any parameter moves or any state is created."""
+    params = [torch.nn.Parameter(torch.ones(3)) for _ in range(4)]
+    opt = PolyakSGD([{"params": params[:2], "momentum": 0.9}, {"params": params[2:]}])
+    for p in params:
+        p.grad = torch.ones(3)
+    params[2 * bad_group + 1].grad = torch.ones(3).to_sparse()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step(loss=1.0)
+    for p in params:
+        torch.testing.assert_close(p.detach(), torch.ones(3), rtol=0, atol=0)
+    assert not opt.state
+    params[2 * bad_group + 1].grad = torch.ones(3)
+    opt.step(loss=1.0)  # then a good step works: gamma = 1 / 6 in each group
+    for p in params:
+        torch.testing.assert_close(p.detach(), torch.full((3,), 1 - 1 / 6), rtol=1e-6, atol=0)
+
+
+def test_norm_follows_every_gradient_change_between_steps():
+    """The norm is read from this step's gradients whatever happened to them since the last step
+    (cached tables): new values in place, new tensors, a removed gradient, a non-contiguous one,
+    a parameter replaced by hand."""
+    params = [torch.nn.Parameter(torch.zeros(2, 3, dtype=torch.float64)) for _ in range(3)]
+    opt = PolyakSGD(params, max_stepsize=0.0)  # zero steps: only the norm matters
+
+    def check():
+        opt.step(loss=1.0)
+        expected = sum(float((p.grad.double() ** 2).sum()) for p in params if p.grad is not None)
+        assert opt.last_step[0]["grad_norm"] == pytest.approx(np.sqrt(expected), rel=1e-15)
+
+    for p in params:
+        p.grad = torch.ones(2, 3, dtype=torch.float64)
+    check()
+    params[0].grad.mul_(3.0)  # in place
+    check()
+    params[1].grad = torch.full((2, 3), 2.0, dtype=torch.float64)  # a new tensor
+    check()
+    params[2].grad = None
+    check()
+    params[2].grad = torch.arange(6.0, dtype=torch.float64).reshape(3, 2).t()  # non-contiguous
+    assert not params[2].grad.is_contiguous()
+    check()
+    with torch.no_grad():
+        params[1].data = torch.zeros(2, 3, dtype=torch.float64)  # a new parameter tensor
+    params[1].grad = torch.full((2, 3), 5.0, dtype=torch.float64)
+    check()
+    opt.zero_grad()
+    opt.step(loss=1.0)
+    assert opt.last_step[0]["grad_norm"] == 0.0 and opt.last_step[0]["stepsize"] == 0.0
 
 
 def test_half_precision_and_autograd_training_converge():

@@ -29,13 +29,14 @@ does not fit its parameter) before the first tensor is touched.
 from __future__ import annotations
 
 import operator
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from uniopt import _jit
 
-__all__ = ["BACKENDS", "Rule", "Table", "Dispatcher"]
+__all__ = ["BACKENDS", "Rule", "Table", "Work", "Dispatcher"]
 
 BACKENDS = ("auto", "torch")
 _NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
@@ -235,6 +236,22 @@ class _GroupPlan:
                 and [params[i].data_ptr() for i in self.others] == self.other_ptrs)
 
 
+class Work(NamedTuple):
+    """One param group's step as :meth:`Dispatcher.collect` found it (nothing changed yet).
+
+    ``tables``: ``(table, addrs)`` for each table with a gradient, ``addrs`` this step's gradient
+    addresses (0: no gradient, or a gradient on the torch path), already in ``table.g_addrs``;
+    ``slow``: indices (in ``group["params"]``) of the checked gradients that take the cuda or
+    torch path; ``new``: indices of the parameters whose state is created by this step.
+    """
+
+    group: dict
+    plan: "_GroupPlan"
+    tables: list
+    slow: list
+    new: Any
+
+
 class Dispatcher:
     """Runs a :class:`Rule` over an optimizer's param groups (see the module docstring)."""
 
@@ -261,9 +278,19 @@ class Dispatcher:
 
     def step(self, param_groups: list, state) -> None:
         """One step of every param group; raises before changing anything if a check fails."""
+        self.run(self.collect(param_groups, state))
+
+    def collect(self, param_groups: list, state) -> list:
+        """Check every group and gather its step's work, changing nothing (phase 1 of ``step``).
+
+        Returns one :class:`Work` per group that has a gradient, for :meth:`run`. In between,
+        an optimizer may read each group's gradients from it (the CPU ones already checked and
+        in their tables' ``g_addrs``: a reduction over the same scan, such as PolyakSGD's norm),
+        and set what :meth:`Rule.constants` returns; an exception there still changes nothing.
+        """
         rule = self.rule
         work = []
-        for group in param_groups:  # 1. check and collect; mutate nothing
+        for group in param_groups:
             plan, scans = self._plan(group, state)
             params = plan.params
             tables, slow = [], []
@@ -274,19 +301,24 @@ class Dispatcher:
                             addrs[row] = 0
                             slow.append(table.rows[row])
                 if any(addrs):
+                    table.g_addrs[:] = addrs
                     tables.append((table, addrs))
             slow.extend(i for i in plan.others if params[i].grad is not None)
             for i in slow:
                 _check_grad(rule, i, params[i], params[i].grad)
             if tables or slow:
                 new = [i for i in plan.missing if params[i].grad is not None] if plan.missing else ()
-                work.append((group, plan, tables, slow, new))
-        for group, plan, tables, slow, new in work:  # 2. run
+                work.append(Work(group, plan, tables, slow, new))
+        return work
+
+    def run(self, work: list) -> None:
+        """Run the work :meth:`collect` returned (phase 2 of ``step``), right after it."""
+        rule = self.rule
+        for group, plan, tables, slow, new in work:
             for i in new:
-                self._create_state(plan, state, i)
+                self._create_state(plan, plan.state_obj, i)
             constants = rule.constants(group)
-            for table, addrs in tables:
-                table.g_addrs[:] = addrs
+            for table, addrs in tables:  # collect put addrs in table.g_addrs
                 if table.parallel:
                     threads = torch.get_num_threads()  # numba's OpenMP pool may change it
                     rule.run_table(constants, table)

@@ -2,14 +2,19 @@ r"""Polyak step-size SGD as a ``torch.optim`` optimizer.
 
 One step of a param group is a reduction and an update:
 
-1. the squared gradient norm over *every* parameter of the group with a gradient, in float64:
-   one Numba table-kernel call per gradient dtype for CPU float32/float64 contiguous gradients
-   (:func:`uniopt.kernels.polyak_cpu.sq_norm_table`, usually one call per group), one
-   numba.cuda launch per CUDA tensor accumulating into one float64 device scalar
-   (:mod:`uniopt.kernels.polyak_cuda`), torch ops for anything else;
+1. the squared gradient norm over *every* parameter of the group with a gradient, in float64,
+   read from the same checked scan of the gradients that the update uses
+   (:meth:`Dispatcher.collect <uniopt.adapters.torch._dispatch.Dispatcher.collect>`: cached
+   address tables, this step's gradient addresses): one Numba table-kernel call per table
+   (:func:`uniopt.kernels.polyak_cpu.sq_norm_table`, one per group and dtype) for CPU
+   float32/float64 contiguous gradients, one numba.cuda launch per CUDA tensor accumulating
+   into one float64 device scalar (:mod:`uniopt.kernels.polyak_cuda`), torch ops for anything
+   else;
 2. the step size from the loss and that norm (:func:`uniopt.polyak.polyak_stepsize`);
-3. the update through :class:`uniopt.adapters.torch._dispatch.Dispatcher`: one table-kernel call
-   per group and dtype on CPU, numba.cuda kernels on CUDA tensors, torch ops otherwise.
+3. the update through :class:`uniopt.adapters.torch._dispatch.Dispatcher` (``run``, on the work
+   ``collect`` returned): one table-kernel call per group and dtype on CPU, numba.cuda kernels on
+   CUDA tensors, torch ops otherwise. Every group is checked before any norm is computed and
+   any tensor is touched, so a step that raises changes nothing.
 
 The arithmetic is :mod:`uniopt.rules.polyak` on every path.
 """
@@ -34,6 +39,8 @@ __all__ = ["PolyakSGD"]
 _torch_rules = bind(_polyak)  # sgd_update / heavy_ball_update use only arithmetic
 _KERNEL_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 _LIKE = {dt: np.zeros(1, dtype=dt) for dt in _KERNEL_DTYPES.values()}
+_EPS64 = float(np.finfo(np.float64).eps)
+_EPS = {dt: torch.finfo(dt).eps for dt in _KERNEL_DTYPES}  # grown on demand
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,15 +134,6 @@ class _HeavyBallRule(_SGDRule):
 # ----------------------------------------------------------------------------------------------
 # The reduction
 # ----------------------------------------------------------------------------------------------
-def _check_grad(index: int, p: torch.Tensor, g: torch.Tensor) -> None:
-    if g.is_sparse or g.layout != torch.strided:
-        raise RuntimeError("PolyakSGD does not support sparse gradients")
-    if g.shape != p.shape or g.device != p.device or not (g.is_floating_point() or g.is_complex()):
-        raise RuntimeError(
-            f"PolyakSGD: gradient of parameter {index} (shape {tuple(g.shape)}, {g.dtype}, "
-            f"{g.device}) does not match the parameter (shape {tuple(p.shape)}, {p.dtype}, {p.device})")
-
-
 def _cuda_sq_norm(grads: list) -> float:
     """Sum of squares of CUDA float32/float64 contiguous tensors of one device (float64)."""
     from numba import cuda
@@ -182,6 +180,38 @@ def _sq_norm(grads: list, backend: str) -> float:
     for gs in cuda_groups.values():
         total += _cuda_sq_norm(gs)
     return total
+
+
+def _work_sq_norm(work, backend: str) -> tuple:
+    """``(sum ||g||^2, eps)`` of one group from the dispatcher's checked scan of its gradients.
+
+    The table gradients' addresses are already in each table's ``g_addrs`` (one norm kernel
+    call per table, over the very addresses the update will read); the gradients on the cuda
+    and torch paths go through :func:`_sq_norm`. ``eps`` is the machine epsilon of the finest
+    floating gradient dtype (float64's when there is none).
+    """
+    total = 0.0
+    eps = _EPS64
+    for table, _ in work.tables:
+        kernel = polyak_cpu.sq_norm_kernel(table.parallel)
+        if table.parallel:
+            threads = torch.get_num_threads()  # numba's OpenMP pool may change it
+            total += float(kernel(table.g_addrs, table.sizes, _LIKE[table.np_dtype]))
+            torch.set_num_threads(threads)
+        else:
+            total += float(kernel(table.g_addrs, table.sizes, _LIKE[table.np_dtype]))
+        eps = min(eps, _EPS[table.dtype])
+    if work.slow:
+        params = work.plan.params
+        grads = [params[i].grad for i in work.slow]
+        total += _sq_norm(grads, backend)
+        for g in grads:
+            if g.is_floating_point():
+                e = _EPS.get(g.dtype)
+                if e is None:
+                    e = _EPS[g.dtype] = torch.finfo(g.dtype).eps
+                eps = min(eps, e)
+    return total, eps
 
 
 def _loss_value(loss) -> float:
@@ -333,34 +363,34 @@ class PolyakSGD(Optimizer):
             raise RuntimeError("PolyakSGD.step needs the loss: call step(closure) with a closure "
                                "that returns the loss, or step(loss=loss) after loss.backward()")
         value = _loss_value(loss)
-        # 1. Check every gradient and compute each group's step size; nothing is mutated yet.
-        plans = []
-        for group in self.param_groups:
-            grads = []
-            for i, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    _check_grad(i, p, p.grad)
-                    grads.append(p.grad)
-            sq_norm = _sq_norm(grads, self._backend)
+        # 1. Check every group (heavy-ball groups first: their state too) and scan its gradients
+        #    once; compute each group's norm from that scan and its step size. Nothing is
+        #    mutated until every group has passed.
+        plain_dispatcher, heavy_dispatcher = self._dispatchers
+        momenta = [float(group["momentum"]) for group in self.param_groups]
+        heavy = [g for g, m in zip(self.param_groups, momenta) if m != 0]
+        plain = [g for g, m in zip(self.param_groups, momenta) if m == 0]
+        heavy_work = heavy_dispatcher.collect(heavy, self.state) if heavy else []
+        plain_work = plain_dispatcher.collect(plain, self.state) if plain else []
+        found = {id(w.group): w for w in heavy_work}
+        found.update((id(w.group), w) for w in plain_work)
+        steps, last_step = {}, []
+        for group, momentum in zip(self.param_groups, momenta):
+            work = found.get(id(group))
+            sq_norm, eps = _work_sq_norm(work, self._backend) if work is not None else (0.0, _EPS64)
             # SPS+ takes a zero step when ||g||^2 is at most the machine epsilon of the
             # gradients' dtype (the finest one, in a group of several dtypes).
-            eps = min((torch.finfo(g.dtype).eps for g in grads if g.is_floating_point()),
-                      default=float(np.finfo(np.float64).eps))
             stepsize = polyak_stepsize(value, sq_norm, float(group["fun_min"]), group["variant"],
                                        float(group["max_stepsize"]), float(group["delta"]), eps=eps)
-            plans.append((group, _Step(stepsize, float(group["momentum"])), sq_norm))
-        # 2. Update: heavy-ball groups first (their state is checked before anything moves).
-        heavy = [g for g, step, _ in plans if step.momentum != 0]
-        plain = [g for g, step, _ in plans if step.momentum == 0]
-        steps = {id(group): step for group, step, _ in plans}
-        for dispatcher, groups in zip(self._dispatchers[::-1], (heavy, plain)):
-            if groups:
+            steps[id(group)] = _Step(stepsize, momentum)
+            last_step.append({"loss": value, "grad_norm": float(np.sqrt(sq_norm)), "stepsize": stepsize})
+        # 2. Update, from the same scans.
+        for dispatcher, work in ((heavy_dispatcher, heavy_work), (plain_dispatcher, plain_work)):
+            if work:
                 dispatcher.rule.steps = steps
                 try:
-                    dispatcher.step(groups, self.state)
+                    dispatcher.run(work)
                 finally:
                     dispatcher.rule.steps = {}
-        self.last_step = [{"loss": value, "grad_norm": float(np.sqrt(sq)), "stepsize": step.stepsize}
-                          for _, step, sq in plans]
+        self.last_step = last_step
         return loss
-

@@ -20,10 +20,13 @@ Memory contract (every kernel here):
   the compiled variant. ``coef`` holds ``(stepsize,)`` or ``(stepsize, momentum)`` already cast
   to that dtype on the host (no float64 promotion inside float32 kernels).
 
-Precision of the norm: squares are formed in float64 (exact for float32 inputs) and summed
-pairwise in blocks of ``BLOCK`` elements (a fixed tree, vectorised by LLVM without
-``fastmath``); the block sums are added with Neumaier's compensated summation. The
-relative error is a few float64 ulps whatever the number of elements (about 1e-15 on 1e7
+Precision of the norm: squares are formed in float64 (exact for float32 inputs) and summed in
+blocks of ``BLOCK`` elements, each over ``LANES`` interleaved accumulators of at most
+``BLOCK // LANES`` terms whose sums are then added pairwise (a fixed order, vectorised by
+LLVM without ``fastmath``); the block sums are added with Neumaier's compensated summation,
+in block order (the serial kernel reads two blocks ``SPAN`` blocks apart in turn: two memory
+streams reach about the read bandwidth of a core, one does not). The relative error is a few
+float64 ulps whatever the number of elements (about 1e-15 on 1e7
 float32 values, against :func:`math.fsum`). The parallel variant computes the same block sums
 in parallel and adds them in the same order, so it returns bit-identical results.
 
@@ -44,6 +47,8 @@ from ._pointers import view
 
 __all__ = [
     "BLOCK",
+    "LANES",
+    "SPAN",
     "sq_norm_table",
     "sq_norm_table_parallel",
     "polyak_sgd_table_",
@@ -55,7 +60,9 @@ __all__ = [
     "heavy_ball_kernel",
 ]
 
-BLOCK = 1024  # elements per block sum (a power of 2; the work array fits in L1)
+BLOCK = 1024  # elements per block sum
+LANES = 64  # float64 accumulators per block sum (a power of 2 dividing BLOCK)
+SPAN = 256  # the serial norm reads spans of 2 * SPAN blocks as two streams SPAN blocks apart
 CHUNKS = 64  # the parallel norm splits each tensor's blocks into at most this many tasks
 
 _rules = bind(_polyak, wrap=_jit.elementwise)
@@ -67,25 +74,32 @@ _heavy_ball_update = _rules.heavy_ball_update
 # The reduction
 # ----------------------------------------------------------------------------------------------
 def _block_sq_sum(block, buf):
-    """Pairwise sum of ``float64(block[i])**2`` (``block.size <= buf.size``, a power of 2).
+    """Sum of ``float64(block[i])**2`` over one block (``block.size <= BLOCK``), ``buf`` of ``LANES``.
 
-    The squares go to the float64 work array ``buf`` (zero-padded), which is then halved in
-    place until one number is left: a fixed summation tree, written as plain loops over
-    non-negative ``range`` indices so that LLVM vectorises every pass without ``fastmath``
-    (a scalar reduction loop cannot be vectorised without re-association).
+    ``LANES`` independent float64 accumulators in the work array ``buf``: element ``i`` of the
+    block goes to lane ``i % LANES`` (at most ``BLOCK // LANES`` terms per lane, added in
+    order), then the lanes are halved pairwise down to one number. A fixed summation order,
+    written as loops of constant trip count over non-negative indices so that LLVM vectorises
+    them without ``fastmath`` (a single scalar accumulator cannot be vectorised without
+    re-association, and squaring the whole block into a buffer before a pairwise tree costs a
+    store and a reload per element).
     """
     m = block.size
-    for i in range(m):
-        x = np.float64(block[i])
-        buf[i] = x * x
-    for i in range(m, buf.size):
-        buf[i] = 0
-    width = buf.size // 2
+    for j in range(LANES):
+        buf[j] = 0
+    full = m - m % LANES
+    for start in range(0, full, LANES):
+        row = block[start:start + LANES]
+        for j in range(LANES):
+            x = np.float64(row[j])
+            buf[j] += x * x
+    for j in range(m - full):
+        x = np.float64(block[full + j])
+        buf[j] += x * x
+    width = LANES // 2
     while width >= 1:
-        head = buf[:width]
-        rest = buf[width:2 * width]
         for i in range(width):
-            head[i] += rest[i]
+            buf[i] += buf[width + i]
         width //= 2
     return buf[0]
 
@@ -104,23 +118,53 @@ _block_sq_sum = _jit.elementwise(_block_sq_sum)
 _neumaier_add = _jit.elementwise(_neumaier_add)
 
 
+def _span_sq_sums(g, first, stop, sums, buf, buf2):
+    """The block sums of blocks ``first..stop-1`` of ``g`` into ``sums[:stop - first]``.
+
+    Two memory streams: the first and the second half of the span are read alternately, a block
+    of each in turn (one stream leaves a single core short of the read bandwidth); each block
+    sum is :func:`_block_sq_sum`, the same value whatever the order they are computed in.
+    """
+    n = g.size
+    k = stop - first
+    half = k // 2
+    for i in range(half):
+        a = (first + i) * BLOCK  # never the last block: always full
+        b = (first + half + i) * BLOCK
+        sums[i] = _block_sq_sum(g[a:a + BLOCK], buf)
+        sums[half + i] = _block_sq_sum(g[b:min(b + BLOCK, n)], buf2)
+    if k % 2:
+        a = (stop - 1) * BLOCK
+        sums[k - 1] = _block_sq_sum(g[a:min(a + BLOCK, n)], buf)
+
+
+_span_sq_sums = _jit.elementwise(_span_sq_sums)
+
+
 @_jit.cpu_kernel
 def sq_norm_table(g_addrs, sizes, like):
     """Sum of squares (float64) of every tensor of the table with a gradient (serial).
 
-    ``like`` is any array of the tensors' dtype. Returns 0.0 for an empty table.
+    ``like`` is any array of the tensors' dtype. Returns 0.0 for an empty table. The block sums
+    of each span of ``2 * SPAN`` blocks are computed two streams at a time, then added in
+    block order.
     """
     total = np.float64(0)
     compensation = np.float64(0)
-    buf = np.empty(BLOCK, dtype=np.float64)
+    buf = np.empty(LANES, dtype=np.float64)
+    buf2 = np.empty(LANES, dtype=np.float64)
+    sums = np.empty(2 * SPAN, dtype=np.float64)
     for t in range(sizes.size):
         if g_addrs[t] == 0:
             continue
         n = sizes[t]
         g = view(g_addrs[t], n, like)
-        for start in range(0, n, BLOCK):
-            block_sum = _block_sq_sum(g[start:min(start + BLOCK, n)], buf)
-            total, compensation = _neumaier_add(total, compensation, block_sum)
+        blocks = (n + BLOCK - 1) // BLOCK
+        for first in range(0, blocks, 2 * SPAN):
+            stop = min(first + 2 * SPAN, blocks)
+            _span_sq_sums(g, first, stop, sums, buf, buf2)
+            for i in range(stop - first):
+                total, compensation = _neumaier_add(total, compensation, sums[i])
     return total + compensation
 
 
@@ -132,7 +176,7 @@ def sq_block_sums_parallel(g):
     out = np.empty(blocks, dtype=np.float64)
     chunks = min(blocks, CHUNKS)  # one work array per chunk of blocks
     for c in prange(chunks):
-        buf = np.empty(BLOCK, dtype=np.float64)
+        buf = np.empty(LANES, dtype=np.float64)
         for b in range(c * blocks // chunks, (c + 1) * blocks // chunks):
             start = b * BLOCK
             out[b] = _block_sq_sum(g[start:min(start + BLOCK, n)], buf)

@@ -42,6 +42,19 @@ BACKENDS = ("auto", "torch")
 _NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 
+def owned_copy(state_dict: dict) -> dict:
+    """A state dict whose state tensors are fresh contiguous copies (loading never aliases)."""
+
+    def own(value):
+        if isinstance(value, torch.Tensor):
+            return value.detach().clone(memory_format=torch.contiguous_format)
+        return value
+
+    state_dict = dict(state_dict)
+    state_dict["state"] = {k: {key: own(v) for key, v in s.items()} for k, s in state_dict["state"].items()}
+    return state_dict
+
+
 class Rule:
     """What the dispatcher needs to know about one update rule; one subclass per rule.
 

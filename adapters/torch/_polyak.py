@@ -32,7 +32,7 @@ from uniopt.polyak import polyak_stepsize
 from uniopt.rules import bind
 from uniopt.rules import polyak as _polyak
 
-from ._dispatch import Dispatcher, Rule
+from ._dispatch import Dispatcher, Rule, owned_copy
 
 __all__ = ["PolyakSGD"]
 
@@ -330,15 +330,7 @@ class PolyakSGD(Optimizer):
         for group in state_dict["param_groups"]:
             self._check_group({**self.defaults, **{k: v for k, v in group.items() if k != "params"}})
 
-        def own(value):
-            if isinstance(value, torch.Tensor):
-                return value.detach().clone(memory_format=torch.contiguous_format)
-            return value
-
-        state_dict = dict(state_dict)
-        state_dict["state"] = {k: {key: own(v) for key, v in s.items()}
-                               for k, s in state_dict["state"].items()}
-        super().load_state_dict(state_dict)
+        super().load_state_dict(owned_copy(state_dict))
         self._invalidate()
 
     def step(self, closure=None, *, loss=None):

@@ -30,7 +30,7 @@ from uniopt.rules import bind
 from uniopt.rules import qh as _qh
 from uniopt.rules.qh_convert import QHAdamConversions, QHMConversions
 
-from ._dispatch import Dispatcher, Rule
+from ._dispatch import Dispatcher, Rule, owned_copy
 
 __all__ = ["QHM", "QHAdam", "QHAdamW"]
 
@@ -153,15 +153,7 @@ class _Base(Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict (ours or qhoptim's), copying its tensors: the source is never aliased."""
-        def own(value):
-            if isinstance(value, torch.Tensor):
-                return value.detach().clone(memory_format=torch.contiguous_format)
-            return value
-
-        state_dict = dict(state_dict)
-        state_dict["state"] = {k: {key: own(v) for key, v in s.items()}
-                               for k, s in state_dict["state"].items()}
-        super().load_state_dict(state_dict)
+        super().load_state_dict(owned_copy(state_dict))
 
     def step(self, closure=None):
         """Perform one optimization step.

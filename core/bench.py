@@ -612,11 +612,8 @@ class Row:
         if col.kind == "ratio":
             # A ratio of times (for "kernel/stream": stream time over kernel time), paired by
             # repeat: the median over repeats of the ratio of samples taken side by side.
-            a = self.samples.get(_BY_KEY[col.ratio[0]].case)
-            b = self.samples.get(_BY_KEY[col.ratio[1]].case)
-            if not a or not b:
-                return None
-            return statistics.median(x / y for x, y in zip(a, b))
+            return _median_ratio(self.samples.get(_BY_KEY[col.ratio[0]].case),
+                                 self.samples.get(_BY_KEY[col.ratio[1]].case))
         t = self.seconds(col.case)
         if col.kind == "gbps":
             return None if t is None else BYTES_PER_PARAM * sum(self.sizes) / t / 1e9
@@ -631,6 +628,13 @@ class Row:
             "columns": {c.key: self.value(c.key) for c in COLUMNS},
             "unavailable": self.unavailable,
         }
+
+
+def _median_ratio(a: list[float] | None, b: list[float] | None) -> float | None:
+    """Median over repeats of ``a[i] / b[i]`` (samples taken side by side); None if missing."""
+    if not a or not b:
+        return None
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def _solver_case(name: str, mode: str) -> str:
@@ -669,11 +673,8 @@ class SolverRow:
         """A column's value: seconds per run or a ratio paired by repeat (None: not measured)."""
         col = _SOLVER_BY_KEY[key]
         if col.kind == "ratio":
-            a = self.samples.get(_SOLVER_BY_KEY[col.ratio[0]].case)
-            b = self.samples.get(_SOLVER_BY_KEY[col.ratio[1]].case)
-            if not a or not b:
-                return None
-            return statistics.median(x / y for x, y in zip(a, b))
+            return _median_ratio(self.samples.get(_SOLVER_BY_KEY[col.ratio[0]].case),
+                                 self.samples.get(_SOLVER_BY_KEY[col.ratio[1]].case))
         s = self.samples.get(col.case)
         return statistics.median(s) if s else None
 
@@ -778,7 +779,7 @@ def paired_ratio(steps: dict[str, Callable[[], object]], numerator: str, denomin
     """Median over interleaved repeats of ``time(numerator) / time(denominator)`` (the samples
     of one repeat are taken side by side), as the table's ratio columns."""
     samples, _ = interleave(steps, repeat, min_time)
-    return statistics.median(a / b for a, b in zip(samples[numerator], samples[denominator]))
+    return _median_ratio(samples[numerator], samples[denominator])
 
 
 def measure_row(row: Row, cases: Sequence[str], repeat: int, min_time: float,

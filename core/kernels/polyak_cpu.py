@@ -44,6 +44,7 @@ from .. import _jit
 from ..rules import bind
 from ..rules import polyak as _polyak
 from ._pointers import view
+from ._reduce import BLOCK, LANES, _block_sq_sum, _neumaier_add
 
 __all__ = [
     "BLOCK",
@@ -60,8 +61,6 @@ __all__ = [
     "heavy_ball_kernel",
 ]
 
-BLOCK = 1024  # elements per block sum
-LANES = 64  # float64 accumulators per block sum (a power of 2 dividing BLOCK)
 SPAN = 256  # the serial norm reads spans of 2 * SPAN blocks as two streams SPAN blocks apart
 CHUNKS = 64  # the parallel norm splits each tensor's blocks into at most this many tasks
 
@@ -73,49 +72,6 @@ _heavy_ball_update = _rules.heavy_ball_update
 # ----------------------------------------------------------------------------------------------
 # The reduction
 # ----------------------------------------------------------------------------------------------
-def _block_sq_sum(block, buf):
-    """Sum of ``float64(block[i])**2`` over one block (``block.size <= BLOCK``), ``buf`` of ``LANES``.
-
-    ``LANES`` independent float64 accumulators in the work array ``buf``: element ``i`` of the
-    block goes to lane ``i % LANES`` (at most ``BLOCK // LANES`` terms per lane, added in
-    order), then the lanes are halved pairwise down to one number. A fixed summation order,
-    written as loops of constant trip count over non-negative indices so that LLVM vectorises
-    them without ``fastmath`` (a single scalar accumulator cannot be vectorised without
-    re-association, and squaring the whole block into a buffer before a pairwise tree costs a
-    store and a reload per element).
-    """
-    m = block.size
-    for j in range(LANES):
-        buf[j] = 0
-    full = m - m % LANES
-    for start in range(0, full, LANES):
-        row = block[start:start + LANES]
-        for j in range(LANES):
-            x = np.float64(row[j])
-            buf[j] += x * x
-    for j in range(m - full):
-        x = np.float64(block[full + j])
-        buf[j] += x * x
-    width = LANES // 2
-    while width >= 1:
-        for i in range(width):
-            buf[i] += buf[width + i]
-        width //= 2
-    return buf[0]
-
-
-def _neumaier_add(total, compensation, x):
-    """Neumaier's compensated ``total + x``; returns ``(total, compensation)``."""
-    t = total + x
-    if abs(total) >= abs(x):
-        compensation += (total - t) + x
-    else:
-        compensation += (x - t) + total
-    return t, compensation
-
-
-_block_sq_sum = _jit.elementwise(_block_sq_sum)
-_neumaier_add = _jit.elementwise(_neumaier_add)
 
 
 def _span_sq_sums(g, first, stop, sums, buf, buf2):

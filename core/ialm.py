@@ -1,0 +1,458 @@
+r"""iALM, the augmented-Lagrangian dual optimizer with an adaptive dual step, on NumPy arrays.
+
+The API is the seed's (``humancompatible.train.dual_optim.iALM``): constraint groups with their
+own hyper-parameters, ``forward`` / ``update`` (= ``step``) / ``forward_update``, ``duals``,
+``state_dict`` / ``load_state_dict``. The backend-neutral part -- validating and resolving each
+group's settings, matching constraint values to groups, the order of a step -- is
+:class:`DualGroups`, which the torch face (:mod:`uniopt.adapters.torch.dual_optim`) shares;
+the arithmetic is :mod:`uniopt.rules.ialm` and the dual step is the Numba kernel
+:func:`uniopt.kernels.ialm_cpu.ialm_dual_step_`.
+
+Semantics of one ``update(c)``, group :math:`k` with slice :math:`c_k`: see
+:mod:`uniopt.rules.ialm` (``ctol`` filter, momentum direction, step
+:math:`\min(\beta_k, \gamma_k/\|d_k\|)`, clamp to the group's bounds), then
+:math:`\beta_k \leftarrow \sigma_k \beta_k` for every group. The Lagrangian is
+:math:`L = f + \sum_k \lambda_k^\top c_k + \frac{\rho_k}{2}\|\tilde c_k\|^2` with
+:math:`\rho_k` = ``penalty``, or, with ``penalty=None``, the group's :math:`\beta_k` before this
+update's :math:`\sigma` growth.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._validation import nonnegative_finite, real
+from .kernels import ialm_cpu
+from .rules import bind
+from .rules import ialm as _rules
+
+__all__ = ["iALM", "DualGroups", "check_ialm_group"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+#: The settings of a group kept in its dict (besides ``duals`` and ``momentum_buffer``).
+GROUP_KEYS = ("name", "beta", "sigma", "gamma", "momentum", "dampening", "dual_range",
+              "lower_bound", "upper_bound", "is_ineq")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation (shared by every backend)
+# ----------------------------------------------------------------------------------------------
+def _size(m) -> int | None:
+    if m is None:
+        return None
+    if isinstance(m, bool) or not isinstance(m, numbers.Integral):
+        raise TypeError(f"Invalid m: {m!r} (expected a positive integer)")
+    if m < 1:
+        raise ValueError(f"Invalid m: {m}")
+    return int(m)
+
+
+def _in_unit_interval(what: str, value) -> float:
+    v = real(what, value)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"Invalid {what}: {value}")
+    return v
+
+
+def _dual_range(value) -> tuple:
+    """``(lo, hi)`` with ``None`` meaning unbounded, as floats (``-inf`` / ``inf``)."""
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(f"Invalid dual_range: {value!r} (expected a pair (low, high))") from None
+    if len(items) != 2:
+        raise ValueError(f"Invalid dual_range: {value!r} (expected a pair (low, high))")
+    lo = -math.inf if items[0] is None else real("dual_range", items[0])
+    hi = math.inf if items[1] is None else real("dual_range", items[1])
+    if math.isnan(lo) or math.isnan(hi) or lo > hi or lo == math.inf or hi == -math.inf:
+        raise ValueError(f"Invalid dual_range: {value!r}")
+    return lo, hi
+
+
+def check_ialm_group(*, beta, sigma, gamma, momentum, dampening, dual_range, is_ineq) -> dict:
+    """Validate one constraint group's hyper-parameters; return them as floats and bounds.
+
+    ``beta`` and ``gamma`` finite and >= 0, ``sigma`` finite and > 0, ``momentum`` and
+    ``dampening`` in [0, 1], ``dual_range`` a pair ``(low, high)`` (``None``: unbounded) with
+    ``low <= high``, ``is_ineq`` a bool. Inequality groups are bounded below by
+    ``max(low, 0)``.
+    """
+    out = {
+        "beta": nonnegative_finite("beta value", beta),
+        "sigma": nonnegative_finite("sigma value", sigma),
+        "gamma": nonnegative_finite("gamma value", gamma),
+        "momentum": _in_unit_interval("momentum value", momentum),
+        "dampening": _in_unit_interval("dampening value", dampening),
+    }
+    if out["sigma"] == 0:
+        raise ValueError(f"Invalid sigma value: {sigma}")
+    if not isinstance(is_ineq, (bool, np.bool_)):
+        raise TypeError(f"Invalid is_ineq: {is_ineq!r} (expected a bool)")
+    lo, hi = _dual_range(dual_range)
+    out["dual_range"] = (lo, hi)
+    out["is_ineq"] = bool(is_ineq)
+    out["lower_bound"] = max(lo, 0.0) if is_ineq else lo
+    out["upper_bound"] = hi
+    if out["lower_bound"] > hi:
+        raise ValueError(f"Invalid dual_range: {dual_range!r} (an inequality group's multipliers "
+                         f"are >= 0, above the upper bound)")
+    return out
+
+
+def check_penalty(penalty) -> float | None:
+    return None if penalty is None else nonnegative_finite("penalty value", penalty)
+
+
+# ----------------------------------------------------------------------------------------------
+# The backend-neutral part
+# ----------------------------------------------------------------------------------------------
+class DualGroups:
+    """Constraint groups and the order of an iALM step, whatever the array type.
+
+    A backend subclass provides the arrays: ``_initial_duals(size, init_duals, dtype)``,
+    ``_zeros_like(x)``, ``_flat(x)`` (a 1-D view/array of a constraint value), ``_concat``,
+    ``_numel``, ``_dtype``, ``_cast(x, dtype)``, ``_copy(x)``, ``_dual_step_(group, c)`` (one
+    group's dual update, in place, ``c`` already of the duals' dtype; returns ``(sq_norm,
+    stepsize)``) and ``_lagrangian_terms(loss, groups, parts, rhos)``.
+
+    Each group is a dict with the keys of :data:`GROUP_KEYS` plus ``duals`` and
+    ``momentum_buffer`` (arrays of the duals' dtype), in ``self.param_groups`` (torch's name,
+    which the seed's API keeps).
+    """
+
+    #: the dtype of duals created before any constraint value is seen
+    _default_dtype: Any = np.dtype(np.float64)
+
+    def _setup(self, *, m, beta, sigma, gamma, init_duals, penalty, dual_range, momentum,
+               dampening, is_ineq, ctol, device) -> None:
+        self.penalty = check_penalty(penalty)
+        self.ctol = nonnegative_finite("ctol value", ctol)
+        self.param_groups: list[dict] = []
+        self.defaults = {"momentum": momentum, "dampening": dampening, "dual_range": dual_range,
+                         "device": device}
+        # check the constructor-wide defaults before they are inherited by later groups
+        check_ialm_group(beta=beta, sigma=sigma, gamma=gamma, momentum=momentum,
+                         dampening=dampening, dual_range=dual_range, is_ineq=is_ineq)
+        self.last_step: list = []
+        self.add_constraint_group(m, beta, sigma, gamma, momentum, dampening, init_duals,
+                                  dual_range, is_ineq, device)
+
+    def add_constraint_group(self, m=None, beta=1.0, sigma=1.0, gamma=1.0, momentum=None,
+                             dampening=None, init_duals=None, dual_range=None, is_ineq=False,
+                             device=None, *, name=None) -> None:
+        """Add a group of ``m`` multipliers with its own hyper-parameters.
+
+        ``momentum``, ``dampening`` and ``dual_range`` left as ``None`` are the constructor's;
+        nothing else is inherited from another group (an equality group added after an
+        inequality group is not bounded below by 0). ``name`` (default ``group<k>``) is the
+        key of this group when constraints are passed as a mapping.
+        """
+        d = self.defaults
+        settings = check_ialm_group(
+            beta=beta, sigma=sigma, gamma=gamma,
+            momentum=d["momentum"] if momentum is None else momentum,
+            dampening=d["dampening"] if dampening is None else dampening,
+            dual_range=d["dual_range"] if dual_range is None else dual_range, is_ineq=is_ineq)
+        size = _size(m)
+        if name is None:
+            name = f"group{len(self.param_groups)}"
+        elif not isinstance(name, str):
+            raise TypeError(f"Invalid name: {name!r} (expected a str)")
+        if any(g["name"] == name for g in self.param_groups):
+            raise ValueError(f"Invalid name: {name!r} (a group of that name exists)")
+        duals, fixed = self._initial_duals(size, init_duals, d["device"] if device is None else device)
+        if size is None:
+            if duals is None:
+                raise ValueError("iALM needs m or init_duals to size a constraint group")
+        elif self._numel(duals) != size:
+            raise ValueError(f"Invalid init_duals: {self._numel(duals)} values for m={size}")
+        group = {"name": name, **settings, "duals": duals,
+                 "momentum_buffer": self._zeros_like(duals), "dtype_fixed": fixed}
+        self.param_groups.append(group)
+
+    # -- views ----------------------------------------------------------------------------
+    @property
+    def m(self) -> int:
+        """Total number of constraints."""
+        return sum(self._sizes())
+
+    @property
+    def names(self) -> list:
+        return [g["name"] for g in self.param_groups]
+
+    @property
+    def duals(self):
+        """The multipliers of every group, concatenated (a copy)."""
+        return self._concat([g["duals"] for g in self.param_groups])
+
+    def _sizes(self) -> list:
+        return [self._numel(g["duals"]) for g in self.param_groups]
+
+    # -- constraint values ----------------------------------------------------------------
+    def _gather(self, constraints) -> list:
+        """One 1-D constraint array per group (flat, sequence or mapping form), checked."""
+        sizes, names = self._sizes(), self.names
+        if isinstance(constraints, Mapping):
+            missing = [n for n in names if n not in constraints]
+            unknown = [k for k in constraints if k not in names]
+            if missing or unknown:
+                raise ValueError(f"constraints: expected one entry per group {names}, missing "
+                                 f"{missing}, unknown {unknown}")
+            parts = [self._flat(constraints[n]) for n in names]
+        elif isinstance(constraints, Sequence) and not isinstance(constraints, (str, bytes)):
+            if len(constraints) != len(sizes):
+                raise ValueError(f"constraints: expected one value per group ({len(sizes)}), "
+                                 f"got {len(constraints)}")
+            parts = [self._flat(c) for c in constraints]
+        else:
+            flat = self._flat(constraints)
+            if self._numel(flat) != sum(sizes):
+                raise ValueError(f"constraints: expected {sum(sizes)} values for group sizes "
+                                 f"{sizes}, got {self._numel(flat)}")
+            parts, start = [], 0
+            for n in sizes:
+                parts.append(flat[start:start + n])
+                start += n
+            return parts
+        for part, n, name in zip(parts, sizes, names):
+            if self._numel(part) != n:
+                raise ValueError(f"constraints: group {name!r} has {n} multipliers but got "
+                                 f"{self._numel(part)} values")
+        return parts
+
+    def _adopt_dtypes(self, parts) -> None:
+        """Duals created without a dtype take that of the first constraint values seen."""
+        for group, c in zip(self.param_groups, parts):
+            if not group["dtype_fixed"]:
+                dtype = self._dtype(c)
+                if dtype != self._dtype(group["duals"]):
+                    group["duals"] = self._cast(group["duals"], dtype)
+                    group["momentum_buffer"] = self._cast(group["momentum_buffer"], dtype)
+                group["dtype_fixed"] = True
+
+    def _rhos(self) -> list:
+        """Each group's quadratic coefficient now (``penalty``, or its current ``beta``)."""
+        return [g["beta"] if self.penalty is None else self.penalty for g in self.param_groups]
+
+    # -- the step -------------------------------------------------------------------------
+    def _walk(self, loss, constraints, *, update: bool):
+        parts = self._gather(constraints)
+        if update:
+            self._adopt_dtypes(parts)
+        rhos = self._rhos()
+        if update:
+            last = []
+            for group, c in zip(self.param_groups, parts):
+                sq_norm, stepsize = self._dual_step_(group, self._cast(self._detach(c), self._dtype(group["duals"])))
+                last.append({"direction_norm": math.sqrt(sq_norm), "stepsize": stepsize})
+            for group in self.param_groups:
+                group["beta"] *= group["sigma"]
+            self.last_step = last
+        if loss is None:
+            return None
+        return self._lagrangian_terms(loss, self.param_groups, parts, rhos)
+
+    def forward(self, loss, constraints):
+        """The augmented Lagrangian at the current multipliers; changes nothing."""
+        return self._walk(loss, constraints, update=False)
+
+    def update(self, constraints) -> None:
+        """One dual update of every group (then ``beta *= sigma``)."""
+        self._walk(None, constraints, update=True)
+
+    step = update
+
+    def forward_update(self, loss, constraints):
+        """:meth:`update`, then the Lagrangian with the new multipliers (and the old ``beta``)."""
+        return self._walk(loss, constraints, update=True)
+
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """``{"penalty", "ctol", "param_groups"}``; every array is a copy."""
+        groups = []
+        for g in self.param_groups:
+            groups.append({k: (self._copy(v) if k in ("duals", "momentum_buffer") else copy.deepcopy(v))
+                           for k, v in g.items()})
+        return {"penalty": self.penalty, "ctol": self.ctol, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict, copying its arrays (the source is never aliased); checked first."""
+        groups = state_dict["param_groups"]
+        penalty = check_penalty(state_dict["penalty"])
+        ctol = nonnegative_finite("ctol value", state_dict["ctol"])
+        new = []
+        for g in groups:
+            settings = check_ialm_group(beta=g["beta"], sigma=g["sigma"], gamma=g["gamma"],
+                                        momentum=g["momentum"], dampening=g["dampening"],
+                                        dual_range=g["dual_range"], is_ineq=g["is_ineq"])
+            duals = self._copy(g["duals"])
+            buffer = self._copy(g["momentum_buffer"])
+            if self._numel(buffer) != self._numel(duals):
+                raise ValueError(f"load_state_dict: group {g['name']!r} has {self._numel(duals)} "
+                                 f"multipliers and a momentum buffer of {self._numel(buffer)}")
+            new.append({"name": g["name"], **settings, "duals": duals, "momentum_buffer": buffer,
+                        "dtype_fixed": bool(g.get("dtype_fixed", True))})
+        self.penalty, self.ctol, self.param_groups = penalty, ctol, new
+
+    def __repr__(self) -> str:
+        groups = ", ".join(f"{g['name']}(m={self._numel(g['duals'])}, beta={g['beta']:g}, "
+                           f"{'ineq' if g['is_ineq'] else 'eq'})" for g in self.param_groups)
+        return f"{type(self).__name__}(penalty={self.penalty}, ctol={self.ctol}, groups=[{groups}])"
+
+    # -- the kernel call shared by the backends that run it on host arrays ------------------
+    def _kernel_step_(self, group, duals: np.ndarray, buffer: np.ndarray, c: np.ndarray) -> tuple:
+        """:func:`uniopt.kernels.ialm_cpu.ialm_dual_step_` on host arrays of one dtype."""
+        coef = ialm_cpu.coefficients(duals.dtype, group["momentum"], group["dampening"],
+                                     group["lower_bound"], group["upper_bound"], self.ctol)
+        hyper = np.array([group["beta"], group["gamma"]], dtype=np.float64)
+        flags = np.array([group["momentum"] != 0, group["is_ineq"]], dtype=np.int64)
+        sq_norm, stepsize = ialm_cpu.ialm_dual_step_(duals, buffer, c, coef, hyper, flags)
+        return float(sq_norm), float(stepsize)
+
+
+# ----------------------------------------------------------------------------------------------
+# NumPy
+# ----------------------------------------------------------------------------------------------
+_np_rules = bind(_rules, where=np.where, minimum=np.minimum, maximum=np.maximum, sqrt=np.sqrt)
+
+
+def _filtered(c: np.ndarray, ctol: float, is_ineq: bool) -> np.ndarray:
+    if ctol <= 0:
+        return c
+    return _np_rules.inequality_filter(c, ctol) if is_ineq else _np_rules.equality_filter(c, ctol)
+
+
+def penalty_part(c, ctol: float, is_ineq: bool):
+    """:math:`\\tilde c`: the ``ctol``-filtered constraints, their positive part if inequalities."""
+    c = _filtered(c, ctol, is_ineq)
+    return _np_rules.penalty_violation(c) if is_ineq else c
+
+
+class iALM(DualGroups):  # noqa: N801 (the seed's name)
+    r"""iALM's dual optimizer over NumPy arrays (multipliers updated in place).
+
+    .. math::
+       d_k = c_k \ \text{or}\ b_k \leftarrow \mu b_k + (1 - \text{dampening}) c_k,\quad
+       \lambda_k \leftarrow \operatorname{clamp}\left(\lambda_k + \min\left(\beta_k,
+       \frac{\gamma_k}{\|d_k\|}\right) d_k,\ lo_k, hi_k\right),\quad \beta_k \leftarrow
+       \sigma_k \beta_k
+
+       L = f + \sum_k \lambda_k^\top c_k + \frac{\rho_k}{2}\|\tilde c_k\|^2
+
+    with :math:`\tilde c_k = \max(c_k, 0)` for inequality groups (``is_ineq=True``, constraints
+    :math:`c \le 0`) and :math:`c_k` for equality groups, :math:`\rho_k` = ``penalty`` (or the
+    group's :math:`\beta_k` before this update's growth when ``penalty=None``). A zero
+    direction gives a zero step (never NaN). Violations within ``ctol`` count as satisfied
+    (:mod:`uniopt.rules.ialm`).
+
+    Args:
+      m: number of constraints of the first group (or give ``init_duals``).
+      beta, sigma, gamma: the first group's dual step cap :math:`\beta`, its growth factor
+        :math:`\sigma` (per update), and :math:`\gamma`.
+      init_duals: initial multipliers: ``None`` (zeros), a number, or a float32/float64 array
+        (whose dtype the multipliers keep; otherwise they take the dtype of the first
+        constraint values seen).
+      penalty: :math:`\rho` (``None``: each group's :math:`\beta`).
+      dual_range: ``(low, high)`` clamp of the multipliers (``None`` entries: unbounded); the
+        default of groups added later.
+      momentum, dampening: heavy-ball momentum of the dual direction (defaults of later groups).
+      is_ineq: whether the first group's constraints are inequalities :math:`c \le 0`.
+      ctol: violations within ``ctol`` count as satisfied.
+      device: ignored (NumPy); kept for the seed's signature.
+
+    Example:
+      >>> import numpy as np, uniopt
+      >>> dual = uniopt.iALM(m=1, beta=1.0, is_ineq=True)
+      >>> x = np.array([2.0])                # minimise x^2 subject to 1 - x <= 0
+      >>> for _ in range(300):
+      ...     c = 1.0 - x
+      ...     dual.update(c)
+      ...     x -= 0.1 * (2 * x - dual.constraint_weights(c))
+      >>> bool(abs(x[0] - 1.0) < 1e-3)
+      True
+
+    References:
+      Li, Chen, Liu, Lu & Xu, "Stochastic inexact augmented Lagrangian method for nonconvex
+      expectation constrained optimization", Comput. Optim. Appl. (2024),
+      https://doi.org/10.1007/s10589-023-00521-z
+    """
+
+    def __init__(self, m=None, beta=1.0, sigma=1.0, gamma=1.0, init_duals=None, penalty=1.0, *,
+                 dual_range=(-100.0, 100.0), momentum=0.0, dampening=0.0, is_ineq=False,
+                 ctol=0.0, device=None):
+        self._setup(m=m, beta=beta, sigma=sigma, gamma=gamma, init_duals=init_duals,
+                    penalty=penalty, dual_range=dual_range, momentum=momentum,
+                    dampening=dampening, is_ineq=is_ineq, ctol=ctol, device=device)
+
+    # -- arrays ---------------------------------------------------------------------------
+    def _initial_duals(self, size, init_duals, device):
+        if init_duals is None or isinstance(init_duals, numbers.Real) and not isinstance(init_duals, bool):
+            if size is None:
+                return None, False
+            fill = 0.0 if init_duals is None else real("init_duals", init_duals)
+            return np.full(size, fill, dtype=self._default_dtype), False
+        a = np.asarray(init_duals)
+        if a.dtype not in _FLOAT_DTYPES or a.ndim != 1:
+            raise TypeError(f"Invalid init_duals: expected a number or a 1-D float32/float64 "
+                            f"array, got {a.dtype} of shape {a.shape}")
+        return np.array(a, copy=True), True
+
+    def _zeros_like(self, x):
+        return np.zeros_like(x)
+
+    def _flat(self, x):
+        a = np.asarray(x)
+        if a.dtype.kind not in "fiub":
+            raise TypeError(f"constraints: expected real numbers, got dtype {a.dtype}")
+        if a.dtype not in _FLOAT_DTYPES:
+            a = a.astype(np.float64)
+        return a.reshape(-1)
+
+    def _concat(self, parts):
+        return np.concatenate(parts)
+
+    def _numel(self, x):
+        return int(np.size(x))
+
+    def _dtype(self, x):
+        return x.dtype
+
+    def _cast(self, x, dtype):
+        return np.ascontiguousarray(x, dtype=dtype)
+
+    def _detach(self, x):
+        return x
+
+    def _copy(self, x):
+        return np.array(x, copy=True)
+
+    def _dual_step_(self, group, c):
+        return self._kernel_step_(group, group["duals"], group["momentum_buffer"], c)
+
+    def _lagrangian_terms(self, loss, groups, parts, rhos):
+        value = float(loss)
+        for group, c, rho in zip(groups, parts, rhos):
+            c = c.astype(np.float64)
+            cp = penalty_part(c, self.ctol, group["is_ineq"])
+            value += float(group["duals"].astype(np.float64) @ c) + 0.5 * rho * float(cp @ cp)
+        return value
+
+    # -- NumPy only -----------------------------------------------------------------------
+    def constraint_weights(self, constraints, *, rhos=None) -> np.ndarray:
+        r""":math:`\partial L / \partial c = \lambda + \rho\,\tilde c` per constraint (flat).
+
+        With it, the gradient of the Lagrangian in the primal variables is
+        :math:`\nabla f + J_c^\top w`. ``rhos`` (one per group) defaults to the current ones.
+        """
+        parts = self._gather(constraints)
+        rhos = self._rhos() if rhos is None else rhos
+        out = [g["duals"].astype(np.float64) + rho * penalty_part(c.astype(np.float64), self.ctol, g["is_ineq"])
+               for g, c, rho in zip(self.param_groups, parts, rhos)]
+        return np.concatenate(out)

@@ -1,0 +1,99 @@
+r"""iALM's dual step (adaptive, capped dual ascent): the arithmetic, written once.
+
+One update of constraint group :math:`k` with constraint values :math:`c_k` (its slice of the
+constraint vector), multipliers :math:`\lambda_k`, and optional momentum buffer :math:`b_k`:
+
+1. violations within ``ctol`` count as satisfied: :math:`c \leftarrow 0` where
+   :math:`|c| \le` ``ctol`` (equality groups) or :math:`0 < c \le` ``ctol`` (inequality groups);
+   ``ctol = 0`` changes nothing;
+2. the direction :math:`d_k = c_k`, or with momentum :math:`\mu`:
+   :math:`b_k \leftarrow \mu b_k + (1 - \text{dampening})\, c_k`, :math:`d_k = b_k`;
+3. the step :math:`s_k = \min(\beta_k, \gamma_k / \|d_k\|_2)`, and :math:`s_k = 0` when
+   :math:`\|d_k\| = 0` (the update is zero then anyway: never ``0 * inf``);
+4. :math:`\lambda_k \leftarrow \operatorname{clamp}(\lambda_k + s_k d_k, lo_k, hi_k)`;
+5. (host side, after every group) :math:`\beta_k \leftarrow \sigma_k \beta_k`.
+
+The augmented Lagrangian the primal side minimises is
+:math:`L = f + \sum_k \lambda_k^\top c_k + \frac{\rho_k}{2}\|\tilde c_k\|^2` with
+:math:`\tilde c_k` = :func:`penalty_violation` of the (``ctol``-filtered) :math:`c_k`.
+
+``where``, ``minimum``, ``maximum`` and ``sqrt`` are the backend's (bound by
+:func:`uniopt.rules.bind`); the defaults here work on Python and Numba scalars.
+
+References:
+  Li, Chen, Liu, Lu & Xu, "Stochastic inexact augmented Lagrangian method for nonconvex
+  expectation constrained optimization", Comput. Optim. Appl. 87 (2024),
+  https://doi.org/10.1007/s10589-023-00521-z (Algorithm 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+sqrt = math.sqrt
+
+RULES = (
+    "where",
+    "minimum",
+    "maximum",
+    "equality_filter",
+    "inequality_filter",
+    "momentum_direction",
+    "dual_stepsize",
+    "dual_update",
+    "penalty_violation",
+)
+
+
+def where(condition, a, b):
+    """``a`` where ``condition`` holds, else ``b`` (scalar default; rebound per backend)."""
+    if condition:
+        return a
+    return b
+
+
+def minimum(a, b):
+    return where(b < a, b, a)
+
+
+def maximum(a, b):
+    return where(b > a, b, a)
+
+
+def equality_filter(c, ctol):
+    """``c``, or 0 where ``|c| <= ctol`` (an equality satisfied within the tolerance).
+
+    ``c - c`` is an exact zero of ``c``'s dtype wherever it is chosen (``c`` is finite there,
+    ``ctol`` being finite), with no numeric literal to promote a float32 kernel to float64.
+    """
+    return where(abs(c) <= ctol, c - c, c)
+
+
+def inequality_filter(c, ctol):
+    """``c``, or 0 where ``0 < c <= ctol`` (an inequality violated by at most the tolerance)."""
+    return where((c > 0) & (c <= ctol), c - c, c)
+
+
+def momentum_direction(buffer, c, momentum, one_minus_dampening):
+    """The new momentum buffer ``momentum * buffer + (1 - dampening) * c`` (the direction).
+
+    ``one_minus_dampening`` is computed by the caller (in float64, as torch's ``alpha=1 - d``).
+    """
+    return momentum * buffer + one_minus_dampening * c
+
+
+def dual_stepsize(beta, gamma, sq_norm):
+    """``min(beta, gamma / sqrt(sq_norm))``, and 0 when ``sq_norm == 0`` (no division by 0)."""
+    positive = sq_norm > 0
+    norm = sqrt(where(positive, sq_norm, sq_norm + 1))  # traced backends: no sqrt'(0)
+    return where(positive, minimum(beta, gamma / norm), sq_norm * 0)
+
+
+def dual_update(dual, direction, stepsize, lower, upper):
+    """``clamp(dual + stepsize * direction, lower, upper)`` (bounds may be -inf / inf)."""
+    return minimum(maximum(dual + stepsize * direction, lower), upper)
+
+
+def penalty_violation(c):
+    """``max(c, 0)``: what an inequality constraint's quadratic penalty acts on."""
+    return maximum(c, c * 0)

@@ -1,0 +1,79 @@
+"""A deliberately plain iALM dual step in NumPy, written from the issue's semantics.
+
+It shares no code with uniopt: loops over Python floats, ``math.fsum`` for the norm, explicit
+branches for every convention (ctol, zero direction, inequality bounds, penalty=None).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class NaiveIALM:
+    """Groups as dicts: size, beta, sigma, gamma, momentum, dampening, lo, hi, is_ineq."""
+
+    def __init__(self, groups, penalty=1.0, ctol=0.0):
+        self.groups = []
+        for g in groups:
+            g = dict(g)
+            lo = -math.inf if g["lo"] is None else float(g["lo"])
+            g["lo"] = max(lo, 0.0) if g["is_ineq"] else lo
+            g["hi"] = math.inf if g["hi"] is None else float(g["hi"])
+            g["duals"] = [float(x) for x in g.get("init", [0.0] * g["size"])]
+            g["buf"] = [0.0] * g["size"]
+            self.groups.append(g)
+        self.penalty, self.ctol = penalty, ctol
+
+    def _split(self, c):
+        c = [float(x) for x in np.asarray(c, dtype=np.float64).ravel()]
+        out, start = [], 0
+        for g in self.groups:
+            out.append(c[start:start + g["size"]])
+            start += g["size"]
+        return out
+
+    def _filter(self, x, is_ineq):
+        if self.ctol > 0:
+            if is_ineq and 0 < x <= self.ctol:
+                return 0.0
+            if not is_ineq and abs(x) <= self.ctol:
+                return 0.0
+        return x
+
+    def update(self, c):
+        rhos = [g["beta"] if self.penalty is None else self.penalty for g in self.groups]
+        for g, ck in zip(self.groups, self._split(c)):
+            ck = [self._filter(x, g["is_ineq"]) for x in ck]
+            if g["momentum"] != 0:
+                g["buf"] = [g["momentum"] * b + (1 - g["dampening"]) * x for b, x in zip(g["buf"], ck)]
+                d = list(g["buf"])
+            else:
+                d = ck
+            norm = math.sqrt(math.fsum(x * x for x in d))
+            step = 0.0 if norm == 0 else min(g["beta"], g["gamma"] / norm)
+            g["duals"] = [min(max(lam + step * x, g["lo"]), g["hi"]) for lam, x in zip(g["duals"], d)]
+        for g in self.groups:
+            g["beta"] *= g["sigma"]
+        return rhos
+
+    def lagrangian(self, loss, c, rhos=None):
+        if rhos is None:
+            rhos = [g["beta"] if self.penalty is None else self.penalty for g in self.groups]
+        total = float(loss)
+        for g, ck, rho in zip(self.groups, self._split(c), rhos):
+            total += math.fsum(lam * x for lam, x in zip(g["duals"], ck))
+            pen = [self._filter(x, g["is_ineq"]) for x in ck]
+            if g["is_ineq"]:
+                pen = [max(x, 0.0) for x in pen]
+            total += 0.5 * rho * math.fsum(x * x for x in pen)
+        return total
+
+    @property
+    def duals(self):
+        return np.array([x for g in self.groups for x in g["duals"]])
+
+    @property
+    def buffers(self):
+        return np.array([x for g in self.groups for x in g["buf"]])

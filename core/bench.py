@@ -538,6 +538,72 @@ def build_solver(name: str, problem: str, mode: str = "run", seed: int = 0):
 
 
 # ----------------------------------------------------------------------------------------------
+# iALM dual steps: uniopt's torch iALM.update against humancompatible-train's
+# ----------------------------------------------------------------------------------------------
+#: Constraint counts of the iALM table (one constraint group).
+IALM_SIZES = (1_000, 10_000, 100_000, 1_000_000)
+QUICK_IALM_SIZES = (1_000,)
+#: Both dual optimizers' settings (explicit dampening and range: the two libraries' defaults
+#: differ); penalty=None is humancompatible-train 0.4.x's quadratic coefficient.
+IALM = dict(beta=0.5, sigma=1.0, gamma=1.0, momentum=0.5, dampening=0.0,
+            dual_range=(-100.0, 100.0))
+
+
+def _ialm_constraints(m: int, seed: int = 0):
+    import torch
+
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.standard_normal(m, dtype=DTYPE))
+
+
+def _build_uniopt_torch_ialm(m: int, seed: int = 0):
+    torch = _import_torch()
+    try:
+        from uniopt.adapters.torch.dual_optim import iALM
+    except ImportError as exc:
+        raise Unavailable(f"uniopt.adapters.torch.dual_optim not available ({exc})") from exc
+    c = _ialm_constraints(m, seed)
+    opt = iALM(m, penalty=None, init_duals=torch.zeros(m), **IALM)
+    opt.update(c)
+    return lambda: opt.update(c)
+
+
+def _build_hct_ialm(m: int, seed: int = 0):
+    torch = _import_torch()
+    try:
+        from humancompatible.train.dual_optim import iALM
+    except ImportError as exc:
+        raise Unavailable("humancompatible-train not installed") from exc
+    c = _ialm_constraints(m, seed)
+    opt = iALM(m, init_duals=torch.zeros(m), **IALM)
+    opt.update(c)
+    return lambda: opt.update(c)
+
+
+def _build_uniopt_numpy_ialm(m: int, seed: int = 0):
+    from . import iALM
+
+    c = np.random.default_rng(seed).standard_normal(m, dtype=DTYPE)
+    opt = iALM(m, penalty=None, init_duals=np.zeros(m, DTYPE), **IALM)
+    opt.update(c)
+    return lambda: opt.update(c)
+
+
+#: iALM contenders: name -> builder(m, seed) -> warmed-up ``update(c)`` callable.
+IALM_CASES: dict[str, Callable[..., Callable[[], object]]] = {
+    "uniopt_torch_ialm": _build_uniopt_torch_ialm,
+    "hct_ialm": _build_hct_ialm,
+    "uniopt_numpy_ialm": _build_uniopt_numpy_ialm,
+}
+
+
+def build_ialm(name: str, m: int, seed: int = 0):
+    """A warmed-up dual step of iALM contender ``name`` (a key of ``IALM_CASES``) with ``m``
+    constraints."""
+    return IALM_CASES[name](m, seed)
+
+
+# ----------------------------------------------------------------------------------------------
 # The table
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -690,6 +756,43 @@ class SolverRow:
         }
 
 
+#: The iALM table's columns (milliseconds per dual step, and the ratio).
+IALM_COLUMNS: tuple[Column, ...] = (
+    Column("uo_ialm", "uniopt torch", "ms", "uniopt_torch_ialm",
+           help="uniopt.adapters.torch.dual_optim.iALM(...).update(c)"),
+    Column("uo_np_ialm", "uniopt numpy", "ms", "uniopt_numpy_ialm",
+           help="uniopt.iALM(...).update(c) (ndarrays)"),
+    Column("hct_ialm", "humancompatible", "ms", "hct_ialm",
+           help="humancompatible.train.dual_optim.iALM(...).update(c) (0.4.x)"),
+    Column("r_ialm", "hct / uniopt", "ratio", ratio=("hct_ialm", "uo_ialm"),
+           help="humancompatible-train time / uniopt torch time (speed-up; higher is better)"),
+)
+_IALM_BY_KEY = {c.key: c for c in IALM_COLUMNS}
+
+
+@dataclass
+class IALMRow:
+    """One constraint count of the iALM table: seconds per dual step of each contender."""
+
+    m: int
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    numbers: dict[str, int] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+    def value(self, key: str) -> float | None:
+        col = _IALM_BY_KEY[key]
+        if col.kind == "ratio":
+            return _median_ratio(self.samples.get(_IALM_BY_KEY[col.ratio[0]].case),
+                                 self.samples.get(_IALM_BY_KEY[col.ratio[1]].case))
+        s = self.samples.get(col.case)
+        return statistics.median(s) if s else None
+
+    def to_json(self) -> dict:
+        return {"m": self.m, "samples": self.samples, "steps_per_sample": self.numbers,
+                "columns": {c.key: self.value(c.key) for c in IALM_COLUMNS},
+                "unavailable": self.unavailable}
+
+
 def _time(step: Callable[[], object], number: int) -> float:
     t0 = time.perf_counter()
     for _ in range(number):
@@ -808,6 +911,15 @@ def measure_solver_row(row: SolverRow, repeat: int, min_time: float, seed: int =
 # ----------------------------------------------------------------------------------------------
 # Start-up costs, each measured in a fresh process
 # ----------------------------------------------------------------------------------------------
+def measure_ialm_row(row: IALMRow, repeat: int, min_time: float, seed: int = 0,
+                     progress=None) -> IALMRow:
+    """Build every iALM contender with ``row.m`` constraints, then time dual steps interleaved."""
+    builders = {name: functools.partial(make, row.m, seed) for name, make in IALM_CASES.items()}
+    row.samples, row.numbers = _measure(f"iALM m={_size_label(row.m)}", builders,
+                                        row.unavailable, repeat, min_time, progress)
+    return row
+
+
 def _run_python(code: str, *args: str, env: dict | None = None, timeout: float = 300) -> dict:
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                          env={**os.environ, **(env or {})}, timeout=timeout, check=False)
@@ -1003,7 +1115,8 @@ def machine_info() -> dict:
     return info
 
 
-_VERSIONED = ("uniopt", "numpy", "numba", "torch", "jax", "jaxlib", "optax", "qhoptim")
+_VERSIONED = ("uniopt", "numpy", "numba", "torch", "jax", "jaxlib", "optax", "qhoptim",
+              "humancompatible-train")
 
 
 def versions() -> dict:
@@ -1051,6 +1164,8 @@ GOALS: tuple[Goal, ...] = (
          layouts=("one", "model")),
     Goal("uniopt jax PolyakSGD.run / jaxopt", "r_run", None, 1.0, metric="solver"),
     Goal("jit(uniopt jax PolyakSGD.run) / jaxopt", "r_jit", None, 1.0, metric="solver"),
+    Goal("humancompatible iALM / uniopt torch iALM", "r_ialm", (100_000, 1_000_000), 5.0,
+         at_most=False, metric="ialm"),
     Goal("kernel / stream bandwidth", "r_kernel_stream", (10_000_000,), 0.85, at_most=False),
     Goal("fixed cost per step, uniopt QHAdam", "uo_qhadam", None, 60e-6, metric="tiny", unit="us"),
     Goal("import uniopt", None, None, 0.5, metric="import_uniopt", unit="s"),
@@ -1059,7 +1174,8 @@ GOALS: tuple[Goal, ...] = (
 
 
 def evaluate_goals(rows: Sequence[Row], startup: dict,
-                   solver_rows: Sequence[SolverRow] = ()) -> list[dict]:
+                   solver_rows: Sequence[SolverRow] = (),
+                   ialm_rows: Sequence[IALMRow] = ()) -> list[dict]:
     """Every goal at every place it applies: value, target, "met" / "MISSED" / "n/a"."""
     out = []
     for goal in GOALS:
@@ -1072,6 +1188,9 @@ def evaluate_goals(rows: Sequence[Row], startup: dict,
                          for r in rows if r.layout == "tiny"]
         elif goal.metric == "solver":
             measured += [(r.problem.label, r.value(goal.column)) for r in solver_rows]
+        elif goal.metric == "ialm":
+            measured += [(f"m={_size_label(r.m)}", r.value(goal.column)) for r in ialm_rows
+                         if goal.sizes is None or r.m in goal.sizes]
         else:
             measured += [(_size_label(r.n) + (f" ({_layout_label(r)})" if len(goal.layouts) > 1
                                               else ""), r.value(goal.column))
@@ -1144,6 +1263,13 @@ def format_solver_table(rows: Sequence[SolverRow],
     return _markdown(header, body)
 
 
+def format_ialm_table(rows: Sequence[IALMRow], columns: Sequence[Column] = IALM_COLUMNS) -> str:
+    """The iALM table in Markdown: one line per constraint count, ms per dual step."""
+    header = ["constraints", "groups"] + [c.label for c in columns]
+    body = [[_size_label(r.m), "1"] + [_cell(r, c) for c in columns] for r in rows]
+    return _markdown(header, body)
+
+
 def _markdown(header: list[str], body: list[list[str]]) -> str:
     """Two left-aligned label columns, then right-aligned numbers."""
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
@@ -1168,7 +1294,8 @@ def _missing(rows, columns: Sequence[Column]) -> dict[str, str]:
     return missing
 
 
-def format_report(result: dict, rows: Sequence[Row], solver_rows: Sequence[SolverRow] = ()) -> str:
+def format_report(result: dict, rows: Sequence[Row], solver_rows: Sequence[SolverRow] = (),
+                  ialm_rows: Sequence[IALMRow] = ()) -> str:
     meta = result["meta"]
     m, v = meta["machine"], meta["versions"]
     lines = [
@@ -1200,6 +1327,15 @@ def format_report(result: dict, rows: Sequence[Row], solver_rows: Sequence[Solve
         ]
         lines += [f"  {c.label:<17} {c.help}" for c in SOLVER_COLUMNS]
         missing = _missing(solver_rows, SOLVER_COLUMNS)
+        if missing:
+            lines += ["", "n/a:"] + [f"  {name}: {reason}" for name, reason in missing.items()]
+    if ialm_rows:
+        settings = ", ".join(f"{k}={val!r}" for k, val in IALM.items())
+        lines += ["", f"iALM dual steps (torch, float32, one group, {settings}); ms per "
+                      "update(c) (lower is better)", "", format_ialm_table(ialm_rows), "",
+                  "columns:"]
+        lines += [f"  {c.label:<17} {c.help}" for c in IALM_COLUMNS]
+        missing = _missing(ialm_rows, IALM_COLUMNS)
         if missing:
             lines += ["", "n/a:"] + [f"  {name}: {reason}" for name, reason in missing.items()]
     startup = result.get("startup") or {}
@@ -1263,6 +1399,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"skip the fixed-cost row ({TINY_TENSORS} tensors of {TINY_SIZE} elements)")
     p.add_argument("--no-solver", dest="solver", action="store_false",
                    help="skip the solver table (uniopt's JAX PolyakSGD.run against jaxopt's)")
+    p.add_argument("--no-ialm", dest="ialm", action="store_false",
+                   help="skip the iALM table (dual steps against humancompatible-train)")
     p.add_argument("--no-startup", dest="startup", action="store_false",
                    help="skip the start-up measurements in fresh processes (import time; "
                         "without --quick also first step with a warm cache and compile time)")
@@ -1350,6 +1488,8 @@ def main(argv: list[str] | None = None) -> int:
                     for k in (QUICK_SOLVER_PROBLEMS if args.quick else SOLVER_PROBLEMS)]
                    if args.solver else [])
     solver_cases = len(SOLVER_CASES) * len(SOLVER_MODES)
+    ialm_rows = ([IALMRow(m) for m in (QUICK_IALM_SIZES if args.quick else IALM_SIZES)]
+                 if args.ialm else [])
 
     saved = pin_threads(args.pin)
     try:
@@ -1366,8 +1506,8 @@ def main(argv: list[str] | None = None) -> int:
             "min_time": min_time,
             "parallel_min_size": _jit.PARALLEL_MIN_SIZE,
         }
-        bar = _progress_bar((len(rows) * len(cases) + len(solver_rows) * solver_cases)
-                            * (1 + repeat), args.progress)
+        bar = _progress_bar((len(rows) * len(cases) + len(solver_rows) * solver_cases
+                             + len(ialm_rows) * len(IALM_CASES)) * (1 + repeat), args.progress)
         try:
             for row in rows:
                 measure_row(row, cases, repeat, min_time, seed=args.seed, progress=bar)
@@ -1377,6 +1517,8 @@ def main(argv: list[str] | None = None) -> int:
                     torch.set_num_threads(1)
             for solver_row in solver_rows:
                 measure_solver_row(solver_row, repeat, min_time, seed=args.seed, progress=bar)
+            for ialm_row in ialm_rows:
+                measure_ialm_row(ialm_row, repeat, min_time, seed=args.seed, progress=bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -1391,8 +1533,9 @@ def main(argv: list[str] | None = None) -> int:
                         "columns": [{"key": c.key, "label": c.label, "kind": c.kind,
                                      "help": c.help} for c in SOLVER_COLUMNS],
                         "settings": dict(POLYAK_SOLVER)}
-    result["goals"] = evaluate_goals(rows, startup, solver_rows)
-    print(format_report(result, rows, solver_rows), flush=True)
+    result["ialm"] = {"rows": [r.to_json() for r in ialm_rows], "settings": dict(IALM)}
+    result["goals"] = evaluate_goals(rows, startup, solver_rows, ialm_rows)
+    print(format_report(result, rows, solver_rows, ialm_rows), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=str)

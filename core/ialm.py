@@ -249,9 +249,9 @@ class DualGroups:
         rhos = self._rhos()
         if update:
             last = []
-            for group, c in zip(self.param_groups, parts):
+            for group, c, rho in zip(self.param_groups, parts, rhos):
                 sq_norm, stepsize = self._dual_step_(group, self._cast(self._detach(c), self._dtype(group["duals"])))
-                last.append({"direction_norm": math.sqrt(sq_norm), "stepsize": stepsize})
+                last.append({"direction_norm": math.sqrt(sq_norm), "stepsize": stepsize, "rho": rho})
             for group in self.param_groups:
                 group["beta"] *= group["sigma"]
             self.last_step = last
@@ -449,8 +449,12 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
         r""":math:`\partial L / \partial c = \lambda + \rho\,\tilde c` per constraint (flat).
 
         With it, the gradient of the Lagrangian in the primal variables is
-        :math:`\nabla f + J_c^\top w`. ``rhos`` (one per group) defaults to the current ones.
+        :math:`\nabla f + J_c^\top w`. ``rhos`` (one per group) defaults to the current ones;
+        after :meth:`update`, ``rhos="last"`` gives the ones of that update (the pre-growth
+        ``beta`` when ``penalty=None``): the gradient of what :meth:`forward_update` returned.
         """
+        if isinstance(rhos, str) and rhos == "last":
+            rhos = [s["rho"] for s in self.last_step]
         parts = self._gather(constraints)
         rhos = self._rhos() if rhos is None else rhos
         out = [g["duals"].astype(np.float64) + rho * penalty_part(c.astype(np.float64), self.ctol, g["is_ineq"])

@@ -146,3 +146,37 @@ def test_missing_contenders_are_reported_not_raised(capsys, tmp_path, monkeypatc
     assert "jaxopt run: jaxopt not installed" in out
     assert any(g["status"] == "n/a" for g in result["goals"])
     assert {g["status"] for g in result["goals"] if "PolyakSGD.run" in g["goal"]} == {"n/a"}
+
+
+def test_bench_ialm_table(capsys, tmp_path):
+    out, result = _run(capsys, tmp_path, "--no-solver")
+    assert _header(out, "constraints") == ["constraints", "groups"] + [c.label for c in bench.IALM_COLUMNS]
+    body = _table_rows(out, "constraints")
+    assert [row[0] for row in body] == ["1e3"]
+    ialm = result["ialm"]
+    assert [r["m"] for r in ialm["rows"]] == list(bench.QUICK_IALM_SIZES)
+    assert ialm["settings"] == bench.IALM
+    row = ialm["rows"][0]
+    for name in ("uniopt_numpy_ialm", "hct_ialm"):  # the torch face is checked where it exists
+        assert name in row["samples"] or name in row["unavailable"]
+    measured = row["columns"]["uo_np_ialm"]
+    assert measured is None or measured > 0
+
+
+def test_ialm_contenders_do_the_same_update():
+    """Every iALM contender of the table computes the same multipliers from the same c."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("humancompatible.train")
+    m = 50
+    c = bench._ialm_constraints(m)
+    from humancompatible.train.dual_optim import iALM as Reference
+
+    import uniopt
+
+    ref = Reference(m, init_duals=torch.zeros(m), **bench.IALM)
+    ours = uniopt.iALM(m, penalty=None, init_duals=torch.zeros(m).numpy(), **bench.IALM)
+    for _ in range(3):
+        ref.update(c)
+        ours.update(c.numpy())
+    assert ours.duals.dtype == ref.duals.detach().numpy().dtype
+    assert abs(ours.duals - ref.duals.detach().numpy()).max() <= 1e-5

@@ -1,0 +1,86 @@
+"""iALM dual steps (issue 4): uniopt against humancompatible-train 0.4.x.
+
+* ``UnioptTorchIALM`` / ``UnioptNumpyIALM`` / ``HumancompatibleIALM``: ``time_update`` of one
+  ``update(c)`` (one constraint group of ``m`` float32 constraints, momentum 0.5, fixed ``c``)
+  of ``uniopt.adapters.torch.dual_optim.iALM``, ``uniopt.iALM`` and
+  ``humancompatible.train.dual_optim.iALM`` with the same settings (``uniopt.bench.IALM``).
+* ``IALMSpeedup.track_ratio``: humancompatible-train time / uniopt torch time, measured
+  interleaved in one process (goal: >= 5 at 1e5 and more constraints).
+"""
+
+from . import common  # noqa: F401, I001  (first: pins the process before any thread pool)
+
+from uniopt import bench  # noqa: E402
+
+SIZES = list(bench.IALM_SIZES)
+_REPEAT, _MIN_TIME = 7, 0.05
+
+
+def _build(name, m):
+    try:
+        return bench.build_ialm(name, m)
+    except bench.Unavailable as exc:
+        raise NotImplementedError(str(exc)) from exc
+
+
+class _IALMStep:
+    case = ""
+    params = [SIZES]
+    param_names = ["m"]
+    timeout = 300
+
+    def setup(self, m):
+        self.update = _build(self.case, m)
+
+    def teardown(self, m):
+        self.update = None
+
+    def time_update(self, m):
+        self.update()
+
+
+class UnioptTorchIALM(_IALMStep):
+    """uniopt.adapters.torch.dual_optim.iALM(...).update(c)."""
+
+    case = "uniopt_torch_ialm"
+
+
+class UnioptNumpyIALM(_IALMStep):
+    """uniopt.iALM(...).update(c) on ndarrays."""
+
+    case = "uniopt_numpy_ialm"
+
+
+class HumancompatibleIALM(_IALMStep):
+    """humancompatible.train.dual_optim.iALM(...).update(c)."""
+
+    case = "hct_ialm"
+
+
+class IALMSpeedup:
+    """humancompatible-train update time / uniopt torch update time (goal >= 5 at m >= 1e5),
+    one process, interleaved repeats (higher is better)."""
+
+    params = [SIZES]
+    param_names = ["m"]
+    timeout = 600
+
+    def setup_cache(self):
+        out = {}
+        for m in SIZES:
+            try:
+                steps = {name: _build(name, m) for name in ("hct_ialm", "uniopt_torch_ialm")}
+            except NotImplementedError as exc:
+                out[m] = str(exc)
+                continue
+            out[m] = bench.paired_ratio(steps, "hct_ialm", "uniopt_torch_ialm", _REPEAT, _MIN_TIME)
+        return out
+
+    def setup(self, ratios, m):
+        if isinstance(ratios[m], str):
+            raise NotImplementedError(ratios[m])
+
+    def track_ratio(self, ratios, m):
+        return ratios[m]
+
+    track_ratio.unit = "ratio"

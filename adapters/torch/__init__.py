@@ -4,6 +4,7 @@ Importing this module imports torch (``import uniopt`` alone never does).
 """
 
 from ._polyak import PolyakSGD
+from .dual_optim import iALM
 from .qh import QHM, QHAdam, QHAdamW
 
-__all__ = ["QHM", "QHAdam", "QHAdamW", "PolyakSGD"]
+__all__ = ["QHM", "QHAdam", "QHAdamW", "PolyakSGD", "iALM"]

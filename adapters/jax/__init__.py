@@ -1,5 +1,5 @@
 """uniopt's JAX face: optax gradient transformations (``scale_by_*`` blocks and recipes) and
-jaxopt-style solvers (:class:`PolyakSGD`).
+jaxopt-style solvers (:class:`PolyakSGD`), and iALM's functional dual optimizer (:func:`ialm`).
 
 This package imports jax and optax; ``import uniopt`` never does.
 
@@ -9,6 +9,7 @@ Example:
   >>> solver = optax.chain(optax.clip_by_global_norm(1.0), qhadam(1e-3, nus=(0.7, 1.0)))
 """
 
+from ._ialm import IALMState, IALMTransformation, ialm
 from ._polyak import (
     OptStep,
     PolyakSGD,
@@ -41,4 +42,7 @@ __all__ = [
     "ScaleByPolyakState",
     "scale_by_polyak",
     "polyak_sgd",
+    "IALMState",
+    "IALMTransformation",
+    "ialm",
 ]

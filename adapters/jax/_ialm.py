@@ -1,0 +1,400 @@
+r"""iALM's dual optimizer in JAX: a functional ``init`` / ``update`` pair and the Lagrangian.
+
+:func:`ialm` is the JAX face of :class:`uniopt.iALM` (the NumPy reference, whose semantics it
+reproduces bit for bit up to summation order). It is optax-like: a NamedTuple of pure
+functions and a NamedTuple state, everything jit-able and vmap-able. The dual step traces the
+rules of :mod:`uniopt.rules.ialm` bound to ``jax.numpy``; the arithmetic is never written
+again here.
+
+Constraint groups are the leaves of the constraints pytree: a single array is one group, a
+list/tuple/dict of arrays one group per leaf (in :func:`jax.tree.leaves` order). A leaf may
+have any shape; its multipliers have the same shape and its norm is over all its entries.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from uniopt import _validation
+from uniopt.ialm import check_ialm_group, check_penalty
+from uniopt.rules import bind
+from uniopt.rules import ialm as _ialm
+
+__all__ = ["IALMState", "IALMTransformation", "ialm"]
+
+_rules = bind(_ialm, where=jnp.where, minimum=jnp.minimum, maximum=jnp.maximum, sqrt=jnp.sqrt)
+
+#: the hyper-parameters that may be given per group, with the value check_ialm_group gets for
+#: the others when one entry is checked on its own
+_NEUTRAL = {"beta": 1.0, "sigma": 1.0, "gamma": 1.0, "momentum": 0.0, "dampening": 0.0,
+            "dual_range": (None, None), "is_ineq": False}
+
+
+class IALMState(NamedTuple):
+    """State of :func:`ialm`; every field has the structure of the constraints pytree.
+
+    Attributes:
+      duals: the multipliers :math:`\\lambda_k`, one array per group (the group's shape).
+      momentum_buffer: the momentum buffers :math:`b_k` (zeros, and left so, in groups
+        without momentum).
+      beta: each group's current step cap :math:`\\beta_k` (0-d, the duals' dtype); multiplied
+        by :math:`\\sigma_k` at every update.
+      stepsize: each group's step :math:`\\min(\\beta_k, \\gamma_k/\\|d_k\\|)` of the last update
+        (0-d; 0 before the first update and for a zero direction).
+      count: the number of updates so far (int32).
+    """
+
+    duals: Any
+    momentum_buffer: Any
+    beta: Any
+    stepsize: Any
+    count: jax.Array
+
+
+class IALMTransformation(NamedTuple):
+    """What :func:`ialm` returns: ``init``, ``update``, ``lagrangian``, ``forward_update``."""
+
+    init: Callable[[Any], IALMState]
+    update: Callable[[Any, IALMState], IALMState]
+    lagrangian: Callable[[Any, Any, IALMState], jax.Array]
+    forward_update: Callable[[Any, Any, IALMState], tuple]
+
+
+class _Group(NamedTuple):
+    """One group's resolved, validated, static settings."""
+
+    name: str
+    beta: float
+    sigma: float
+    gamma: float
+    momentum: float
+    dampening: float
+    lower: float
+    upper: float
+    is_ineq: bool
+    init_duals: Any
+
+
+# ----------------------------------------------------------------------------------------------
+# Hyper-parameters given once or per group
+# ----------------------------------------------------------------------------------------------
+def _is_container(value: Any) -> bool:
+    """A pytree node (list, tuple, dict, ...), as opposed to a leaf or ``None``."""
+    if value is None:
+        return False
+    return not jax.tree_util.treedef_is_leaf(jax.tree.structure(value))
+
+
+def _is_pair(value: Any) -> bool:
+    """A single ``dual_range``: ``None``, or a list/tuple of numbers / ``None`` (any length)."""
+    if value is None:
+        return True
+    return isinstance(value, (list, tuple)) and not any(_is_container(v) for v in value)
+
+
+def _is_single(name: str, value: Any) -> bool:
+    """Whether ``value`` is meant for every group (else it holds one entry per group)."""
+    if name == "dual_range":
+        return _is_pair(value)
+    if name == "init_duals":
+        return value is None or isinstance(value, numbers.Number)
+    return not _is_container(value)
+
+
+def _entries(name: str, value: Any) -> list:
+    """The per-group entries of a per-group ``value`` (its leaves, pairs kept whole)."""
+    is_leaf = _is_pair if name == "dual_range" else (lambda v: v is None)
+    return [v for v in jax.tree.leaves(value, is_leaf=is_leaf)]
+
+
+def _check_init_duals(value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"Invalid init_duals: {value!r} (expected None, a number or a float "
+                        f"array per group)")
+    if isinstance(value, numbers.Number):
+        _validation.finite("init_duals", value)
+        return
+    if not isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        raise TypeError(f"Invalid init_duals: {value!r} (expected None, a number or a float "
+                        f"array per group)")
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        raise TypeError(f"Invalid init_duals: expected a float array, got dtype {value.dtype}")
+    if not bool(np.all(np.isfinite(np.asarray(value)))):
+        raise ValueError("Invalid init_duals: not every value is finite")
+
+
+def _check_entry(name: str, value: Any) -> None:
+    """Check one group's value of hyper-parameter ``name`` (uniopt's messages)."""
+    if name == "init_duals":
+        _check_init_duals(value)
+    else:
+        check_ialm_group(**{**_NEUTRAL, name: value})
+
+
+def _per_group(name: str, value: Any, treedef, n: int) -> list:
+    """``value`` as a list with one entry per group of ``treedef``.
+
+    A single value is repeated; otherwise ``value`` is a pytree of the constraints' structure
+    (read up to its leaves) or a list/tuple with one entry per group in leaf order.
+    """
+    if _is_single(name, value):
+        return [value] * n
+    root_is_leaf = jax.tree_util.treedef_is_leaf(treedef)
+    out = None
+    if not root_is_leaf:
+        try:
+            out = treedef.flatten_up_to(value)
+        except (ValueError, TypeError):
+            out = None
+    if out is None and isinstance(value, (list, tuple)) and len(value) == n:
+        out = list(value)
+    if out is None and root_is_leaf and not _is_container(value):
+        out = [value]  # one group: e.g. its init_duals array
+    if out is None:
+        raise ValueError(f"Invalid {name}: {value!r} does not match the constraints: give one "
+                         f"value for every group or one entry per group ({n} groups, structure "
+                         f"{treedef})")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The transformation
+# ----------------------------------------------------------------------------------------------
+def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0, *,
+         dual_range: Any = (-100.0, 100.0), momentum: Any = 0.0, dampening: Any = 0.0,
+         is_ineq: Any = False, ctol: float = 0.0, init_duals: Any = None) -> IALMTransformation:
+    r"""iALM's dual step (adaptive, capped dual ascent) and augmented Lagrangian, functionally.
+
+    For every constraint group :math:`k` (a leaf of the constraints pytree, values
+    :math:`c_k`, constraints :math:`c_k = 0`, or :math:`c_k \le 0` with ``is_ineq``), one
+    ``update`` does
+
+    .. math::
+       d_k = \bar c_k \ \text{or}\ b_k \leftarrow \mu_k b_k + (1 - \delta_k)\bar c_k,\ d_k = b_k;
+       \qquad \lambda_k \leftarrow \operatorname{clamp}\Bigl(\lambda_k + \min\bigl(\beta_k,
+       \tfrac{\gamma_k}{\|d_k\|_2}\bigr) d_k,\ lo_k, hi_k\Bigr);
+       \qquad \beta_k \leftarrow \sigma_k \beta_k
+
+    with :math:`\bar c_k` the ``ctol``-filtered values (0 where :math:`|c| \le` ``ctol`` for
+    equalities, where :math:`0 < c \le` ``ctol`` for inequalities) and a zero step when
+    :math:`\|d_k\| = 0`. The augmented Lagrangian is
+
+    .. math::
+       L = f + \sum_k \lambda_k^\top c_k + \frac{\rho_k}{2}\|\tilde c_k\|^2,\qquad
+       \tilde c_k = \max(\bar c_k, 0)\ \text{(inequalities)},\ \bar c_k\ \text{(equalities)}
+
+    Symbols: :math:`\beta, \sigma, \gamma, \mu, \delta` = ``beta``, ``sigma``, ``gamma``,
+    ``momentum``, ``dampening``; :math:`(lo_k, hi_k)` = ``dual_range`` (with
+    :math:`lo_k = \max(lo, 0)` for inequality groups); :math:`\rho_k` = ``penalty``, or with
+    ``penalty=None`` the group's :math:`\beta_k` before this update's growth.
+
+    The returned functions (all pure, jit-able and vmap-able):
+
+    * ``init(constraints) -> IALMState``: multipliers from ``init_duals`` (zeros by default) in
+      the constraints' float dtype (or the ``init_duals`` array's), zero buffers, ``beta``.
+    * ``update(constraints, state) -> IALMState``: the dual step above (``state.count + 1``).
+      It is differentiable in ``constraints`` (for unrolling), finitely so at a zero direction.
+    * ``lagrangian(loss, constraints, state) -> L`` at the state's multipliers and ``beta``
+      (the state is a constant: ``stop_gradient``), differentiable in ``loss`` and
+      ``constraints``: :math:`\nabla_\theta L = \nabla f + J_c^\top(\lambda + \rho\,\tilde c)`.
+    * ``forward_update(loss, constraints, state) -> (L, new_state)``: ``update``, then ``L``
+      with the new multipliers and the pre-growth ``beta`` (the NumPy ``forward_update``).
+      ``lagrangian`` then ``update`` is the simultaneous idiom (``forward`` then ``update``).
+
+    Hyper-parameters ``beta``, ``sigma``, ``gamma``, ``momentum``, ``dampening``,
+    ``dual_range``, ``is_ineq`` and ``init_duals`` are given once for every group, or per
+    group: either a list/tuple with one entry per group in :func:`jax.tree.leaves` order of the
+    constraints, or a pytree of the constraints' structure with one entry at each leaf
+    (e.g. ``is_ineq={"eq": False, "ineq": True}``). A single ``dual_range`` is a pair
+    ``(low, high)`` (``None``: unbounded); per group it is a list / pytree of pairs. A single
+    ``init_duals`` is ``None`` or a number; per group, each entry is ``None``, a number or a
+    float array of the group's size (so an array alone is the one group's multipliers).
+    ``penalty`` and ``ctol`` apply to every group. Hyper-parameters are static Python numbers;
+    ``beta`` lives in the state.
+
+    Args:
+      beta: initial step cap :math:`\beta_k \ge 0` (also :math:`\rho_k` with ``penalty=None``).
+      sigma: growth factor :math:`\sigma_k > 0` of ``beta`` per update.
+      gamma: :math:`\gamma_k \ge 0`, bounds the step length :math:`\|s_k d_k\| \le \gamma_k`.
+      penalty: :math:`\rho \ge 0` of the quadratic term, or None (each group's ``beta``).
+      dual_range: clamp ``(low, high)`` of the multipliers.
+      momentum: heavy-ball coefficient :math:`\mu_k \in [0, 1]` of the dual direction.
+      dampening: :math:`\delta_k \in [0, 1]` (0: ``b = mu b + c``; ``momentum``: an EMA).
+      is_ineq: whether a group's constraints are inequalities :math:`c \le 0`.
+      ctol: violations within ``ctol \ge 0`` count as satisfied.
+      init_duals: initial multipliers (see above).
+
+    Returns:
+      An :class:`IALMTransformation`.
+
+    Raises:
+      ValueError, TypeError: at construction, a hyper-parameter out of range or of the wrong
+        type (message naming it and its value, as :class:`uniopt.iALM`); at ``init``, a
+        per-group hyper-parameter that does not match the constraints; at ``update`` /
+        ``lagrangian``, constraints whose structure or sizes differ from the state's.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from uniopt.adapters.jax import ialm
+      >>> dual = ialm(beta=1.0, is_ineq=True)       # minimise x^2 subject to 1 - x <= 0
+      >>> x = jnp.array([2.0]); state = dual.init(1.0 - x)
+      >>> for _ in range(300):
+      ...     state = dual.update(1.0 - x, state)
+      ...     x = x - 0.1 * jax.grad(lambda x: dual.lagrangian(jnp.sum(x**2), 1.0 - x, state))(x)
+      >>> bool(abs(x[0] - 1.0) < 1e-3)
+      True
+
+    References:
+      Li, Chen, Liu, Lu & Xu, "Stochastic inexact augmented Lagrangian method for nonconvex
+      expectation constrained optimization", Comput. Optim. Appl. 87 (2024),
+      https://doi.org/10.1007/s10589-023-00521-z (Algorithm 1).
+    """
+    specs = {"beta": beta, "sigma": sigma, "gamma": gamma, "momentum": momentum,
+             "dampening": dampening, "dual_range": dual_range, "is_ineq": is_ineq,
+             "init_duals": init_duals}
+    penalty = check_penalty(penalty)
+    ctol = _validation.nonnegative_finite("ctol value", ctol)
+    for name, value in specs.items():
+        for entry in ([value] if _is_single(name, value) else _entries(name, value)):
+            _check_entry(name, entry)
+    if all(_is_single(name, value) for name, value in specs.items()):
+        check_ialm_group(**{k: v for k, v in specs.items() if k != "init_duals"})
+
+    cache: dict = {}
+
+    def groups_of(treedef, paths) -> tuple:
+        if treedef in cache:
+            return cache[treedef]
+        n = treedef.num_leaves
+        per = {name: _per_group(name, value, treedef, n) for name, value in specs.items()}
+        out = []
+        for k in range(n):
+            entry = {name: per[name][k] for name in specs}
+            for name in specs:
+                one = (not _is_container(entry[name]) if name == "init_duals"
+                       else _is_single(name, entry[name]))
+                if not one:
+                    raise ValueError(f"Invalid {name}: {entry[name]!r} for group {k} "
+                                     f"({paths[k] or 'the root'}) is not a single value")
+                _check_entry(name, entry[name])
+            s = check_ialm_group(**{k_: v for k_, v in entry.items() if k_ != "init_duals"})
+            out.append(_Group(name=paths[k] or "<root>", beta=s["beta"], sigma=s["sigma"],
+                              gamma=s["gamma"], momentum=s["momentum"],
+                              dampening=s["dampening"], lower=s["lower_bound"],
+                              upper=s["upper_bound"], is_ineq=s["is_ineq"],
+                              init_duals=entry["init_duals"]))
+        cache[treedef] = tuple(out)
+        return cache[treedef]
+
+    def split(constraints):
+        """``(treedef, leaves as arrays, groups)`` of a constraints pytree."""
+        with_paths, treedef = jax.tree_util.tree_flatten_with_path(constraints)
+        if not with_paths:
+            raise ValueError("ialm: the constraints pytree has no leaves (no constraint group)")
+        paths = [jax.tree_util.keystr(p) for p, _ in with_paths]
+        leaves = [jnp.asarray(leaf) for _, leaf in with_paths]
+        return treedef, leaves, groups_of(treedef, paths)
+
+    def matched(constraints, state):
+        """The constraints' leaves, reshaped to the state's multipliers, and the groups."""
+        treedef, leaves, groups = split(constraints)
+        state_def = jax.tree.structure(state.duals)
+        if state_def != treedef:
+            raise ValueError(f"ialm: constraints of structure {treedef} do not match the state, "
+                             f"initialised for {state_def}")
+        duals = treedef.flatten_up_to(state.duals)
+        out = []
+        for c, lam, g in zip(leaves, duals, groups):
+            if c.size != lam.size:
+                raise ValueError(f"ialm: group {g.name} has {lam.size} multipliers but got "
+                                 f"{c.size} constraint values")
+            if not (jnp.issubdtype(c.dtype, jnp.floating) or jnp.issubdtype(c.dtype, jnp.integer)
+                    or c.dtype == jnp.bool_):
+                raise TypeError(f"ialm: constraints of group {g.name} must be real numbers, got "
+                                f"dtype {c.dtype}")
+            out.append(jnp.reshape(c, lam.shape))
+        return treedef, out, groups
+
+    def filtered(c, g: _Group):
+        if ctol <= 0:  # the identity, bit for bit (as the kernels' ctol = -1)
+            return c
+        return _rules.inequality_filter(c, ctol) if g.is_ineq else _rules.equality_filter(c, ctol)
+
+    def init(constraints) -> IALMState:
+        treedef, leaves, groups = split(constraints)
+        duals = []
+        for c, g in zip(leaves, groups):
+            dtype = c.dtype if jnp.issubdtype(c.dtype, jnp.floating) else jnp.result_type(float)
+            if g.init_duals is None or isinstance(g.init_duals, numbers.Number):
+                fill = 0.0 if g.init_duals is None else float(g.init_duals)
+                duals.append(jnp.full(c.shape, fill, dtype=dtype))
+            else:
+                a = jnp.asarray(g.init_duals)
+                if a.size != c.size:
+                    raise ValueError(f"Invalid init_duals: {a.size} values for group {g.name} "
+                                     f"of {c.size} constraints")
+                duals.append(jnp.reshape(a, c.shape))
+        zeros = [jnp.zeros_like(lam) for lam in duals]
+        betas = [jnp.asarray(g.beta, lam.dtype) for g, lam in zip(groups, duals)]
+        return IALMState(
+            duals=treedef.unflatten(duals),
+            momentum_buffer=treedef.unflatten(zeros),
+            beta=treedef.unflatten(betas),
+            stepsize=treedef.unflatten([jnp.zeros((), lam.dtype) for lam in duals]),
+            count=jnp.zeros((), jnp.int32))
+
+    def update(constraints, state: IALMState) -> IALMState:
+        treedef, parts, groups = matched(constraints, state)
+        leaves = [treedef.flatten_up_to(t) for t in
+                  (state.duals, state.momentum_buffer, state.beta)]
+        duals, buffers, betas, steps = [], [], [], []
+        for c, lam, buf, beta_k, g in zip(parts, *leaves, groups):
+            c = filtered(c.astype(lam.dtype), g)
+            if g.momentum != 0:
+                buf = _rules.momentum_direction(buf, c, g.momentum, 1.0 - g.dampening)
+                d = buf
+            else:
+                d = c
+            step = _rules.dual_stepsize(beta_k, g.gamma, jnp.sum(jnp.square(d)))
+            duals.append(_rules.dual_update(lam, d, step, g.lower, g.upper))
+            buffers.append(buf)
+            steps.append(step)
+            betas.append(beta_k * g.sigma)
+        return IALMState(duals=treedef.unflatten(duals),
+                         momentum_buffer=treedef.unflatten(buffers),
+                         beta=treedef.unflatten(betas), stepsize=treedef.unflatten(steps),
+                         count=optax.safe_int32_increment(state.count))
+
+    def value(loss, parts, duals, betas, groups):
+        total = jnp.asarray(loss)
+        for c, lam, beta_k, g in zip(parts, duals, betas, groups):
+            lam = jax.lax.stop_gradient(lam)
+            c = c.astype(jnp.result_type(c.dtype, lam.dtype))
+            rho = jax.lax.stop_gradient(beta_k) if penalty is None else penalty
+            ct = filtered(c, g)
+            if g.is_ineq:
+                ct = _rules.penalty_violation(ct)
+            total = total + jnp.sum(lam * c) + 0.5 * rho * jnp.sum(jnp.square(ct))
+        return total
+
+    def lagrangian(loss, constraints, state: IALMState):
+        treedef, parts, groups = matched(constraints, state)
+        return value(loss, parts, treedef.flatten_up_to(state.duals),
+                     treedef.flatten_up_to(state.beta), groups)
+
+    def forward_update(loss, constraints, state: IALMState):
+        new_state = update(constraints, state)
+        treedef, parts, groups = matched(constraints, state)
+        return value(loss, parts, treedef.flatten_up_to(new_state.duals),
+                     treedef.flatten_up_to(state.beta), groups), new_state
+
+    return IALMTransformation(init=init, update=update, lagrangian=lagrangian,
+                              forward_update=forward_update)

@@ -264,7 +264,7 @@ def polyak_interpolation(steps: int = 300) -> bool:
 # -- iALM: Neyman-Pearson classification (minimise misses subject to a false-alarm bound) -----
 NP_ALPHA = 0.02  # bound on the (smoothed) false-positive rate
 NP_LR = 0.5
-IALM = dict(m=1, beta=1.0, sigma=1.0, gamma=1.0, penalty=None, is_ineq=True)
+IALM = dict(m=1, beta=4.0, sigma=1.0, gamma=4.0, penalty=None, is_ineq=True)
 
 
 def load_breast_cancer_split(seed: int = 0):

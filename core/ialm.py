@@ -129,6 +129,8 @@ class DualGroups:
 
     #: the dtype of duals created before any constraint value is seen
     _default_dtype: Any = np.dtype(np.float64)
+    #: the array types taken as the flat form of the constraints (set by each backend)
+    _array_types: tuple = ()
 
     def _setup(self, *, m, beta, sigma, gamma, init_duals, penalty, dual_range, momentum,
                dampening, is_ineq, ctol, device) -> None:
@@ -198,7 +200,10 @@ class DualGroups:
     # -- constraint values ----------------------------------------------------------------
     def _gather(self, constraints) -> list:
         """One 1-D constraint array per group (flat, sequence or mapping form), checked."""
-        sizes, names = self._sizes(), self.names
+        sizes = self._sizes()
+        if isinstance(constraints, self._array_types):  # the flat form, the common case
+            return self._split(self._flat(constraints), sizes)
+        names = self.names
         if isinstance(constraints, Mapping):
             missing = [n for n in names if n not in constraints]
             unknown = [k for k in constraints if k not in names]
@@ -211,20 +216,25 @@ class DualGroups:
                 raise ValueError(f"constraints: expected one value per group ({len(sizes)}), "
                                  f"got {len(constraints)}")
             parts = [self._flat(c) for c in constraints]
-        else:
-            flat = self._flat(constraints)
-            if self._numel(flat) != sum(sizes):
-                raise ValueError(f"constraints: expected {sum(sizes)} values for group sizes "
-                                 f"{sizes}, got {self._numel(flat)}")
-            parts, start = [], 0
-            for n in sizes:
-                parts.append(flat[start:start + n])
-                start += n
-            return parts
+        else:  # a scalar or an array-like of another type: the flat form
+            return self._split(self._flat(constraints), sizes)
         for part, n, name in zip(parts, sizes, names):
             if self._numel(part) != n:
                 raise ValueError(f"constraints: group {name!r} has {n} multipliers but got "
                                  f"{self._numel(part)} values")
+        return parts
+
+    def _split(self, flat, sizes) -> list:
+        """The flat form's values, one slice per group (checked against the group sizes)."""
+        if self._numel(flat) != sum(sizes):
+            raise ValueError(f"constraints: expected {sum(sizes)} values for group sizes "
+                             f"{sizes}, got {self._numel(flat)}")
+        if len(sizes) == 1:
+            return [flat]
+        parts, start = [], 0
+        for n in sizes:
+            parts.append(flat[start:start + n])
+            start += n
         return parts
 
     def _adopt_dtypes(self, parts) -> None:
@@ -300,6 +310,8 @@ class DualGroups:
             new.append({"name": g["name"], **settings, "duals": duals, "momentum_buffer": buffer,
                         "dtype_fixed": bool(g.get("dtype_fixed", True))})
         self.penalty, self.ctol, self.param_groups = penalty, ctol, new
+        for cache in ("_kernel_cache", "_views"):  # per-group caches of the backends
+            self.__dict__.pop(cache, None)
 
     def __repr__(self) -> str:
         groups = ", ".join(f"{g['name']}(m={self._numel(g['duals'])}, beta={g['beta']:g}, "
@@ -307,12 +319,25 @@ class DualGroups:
         return f"{type(self).__name__}(penalty={self.penalty}, ctol={self.ctol}, groups=[{groups}])"
 
     # -- the kernel call shared by the backends that run it on host arrays ------------------
+    def _kernel_args(self, group, dtype) -> tuple:
+        """``(coef, hyper, flags)`` of the kernels for ``group``, made again only when its
+        settings or the dtype change (``hyper[0]``, ``beta``, is refreshed at every call)."""
+        key = (dtype, group["momentum"], group["dampening"], group["lower_bound"],
+               group["upper_bound"], group["gamma"], group["is_ineq"], self.ctol)
+        cache = self.__dict__.setdefault("_kernel_cache", {})
+        hit = cache.get(id(group))
+        if hit is None or hit[0] != key:
+            coef = ialm_cpu.coefficients(dtype, group["momentum"], group["dampening"],
+                                         group["lower_bound"], group["upper_bound"], self.ctol)
+            hyper = np.array([group["beta"], group["gamma"]], dtype=np.float64)
+            flags = np.array([group["momentum"] != 0, group["is_ineq"]], dtype=np.int64)
+            hit = cache[id(group)] = (key, coef, hyper, flags)
+        hit[2][0] = group["beta"]
+        return hit[1:]
+
     def _kernel_step_(self, group, duals: np.ndarray, buffer: np.ndarray, c: np.ndarray) -> tuple:
         """:func:`uniopt.kernels.ialm_cpu.ialm_dual_step_` on host arrays of one dtype."""
-        coef = ialm_cpu.coefficients(duals.dtype, group["momentum"], group["dampening"],
-                                     group["lower_bound"], group["upper_bound"], self.ctol)
-        hyper = np.array([group["beta"], group["gamma"]], dtype=np.float64)
-        flags = np.array([group["momentum"] != 0, group["is_ineq"]], dtype=np.int64)
+        coef, hyper, flags = self._kernel_args(group, duals.dtype)
         sq_norm, stepsize = ialm_cpu.ialm_dual_step_(duals, buffer, c, coef, hyper, flags)
         return float(sq_norm), float(stepsize)
 
@@ -392,6 +417,8 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
                     dampening=dampening, is_ineq=is_ineq, ctol=ctol, device=device)
 
     # -- arrays ---------------------------------------------------------------------------
+    _array_types = (np.ndarray,)
+
     def _initial_duals(self, size, init_duals, device):
         if init_duals is None or isinstance(init_duals, numbers.Real) and not isinstance(init_duals, bool):
             if size is None:

@@ -169,6 +169,8 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
                                      dual_range, is_ineq, device, name=name)
 
     # -- the backend hooks of DualGroups ------------------------------------------------------
+    _array_types = (torch.Tensor,)
+
     def _initial_duals(self, size, init_duals, device):
         if init_duals is None or (isinstance(init_duals, numbers.Real) and not isinstance(init_duals, bool)):
             if size is None:
@@ -224,15 +226,34 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
 
     def _dual_step_(self, group, c):
         duals, buffer = group["duals"], group["momentum_buffer"]
+        views = self._host_views(group, duals, buffer)
+        if views is not None:
+            if c.device.type != "cpu" or not c.is_contiguous():
+                c = c.to(device="cpu", memory_format=torch.contiguous_format)
+            return self._kernel_step_(group, views[0], views[1], c.numpy())
         c = c.to(device=duals.device)
-        if (self._backend == "auto" and duals.dtype in _KERNEL_DTYPES and buffer.dtype == duals.dtype
+        if (self._backend == "auto" and duals.device.type == "cuda" and _cuda_kernels_usable()
+                and duals.dtype in _KERNEL_DTYPES and buffer.dtype == duals.dtype
                 and duals.is_contiguous() and buffer.is_contiguous()):
-            if duals.device.type == "cpu":
-                return self._kernel_step_(group, duals.detach().numpy(), buffer.detach().numpy(),
-                                          c.contiguous().numpy())
-            if duals.device.type == "cuda" and _cuda_kernels_usable():
-                return self._cuda_step_(group, duals, buffer, c.contiguous())
+            return self._cuda_step_(group, duals, buffer, c.contiguous())
         return self._torch_step_(group, c)
+
+    def _host_views(self, group, duals, buffer):
+        """Zero-copy NumPy views of a group's multipliers and buffer for the CPU kernel (cached
+        while the group holds the same tensors at the same addresses), or ``None`` when the
+        kernel cannot take them (another device or dtype, non-contiguous, ``_backend="torch"``)."""
+        cache = self.__dict__.setdefault("_views", {})
+        hit = cache.get(id(group))
+        if (hit is not None and hit[0] is duals and hit[1] is buffer
+                and hit[2] == (duals.data_ptr(), buffer.data_ptr())):
+            return hit[3]
+        views = None
+        if (self._backend == "auto" and duals.device.type == "cpu" and buffer.device.type == "cpu"
+                and duals.dtype in _KERNEL_DTYPES and buffer.dtype == duals.dtype
+                and duals.is_contiguous() and buffer.is_contiguous()):
+            views = (duals.detach().numpy(), buffer.detach().numpy())
+        cache[id(group)] = (duals, buffer, (duals.data_ptr(), buffer.data_ptr()), views)
+        return views
 
     def _cuda_step_(self, group, duals, buffer, c):
         """``uniopt.kernels.ialm_cuda.dual_step_`` on the tensors, on torch's current stream.

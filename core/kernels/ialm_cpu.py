@@ -69,9 +69,10 @@ _update_block_ = _jit.elementwise(_update_block_)
 def ialm_dual_step_(dual, buffer, c, coef, hyper, flags):
     """One iALM dual update of one group, in place; returns ``(sq_norm, stepsize)``.
 
-    Each pass goes block by block through a work block in L1: filtered constraints, then (with
-    momentum) the buffer update from it; the sum of squares is taken of the block just
-    written, so no loop stores to two arrays (which keeps LLVM's vectoriser on).
+    Each pass goes block by block: with ``ctol`` the filtered constraints go to a work block
+    in L1 first, then (with momentum) the buffer is updated from them; the sum of squares is
+    taken of the block just written (or of the constraints themselves), so no loop stores to
+    two arrays (which keeps LLVM's vectoriser on).
     """
     n = dual.size
     momentum, keep, lower, upper, ctol = coef[0], coef[1], coef[2], coef[3], coef[4]
@@ -80,13 +81,16 @@ def ialm_dual_step_(dual, buffer, c, coef, hyper, flags):
     work = np.empty(BLOCK, dtype=dual.dtype)
     total = np.float64(0)
     compensation = np.float64(0)
+    use_ctol = ctol >= 0  # coefficients() passes ctol = 0 as -1: no filter
     for start in range(0, n, BLOCK):
         stop = min(start + BLOCK, n)
-        d = work[:stop - start]
-        _filter_block_(c[start:stop], d, ctol, is_ineq)
+        d = c[start:stop]
+        if use_ctol:
+            _filter_block_(d, work, ctol, is_ineq)
+            d = work[:stop - start]
         if use_momentum:
+            _momentum_block_(buffer[start:stop], d, momentum, keep)
             d = buffer[start:stop]
-            _momentum_block_(d, work, momentum, keep)
         total, compensation = _neumaier_add(total, compensation, _block_sq_sum(d, lanes))
     sq_norm = total + compensation
     stepsize = _dual_stepsize(hyper[0], hyper[1], sq_norm)
@@ -96,9 +100,11 @@ def ialm_dual_step_(dual, buffer, c, coef, hyper, flags):
         stop = min(start + BLOCK, n)
         if use_momentum:
             d = buffer[start:stop]
-        else:
+        elif use_ctol:
             d = work[:stop - start]
             _filter_block_(c[start:stop], d, ctol, is_ineq)
+        else:
+            d = c[start:stop]
         _update_block_(dual[start:stop], d, s, lower, upper)
     return sq_norm, stepsize
 

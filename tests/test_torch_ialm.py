@@ -558,3 +558,23 @@ def test_cuda_tensors_match_cpu(dtype, backend):
     torch.testing.assert_close(gpu.duals.cpu(), cpu.duals, **tolerance(dtype))
     value = gpu.forward(torch.tensor(1.0, device="cuda"), torch.ones(6, device="cuda", dtype=torch_dtype))
     assert value.device.type == "cuda"
+
+
+def test_replaced_multiplier_tensors_are_used(float64_default):
+    """The cached zero-copy views follow a group's tensors when they are replaced by hand."""
+    import torch
+
+    c = torch.tensor([0.3, -0.2, 0.5])
+    ours = iALM(3, gamma=1e6, momentum=0.5)
+    ref = uniopt.iALM(3, gamma=1e6, momentum=0.5)
+    ours.update(c)
+    ref.update(c.numpy())
+    ours.param_groups[0]["duals"] = torch.full((3,), 0.25)
+    ref.param_groups[0]["duals"] = np.full(3, 0.25)
+    ours.param_groups[0]["momentum_buffer"].data = torch.ones(3)  # same tensor, new storage
+    ref.param_groups[0]["momentum_buffer"] = np.ones(3)
+    ours.update(c)
+    ref.update(c.numpy())
+    np.testing.assert_array_equal(ours.duals.numpy(), ref.duals)
+    np.testing.assert_array_equal(ours.param_groups[0]["momentum_buffer"].numpy(),
+                                  ref.param_groups[0]["momentum_buffer"])

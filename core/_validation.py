@@ -57,10 +57,10 @@ def finite(what: str, value: Any) -> float:
     return v
 
 
-def unit_interval(what: str, value: Any) -> float:
-    """``0 <= value < 1``."""
+def unit_interval(what: str, value: Any, closed: bool = False) -> float:
+    """``0 <= value < 1`` (``closed``: ``0 <= value <= 1``)."""
     v = real(what, value)
-    if not 0.0 <= v < 1.0:
+    if not (0.0 <= v <= 1.0 if closed else 0.0 <= v < 1.0):
         raise ValueError(f"Invalid {what}: {value}")
     return v
 

@@ -726,23 +726,32 @@ SOLVER_COLUMNS: tuple[Column, ...] = (
 _SOLVER_BY_KEY = {c.key: c for c in SOLVER_COLUMNS}
 
 
-@dataclass
-class SolverRow:
-    """One problem of the solver table: seconds per whole run of each (solver, mode)."""
+@dataclass(kw_only=True)
+class _TimedRow:
+    """A row of a small table: samples per case, and its columns' values (``COLUMNS``: the
+    table's columns by key, set by each subclass)."""
 
-    problem: SolverProblem
-    samples: dict[str, list[float]] = field(default_factory=dict)  # case/mode -> seconds per run
-    numbers: dict[str, int] = field(default_factory=dict)  # case/mode -> runs per sample
-    unavailable: dict[str, str] = field(default_factory=dict)  # case/mode -> reason
+    COLUMNS = {}
+    samples: dict[str, list[float]] = field(default_factory=dict)  # case -> seconds per call
+    numbers: dict[str, int] = field(default_factory=dict)  # case -> calls per sample
+    unavailable: dict[str, str] = field(default_factory=dict)  # case -> reason
 
     def value(self, key: str) -> float | None:
-        """A column's value: seconds per run or a ratio paired by repeat (None: not measured)."""
-        col = _SOLVER_BY_KEY[key]
+        """A column's value: seconds per call or a ratio paired by repeat (None: not measured)."""
+        col = self.COLUMNS[key]
         if col.kind == "ratio":
-            return _median_ratio(self.samples.get(_SOLVER_BY_KEY[col.ratio[0]].case),
-                                 self.samples.get(_SOLVER_BY_KEY[col.ratio[1]].case))
+            return _median_ratio(self.samples.get(self.COLUMNS[col.ratio[0]].case),
+                                 self.samples.get(self.COLUMNS[col.ratio[1]].case))
         s = self.samples.get(col.case)
         return statistics.median(s) if s else None
+
+
+@dataclass
+class SolverRow(_TimedRow):
+    """One problem of the solver table: seconds per whole run of each (solver, mode)."""
+
+    COLUMNS = _SOLVER_BY_KEY
+    problem: SolverProblem
 
     def to_json(self) -> dict:
         p = self.problem
@@ -771,21 +780,11 @@ _IALM_BY_KEY = {c.key: c for c in IALM_COLUMNS}
 
 
 @dataclass
-class IALMRow:
+class IALMRow(_TimedRow):
     """One constraint count of the iALM table: seconds per dual step of each contender."""
 
+    COLUMNS = _IALM_BY_KEY
     m: int
-    samples: dict[str, list[float]] = field(default_factory=dict)
-    numbers: dict[str, int] = field(default_factory=dict)
-    unavailable: dict[str, str] = field(default_factory=dict)
-
-    def value(self, key: str) -> float | None:
-        col = _IALM_BY_KEY[key]
-        if col.kind == "ratio":
-            return _median_ratio(self.samples.get(_IALM_BY_KEY[col.ratio[0]].case),
-                                 self.samples.get(_IALM_BY_KEY[col.ratio[1]].case))
-        s = self.samples.get(col.case)
-        return statistics.median(s) if s else None
 
     def to_json(self) -> dict:
         return {"m": self.m, "samples": self.samples, "steps_per_sample": self.numbers,

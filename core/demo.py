@@ -143,14 +143,7 @@ def qhadam_digits(steps: int = 300) -> bool:
           f"{steps} full-batch steps, float64")
     print(f"{'backend':<14} {'train loss':>12} {'test acc':>9} {'time [s]':>9}")
     finals, ok = {}, True
-    for name, train in BACKENDS.items():
-        try:
-            start = time.perf_counter()
-            params, loss, logits = train(init, x, y, x_test, steps)
-            elapsed = time.perf_counter() - start
-        except ImportError as exc:
-            print(f"{name:<14} {'skipped: ' + str(exc):>32}")
-            continue
+    for name, (params, loss, logits), elapsed in _timed_runs(BACKENDS, init, x, y, x_test, steps):
         finals[name] = params
         print(f"{name:<14} {loss:>12.6f} {_accuracy(logits, y_test):>9.3f} {elapsed:>9.2f}")
         ok &= np.isfinite(loss)
@@ -239,14 +232,7 @@ def polyak_interpolation(steps: int = 300) -> bool:
     print(f"{'backend':<14} {'final loss':>12} {'|w-w*|/|w*|':>12} {'time [s]':>9}")
     initial_loss = 0.5 * float(t @ t) / len(t)
     finals, distances, ok = {}, [], True
-    for name, train in POLYAK_BACKENDS.items():
-        try:
-            start = time.perf_counter()
-            w, loss = train(x, t, steps)
-            elapsed = time.perf_counter() - start
-        except ImportError as exc:
-            print(f"{name:<14} skipped: {exc}")
-            continue
+    for name, (w, loss), elapsed in _timed_runs(POLYAK_BACKENDS, x, t, steps):
         finals[name] = w
         distances.append(float(np.linalg.norm(w - w_true) / np.linalg.norm(w_true)))
         ok &= bool(loss < 1e-2 * initial_loss)  # interpolation: the loss heads to f* = 0
@@ -386,14 +372,7 @@ def neyman_pearson(steps: int = 300) -> bool:
           f"{'test FPR':>9} {'test FNR':>9} {'time [s]':>9}")
     finals, ok = {}, True
     xn = x[y == 0]
-    for name, train in NP_BACKENDS.items():
-        try:
-            start = time.perf_counter()
-            w, dual = train(x, y, steps)
-            elapsed = time.perf_counter() - start
-        except ImportError as exc:
-            print(f"{name:<14} skipped: {exc}")
-            continue
+    for name, (w, dual), elapsed in _timed_runs(NP_BACKENDS, x, y, steps):
         finals[name] = [w]
         constraint = float(np.mean(0.5 * (1.0 + np.tanh(0.5 * (xn @ w))))) - NP_ALPHA
         z, zt = x @ w, x_test @ w
@@ -405,6 +384,20 @@ def neyman_pearson(steps: int = 300) -> bool:
               f"{rates[2]:>9.3f} {rates[3]:>9.3f} {elapsed:>9.2f}"
               f"  {'satisfied' if satisfied else 'VIOLATED'}")
     return bool(ok & _agree(finals))
+
+
+def _timed_runs(backends: dict, *args):
+    """``(name, result, seconds)`` of each backend's run on ``args``; a backend whose
+    framework is not installed prints a "skipped" row instead."""
+    for name, train in backends.items():
+        try:
+            start = time.perf_counter()
+            result = train(*args)
+            elapsed = time.perf_counter() - start
+        except ImportError as exc:
+            print(f"{name:<14} skipped: {exc}")
+            continue
+        yield name, result, elapsed
 
 
 def _agree(finals: dict) -> bool:

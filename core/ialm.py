@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import nonnegative_finite, real
+from ._validation import nonnegative_finite, real, unit_interval
 from .kernels import ialm_cpu
 from .rules import bind
 from .rules import ialm as _rules
@@ -52,13 +52,6 @@ def _size(m) -> int | None:
     if m < 1:
         raise ValueError(f"Invalid m: {m}")
     return int(m)
-
-
-def _in_unit_interval(what: str, value) -> float:
-    v = real(what, value)
-    if not 0.0 <= v <= 1.0:
-        raise ValueError(f"Invalid {what}: {value}")
-    return v
 
 
 def _dual_range(value) -> tuple:
@@ -88,8 +81,8 @@ def check_ialm_group(*, beta, sigma, gamma, momentum, dampening, dual_range, is_
         "beta": nonnegative_finite("beta value", beta),
         "sigma": nonnegative_finite("sigma value", sigma),
         "gamma": nonnegative_finite("gamma value", gamma),
-        "momentum": _in_unit_interval("momentum value", momentum),
-        "dampening": _in_unit_interval("dampening value", dampening),
+        "momentum": unit_interval("momentum value", momentum, closed=True),
+        "dampening": unit_interval("dampening value", dampening, closed=True),
     }
     if out["sigma"] == 0:
         raise ValueError(f"Invalid sigma value: {sigma}")

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import math
 
+from ._scalar import maximum, minimum, where  # noqa: F401 (rules, rebound by bind)
+
 sqrt = math.sqrt
 
 RULES = (
@@ -43,21 +45,6 @@ RULES = (
     "dual_update",
     "penalty_violation",
 )
-
-
-def where(condition, a, b):
-    """``a`` where ``condition`` holds, else ``b`` (scalar default; rebound per backend)."""
-    if condition:
-        return a
-    return b
-
-
-def minimum(a, b):
-    return where(b < a, b, a)
-
-
-def maximum(a, b):
-    return where(b > a, b, a)
 
 
 def equality_filter(c, ctol):

@@ -30,6 +30,8 @@ References:
 
 from __future__ import annotations
 
+from ._scalar import maximum, minimum, where  # noqa: F401 (rules, rebound by bind)
+
 VARIANTS = ("SPS_max", "SPS+")
 
 RULES = (
@@ -41,21 +43,6 @@ RULES = (
     "sgd_update",
     "heavy_ball_update",
 )
-
-
-def where(condition, a, b):
-    """``a`` where ``condition`` holds, else ``b`` (scalar default; rebound per backend)."""
-    if condition:
-        return a
-    return b
-
-
-def minimum(a, b):
-    return where(b < a, b, a)
-
-
-def maximum(a, b):
-    return where(b > a, b, a)
 
 
 def sps_max_stepsize(value, fun_min, sq_norm, delta, max_stepsize):

@@ -222,6 +222,13 @@ def test_duals_adopt_the_first_constraints_dtype(c_dtype):
     assert dual.duals.dtype == c_dtype
 
 
+@pytest.mark.parametrize("c_dtype", [torch.float32, torch.float64])
+def test_a_number_init_is_rounded_once_to_the_adopted_dtype(c_dtype):
+    dual = iALM(m=2, init_duals=0.1, gamma=0.0)  # gamma = 0: a zero step, the duals stay
+    dual.update(torch.zeros(2, dtype=c_dtype))
+    assert dual.duals.tolist() == torch.full((2,), 0.1, dtype=c_dtype).tolist()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_violations_within_ctol_leave_the_multipliers_unchanged(backend, float64_default):
     dual = iALM(m=3, ctol=0.1, init_duals=torch.tensor([0.3, -0.2, 0.1]), _backend=backend)

@@ -97,7 +97,8 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
       gamma: its :math:`\gamma` (>= 0).
       init_duals: initial multipliers: ``None`` (zeros), a number, or a 1-D floating tensor
         (copied; the multipliers keep its dtype, otherwise they take the dtype of the first
-        constraints passed to an update).
+        constraints passed to an update, and are float64 until then, so a number such as 0.1
+        is exact in float64 duals).
       penalty: :math:`\rho` (>= 0), or ``None`` for each group's :math:`\beta_k`.
       dual_range: ``(low, high)`` clamp of the multipliers (``None`` entries: unbounded); also
         the range of groups added with ``dual_range=None``.
@@ -176,7 +177,8 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
             if size is None:
                 return None, False
             fill = 0.0 if init_duals is None else real("init_duals", init_duals)
-            return torch.full((size,), fill, dtype=torch.get_default_dtype(), device=device), False
+            # float64 (exact for any Python float) until the first constraints fix the dtype
+            return torch.full((size,), fill, dtype=torch.float64, device=device), False
         if not isinstance(init_duals, torch.Tensor):
             raise TypeError(f"Invalid init_duals: {type(init_duals).__name__} (expected None, a "
                             f"number or a 1-D floating tensor)")

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import nonnegative_finite, real, unit_interval
+from ._validation import nonnegative_finite, pair, real, unit_interval
 from .kernels import ialm_cpu
 from .rules import bind
 from .rules import ialm as _rules
@@ -56,12 +56,7 @@ def _size(m) -> int | None:
 
 def _dual_range(value) -> tuple:
     """``(lo, hi)`` with ``None`` meaning unbounded, as floats (``-inf`` / ``inf``)."""
-    try:
-        items = tuple(value)
-    except TypeError:
-        raise TypeError(f"Invalid dual_range: {value!r} (expected a pair (low, high))") from None
-    if len(items) != 2:
-        raise ValueError(f"Invalid dual_range: {value!r} (expected a pair (low, high))")
+    items = pair("dual_range", value)
     lo = -math.inf if items[0] is None else real("dual_range", items[0])
     hi = math.inf if items[1] is None else real("dual_range", items[1])
     if math.isnan(lo) or math.isnan(hi) or lo > hi or lo == math.inf or hi == -math.inf:

@@ -9,27 +9,19 @@ thread: sizes stay small.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 
 from conftest import tolerance
+from cuda_arrays import SIMULATOR
+from cuda_arrays import to_device as _device
+from cuda_arrays import to_host as _host
 from cuda_ptx import compile_ptx_script
 
 cuda = pytest.importorskip("numba.cuda")
 
 from uniopt.kernels import ialm_cpu  # noqa: E402
-
-SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-
-
-def _device(a):
-    return a if SIMULATOR else cuda.to_device(a)
-
-
-def _host(a):
-    return a if SIMULATOR else a.copy_to_host()
 
 
 def _inputs(n, dtype, seed, zero_some=True):

@@ -8,12 +8,14 @@ real device. The simulator runs each CUDA thread as a Python thread: sizes stay 
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 
 from conftest import tolerance
+from cuda_arrays import SIMULATOR
+from cuda_arrays import to_device as _device
+from cuda_arrays import to_host as _host
 from cuda_ptx import compile_ptx_script
 from refimpl.naive_polyak import NaivePolyakSGD, naive_sq_norm
 
@@ -21,16 +23,6 @@ cuda = pytest.importorskip("numba.cuda")
 
 from uniopt.kernels import polyak_cpu  # noqa: E402
 from uniopt.kernels._pointers import addresses  # noqa: E402
-
-SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-
-
-def _device(a):
-    return a if SIMULATOR else cuda.to_device(a)
-
-
-def _host(a):
-    return a if SIMULATOR else a.copy_to_host()
 
 
 def _table(arrays):

@@ -7,12 +7,14 @@ to real PTX (in a subprocess without the simulator). Tests marked ``gpu`` need a
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 
 from conftest import tolerance
+from cuda_arrays import SIMULATOR
+from cuda_arrays import to_device as _device
+from cuda_arrays import to_host as _host
 from cuda_ptx import compile_ptx_script
 
 cuda = pytest.importorskip("numba.cuda")
@@ -20,16 +22,6 @@ cuda = pytest.importorskip("numba.cuda")
 from uniopt.kernels import qh_cpu  # noqa: E402
 from uniopt.kernels._pointers import addresses  # noqa: E402
 from uniopt.rules import qh  # noqa: E402
-
-SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-
-
-def _device(a):
-    return a if SIMULATOR else cuda.to_device(a)
-
-
-def _host(a):
-    return a if SIMULATOR else a.copy_to_host()
 
 
 @pytest.mark.parametrize("n", [1, 300, 1000])

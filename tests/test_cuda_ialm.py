@@ -9,7 +9,6 @@ thread: sizes stay small.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 

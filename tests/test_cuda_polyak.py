@@ -8,7 +8,6 @@ real device. The simulator runs each CUDA thread as a Python thread: sizes stay 
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 

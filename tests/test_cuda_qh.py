@@ -7,7 +7,6 @@ to real PTX (in a subprocess without the simulator). Tests marked ``gpu`` need a
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 

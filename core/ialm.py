@@ -111,8 +111,9 @@ class DualGroups:
     stepsize)``) and ``_lagrangian_terms(loss, groups, parts, rhos)``.
 
     Each group is a dict with the keys of :data:`GROUP_KEYS` plus ``duals`` and
-    ``momentum_buffer`` (arrays of the duals' dtype), in ``self.param_groups`` (torch's name,
-    which the seed's API keeps).
+    ``momentum_buffer`` (arrays of the duals' dtype) and ``dtype_fixed`` (whether the duals'
+    dtype is settled: given by ``init_duals``, or adopted from the first constraint values), in
+    ``self.param_groups`` (torch's name, which the seed's API keeps).
     """
 
     #: the dtype of duals created before any constraint value is seen

@@ -381,6 +381,9 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
       ctol: violations within ``ctol`` count as satisfied.
       device: ignored (NumPy); kept for the seed's signature.
 
+    After each update, ``last_step`` holds one dict per group: ``{"direction_norm",
+    "stepsize", "rho"}`` (``rho``: the quadratic coefficient of that update's Lagrangian).
+
     Example:
       >>> import numpy as np, uniopt
       >>> dual = uniopt.iALM(m=1, beta=1.0, is_ineq=True)

@@ -87,7 +87,8 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
     raises there: it keeps the live dual tensor in the graph). Constraints may be a flat
     tensor (all groups, in order), a sequence of per-group tensors, or a mapping from group
     name to tensor. After each update, ``last_step`` holds one dict per group:
-    ``{"direction_norm", "stepsize"}``. A step that raises (wrong sizes, wrong mapping keys)
+    ``{"direction_norm", "stepsize", "rho"}`` (``rho``: the quadratic coefficient of that
+    update's Lagrangian). A step that raises (wrong sizes, wrong mapping keys)
     changes nothing.
 
     Args:

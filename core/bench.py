@@ -549,11 +549,9 @@ IALM = dict(beta=0.5, sigma=1.0, gamma=1.0, momentum=0.5, dampening=0.0,
             dual_range=(-100.0, 100.0))
 
 
-def _ialm_constraints(m: int, seed: int = 0):
-    import torch
-
-    rng = np.random.default_rng(seed)
-    return torch.from_numpy(rng.standard_normal(m, dtype=DTYPE))
+def _ialm_constraints(m: int, seed: int = 0) -> np.ndarray:
+    """The constraint values every iALM contender steps with (float32, seeded)."""
+    return np.random.default_rng(seed).standard_normal(m, dtype=DTYPE)
 
 
 def _build_uniopt_torch_ialm(m: int, seed: int = 0):
@@ -562,7 +560,7 @@ def _build_uniopt_torch_ialm(m: int, seed: int = 0):
         from uniopt.adapters.torch.dual_optim import iALM
     except ImportError as exc:
         raise Unavailable(f"uniopt.adapters.torch.dual_optim not available ({exc})") from exc
-    c = _ialm_constraints(m, seed)
+    c = torch.from_numpy(_ialm_constraints(m, seed))
     opt = iALM(m, penalty=None, init_duals=torch.zeros(m), **IALM)
     opt.update(c)
     return lambda: opt.update(c)
@@ -574,7 +572,7 @@ def _build_hct_ialm(m: int, seed: int = 0):
         from humancompatible.train.dual_optim import iALM
     except ImportError as exc:
         raise Unavailable("humancompatible-train not installed") from exc
-    c = _ialm_constraints(m, seed)
+    c = torch.from_numpy(_ialm_constraints(m, seed))
     opt = iALM(m, init_duals=torch.zeros(m), **IALM)
     opt.update(c)
     return lambda: opt.update(c)
@@ -583,7 +581,7 @@ def _build_hct_ialm(m: int, seed: int = 0):
 def _build_uniopt_numpy_ialm(m: int, seed: int = 0):
     from . import iALM
 
-    c = np.random.default_rng(seed).standard_normal(m, dtype=DTYPE)
+    c = _ialm_constraints(m, seed)
     opt = iALM(m, penalty=None, init_duals=np.zeros(m, DTYPE), **IALM)
     opt.update(c)
     return lambda: opt.update(c)

@@ -168,7 +168,7 @@ def test_ialm_contenders_do_the_same_update():
     torch = pytest.importorskip("torch")
     pytest.importorskip("humancompatible.train")
     m = 50
-    c = bench._ialm_constraints(m)
+    c = torch.from_numpy(bench._ialm_constraints(m))
     from humancompatible.train.dual_optim import iALM as Reference
 
     import uniopt

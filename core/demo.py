@@ -272,6 +272,11 @@ def load_breast_cancer_split(seed: int = 0):
     return prepare(x_train), y[order[:cut]], prepare(x_test), y[order[cut:]]
 
 
+def _sigmoid(z):
+    """The logistic function, overflow-free."""
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
 def _np_numpy(x, y, steps):
     """Objective: logistic loss on the positives (a surrogate of the miss rate); constraint:
     mean sigmoid score of the negatives (a smoothed false-positive rate) <= NP_ALPHA."""
@@ -280,14 +285,11 @@ def _np_numpy(x, y, steps):
     pos, neg = y == 1, y == 0
     xp, xn = x[pos], x[neg]
 
-    def sigmoid(z):
-        return 0.5 * (1.0 + np.tanh(0.5 * z))
-
     def parts(w):
         zp, zn = xp @ w, xn @ w
-        s = sigmoid(zn)
+        s = _sigmoid(zn)
         f = float(np.mean(np.logaddexp(0.0, -zp)))
-        return (f, xp.T @ (-sigmoid(-zp)) / len(zp), np.array([s.mean() - NP_ALPHA]),
+        return (f, xp.T @ (-_sigmoid(-zp)) / len(zp), np.array([s.mean() - NP_ALPHA]),
                 xn.T @ (s * (1.0 - s)) / len(zn))
 
     w = np.zeros(x.shape[1])
@@ -374,7 +376,7 @@ def neyman_pearson(steps: int = 300) -> bool:
     xn = x[y == 0]
     for name, (w, dual), elapsed in _timed_runs(NP_BACKENDS, x, y, steps):
         finals[name] = [w]
-        constraint = float(np.mean(0.5 * (1.0 + np.tanh(0.5 * (xn @ w))))) - NP_ALPHA
+        constraint = float(np.mean(_sigmoid(xn @ w))) - NP_ALPHA
         z, zt = x @ w, x_test @ w
         rates = (np.mean(z[y == 0] > 0), np.mean(z[y == 1] <= 0),
                  np.mean(zt[y_test == 0] > 0), np.mean(zt[y_test == 1] <= 0))

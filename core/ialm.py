@@ -337,16 +337,19 @@ class DualGroups:
 _np_rules = bind(_rules, where=np.where, minimum=np.minimum, maximum=np.maximum, sqrt=np.sqrt)
 
 
-def _filtered(c: np.ndarray, ctol: float, is_ineq: bool) -> np.ndarray:
+def filtered(rules, c, ctol: float, is_ineq: bool):
+    """The ``ctol`` filter of the group's kind with a backend's bound ``rules`` (the identity,
+    bit for bit, for ``ctol = 0``)."""
     if ctol <= 0:
         return c
-    return _np_rules.inequality_filter(c, ctol) if is_ineq else _np_rules.equality_filter(c, ctol)
+    return rules.inequality_filter(c, ctol) if is_ineq else rules.equality_filter(c, ctol)
 
 
-def penalty_part(c, ctol: float, is_ineq: bool):
-    """:math:`\\tilde c`: the ``ctol``-filtered constraints, their positive part if inequalities."""
-    c = _filtered(c, ctol, is_ineq)
-    return _np_rules.penalty_violation(c) if is_ineq else c
+def penalty_part(rules, c, ctol: float, is_ineq: bool):
+    """:math:`\tilde c`: the ``ctol``-filtered constraints, their positive part if inequalities
+    (with a backend's bound ``rules``)."""
+    c = filtered(rules, c, ctol, is_ineq)
+    return rules.penalty_violation(c) if is_ineq else c
 
 
 class iALM(DualGroups):  # noqa: N801 (the seed's name)
@@ -459,7 +462,7 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
         value = float(loss)
         for group, c, rho in zip(groups, parts, rhos):
             c = c.astype(np.float64)
-            cp = penalty_part(c, self.ctol, group["is_ineq"])
+            cp = penalty_part(_np_rules, c, self.ctol, group["is_ineq"])
             value += float(group["duals"].astype(np.float64) @ c) + 0.5 * rho * float(cp @ cp)
         return value
 
@@ -476,6 +479,7 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
             rhos = [s["rho"] for s in self.last_step]
         parts = self._gather(constraints)
         rhos = self._rhos() if rhos is None else rhos
-        out = [g["duals"].astype(np.float64) + rho * penalty_part(c.astype(np.float64), self.ctol, g["is_ineq"])
+        out = [g["duals"].astype(np.float64) + rho * penalty_part(_np_rules, c.astype(np.float64), self.ctol,
+                                                                g["is_ineq"])
                for g, c, rho in zip(self.param_groups, parts, rhos)]
         return np.concatenate(out)

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from uniopt import _validation
-from uniopt.ialm import check_ialm_group, check_penalty
+from uniopt.ialm import check_ialm_group, check_penalty, filtered, penalty_part
 from uniopt.rules import bind
 from uniopt.rules import ialm as _ialm
 
@@ -323,11 +323,6 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
             out.append(jnp.reshape(c, lam.shape))
         return treedef, out, groups
 
-    def filtered(c, g: _Group):
-        if ctol <= 0:  # the identity, bit for bit (as the kernels' ctol = -1)
-            return c
-        return _rules.inequality_filter(c, ctol) if g.is_ineq else _rules.equality_filter(c, ctol)
-
     def init(constraints) -> IALMState:
         treedef, leaves, groups = split(constraints)
         duals = []
@@ -357,7 +352,7 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
                   (state.duals, state.momentum_buffer, state.beta)]
         duals, buffers, betas, steps = [], [], [], []
         for c, lam, buf, beta_k, g in zip(parts, *leaves, groups):
-            c = filtered(c.astype(lam.dtype), g)
+            c = filtered(_rules, c.astype(lam.dtype), ctol, g.is_ineq)
             if g.momentum != 0:
                 buf = _rules.momentum_direction(buf, c, g.momentum, 1.0 - g.dampening)
                 d = buf
@@ -379,9 +374,7 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
             lam = jax.lax.stop_gradient(lam)
             c = c.astype(jnp.result_type(c.dtype, lam.dtype))
             rho = jax.lax.stop_gradient(beta_k) if penalty is None else penalty
-            ct = filtered(c, g)
-            if g.is_ineq:
-                ct = _rules.penalty_violation(ct)
+            ct = penalty_part(_rules, c, ctol, g.is_ineq)
             total = total + jnp.sum(lam * c) + 0.5 * rho * jnp.sum(jnp.square(ct))
         return total
 

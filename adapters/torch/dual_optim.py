@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from uniopt._validation import real
-from uniopt.ialm import DualGroups
-from uniopt.kernels import ialm_cpu
+from uniopt.ialm import DualGroups, filtered, penalty_part
 from uniopt.rules import bind
 from uniopt.rules import ialm as _rules
 
@@ -35,19 +34,6 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 _torch_rules = bind(_rules, where=torch.where, minimum=torch.minimum, maximum=torch.maximum,
                     sqrt=torch.sqrt)
-
-
-def _filtered(c: torch.Tensor, ctol: float, is_ineq: bool) -> torch.Tensor:
-    """The ``ctol`` filter of the group's kind (the identity for ``ctol = 0``)."""
-    if ctol <= 0:
-        return c
-    return _torch_rules.inequality_filter(c, ctol) if is_ineq else _torch_rules.equality_filter(c, ctol)
-
-
-def _penalty_part(c: torch.Tensor, ctol: float, is_ineq: bool) -> torch.Tensor:
-    r""":math:`\tilde c`: the filtered constraints, their positive part for inequality groups."""
-    c = _filtered(c, ctol, is_ineq)
-    return _torch_rules.penalty_violation(c) if is_ineq else c
 
 
 class iALM(DualGroups):  # noqa: N801 (the seed's name)
@@ -277,10 +263,7 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
         from uniopt.kernels import ialm_cuda
 
         np_dtype = np.dtype(np.float32 if str(duals.dtype).endswith("float32") else np.float64)
-        coef = ialm_cpu.coefficients(np_dtype, group["momentum"], group["dampening"],
-                                     group["lower_bound"], group["upper_bound"], self.ctol)
-        hyper = np.array([group["beta"], group["gamma"]], dtype=np.float64)
-        flags = np.array([group["momentum"] != 0, group["is_ineq"]], dtype=np.int64)
+        coef, hyper, flags = self._kernel_args(group, np_dtype)
         out = ialm_cuda.dual_step_(duals, buffer, c, coef, hyper, flags, stream=stream)
         if hasattr(out, "copy_to_host"):
             host = out.copy_to_host(stream=stream)
@@ -293,7 +276,7 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
         """The dual step with torch ops (any dtype, device and layout), in place."""
         duals, buffer = group["duals"], group["momentum_buffer"]
         with torch.no_grad():
-            d = _filtered(c, self.ctol, group["is_ineq"])
+            d = filtered(_torch_rules, c, self.ctol, group["is_ineq"])
             if group["momentum"] != 0:
                 new = _torch_rules.momentum_direction(buffer, d, group["momentum"],
                                                       1.0 - group["dampening"])
@@ -319,7 +302,7 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
             duals = group["duals"].detach().clone()
             dtype = torch.promote_types(torch.promote_types(c.dtype, duals.dtype), value.dtype)
             c, duals = c.to(dtype), duals.to(device=c.device, dtype=dtype)
-            cp = _penalty_part(c, self.ctol, group["is_ineq"])
+            cp = penalty_part(_torch_rules, c, self.ctol, group["is_ineq"])
             value = value.to(dtype) + duals @ c
             value = value + 0.5 * rho * torch.dot(cp, cp)
         return value.to(out_dtype)

@@ -4,7 +4,7 @@ The API is the seed's (``humancompatible.train.dual_optim.iALM``): constraint gr
 own hyper-parameters, ``forward`` / ``update`` (= ``step``) / ``forward_update``, ``duals``,
 ``state_dict`` / ``load_state_dict``. The backend-neutral part -- validating and resolving each
 group's settings, matching constraint values to groups, the order of a step -- is
-:class:`DualGroups`, which the torch face (:mod:`uniopt.adapters.torch.dual_optim`) shares;
+:class:`DualGroups`, which the torch face (:mod:`uniopt.adapters.torch.ialm`) shares;
 the arithmetic is :mod:`uniopt.rules.ialm` and the dual step is the Numba kernel
 :func:`uniopt.kernels.ialm_cpu.ialm_dual_step_`.
 

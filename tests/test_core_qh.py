@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import uniopt
-from refimpl.naive import NaiveQHAdam, NaiveQHM
+from refimpl.naive_qh import NaiveQHAdam, NaiveQHM
 from conftest import tolerance
 
 QHM_SETTINGS = [

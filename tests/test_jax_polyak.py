@@ -21,7 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from uniopt.adapters.jax._polyak import (  # noqa: E402
+from uniopt.adapters.jax.polyak import (  # noqa: E402
     OptStep,
     PolyakSGD,
     PolyakSGDState,

@@ -1,7 +1,7 @@
 """The JAX/optax face of QHM and QHAdam (uniopt.adapters.jax).
 
 Oracles: the NumPy optimizers (``uniopt.QHM``, ``uniopt.QHAdam``, ``uniopt.QHAdamW``, which run
-the Numba kernels), the naive NumPy implementations in ``refimpl.naive``, and optax's own
+the Numba kernels), the naive NumPy implementations in ``refimpl.naive_qh``, and optax's own
 ``sgd``/``adam``/``adamw`` for the degenerate settings. Every execution computes its gradient
 from its own parameters with the same NumPy code, so only the optimizers differ.
 """
@@ -28,7 +28,7 @@ from uniopt.adapters.jax import (  # noqa: E402
     scale_by_qhm,
 )
 from conftest import tolerance  # noqa: E402
-from refimpl.naive import NaiveQHAdam, NaiveQHM  # noqa: E402
+from refimpl.naive_qh import NaiveQHAdam, NaiveQHM  # noqa: E402
 
 STEPS = 25
 
@@ -666,7 +666,7 @@ def test_qhadam_from_nadam_matches_core_with_renamed_keys(recipe):
 
 def test_blocks_trace_the_shared_rule_definitions():
     """The JAX blocks run uniopt.rules.qh's own code (re-bound to jnp), not a copy."""
-    from uniopt.adapters.jax import _qh
+    from uniopt.adapters.jax import qh as _qh
     from uniopt.rules import qh as rules
 
     for name in ("qhm_direction", "qhadam_bias_weights", "qhadam_direction"):
@@ -742,7 +742,7 @@ def test_docstring_examples_run():
     import doctest
 
     from uniopt.adapters import jax as adapter
-    from uniopt.adapters.jax import _qh
+    from uniopt.adapters.jax import qh as _qh
 
     for module in (adapter, _qh):
         result = doctest.testmod(module, raise_on_error=False, report=True)

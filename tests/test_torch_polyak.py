@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from conftest import tolerance  # noqa: E402
 from refimpl.naive_polyak import NaivePolyakSGD  # noqa: E402
-from uniopt.adapters.torch import _polyak as torch_polyak  # noqa: E402
+from uniopt.adapters.torch import polyak as torch_polyak  # noqa: E402
 from uniopt.polyak import PolyakSGD as NumpyPolyakSGD  # noqa: E402
 
 PolyakSGD = torch_polyak.PolyakSGD

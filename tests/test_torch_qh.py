@@ -1,7 +1,7 @@
 """uniopt.adapters.torch QHM / QHAdam / QHAdamW against qhoptim and torch.optim, and their API.
 
 Cross-backend parity and the torch.optim mechanics (state dicts, hooks, dispatch) are in
-test_torch_qh_dispatch.py; the shared problem is in test_torch_qh_helpers.py.
+test_torch_qh_dispatch.py; the shared problem is in torch_qh_problem.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_torch_qh_helpers import Problem, assert_state_close, run  # noqa: E402
+from torch_qh_problem import Problem, assert_state_close, run  # noqa: E402
 from uniopt.adapters.torch import QHM, QHAdam, QHAdamW  # noqa: E402
 
 BACKENDS = ["auto", "torch"]

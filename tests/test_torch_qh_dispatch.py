@@ -17,8 +17,8 @@ torch = pytest.importorskip("torch")
 
 import uniopt  # noqa: E402
 from conftest import tolerance  # noqa: E402
-from refimpl.naive import NaiveQHAdam, NaiveQHM  # noqa: E402
-from test_torch_qh_helpers import Problem, assert_state_close, run  # noqa: E402
+from refimpl.naive_qh import NaiveQHAdam, NaiveQHM  # noqa: E402
+from torch_qh_problem import Problem, assert_state_close, run  # noqa: E402
 from uniopt.adapters.torch import QHM, QHAdam, QHAdamW  # noqa: E402
 
 TORCH_DTYPES = {np.float32: torch.float32, np.float64: torch.float64}

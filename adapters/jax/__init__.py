@@ -9,8 +9,8 @@ Example:
   >>> solver = optax.chain(optax.clip_by_global_norm(1.0), qhadam(1e-3, nus=(0.7, 1.0)))
 """
 
-from ._ialm import IALMState, IALMTransformation, ialm
-from ._polyak import (
+from .ialm import IALMState, IALMTransformation, ialm
+from .polyak import (
     OptStep,
     PolyakSGD,
     PolyakSGDState,
@@ -18,7 +18,7 @@ from ._polyak import (
     polyak_sgd,
     scale_by_polyak,
 )
-from ._qh import (
+from .qh import (
     ScaleByQHAdamState,
     ScaleByQHMState,
     qhadam,

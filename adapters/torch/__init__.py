@@ -3,8 +3,8 @@
 Importing this module imports torch (``import uniopt`` alone never does).
 """
 
-from ._polyak import PolyakSGD
-from .dual_optim import iALM
+from .polyak import PolyakSGD
+from .ialm import iALM
 from .qh import QHM, QHAdam, QHAdamW
 
 __all__ = ["QHM", "QHAdam", "QHAdamW", "PolyakSGD", "iALM"]

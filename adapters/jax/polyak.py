@@ -289,7 +289,7 @@ class PolyakSGD:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from uniopt.adapters.jax._polyak import PolyakSGD
+      >>> from uniopt.adapters.jax.polyak import PolyakSGD
       >>> X = jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 7.0]])
       >>> y = X @ jnp.array([1.0, -1.0])        # realisable: the minimum is 0
       >>> loss = lambda w, X, y: 0.5 * jnp.mean((X @ w - y) ** 2)
@@ -754,7 +754,7 @@ def polyak_sgd(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
-      >>> from uniopt.adapters.jax._polyak import polyak_sgd
+      >>> from uniopt.adapters.jax.polyak import polyak_sgd
       >>> f = lambda x: jnp.sum(x ** 2)
       >>> solver, params = polyak_sgd(), jnp.array([1.0, 2.0, 3.0])
       >>> state = solver.init(params)

@@ -5,8 +5,8 @@ framework faces live in :mod:`uniopt.adapters.torch` and :mod:`uniopt.adapters.j
 """
 
 from .ialm import iALM
-from ._minimize import minimize, minimize_qhadam, minimize_qhm
-from .polyak import OptStep, PolyakSGD, PolyakSGDState, minimize_polyak
+from ._minimize import minimize, minimize_polyak, minimize_qhadam, minimize_qhm
+from .polyak import OptStep, PolyakSGD, PolyakSGDState
 from .qh import QHM, QHAdam, QHAdamW
 
 __version__ = "0.1.0"

@@ -1,14 +1,31 @@
 """Argument checks shared by every backend, with torch-style messages.
 
 Every check raises at construction (never inside a kernel) and names the argument and the
-value, e.g. ``ValueError("Invalid learning rate: -1.0")``. A value of the wrong type (a string,
-``None``, a sequence where a number belongs) raises ``TypeError`` naming the argument.
+value, e.g. ``ValueError("Invalid learning rate: -1.0")``. One policy for every family:
+
+* a value of the wrong type (a string, ``None``, a sequence where a number belongs, a number
+  where a bool belongs) raises ``TypeError`` naming the argument and the value;
+* a number outside its range raises ``ValueError`` naming the argument and the value. Ranges
+  follow each reference's documented range; every real hyper-parameter must also be finite
+  (NaN and infinities are errors);
+* momentum-like coefficients (``momentum``, ``betas``) share one range, ``[0, 1)``;
+* flags (``maximize``, ``decouple_weight_decay``, ``has_aux``) must be ``bool`` (a NumPy
+  bool is accepted), not ``0``/``1`` or a string;
+* counts (``maxiter``) must be integers (``2.5`` and ``1e3`` are ``TypeError``), not bools.
+
+Checks of a value that cannot be known at construction (a JAX tracer under ``jit`` or
+``optax.inject_hyperparams``, an optax schedule) are skipped through the ``skip`` and
+``schedules`` arguments of the ``check_*`` functions; the framework faces say which values
+those are, since this module imports no framework.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import numbers
+from typing import Any, Callable
+
+import numpy as np
 
 from .rules.polyak import VARIANTS as POLYAK_VARIANTS
 
@@ -20,10 +37,17 @@ __all__ = [
     "unit_interval",
     "pair",
     "choice",
+    "boolean",
+    "integer",
     "check_qhm",
     "check_qhadam",
+    "pair_or_scalars",
     "check_polyak",
+    "check_minimize",
+    "WEIGHT_DECAY_TYPES",
 ]
+
+WEIGHT_DECAY_TYPES = ("grad", "direct")
 
 
 def real(what: str, value: Any) -> float:
@@ -37,6 +61,7 @@ def real(what: str, value: Any) -> float:
 
 
 def nonnegative(what: str, value: Any) -> float:
+    """``value >= 0`` (``inf`` allowed, NaN rejected)."""
     v = real(what, value)
     if not v >= 0.0:  # also rejects NaN
         raise ValueError(f"Invalid {what}: {value}")
@@ -44,6 +69,7 @@ def nonnegative(what: str, value: Any) -> float:
 
 
 def nonnegative_finite(what: str, value: Any) -> float:
+    """``0 <= value < inf``."""
     v = nonnegative(what, value)
     if not math.isfinite(v):
         raise ValueError(f"Invalid {what}: {value}")
@@ -51,6 +77,7 @@ def nonnegative_finite(what: str, value: Any) -> float:
 
 
 def finite(what: str, value: Any) -> float:
+    """Any finite real number."""
     v = real(what, value)
     if not math.isfinite(v):
         raise ValueError(f"Invalid {what}: {value}")
@@ -66,6 +93,9 @@ def unit_interval(what: str, value: Any, closed: bool = False) -> float:
 
 
 def pair(what: str, value: Any) -> tuple:
+    """``value`` as a 2-tuple; TypeError if it is not a sequence, ValueError if not of length 2."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"Invalid {what}: {value!r} (expected a pair of numbers)")
     try:
         items = tuple(value)
     except TypeError:
@@ -76,42 +106,143 @@ def pair(what: str, value: Any) -> tuple:
 
 
 def choice(what: str, value: Any, allowed: tuple) -> Any:
+    """``value`` must be one of the strings in ``allowed``."""
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"Invalid {what}: {value!r} (expected one of {', '.join(map(repr, allowed))})")
     return value
 
 
-def check_qhm(lr, momentum, nu, weight_decay, weight_decay_type) -> None:
-    """QHM's checks (qhoptim's, plus type and NaN checks; ``nu`` may be any finite number)."""
-    nonnegative("learning rate", lr)
-    nonnegative("momentum value", momentum)
-    finite("nu value", nu)
-    nonnegative("weight_decay value", weight_decay)
-    choice("weight_decay_type value", weight_decay_type, ("grad", "direct"))
+def boolean(what: str, value: Any) -> bool:
+    """``value`` must be ``True`` or ``False`` (a NumPy bool too); TypeError otherwise."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"Invalid {what}: {value!r} (expected True or False)")
+    return bool(value)
 
 
-def check_qhadam(lr, betas, nus, weight_decay, eps) -> None:
-    """QHAdam's checks (qhoptim's, plus type and NaN checks on every number)."""
-    nonnegative("learning rate", lr)
-    nonnegative("epsilon value", eps)
-    betas = pair("betas", betas)
+def integer(what: str, value: Any, minimum: int = 0) -> int:
+    """An integer ``>= minimum``: TypeError for bools and non-integers (``2.5``, ``1e3``)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"Invalid {what}: {value!r} (expected an integer)")
+    if value < minimum:
+        raise ValueError(f"Invalid {what}: {value}")
+    return int(value)
+
+
+def _never(value: Any) -> bool:
+    return False
+
+
+def _checker(skip: Callable[[Any], bool], schedules: bool):
+    """``check(fn, what, value, schedule=False)``: ``fn(what, value)`` unless it is skipped."""
+
+    def check(fn, what, value, schedule=False):
+        if skip(value) or (schedule and schedules and callable(value)):
+            return value
+        return fn(what, value)
+
+    return check
+
+
+# ----------------------------------------------------------------------------------------------
+# QH family (qhoptim 1.1.0 checks signs; the documented ranges are momentum/betas in [0, 1))
+# ----------------------------------------------------------------------------------------------
+def check_qhm(lr, momentum, nu, weight_decay=0.0, weight_decay_type="grad", maximize=False, *,
+              skip: Callable[[Any], bool] = _never, schedules: bool = False) -> None:
+    """QHM's checks, for every backend.
+
+    ``lr`` finite and >= 0; ``momentum`` in [0, 1) (as QHAdam's betas); ``nu`` any finite
+    number (values outside [0, 1] come out of the ``from_*`` conversions); ``weight_decay``
+    finite and >= 0; ``weight_decay_type`` ``"grad"`` or ``"direct"``; ``maximize`` a bool.
+
+    Args:
+      skip: values for which it returns true (JAX tracers) are not checked.
+      schedules: accept callables (optax schedules) for ``lr`` and ``weight_decay``.
+    """
+    check = _checker(skip, schedules)
+    check(nonnegative_finite, "learning rate", lr, schedule=True)
+    check(unit_interval, "momentum value", momentum)
+    check(finite, "nu value", nu)
+    check(nonnegative_finite, "weight_decay value", weight_decay, schedule=True)
+    choice("weight_decay_type value", weight_decay_type, WEIGHT_DECAY_TYPES)
+    boolean("maximize value", maximize)
+
+
+def _pair_of(what: str, value: Any, skip: Callable[[Any], bool]) -> tuple:
+    if skip(value):  # a traced pair: unpack it without checking
+        return value[0], value[1]
+    return pair(what, value)
+
+
+def pair_or_scalars(what: str, value: Any, names: tuple, scalars: tuple,
+                    unset: Callable[[int, Any], bool]) -> tuple:
+    """One of two spellings of a pair: ``betas=(b1, b2)`` or ``b1=..., b2=...``, not both.
+
+    Args:
+      what: the pair's name (``"betas"``); ``value`` is it, ``None`` when not given.
+      names, scalars: the scalars' names (``("b1", "b2")``) and values.
+      unset: ``unset(i, scalar)`` is true when scalar ``i`` was left at its default.
+
+    Returns:
+      ``(pair, from_scalars)``: the two values, and whether they came from the scalars.
+    """
+    if value is None:
+        return tuple(scalars), True
+    given = [f"{n}={s!r}" for i, (n, s) in enumerate(zip(names, scalars)) if not unset(i, s)]
+    if given:
+        raise ValueError(f"Invalid {what}: {value!r} given together with {', '.join(given)} "
+                         f"(give either {what} or {'/'.join(names)}, not both)")
+    return value, False
+
+
+def check_qhadam(lr, betas, nus, weight_decay=0.0, eps=1e-8, decouple_weight_decay=False,
+                 maximize=False, *, skip: Callable[[Any], bool] = _never,
+                 schedules: bool = False, scalar_names: tuple = (False, False)) -> tuple:
+    """QHAdam's checks, for every backend; returns ``(beta1, beta2), (nu1, nu2)`` unpacked.
+
+    ``lr`` finite and >= 0; ``betas`` a pair, each in [0, 1); ``nus`` a pair of finite numbers;
+    ``weight_decay`` and ``eps`` finite and >= 0; ``decouple_weight_decay`` and ``maximize``
+    bools. ``skip``/``schedules`` as :func:`check_qhm`. ``scalar_names``: whether the betas
+    (and the nus) were given as the scalars ``b1, b2`` (``nu1, nu2``), which the messages then
+    name.
+    """
+    check = _checker(skip, schedules)
+    check(nonnegative_finite, "learning rate", lr, schedule=True)
+    check(nonnegative_finite, "epsilon value", eps)
+    betas = _pair_of("betas", betas, skip)
     for i, beta in enumerate(betas):
-        unit_interval(f"beta parameter at index {i}", beta)
-    nus = pair("nus", nus)
+        what = f"b{i + 1} value" if scalar_names[0] else f"beta parameter at index {i}"
+        check(unit_interval, what, beta)
+    nus = _pair_of("nus", nus, skip)
     for i, nu in enumerate(nus):
-        finite(f"nu parameter at index {i}", nu)
-    nonnegative("weight_decay value", weight_decay)
+        what = f"nu{i + 1} value" if scalar_names[1] else f"nu parameter at index {i}"
+        check(finite, what, nu)
+    check(nonnegative_finite, "weight_decay value", weight_decay, schedule=True)
+    boolean("decouple_weight_decay value", decouple_weight_decay)
+    boolean("maximize value", maximize)
+    return betas, nus
 
 
+# ----------------------------------------------------------------------------------------------
+# Polyak SGD
+# ----------------------------------------------------------------------------------------------
 def check_polyak(fun_min, variant, max_stepsize, delta, momentum) -> None:
     """Polyak SGD's checks, for every backend.
 
     ``fun_min`` must be finite; ``max_stepsize``, ``delta`` and ``momentum`` finite and
     non-negative (an infinite ``max_stepsize`` would turn a zero gradient into ``inf * 0``);
-    ``variant`` one of ``"SPS_max"``, ``"SPS+"``.
+    ``variant`` one of ``"SPS_max"``, ``"SPS+"``. ``momentum=False`` is accepted as 0 (jaxopt's
+    own tests pass it).
     """
     finite("fun_min value", fun_min)
     choice("variant value", variant, POLYAK_VARIANTS)
     nonnegative_finite("max_stepsize value", max_stepsize)
     nonnegative_finite("delta value", delta)
     nonnegative_finite("momentum value", momentum)
+
+
+# ----------------------------------------------------------------------------------------------
+# scipy.optimize.minimize options
+# ----------------------------------------------------------------------------------------------
+def check_minimize(maxiter, gtol) -> tuple:
+    """``maxiter`` an integer >= 0, ``gtol`` >= 0 (``inf`` stops at once); returns them."""
+    return integer("maxiter value", maxiter), nonnegative("gtol value", gtol)

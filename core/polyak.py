@@ -1,10 +1,12 @@
-r"""Polyak step-size SGD on NumPy arrays: a jaxopt-shaped solver and a SciPy-shaped driver.
+r"""Polyak step-size SGD on NumPy arrays: a jaxopt-shaped solver.
 
 :class:`PolyakSGD` has the API of ``jaxopt.PolyakSGD`` (jaxopt 0.8.5): ``init_state``,
 ``update``, ``run``, ``run_iterator``, ``optimality_fun``, ``l2_optimality_error`` and a
 :class:`PolyakSGDState` with jaxopt's fields, over ndarrays or nested lists/tuples/dicts of
-ndarrays. :func:`minimize_polyak` is the SciPy custom-method form
-(``uniopt.minimize(..., method="polyak")``).
+ndarrays. Its SciPy custom-method form, :func:`uniopt.minimize_polyak`
+(``uniopt.minimize(..., method="polyak")``), lives with every other method in
+:mod:`uniopt._minimize`, which builds on :func:`squared_norm`, :func:`step_` and
+:func:`polyak_stepsize`.
 
 The arithmetic is :mod:`uniopt.rules.polyak`; the norm and the update run as the Numba table
 kernels of :mod:`uniopt.kernels.polyak_cpu` (one call for the norm, one for the update, over
@@ -32,7 +34,8 @@ __all__ = [
     "OptStep",
     "polyak_stepsize",
     "check_polyak",
-    "minimize_polyak",
+    "squared_norm",
+    "step_",
 ]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -154,8 +157,11 @@ def _table(arrays):
     return addresses(arrays), np.array([a.size for a in arrays], dtype=np.int64)
 
 
-def _sq_norm(arrays, dtype) -> float:
-    """``sum ||a||^2`` over ``arrays`` in float64 (one kernel call)."""
+def squared_norm(arrays, dtype) -> float:
+    """``sum ||a||^2`` over ``arrays`` in float64 (one kernel call).
+
+    ``arrays``: C-contiguous arrays of ``dtype`` (float32 or float64); only read.
+    """
     if not arrays:
         return 0.0
     addrs, sizes = _table(arrays)
@@ -163,8 +169,13 @@ def _sq_norm(arrays, dtype) -> float:
     return float(kernel(addrs, sizes, _LIKE[np.dtype(dtype)]))
 
 
-def _step_(params, grads, velocities, stepsize, momentum, dtype) -> None:
-    """``params -= stepsize * grads`` (or the heavy-ball step) in place, one kernel call."""
+def step_(params, grads, velocities, stepsize, momentum, dtype) -> None:
+    """``params -= stepsize * grads`` (or the heavy-ball step) in place, one kernel call.
+
+    ``params``, ``grads`` and ``velocities`` (``None`` without momentum): lists of
+    C-contiguous arrays of ``dtype`` with matching sizes; ``params`` and ``velocities`` are
+    updated in place, ``grads`` only read.
+    """
     if not params:
         return
     p_addrs, sizes = _table(params)
@@ -370,7 +381,7 @@ class PolyakSGD:
         (value, aux), grad = self._value_and_grad(params, *args, **kwargs)
         grads = tree.matching(grad, "gradient")
         dtype = tree.dtype
-        sq_norm = _sq_norm(grads, dtype)
+        sq_norm = squared_norm(grads, dtype)
         stepsize = polyak_stepsize(value, sq_norm, self.fun_min, self.variant,
                                    self.max_stepsize, self.delta, dtype)
         stepsize = dtype.type(stepsize)
@@ -384,7 +395,7 @@ class PolyakSGD:
             else:
                 velocities = [np.array(v, dtype=dtype, order="C", copy=True)
                               for v in tree.matching(state.velocity, "velocity")]
-        _step_(new_params, grads, velocities, stepsize, self.momentum, dtype)
+        step_(new_params, grads, velocities, stepsize, self.momentum, dtype)
         if velocities is not None:
             new_velocity = tree.tree(velocities)
         value_out = np.asarray(value)
@@ -443,44 +454,4 @@ class PolyakSGD:
         """The L2 norm of :meth:`optimality_fun` (a scalar of the parameters' dtype)."""
         tree = _Params(params)
         _, grad = self._value_and_grad(params, *args, **kwargs)
-        return tree.dtype.type(math.sqrt(_sq_norm(tree.matching(grad, "gradient"), tree.dtype)))
-
-
-# ----------------------------------------------------------------------------------------------
-# scipy.optimize.minimize
-# ----------------------------------------------------------------------------------------------
-def minimize_polyak(fun, x0, args=(), jac=None, callback=None, max_stepsize=1.0, delta=0.0,
-                    fun_min=0.0, variant="SPS_max", momentum=0.0, maxiter=1000, gtol=1e-5,
-                    **unknown_options):
-    """Minimise ``fun`` with Polyak step-size SGD (SciPy custom-method signature).
-
-    Each iteration evaluates ``fun`` and its gradient once, then steps with
-    :func:`polyak_stepsize`. Stops when the largest gradient component is at most ``gtol``
-    (``success=True``, ``x`` is that point), after ``maxiter`` steps, on NaN/Inf, or when
-    ``callback`` returns ``True``. ``jac``, ``callback`` and the result are as for
-    :func:`uniopt.minimize`; unknown options raise an ``OptimizeWarning``.
-
-    Returns:
-      A :class:`scipy.optimize.OptimizeResult` with ``x, fun, jac, nit, nfev, njev, status,
-      success, message``.
-    """
-    from ._minimize import _warn_unknown, run
-
-    _warn_unknown(unknown_options)
-    check_polyak(fun_min, variant, max_stepsize, delta, momentum)
-
-    def make_step(x):
-        dtype = x.dtype
-        velocity = [np.zeros_like(x)] if momentum != 0 else None
-
-        def step(f, g):
-            g = np.ascontiguousarray(g, dtype=dtype)
-            if g.size != x.size:
-                raise ValueError(f"Invalid gradient: {g.size} elements for {x.size} parameters")
-            stepsize = polyak_stepsize(f, _sq_norm([g], dtype), fun_min, variant, max_stepsize,
-                                       delta, dtype)
-            _step_([x], [g], velocity, stepsize, momentum, dtype)
-
-        return step
-
-    return run(make_step, fun, x0, args, jac, callback, maxiter, gtol)
+        return tree.dtype.type(math.sqrt(squared_norm(tree.matching(grad, "gradient"), tree.dtype)))

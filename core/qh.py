@@ -31,13 +31,13 @@ class QHM(QHMConversions, Optimizer):
 
     Args:
       params: a list of float32/float64 C-contiguous arrays, or a list of param-group dicts.
-      lr: learning rate :math:`\alpha` (>= 0).
-      momentum: :math:`\beta` (>= 0).
+      lr: learning rate :math:`\alpha` (finite, >= 0).
+      momentum: :math:`\beta`, in [0, 1) (as QHAdam's betas).
       nu: immediate discount :math:`\nu` (any finite number).
-      weight_decay: :math:`\lambda` (>= 0).
+      weight_decay: :math:`\lambda` (finite, >= 0).
       weight_decay_type: ``"grad"`` adds :math:`\lambda\theta` to the gradient; ``"direct"``
         multiplies the parameter by :math:`1 - \alpha\lambda` first.
-      maximize: ascend instead of descend.
+      maximize: (bool) ascend instead of descend.
 
     Example:
       >>> import numpy as np, uniopt
@@ -55,14 +55,14 @@ class QHM(QHMConversions, Optimizer):
 
     def __init__(self, params, lr, momentum, nu, weight_decay=0.0, weight_decay_type="grad", *,
                  maximize=False):
-        check_qhm(lr, momentum, nu, weight_decay, weight_decay_type)
+        check_qhm(lr, momentum, nu, weight_decay, weight_decay_type, maximize)
         defaults = dict(lr=lr, momentum=momentum, nu=nu, weight_decay=weight_decay,
                         weight_decay_type=weight_decay_type, maximize=bool(maximize))
         super().__init__(params, defaults)
 
     def _check_group(self, group):
         check_qhm(group["lr"], group["momentum"], group["nu"], group["weight_decay"],
-                  group["weight_decay_type"])
+                  group["weight_decay_type"], group["maximize"])
 
     def _step_group(self, group, indices, grads, dtype):
         params = [self._params[i] for i in indices]
@@ -91,14 +91,14 @@ class QHAdam(QHAdamConversions, Optimizer):
 
     Args:
       params: a list of float32/float64 C-contiguous arrays, or a list of param-group dicts.
-      lr: :math:`\alpha` (>= 0).
+      lr: :math:`\alpha` (finite, >= 0).
       betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
       nus: :math:`(\nu_1, \nu_2)` (finite).
-      weight_decay: :math:`\lambda` (>= 0).
-      decouple_weight_decay: if true, decay the parameter by :math:`1 - \alpha\lambda` (QHAdamW)
+      weight_decay: :math:`\lambda` (finite, >= 0).
+      decouple_weight_decay: (bool) if true, decay the parameter by :math:`1 - \alpha\lambda` (QHAdamW)
         instead of adding :math:`\lambda\theta` to the gradient.
-      eps: :math:`\epsilon` (>= 0), added outside the square root.
-      maximize: ascend instead of descend.
+      eps: :math:`\epsilon` (finite, >= 0), added outside the square root.
+      maximize: (bool) ascend instead of descend.
 
     References:
       Ma & Yarats, "Quasi-hyperbolic momentum and Adam for deep learning", ICLR 2019,
@@ -107,14 +107,15 @@ class QHAdam(QHAdamConversions, Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), nus=(1.0, 1.0), weight_decay=0.0,
                  decouple_weight_decay=False, eps=1e-8, *, maximize=False):
-        check_qhadam(lr, betas, nus, weight_decay, eps)
+        check_qhadam(lr, betas, nus, weight_decay, eps, decouple_weight_decay, maximize)
         defaults = dict(lr=lr, betas=tuple(betas), nus=tuple(nus), weight_decay=weight_decay,
                         decouple_weight_decay=bool(decouple_weight_decay), eps=eps,
                         maximize=bool(maximize))
         super().__init__(params, defaults)
 
     def _check_group(self, group):
-        check_qhadam(group["lr"], group["betas"], group["nus"], group["weight_decay"], group["eps"])
+        check_qhadam(group["lr"], group["betas"], group["nus"], group["weight_decay"], group["eps"],
+                     group["decouple_weight_decay"], group["maximize"])
 
     def _step_group(self, group, indices, grads, dtype):
         params = [self._params[i] for i in indices]

@@ -21,7 +21,7 @@ from uniopt.kernels import polyak_cpu
 from uniopt.kernels._pointers import addresses
 
 PolyakSGD = core_polyak.PolyakSGD
-minimize_polyak = core_polyak.minimize_polyak
+minimize_polyak = uniopt.minimize_polyak
 
 SIZES = [0, 1, 7, 1023, 1024, 1025, 5000]
 

@@ -691,6 +691,8 @@ BAD_INPUTS = [
     (qhm, _qhm_with(learning_rate=None), TypeError, "Invalid learning rate: None"),
     (qhm, _qhm_with(momentum=-0.5), ValueError, "Invalid momentum value: -0.5"),
     (qhm, _qhm_with(momentum=None), TypeError, "Invalid momentum value: None"),
+    (qhm, _qhm_with(momentum=1.5), ValueError, "Invalid momentum value: 1.5"),
+    (qhm, _qhm_with(learning_rate=float("inf")), ValueError, "Invalid learning rate: inf"),
     (qhm, _qhm_with(nu=float("nan")), ValueError, "Invalid nu value: nan"),
     (qhm, _qhm_with(nu=float("inf")), ValueError, "Invalid nu value: inf"),
     (qhm, _qhm_with(weight_decay=-1e-4), ValueError, "Invalid weight_decay value: -0.0001"),
@@ -723,12 +725,13 @@ def test_bad_inputs_raise_at_construction(factory, kwargs, exc, message):
 
 
 def test_accepted_edge_values():
-    """Values qhoptim accepts stay accepted: nu outside [0, 1], momentum >= 1, zero lr/eps,
-    schedules, NumPy scalars and concrete 0-d jax arrays."""
+    """Values qhoptim accepts stay accepted (nu outside [0, 1], zero lr/eps/momentum, momentum
+    just below 1), and schedules, NumPy scalars and concrete 0-d jax arrays. (momentum >= 1,
+    which qhoptim accepts, is rejected on purpose: tests/test_validation.py.)"""
     params = jnp.asarray([1.0, -2.0])
     for opt in (
-        qhm(0.0, 1.0, -2.5),
-        qhm(0.1, 1.5, 3.0, weight_decay=0.0, weight_decay_type="direct"),
+        qhm(0.0, 0.0, -2.5),
+        qhm(0.1, 0.999, 3.0, weight_decay=0.0, weight_decay_type="direct"),
         qhadam(0.0, betas=(0.0, 0.0), nus=(-1.0, 2.0), eps=0.0),
         qhm(optax.constant_schedule(0.1), 0.9, 0.7, weight_decay=optax.constant_schedule(0.01)),
         qhm(np.float32(0.1), np.float64(0.9), jnp.asarray(0.7)),

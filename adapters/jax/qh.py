@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from uniopt import _validation
@@ -37,27 +38,51 @@ _rules = bind(_qh, sqrt=jnp.sqrt)
 
 
 # ----------------------------------------------------------------------------------------------
-# Construction-time checks (shared messages from uniopt._validation)
+# Construction-time checks (all in uniopt._validation; this face only says what is traced)
 # ----------------------------------------------------------------------------------------------
-def _check(check, what: str, value: Any, *, schedule_ok: bool = False) -> None:
-    """Run ``check(what, value)`` unless ``value`` is traced (or an allowed schedule).
+def _traced(value: Any) -> bool:
+    """Whether ``value``'s number is unknown now (a tracer under ``jit``/``vmap``/...).
 
-    Under ``jax.jit``/``jax.vmap`` or :func:`optax.inject_hyperparams` a hyper-parameter may be
-    a tracer whose value is unknown at construction: it is accepted as it is. Concrete numbers,
-    NumPy scalars and concrete 0-d jax arrays are checked.
+    Under :func:`optax.inject_hyperparams` the hyper-parameters reach the recipe as concrete
+    0-d arrays in ``init`` (checked) and as tracers inside a jitted ``update`` (not checked).
     """
-    if isinstance(value, jax.core.Tracer):
-        return
-    if schedule_ok and callable(value):
-        return
-    check(what, value)
+    return isinstance(value, jax.core.Tracer)
 
 
-def _check_pair(what: str, value: Any) -> tuple:
-    if isinstance(value, jax.core.Tracer):
-        # A traced pair (e.g. ``jnp.array([b1, b2])`` under vmap): unpack without checking.
-        return value[0], value[1]
-    return _validation.pair(what, value)
+class _Default(float):
+    """A default value that remembers it is one (``b1=0.9`` left unset, not given as 0.9)."""
+
+    __slots__ = ()
+
+
+_B1, _B2, _NU1, _NU2 = _Default(0.9), _Default(0.999), _Default(1.0), _Default(1.0)
+
+
+def _unset(defaults):
+    """``unset(i, value)`` for :func:`uniopt._validation.pair_or_scalars`.
+
+    A scalar is unset when it is our default object, or (as :func:`optax.inject_hyperparams`
+    passes the defaults) a concrete array equal to the default in its dtype, or traced.
+    """
+
+    def unset(i, value):
+        if value is defaults[i] or _traced(value):
+            return True
+        if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+            array = np.asarray(value)
+            return array.shape == () and bool(array == np.asarray(float(defaults[i]), array.dtype))
+        return False
+
+    return unset
+
+
+def _resolve(betas, nus, b1, b2, nu1, nu2) -> tuple:
+    """``(betas, nus, scalar_names)`` from either spelling (``betas=``/``b1, b2=``, ...)."""
+    betas, betas_scalar = _validation.pair_or_scalars("betas", betas, ("b1", "b2"), (b1, b2),
+                                                      _unset((_B1, _B2)))
+    nus, nus_scalar = _validation.pair_or_scalars("nus", nus, ("nu1", "nu2"), (nu1, nu2),
+                                                  _unset((_NU1, _NU2)))
+    return betas, nus, (betas_scalar, nus_scalar)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,14 +129,13 @@ def scale_by_qhm(momentum: Any, nu: Any) -> optax.GradientTransformation:
     :math:`b_{t+1} = \beta b_t + (1 - \beta) g_t`. See :func:`qhm` for details.
 
     Args:
-      momentum: :math:`\beta` (>= 0); a float or a (traced) scalar array.
+      momentum: :math:`\beta`, in [0, 1); a float or a (traced) scalar array.
       nu: immediate discount :math:`\nu` (any finite number).
 
     Returns:
       An :class:`optax.GradientTransformation` with state :class:`ScaleByQHMState`.
     """
-    _check(_validation.nonnegative, "momentum value", momentum)
-    _check(_validation.finite, "nu value", nu)
+    _validation.check_qhm(0.0, momentum, nu, skip=_traced)
     one_minus_beta, one_minus_nu = _complement(momentum), _complement(nu)
 
     def init_fn(params):
@@ -164,10 +188,10 @@ def qhm(learning_rate: optax.ScalarOrSchedule, momentum: Any, nu: Any,
     dictionaries: ``qhm(**qhm.from_pid(k_p, k_i, k_d))``.
 
     Args:
-      learning_rate: :math:`\alpha` (>= 0), a float or an optax schedule.
-      momentum: :math:`\beta` (>= 0).
+      learning_rate: :math:`\alpha` (finite, >= 0), a float or an optax schedule.
+      momentum: :math:`\beta`, in [0, 1) (as QHAdam's betas).
       nu: :math:`\nu`, any finite number (values outside [0, 1] arise from the conversions).
-      weight_decay: :math:`\lambda` (>= 0), a float or an optax schedule.
+      weight_decay: :math:`\lambda` (finite, >= 0), a float or an optax schedule.
       weight_decay_type: ``"grad"`` adds :math:`\lambda\theta` to the gradient (before the
         momentum); ``"direct"`` shrinks the parameter by :math:`1 - \alpha_t\lambda`.
 
@@ -175,8 +199,8 @@ def qhm(learning_rate: optax.ScalarOrSchedule, momentum: Any, nu: Any,
       An :class:`optax.GradientTransformationExtraArgs` (an :func:`optax.chain`).
 
     Raises:
-      ValueError: a negative ``learning_rate``, ``momentum`` or ``weight_decay``, a non-finite
-        ``nu``, or an unknown ``weight_decay_type``. TypeError: a value that is not a number.
+      ValueError: a negative or non-finite ``learning_rate`` or ``weight_decay``, a
+        ``momentum`` outside [0, 1), a non-finite ``nu``, or an unknown ``weight_decay_type``. TypeError: a value that is not a number.
         Traced values (inside ``jit``/``vmap``/``inject_hyperparams``) are not checked.
 
     Example:
@@ -195,9 +219,8 @@ def qhm(learning_rate: optax.ScalarOrSchedule, momentum: Any, nu: Any,
       Ma & Yarats, `Quasi-hyperbolic momentum and Adam for deep learning
       <https://arxiv.org/abs/1810.06801>`_, ICLR 2019
     """
-    _check(_validation.nonnegative, "learning rate", learning_rate, schedule_ok=True)
-    _check(_validation.nonnegative, "weight_decay value", weight_decay, schedule_ok=True)
-    _validation.choice("weight_decay_type value", weight_decay_type, ("grad", "direct"))
+    _validation.check_qhm(learning_rate, momentum, nu, weight_decay, weight_decay_type,
+                          skip=_traced, schedules=True)
     block = scale_by_qhm(momentum, nu)
     decay = optax.add_decayed_weights(weight_decay)
     steps = (decay, block) if weight_decay_type == "grad" else (block, decay)
@@ -221,28 +244,31 @@ class ScaleByQHAdamState(NamedTuple):
     exp_avg_sq: optax.Updates
 
 
-def scale_by_qhadam(betas: tuple = (0.9, 0.999), nus: tuple = (1.0, 1.0),
-                    eps: Any = 1e-8) -> optax.GradientTransformation:
+def scale_by_qhadam(betas: Any = None, nus: Any = None, eps: Any = 1e-8, *,
+                    b1: Any = _B1, b2: Any = _B2, nu1: Any = _NU1,
+                    nu2: Any = _NU2) -> optax.GradientTransformation:
     r"""Rescale updates by QHAdam (no learning rate, no decay).
 
     Returns :math:`(\nu_1 m_t + (1 - \nu_1) g_t) / (\sqrt{\nu_2 v_t + (1 - \nu_2) g_t^2} +
     \epsilon)`. See :func:`qhadam` for details.
 
     Args:
-      betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
-      nus: :math:`(\nu_1, \nu_2)`, finite.
-      eps: :math:`\epsilon` (>= 0), added outside the square root.
+      betas: :math:`(\beta_1, \beta_2)`, each in [0, 1); or give ``b1``, ``b2``.
+      nus: :math:`(\nu_1, \nu_2)`, finite; or give ``nu1``, ``nu2``.
+      eps: :math:`\epsilon` (finite, >= 0), added outside the square root.
+      b1, b2: :math:`\beta_1` (default 0.9), :math:`\beta_2` (default 0.999) as separate
+        scalars, which :func:`optax.inject_hyperparams` can change at run time.
+      nu1, nu2: :math:`\nu_1`, :math:`\nu_2` (default 1.0 each) as separate scalars.
 
     Returns:
       An :class:`optax.GradientTransformation` with state :class:`ScaleByQHAdamState`.
+
+    Raises:
+      ValueError: ``betas`` together with ``b1``/``b2`` (or ``nus`` with ``nu1``/``nu2``).
     """
-    beta1, beta2 = _check_pair("betas", betas)
-    _check(_validation.unit_interval, "beta parameter at index 0", beta1)
-    _check(_validation.unit_interval, "beta parameter at index 1", beta2)
-    nu1, nu2 = _check_pair("nus", nus)
-    _check(_validation.finite, "nu parameter at index 0", nu1)
-    _check(_validation.finite, "nu parameter at index 1", nu2)
-    _check(_validation.nonnegative, "epsilon value", eps)
+    betas, nus, scalar_names = _resolve(betas, nus, b1, b2, nu1, nu2)
+    (beta1, beta2), (nu1, nu2) = _validation.check_qhadam(
+        0.0, betas, nus, eps=eps, skip=_traced, scalar_names=scalar_names)
     one_minus_nu1, one_minus_nu2 = _complement(nu1), _complement(nu2)
 
     def init_fn(params):
@@ -257,8 +283,8 @@ def scale_by_qhadam(betas: tuple = (0.9, 0.999), nus: tuple = (1.0, 1.0),
         w_dtype = jnp.result_type(state.beta1_weight)
         w1, w2, a1, a2 = _rules.qhadam_bias_weights(
             state.beta1_weight, state.beta2_weight, *_cast(w_dtype, beta1, beta2))
-        step = (a1, _complement(a1), a2, _complement(a2),
-                nu1, one_minus_nu1, nu2, one_minus_nu2, eps)
+        step = _rules.qhadam_direction_coefficients(a1, a2, nu1, one_minus_nu1, nu2,
+                                                    one_minus_nu2, eps)
         treedef, grads, (ms, vs) = _leaves_with(updates, state.exp_avg, state.exp_avg_sq)
         directions, new_ms, new_vs = [], [], []
         for g, m, v in zip(grads, ms, vs):
@@ -287,10 +313,11 @@ def _from_nadam(learning_rate=1e-3, betas=(0.9, 0.999)) -> dict:
     return _QHAdamConversions.from_nadam(learning_rate, betas)
 
 
-def qhadam(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: tuple = (0.9, 0.999),
-           nus: tuple = (1.0, 1.0), eps: Any = 1e-8,
+def qhadam(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
+           nus: Any = None, eps: Any = 1e-8,
            weight_decay: optax.ScalarOrSchedule = 0.0,
-           decouple_weight_decay: bool = False) -> optax.GradientTransformation:
+           decouple_weight_decay: bool = False, *, b1: Any = _B1, b2: Any = _B2,
+           nu1: Any = _NU1, nu2: Any = _NU2) -> optax.GradientTransformation:
     r"""QHAdam: Adam with quasi-hyperbolic numerator and denominator.
 
     .. math::
@@ -318,22 +345,37 @@ def qhadam(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: tuple = (0.9, 0.
       ``QHAdam(params, lr, betas, nus, weight_decay, decouple_weight_decay, eps)``; pass
       arguments by keyword when porting code.
 
+    The betas and nus can be given as pairs (``betas=(0.9, 0.999)``, qhoptim's spelling) or
+    as separate scalars (``b1=0.9, b2=0.999``, ``nu1``, ``nu2``, optax's spelling), not both.
+    Only the scalars are numbers that :func:`optax.inject_hyperparams` can change at run time
+    (a pair is a static argument to it), so
+    ``optax.inject_hyperparams(qhadam)(learning_rate=1e-3, b1=0.9, nu1=0.7)`` exposes
+    ``state.hyperparams["b1"]`` and ``["nu1"]`` (and ``b2``, ``nu2`` at their defaults), as
+    :func:`optax.adam` does. When a pair is given under ``inject_hyperparams``, the injected
+    defaults of its scalars have no effect.
+
     Args:
-      learning_rate: :math:`\alpha` (>= 0), a float or an optax schedule.
-      betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
-      nus: :math:`(\nu_1, \nu_2)`, finite.
-      eps: :math:`\epsilon` (>= 0), added outside the square root.
-      weight_decay: :math:`\lambda` (>= 0), a float or an optax schedule.
-      decouple_weight_decay: if true, shrink the parameter by :math:`1 - \alpha_t\lambda`
-        (:func:`qhadamw`) instead of adding :math:`\lambda\theta` to the gradient.
+      learning_rate: :math:`\alpha` (finite, >= 0), a float or an optax schedule.
+      betas: :math:`(\beta_1, \beta_2)`, each in [0, 1); default ``(b1, b2)``.
+      nus: :math:`(\nu_1, \nu_2)`, finite; default ``(nu1, nu2)``.
+      eps: :math:`\epsilon` (finite, >= 0), added outside the square root.
+      weight_decay: :math:`\lambda` (finite, >= 0), a float or an optax schedule.
+      decouple_weight_decay: (bool) if true, shrink the parameter by
+        :math:`1 - \alpha_t\lambda` (:func:`qhadamw`) instead of adding :math:`\lambda\theta`
+        to the gradient.
+      b1, b2: :math:`\beta_1` (default 0.9) and :math:`\beta_2` (default 0.999), each in
+        [0, 1), when ``betas`` is not given.
+      nu1, nu2: :math:`\nu_1`, :math:`\nu_2` (default 1.0 each), finite, when ``nus`` is not
+        given.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` (an :func:`optax.chain`).
 
     Raises:
-      ValueError: a negative ``learning_rate``, ``eps`` or ``weight_decay``, a beta outside
-        [0, 1), a non-finite nu, or ``betas``/``nus`` not of length 2. TypeError: a value that
-        is not a number. Traced values are not checked.
+      ValueError: a negative or non-finite ``learning_rate``, ``eps`` or ``weight_decay``, a
+        beta outside [0, 1), a non-finite nu, ``betas``/``nus`` not of length 2, or a pair
+        given together with its scalars. TypeError: a value that is not a number, a
+        ``decouple_weight_decay`` that is not a bool. Traced values are not checked.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -352,17 +394,20 @@ def qhadam(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: tuple = (0.9, 0.
       Ma & Yarats, `Quasi-hyperbolic momentum and Adam for deep learning
       <https://arxiv.org/abs/1810.06801>`_, ICLR 2019
     """
-    _check(_validation.nonnegative, "learning rate", learning_rate, schedule_ok=True)
-    _check(_validation.nonnegative, "weight_decay value", weight_decay, schedule_ok=True)
-    block = scale_by_qhadam(betas, nus, eps)
+    betas, nus, scalar_names = _resolve(betas, nus, b1, b2, nu1, nu2)
+    _validation.check_qhadam(learning_rate, betas, nus, weight_decay, eps, decouple_weight_decay,
+                             skip=_traced, schedules=True, scalar_names=scalar_names)
+    (b1, b2), (nu1, nu2) = betas, nus
+    block = scale_by_qhadam(eps=eps, b1=b1, b2=b2, nu1=nu1, nu2=nu2)
     decay = optax.add_decayed_weights(weight_decay)
-    steps = (block, decay) if bool(decouple_weight_decay) else (decay, block)
+    steps = (block, decay) if decouple_weight_decay else (decay, block)
     return optax.chain(*steps, optax.scale_by_learning_rate(learning_rate))
 
 
-def qhadamw(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: tuple = (0.9, 0.999),
-            nus: tuple = (1.0, 1.0), eps: Any = 1e-8,
-            weight_decay: optax.ScalarOrSchedule = 0.0) -> optax.GradientTransformation:
+def qhadamw(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
+            nus: Any = None, eps: Any = 1e-8,
+            weight_decay: optax.ScalarOrSchedule = 0.0, *, b1: Any = _B1, b2: Any = _B2,
+            nu1: Any = _NU1, nu2: Any = _NU2) -> optax.GradientTransformation:
     r"""QHAdam with decoupled weight decay: ``qhadam(..., decouple_weight_decay=True)``.
 
     .. math::
@@ -374,11 +419,12 @@ def qhadamw(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: tuple = (0.9, 0
     where optax.adamw's is 1e-4).
 
     Args:
-      learning_rate: :math:`\alpha` (>= 0), a float or an optax schedule.
-      betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
-      nus: :math:`(\nu_1, \nu_2)`, finite.
-      eps: :math:`\epsilon` (>= 0).
-      weight_decay: :math:`\lambda` (>= 0), a float or an optax schedule.
+      learning_rate: :math:`\alpha` (finite, >= 0), a float or an optax schedule.
+      betas: :math:`(\beta_1, \beta_2)`, each in [0, 1); or ``b1``, ``b2``.
+      nus: :math:`(\nu_1, \nu_2)`, finite; or ``nu1``, ``nu2``.
+      eps: :math:`\epsilon` (finite, >= 0).
+      weight_decay: :math:`\lambda` (finite, >= 0), a float or an optax schedule.
+      b1, b2, nu1, nu2: the betas and nus as separate scalars (see :func:`qhadam`).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` (an :func:`optax.chain`).
@@ -387,7 +433,8 @@ def qhadamw(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: tuple = (0.9, 0
       Ma & Yarats, `Quasi-hyperbolic momentum and Adam for deep learning
       <https://arxiv.org/abs/1810.06801>`_, ICLR 2019
     """
-    return qhadam(learning_rate, betas, nus, eps, weight_decay, decouple_weight_decay=True)
+    return qhadam(learning_rate, betas, nus, eps, weight_decay, decouple_weight_decay=True,
+                  b1=b1, b2=b2, nu1=nu1, nu2=nu2)
 
 
 for _name in ("from_pid", "from_synthesized_nesterov", "from_robust_momentum", "from_accsgd",

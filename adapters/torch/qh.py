@@ -11,8 +11,10 @@ Deviations from qhoptim (also in ``docs/deviations.md``):
   modify ``p.grad`` in place (qhoptim leaves the decayed gradient in ``.grad``);
 * sparse gradients raise ``RuntimeError("QHM does not support sparse gradients")`` (or
   ``"QHAdam ..."``) before anything is changed (qhoptim's QHM half-works on them);
-* NaN and non-numeric hyper-parameters are rejected (``nu`` and ``nus`` must be finite), and
-  every param group is validated, not only the defaults;
+* validation follows :mod:`uniopt._validation`'s one policy: NaN, infinite and non-numeric
+  hyper-parameters are rejected (``nu`` and ``nus`` must be finite), ``momentum`` must be in
+  [0, 1) like ``betas``, flags must be bools, and every param group is validated, not only
+  the defaults;
 * omitting ``momentum`` is allowed when every param group gives one (like ``lr`` and ``nu``);
 * :class:`QHAdamW` is a class (a subclass of :class:`QHAdam`), not a factory function;
 * keyword-only ``maximize``; a step that raises leaves parameters and state unchanged.
@@ -98,11 +100,10 @@ class _QHAdamRule(Rule):
     @staticmethod
     def _advance(hyper, state):
         """Advance one tensor's bias-correction weights; this step's kernel coefficients."""
-        w1, w2, a1, a2 = _qh.qhadam_bias_weights(float(state["beta1_weight"]),
-                                                 float(state["beta2_weight"]),
-                                                 hyper.beta1, hyper.beta2)
+        w1, w2, coefficients = _qh.qhadam_step(hyper, float(state["beta1_weight"]),
+                                               float(state["beta2_weight"]))
         state["beta1_weight"], state["beta2_weight"] = w1, w2
-        return _qh.qhadam_coefficients(hyper, a1, a2)
+        return coefficients
 
     def run_cuda(self, hyper, p, g, buffers, state, stream):
         from uniopt.kernels import qh_cuda
@@ -189,14 +190,14 @@ class QHM(QHMConversions, _Base):
 
     Args:
       params: an iterable of parameters, or of dicts defining parameter groups.
-      lr: learning rate :math:`\alpha` (>= 0); may be a 0-d tensor.
-      momentum: :math:`\beta` (>= 0).
+      lr: learning rate :math:`\alpha` (finite, >= 0); may be a 0-d tensor.
+      momentum: :math:`\beta`, in [0, 1).
       nu: immediate discount :math:`\nu` (any finite number; ``nu > 1`` and ``nu < 0`` are
         meaningful, see the ``from_*`` converters).
-      weight_decay: :math:`\lambda` (>= 0).
+      weight_decay: :math:`\lambda` (finite, >= 0).
       weight_decay_type: ``"grad"`` (add :math:`\lambda\theta` to the gradient, as
         ``torch.optim.SGD``) or ``"direct"`` (shrink the parameter by :math:`1 - \alpha\lambda`).
-      maximize: ascend the objective instead of descending it.
+      maximize: (bool) ascend the objective instead of descending it.
 
     Hyper-parameters are re-read from each param group at every step (schedulers work).
     State per parameter: ``momentum_buffer``. Parameters whose ``.grad`` is ``None`` are
@@ -225,13 +226,15 @@ class QHM(QHMConversions, _Base):
     def __init__(self, params, lr=required, momentum=required, nu=required, weight_decay=0.0,
                  weight_decay_type="grad", *, maximize=False, _backend="auto"):
         defaults = {"lr": lr, "momentum": momentum, "nu": nu, "weight_decay": weight_decay,
-                    "weight_decay_type": weight_decay_type, "maximize": bool(maximize)}
+                    "weight_decay_type": weight_decay_type, "maximize": maximize}
         self._check_group(defaults)
+        defaults["maximize"] = bool(maximize)
         super().__init__(params, defaults, _backend)
 
     def _check_group(self, group):
         check_qhm(_given(group["lr"], 0.0), _given(group["momentum"], 0.0),
-                  _given(group["nu"], 0.0), group["weight_decay"], group["weight_decay_type"])
+                  _given(group["nu"], 0.0), group["weight_decay"], group["weight_decay_type"],
+                  group.get("maximize", False))
 
 
 class QHAdam(QHAdamConversions, _Base):
@@ -254,13 +257,14 @@ class QHAdam(QHAdamConversions, _Base):
 
     Args:
       params: an iterable of parameters, or of dicts defining parameter groups.
-      lr: :math:`\alpha` (>= 0); may be a 0-d tensor.
+      lr: :math:`\alpha` (finite, >= 0); may be a 0-d tensor.
       betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
       nus: :math:`(\nu_1, \nu_2)` (finite).
-      weight_decay: :math:`\lambda` (>= 0).
-      decouple_weight_decay: decay the parameter directly (AdamW style) instead of the gradient.
+      weight_decay: :math:`\lambda` (finite, >= 0).
+      decouple_weight_decay: (bool) decay the parameter directly (AdamW style) instead of the
+        gradient.
       eps: :math:`\epsilon` (>= 0), added outside the square root.
-      maximize: ascend the objective instead of descending it.
+      maximize: (bool) ascend the objective instead of descending it.
 
     Note the argument order (qhoptim's): ``eps`` comes last, so positional calls do not line up
     with ``torch.optim.Adam``. State per parameter: ``beta1_weight``, ``beta2_weight`` (Python
@@ -290,13 +294,16 @@ class QHAdam(QHAdamConversions, _Base):
                  decouple_weight_decay=False, eps=1e-8, *, maximize=False, _backend="auto"):
         defaults = {"lr": lr, "betas": betas, "nus": nus, "weight_decay": weight_decay,
                     "decouple_weight_decay": decouple_weight_decay, "eps": eps,
-                    "maximize": bool(maximize)}
+                    "maximize": maximize}
         self._check_group(defaults)
+        defaults["decouple_weight_decay"] = bool(decouple_weight_decay)
+        defaults["maximize"] = bool(maximize)
         super().__init__(params, defaults, _backend)
 
     def _check_group(self, group):
         check_qhadam(_given(group["lr"], 0.0), group["betas"], group["nus"],
-                     group["weight_decay"], group["eps"])
+                     group["weight_decay"], group["eps"], group["decouple_weight_decay"],
+                     group.get("maximize", False))
 
 
 class QHAdamW(QHAdam):

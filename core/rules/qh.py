@@ -43,6 +43,8 @@ RULES = (
     "qhm_direction",
     "qhm_update",
     "qhadam_bias_weights",
+    "qhadam_direction_coefficients",
+    "qhadam_update_coefficients",
     "qhadam_direction",
     "qhadam_update",
 )
@@ -79,6 +81,24 @@ def qhadam_bias_weights(beta1_weight, beta2_weight, beta1, beta2):
     beta1_weight = 1.0 + beta1 * beta1_weight
     beta2_weight = 1.0 + beta2 * beta2_weight
     return beta1_weight, beta2_weight, 1.0 - 1.0 / beta1_weight, 1.0 - 1.0 / beta2_weight
+
+
+# The order of QHAdam's per-step coefficients is defined here and only here: every face and
+# kernel builds them with these two functions (after qhadam_bias_weights gave a1, a2).
+def qhadam_direction_coefficients(a1, a2, nu1, one_minus_nu1, nu2, one_minus_nu2, eps):
+    """This step's scalars of :func:`qhadam_direction`, in its order (after ``exp_avg_sq``).
+
+    ``a1, a2`` come from :func:`qhadam_bias_weights`; ``one_minus_nu*`` are computed once on
+    the host (see the module docstring).
+    """
+    return a1, 1.0 - a1, a2, 1.0 - a2, nu1, one_minus_nu1, nu2, one_minus_nu2, eps
+
+
+def qhadam_update_coefficients(grad_sign, wd_grad, p_scale, a1, a2, nu1, one_minus_nu1, nu2,
+                               one_minus_nu2, eps, lr):
+    """This step's scalars of :func:`qhadam_update`, in its order (after ``exp_avg_sq``)."""
+    d = qhadam_direction_coefficients(a1, a2, nu1, one_minus_nu1, nu2, one_minus_nu2, eps)
+    return (grad_sign, wd_grad, p_scale, d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8], lr)
 
 
 def qhadam_direction(g, exp_avg, exp_avg_sq, a1, one_minus_a1, a2, one_minus_a2,
@@ -158,8 +178,14 @@ def qhadam_hyper(lr, betas, nus, weight_decay=0.0, decouple_weight_decay=False, 
     return QHAdamHyper(*decay, beta1, beta2, nu1, 1.0 - nu1, nu2, 1.0 - nu2, float(eps), lr)
 
 
-def qhadam_coefficients(hyper: QHAdamHyper, a1, a2):
+def qhadam_coefficients(hyper: QHAdamHyper, a1, a2) -> tuple:
     """The scalars of :func:`qhadam_update` after ``exp_avg_sq``, given this step's ``a1, a2``."""
     h = hyper
-    return (h.grad_sign, h.wd_grad, h.p_scale, a1, 1.0 - a1, a2, 1.0 - a2,
-            h.nu1, h.one_minus_nu1, h.nu2, h.one_minus_nu2, h.eps, h.lr)
+    return qhadam_update_coefficients(h.grad_sign, h.wd_grad, h.p_scale, a1, a2, h.nu1,
+                                      h.one_minus_nu1, h.nu2, h.one_minus_nu2, h.eps, h.lr)
+
+
+def qhadam_step(hyper: QHAdamHyper, beta1_weight, beta2_weight) -> tuple:
+    """Advance one tensor's bias weights: ``(w1, w2, coefficients of qhadam_update)``."""
+    w1, w2, a1, a2 = qhadam_bias_weights(beta1_weight, beta2_weight, hyper.beta1, hyper.beta2)
+    return w1, w2, qhadam_coefficients(hyper, a1, a2)

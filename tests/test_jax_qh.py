@@ -292,6 +292,139 @@ def test_qhadam_injected_beta_change_matches_core(x64):
 
 
 # ----------------------------------------------------------------------------------------------
+# optax.inject_hyperparams: every numeric hyper-parameter (b1, b2, nu1, nu2 as scalars)
+# ----------------------------------------------------------------------------------------------
+def explicit_qhadam(prob, schedule):
+    """QHAdam written from its definition as weighted averages over the whole history.
+
+    ``schedule[t]`` holds step t's ``lr, b1, b2, nu1, nu2, eps``. The moments are averages of
+    the past gradients with weights ``prod(beta_r, r = s+1..t)`` (the exact normaliser of an
+    EMA whose beta changes, which qhoptim's running weights compute recursively). With
+    constant betas it is Adam's ``1 - beta**t`` correction (checked against NaiveQHAdam).
+    """
+    params = {k: v.copy() for k, v in prob.p0.items()}
+    grads, b1s, b2s = [], [], []
+    for t, h in enumerate(schedule):
+        g = prob.grad(t, params)
+        grads.append(g)
+        b1s.append(h["b1"])
+        b2s.append(h["b2"])
+        w1 = np.array([np.prod(b1s[s + 1:]) for s in range(t + 1)])
+        w2 = np.array([np.prod(b2s[s + 1:]) for s in range(t + 1)])
+        for k in prob.keys:
+            m = sum(w * gs[k] for w, gs in zip(w1, grads)) / w1.sum()
+            v = sum(w * gs[k] ** 2 for w, gs in zip(w2, grads)) / w2.sum()
+            num = h["nu1"] * m + (1 - h["nu1"]) * g[k]
+            den = np.sqrt(h["nu2"] * v + (1 - h["nu2"]) * g[k] ** 2) + h["eps"]
+            params[k] = params[k] - h["lr"] * num / den
+    return params
+
+
+def run_injected(prob, opt, changes):
+    """Run ``opt`` (jitted update); before step t set ``state.hyperparams`` from ``changes[t]``."""
+    params = {k: jnp.asarray(v) for k, v in prob.p0.items()}
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    for t in range(STEPS):
+        for name, value in changes.get(t, {}).items():
+            state.hyperparams[name] = jnp.asarray(value)
+        grads = {k: jnp.asarray(v) for k, v in prob.grad(t, params).items()}
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return {k: np.asarray(v) for k, v in params.items()}, state
+
+
+def test_explicit_oracle_is_naive_qhadam_for_constant_betas(x64):
+    prob = Problem(np.float64)
+    h = dict(lr=0.02, b1=0.9, b2=0.99, nu1=0.7, nu2=0.8, eps=1e-8)
+    params = {k: v.copy() for k, v in prob.p0.items()}
+    naives = {k: NaiveQHAdam(0.02, (0.9, 0.99), (0.7, 0.8), eps=1e-8) for k in prob.keys}
+    for t in range(STEPS):
+        g = prob.grad(t, params)
+        params = {k: naives[k].step(params[k], g[k]) for k in prob.keys}
+    assert_trees_close(explicit_qhadam(prob, [h] * STEPS), params, rtol=1e-12)
+
+
+def test_inject_hyperparams_changes_b1_b2_nu1_at_run_time(x64):
+    """inject_hyperparams(qhadam)(b1=, b2=, nu1=, nu2=): b1 changed in the state's hyperparams
+    between steps (then b2 and nu1) gives the QHAdam of the changed values."""
+    prob = Problem(np.float64)
+    opt = optax.inject_hyperparams(qhadam)(learning_rate=0.02, b1=0.9, b2=0.99, nu1=0.7, nu2=0.8)
+    changes = {6: {"b1": 0.5}, 14: {"b2": 0.9, "nu1": 0.3}}
+    got, state = run_injected(prob, opt, changes)
+    assert set(state.hyperparams) == {"learning_rate", "b1", "b2", "nu1", "nu2", "eps",
+                                      "weight_decay"}
+    h = dict(lr=0.02, b1=0.9, b2=0.99, nu1=0.7, nu2=0.8, eps=1e-8)
+    schedule = []
+    for t in range(STEPS):
+        h = dict(h, **changes.get(t, {}))
+        schedule.append(h)
+    assert_trees_close(got, explicit_qhadam(prob, schedule), **tolerance(np.float64))
+    unchanged, _ = run_injected(prob, opt, {})
+    assert max_rel_error(got, unchanged) > 1e-3
+    # Only nu1 changing leaves the bias correction alone: NaiveQHAdam with its nus changed.
+    got, _ = run_injected(prob, opt, {9: {"nu1": 0.2, "nu2": 1.0}})
+    params = {k: v.copy() for k, v in prob.p0.items()}
+    naives = {k: NaiveQHAdam(0.02, (0.9, 0.99), (0.7, 0.8), eps=1e-8) for k in prob.keys}
+    for t in range(STEPS):
+        if t == 9:
+            for naive in naives.values():
+                naive.nus = (0.2, 1.0)
+        g = prob.grad(t, params)
+        params = {k: naives[k].step(params[k], g[k]) for k in prob.keys}
+    assert_trees_close(got, params, **tolerance(np.float64))
+
+
+def test_inject_hyperparams_exposes_the_scalars_by_default_like_adam():
+    params = {"w": jnp.ones(3)}
+    ours = optax.inject_hyperparams(qhadam)(learning_rate=1e-3).init(params).hyperparams
+    adam = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3).init(params).hyperparams
+    assert {"b1", "b2", "eps"} <= set(adam) and {"b1", "b2", "nu1", "nu2", "eps"} <= set(ours)
+    np.testing.assert_allclose([float(ours[k]) for k in ("b1", "b2", "nu1", "nu2")],
+                               [0.9, 0.999, 1.0, 1.0], rtol=1e-7)
+    for recipe in (qhadamw, scale_by_qhadam):
+        hyper = optax.inject_hyperparams(recipe)(b1=0.8, nu2=0.9).init(params).hyperparams
+        assert {"b1", "b2", "nu1", "nu2"} <= set(hyper)
+
+
+@pytest.mark.parametrize("recipe", ["qhadam", "qhadamw", "scale_by_qhadam"])
+def test_tuple_and_scalar_forms_agree(recipe, x64):
+    factory = {"qhadam": qhadam, "qhadamw": qhadamw, "scale_by_qhadam": scale_by_qhadam}[recipe]
+    extra = {} if recipe == "scale_by_qhadam" else dict(learning_rate=0.02, weight_decay=0.01)
+    prob = Problem(np.float64)
+    tuples, _ = prob.run_optax(factory(betas=(0.8, 0.99), nus=(0.7, 0.9), **extra))
+    scalars, _ = prob.run_optax(factory(b1=0.8, b2=0.99, nu1=0.7, nu2=0.9, **extra))
+    mixed, _ = prob.run_optax(factory(betas=(0.8, 0.99), nu1=0.7, nu2=0.9, **extra))
+    injected, _ = prob.run_optax(optax.inject_hyperparams(factory)(
+        b1=0.8, b2=0.99, nu1=0.7, nu2=0.9, **extra))
+    injected_tuples, _ = prob.run_optax(optax.inject_hyperparams(factory)(
+        betas=(0.8, 0.99), nus=(0.7, 0.9), **extra))
+    for other in (scalars, mixed):
+        for k in tuples:
+            np.testing.assert_array_equal(other[k], tuples[k])
+    for other in (injected, injected_tuples):
+        assert_trees_close(other, tuples, **tolerance(np.float64))
+    default, _ = prob.run_optax(factory(**extra))
+    assert max_rel_error(default, tuples) > 1e-3
+
+
+@pytest.mark.parametrize("factory", [qhadam, qhadamw, scale_by_qhadam])
+def test_both_forms_is_a_clear_error(factory):
+    cases = [
+        (dict(betas=(0.8, 0.99), b1=0.8), "Invalid betas: (0.8, 0.99) given together with b1=0.8 "
+                                         "(give either betas or b1/b2, not both)"),
+        (dict(betas=(0.8, 0.99), b1=0.9, b2=0.999), "given together with b1=0.9, b2=0.999"),
+        (dict(nus=(0.7, 1.0), nu2=0.5), "Invalid nus: (0.7, 1.0) given together with nu2=0.5"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            factory(**kwargs)
+    # Under inject_hyperparams the conflict shows when the state is built.
+    with pytest.raises(ValueError, match=re.escape("Invalid betas: (0.8, 0.99) given together with b1=")):
+        optax.inject_hyperparams(factory)(betas=(0.8, 0.99), b1=0.7).init({"w": jnp.ones(2)})
+
+
+# ----------------------------------------------------------------------------------------------
 # Degenerate settings against optax's own optimizers
 # ----------------------------------------------------------------------------------------------
 def scaled(lr, factor):

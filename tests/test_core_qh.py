@@ -513,3 +513,62 @@ def test_disable_jit_runs_the_same_kernels_as_python():
         results.append(json.loads(out.stdout))
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-14)
     np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# QHAdam's per-step coefficient order: defined once, in uniopt.rules.qh
+# ----------------------------------------------------------------------------------------------
+def _after(rule, first):
+    import inspect
+
+    names = list(inspect.signature(rule).parameters)
+    return names[names.index(first) + 1:]
+
+
+def test_qhadam_coefficient_order_matches_the_rules_signatures():
+    """The order helpers return each value where qhadam_update/qhadam_direction expect it."""
+    from uniopt.rules import qh
+
+    given_values = dict(grad_sign=-1.0, wd_grad=0.125, p_scale=0.96875, a1=0.25, a2=0.375,
+                        nu1=0.7, one_minus_nu1=0.3, nu2=-0.5, one_minus_nu2=1.5, eps=1e-6,
+                        lr=0.01)
+    want = dict(given_values, one_minus_a1=0.75, one_minus_a2=0.625)
+    update = qh.qhadam_update_coefficients(**given_values)
+    assert dict(zip(_after(qh.qhadam_update, "exp_avg_sq"), update)) == want
+    direction_args = {k: given_values[k] for k in ("a1", "a2", "nu1", "one_minus_nu1", "nu2",
+                                                   "one_minus_nu2", "eps")}
+    direction = qh.qhadam_direction_coefficients(**direction_args)
+    assert dict(zip(_after(qh.qhadam_direction, "exp_avg_sq"), direction)) == {
+        k: want[k] for k in _after(qh.qhadam_direction, "exp_avg_sq")}
+    # The host helpers used by the faces are built from it.
+    hyper = qh.qhadam_hyper(0.01, (0.9, 0.99), (0.7, -0.5), 0.125, False, 1e-6, maximize=True)
+    w1, w2, coefficients = qh.qhadam_step(hyper, 0.0, 1.0)
+    assert (w1, w2) == (1.0, 1.99)
+    assert coefficients == qh.qhadam_coefficients(hyper, 0.0, 1.0 - 1.0 / 1.99)
+    assert dict(zip(_after(qh.qhadam_update, "exp_avg_sq"), coefficients))["one_minus_a2"] == \
+        1.0 - (1.0 - 1.0 / 1.99)
+
+
+def test_qhadam_coefficient_order_compiles_for_the_kernels():
+    """The order helpers are rules: Numba compiles them (for the CPU kernels) unchanged."""
+    from uniopt import _jit
+    from uniopt.rules import bind, qh
+
+    compiled = bind(qh, wrap=_jit.elementwise)
+    args = (1.0, 0.0, 1.0, 0.25, 0.375, 0.7, 0.3, 0.9, 0.1, 1e-8, 0.01)
+    assert compiled.qhadam_update_coefficients(*args) == qh.qhadam_update_coefficients(*args)
+
+
+def test_faces_do_not_build_qhadam_coefficients_themselves():
+    """No face spells the order out (1 - a1, ...): they call uniopt.rules.qh."""
+    import pathlib
+
+    import uniopt.qh
+
+    root = pathlib.Path(uniopt.qh.__file__).resolve().parent.parent
+    for face in ("core/qh.py", "adapters/torch/qh.py", "adapters/jax/qh.py"):
+        source = (root / face).read_text(encoding="utf-8")
+        for spelling in ("1.0 - a1", "1 - a1", "_complement(a1)", "one_minus_a1"):
+            assert spelling not in source, (face, spelling)
+    rules = (root / "core/rules/qh.py").read_text(encoding="utf-8")
+    assert "1.0 - a1" in rules

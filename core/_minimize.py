@@ -325,8 +325,8 @@ def minimize(fun, x0, args=(), method="qhadam", jac=None, hess=None, hessp=None,
     elif isinstance(method, str) and method.lower() in METHODS:
         meth = METHODS[method.lower()]
     else:
-        raise ValueError(f"Invalid method: {method!r} (expected one of {', '.join(map(repr, METHODS))}"
-                         " or a callable)")
+        expected = ", ".join(map(repr, METHODS))
+        raise ValueError(f"Invalid method: {method!r} (expected one of {expected} or a callable)")
     options = dict(options or {})
     if tol is not None:
         options.setdefault("tol", tol)

@@ -95,8 +95,8 @@ class QHAdam(QHAdamConversions, Optimizer):
       betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
       nus: :math:`(\nu_1, \nu_2)` (finite).
       weight_decay: :math:`\lambda` (finite, >= 0).
-      decouple_weight_decay: (bool) if true, decay the parameter by :math:`1 - \alpha\lambda` (QHAdamW)
-        instead of adding :math:`\lambda\theta` to the gradient.
+      decouple_weight_decay: (bool) if true, decay the parameter by :math:`1 - \alpha\lambda`
+        (QHAdamW) instead of adding :math:`\lambda\theta` to the gradient.
       eps: :math:`\epsilon` (finite, >= 0), added outside the square root.
       maximize: (bool) ascend instead of descend.
 

@@ -200,7 +200,8 @@ def qhm(learning_rate: optax.ScalarOrSchedule, momentum: Any, nu: Any,
 
     Raises:
       ValueError: a negative or non-finite ``learning_rate`` or ``weight_decay``, a
-        ``momentum`` outside [0, 1), a non-finite ``nu``, or an unknown ``weight_decay_type``. TypeError: a value that is not a number.
+        ``momentum`` outside [0, 1), a non-finite ``nu``, or an unknown ``weight_decay_type``.
+        TypeError: a value that is not a number.
         Traced values (inside ``jit``/``vmap``/``inject_hyperparams``) are not checked.
 
     Example:

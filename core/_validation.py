@@ -225,19 +225,29 @@ def check_qhadam(lr, betas, nus, weight_decay=0.0, eps=1e-8, decouple_weight_dec
 # ----------------------------------------------------------------------------------------------
 # Polyak SGD
 # ----------------------------------------------------------------------------------------------
-def check_polyak(fun_min, variant, max_stepsize, delta, momentum) -> None:
+def check_polyak(fun_min, variant, max_stepsize, delta, momentum, *, has_aux=None,
+                 maxiter=None, tol=None, verbose=None) -> None:
     """Polyak SGD's checks, for every backend.
 
     ``fun_min`` must be finite; ``max_stepsize``, ``delta`` and ``momentum`` finite and
     non-negative (an infinite ``max_stepsize`` would turn a zero gradient into ``inf * 0``);
     ``variant`` one of ``"SPS_max"``, ``"SPS+"``. ``momentum=False`` is accepted as 0 (jaxopt's
-    own tests pass it).
+    own tests pass it). The solver's other fields, checked when given: ``has_aux`` a bool,
+    ``maxiter`` an integer >= 0, ``tol`` >= 0, ``verbose`` a bool or an integer (jaxopt's).
     """
     finite("fun_min value", fun_min)
     choice("variant value", variant, POLYAK_VARIANTS)
     nonnegative_finite("max_stepsize value", max_stepsize)
     nonnegative_finite("delta value", delta)
     nonnegative_finite("momentum value", momentum)
+    if has_aux is not None:
+        boolean("has_aux value", has_aux)
+    if maxiter is not None:
+        integer("maxiter value", maxiter)
+    if tol is not None:
+        nonnegative("tol value", tol)
+    if verbose is not None and not isinstance(verbose, (bool, np.bool_, numbers.Integral)):
+        raise TypeError(f"Invalid verbose value: {verbose!r} (expected a bool or an integer)")
 
 
 # ----------------------------------------------------------------------------------------------

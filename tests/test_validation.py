@@ -325,3 +325,28 @@ def test_deliberate_rejections_are_accepted_by_qhoptim(which, arg, value, exc):
             build(**{arg: value})
         tried += 1
     assert tried >= 4
+
+
+# ----------------------------------------------------------------------------------------------
+# check_polyak: the same policy for the solver's fields (bools, integers)
+# ----------------------------------------------------------------------------------------------
+POLYAK_FIELDS_BAD = [
+    ("has_aux", 1, TypeError, "Invalid has_aux value: 1"),
+    ("has_aux", "no", TypeError, "Invalid has_aux value: 'no'"),
+    ("maxiter", 2.5, TypeError, "Invalid maxiter value: 2.5"),
+    ("maxiter", -3, ValueError, "Invalid maxiter value: -3"),
+    ("tol", -1e-3, ValueError, "Invalid tol value: -0.001"),
+    ("verbose", "yes", TypeError, "Invalid verbose value: 'yes'"),
+]
+
+
+@pytest.mark.parametrize("arg,value,exc,message", POLYAK_FIELDS_BAD,
+                         ids=[f"{a}={v!r}" for a, v, _, _ in POLYAK_FIELDS_BAD])
+def test_check_polyak_fields(arg, value, exc, message):
+    from uniopt._validation import check_polyak
+
+    valid = dict(fun_min=0.0, variant="SPS_max", max_stepsize=1.0, delta=0.0, momentum=False)
+    check_polyak(**valid, has_aux=np.bool_(True), maxiter=np.int32(5), tol=0.0, verbose=2)
+    with pytest.raises(exc) as info:
+        check_polyak(**valid, **{arg: value})
+    _check_message(str(info.value), arg, value, message)

@@ -320,6 +320,11 @@ class PolyakSGD(Optimizer):
       max_stepsize: :math:`\gamma_{\max}` (finite, >= 0).
       delta: :math:`\delta` (>= 0).
       momentum: heavy-ball :math:`\mu` (>= 0).
+      lr: multiplier of the step cap (>= 0, default 1): the cap in use is
+        ``lr * max_stepsize``. It is the group key that ``torch.optim.lr_scheduler`` changes, so
+        ``StepLR(opt, ...)`` schedules the cap, and the trajectory is the NumPy/JAX solver's
+        with ``max_stepsize = lr * max_stepsize``. SPS+ has no cap: ``lr != 1`` there raises
+        ``ValueError`` at ``step`` (before anything changes).
 
     ``step`` needs the loss: ``step(closure)`` (the closure recomputes the loss and its
     gradients and returns the loss) or ``step(loss=loss)`` after ``loss.backward()``.
@@ -328,7 +333,23 @@ class PolyakSGD(Optimizer):
     add nothing to the norm and their velocity is kept). After each step, ``last_step`` holds one
     dict per group: ``{"loss", "grad_norm", "stepsize"}`` (Python floats; not in the state dict).
     There is no ``maximize``: minimise the negated objective, with ``fun_min`` a lower bound
-    on it.
+    on it. Complex parameters are updated as real pairs (as ``torch.optim``): their gradient
+    adds :math:`|g|^2` to the norm.
+
+    Under ``torch.distributed`` with DTensor parameters (FSDP2 ``fully_shard``), each rank
+    steps its local shards; the squared norm is the sum of the local sums over the mesh, and
+    the loss is averaged over the mesh (each rank's loss of its own batch: FSDP2 averages the
+    gradients the same way), in one ``all_reduce`` per mesh dimension per step, so every rank
+    takes the same step size -- that of a single process on the whole batch. Every rank must
+    call ``step``.
+
+    NaN and inf gradients are not checked (as in ``torch.optim``): the norm becomes NaN (an
+    inf gradient gives NaN on the kernel path, inf on the torch-ops path). ``SPS_max`` then
+    steps by the cap (``min(NaN, cap)``) or, for an inf norm, by 0; SPS+ takes a zero step.
+    The entries whose
+    gradient is NaN or inf become non-finite in the parameters, the others move by that step
+    size, and ``last_step`` reports the non-finite ``grad_norm``. Check ``last_step`` or the
+    loss to skip such steps.
 
     Example:
       >>> import torch

@@ -32,7 +32,7 @@ from uniopt.polyak import polyak_stepsize
 from uniopt.rules import bind
 from uniopt.rules import polyak as _polyak
 
-from ._dispatch import Dispatcher, Rule, dist_key, grad_view, is_dtensor, local_view, owned_copy
+from ._dispatch import Dispatcher, Rule, _dtensor_class, dist_key, grad_view, is_dtensor, local_view, owned_copy
 
 __all__ = ["PolyakSGD"]
 
@@ -245,12 +245,13 @@ def _work_sq_norm(work, backend: str) -> tuple:
 
 def _meshes(param_groups: list) -> list:
     """The device meshes of the DTensor parameters, in parameter order (every rank's order)."""
-    if not any(is_dtensor(p) for group in param_groups for p in group["params"]):
+    cls = _dtensor_class()
+    if cls is None:  # torch.distributed.tensor was never imported: no DTensor exists
         return []
     meshes: list = []
     for group in param_groups:
         for p in group["params"]:
-            if is_dtensor(p) and not any(p.device_mesh == m for m in meshes):
+            if isinstance(p, cls) and not any(p.device_mesh == m for m in meshes):
                 meshes.append(p.device_mesh)
     return meshes
 

@@ -18,9 +18,19 @@ Environment variables (read once, at import):
 ``UNIOPT_PARALLEL_MIN_SIZE``
     Parameter count of one group from which the CPU kernels run their parallel (``prange``)
     variant. Default: never (serial kernels; parallel threads help little on small machines and
-    hurt when the machine is loaded).
+    hurt when the machine is loaded). A non-negative integer; an integer-valued float such as
+    ``1e6`` is accepted too. Anything else (``-5``, ``2.5``, ``abc``) raises ``ValueError``
+    naming the variable and the value when ``uniopt`` is imported.
 ``UNIOPT_NUMBA_CACHE``
     ``0`` turns the on-disk kernel cache off.
+
+Parallel kernels and ``fork``: Numba's parallel kernels run on its threading layer (GNU OpenMP
+here: ``tbb`` is not installed, and ``workqueue`` is not safe for concurrent calls from several
+threads, which ``nogil`` kernels allow). GNU OpenMP does not survive ``fork()``: a child that
+runs a parallel region after its parent did is killed. So a process forked after the threading
+layer started (a DataLoader worker, ``multiprocessing``'s ``fork`` context) runs the serial
+kernels: :data:`PARALLEL_MIN_SIZE` becomes "never" in the child (``os.register_at_fork``), and
+every caller reads it at call time. Results are the same; only the threads differ.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from numba.core.caching import FunctionCache
 __all__ = [
     "CPU_OPTIONS",
     "ELEMENTWISE_OPTIONS",
+    "FORKED_SERIAL",
     "PARALLEL_MIN_SIZE",
     "cpu_kernel",
     "elementwise",
@@ -45,8 +56,52 @@ CPU_OPTIONS = dict(error_model="numpy", fastmath=False, nogil=True)
 ELEMENTWISE_OPTIONS = dict(error_model="numpy", fastmath=False, inline="always")
 
 _never = 2**62
-PARALLEL_MIN_SIZE = int(os.environ.get("UNIOPT_PARALLEL_MIN_SIZE", _never))
+
+
+def _parse_min_size(name: str, text: str | None) -> int:
+    """The value of a size variable: a non-negative integer (``1e6`` allowed), or ``ValueError``."""
+    if text is None or not text.strip():
+        return _never
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            number = float(text)
+        except ValueError:
+            number = float("nan")
+        if not number.is_integer():  # nan, inf, 2.5
+            raise ValueError(f"Invalid {name}: {text!r} (expected a non-negative integer such as "
+                             f"100000 or 1e5)") from None
+        value = int(number)
+    if value < 0:
+        raise ValueError(f"Invalid {name}: {text!r} (expected a non-negative integer such as "
+                         f"100000 or 1e5)")
+    return value
+
+
+PARALLEL_MIN_SIZE = _parse_min_size("UNIOPT_PARALLEL_MIN_SIZE",
+                                    os.environ.get("UNIOPT_PARALLEL_MIN_SIZE"))
 CACHE_ENABLED = os.environ.get("UNIOPT_NUMBA_CACHE", "1") != "0"
+
+
+def _threading_layer_started() -> bool:
+    try:
+        from numba.np.ufunc import parallel
+    except ImportError:  # pragma: no cover - numba's layout changed: assume the worst
+        return True
+    return bool(getattr(parallel, "_is_initialized", True))
+
+
+def _serial_after_fork() -> None:
+    """In a forked child of a process whose parallel threads started: serial kernels only."""
+    global PARALLEL_MIN_SIZE, FORKED_SERIAL
+    if PARALLEL_MIN_SIZE < _never and _threading_layer_started():
+        PARALLEL_MIN_SIZE, FORKED_SERIAL = _never, True
+
+
+FORKED_SERIAL = False  # True in a forked child that fell back to the serial kernels
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_serial_after_fork)
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _fingerprint: str | None = None

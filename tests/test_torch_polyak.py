@@ -423,7 +423,8 @@ def test_is_a_torch_optimizer():
     p = torch.nn.Parameter(torch.ones(2))
     opt = PolyakSGD([p])
     assert isinstance(opt, torch.optim.Optimizer)
-    assert opt.defaults == dict(fun_min=0.0, variant="SPS_max", max_stepsize=1.0, delta=0.0, momentum=0.0)
+    assert opt.defaults == dict(fun_min=0.0, variant="SPS_max", max_stepsize=1.0, delta=0.0, momentum=0.0,
+                                lr=1.0)
     with pytest.raises(ValueError, match="empty parameter list"):
         PolyakSGD([])
 

@@ -24,11 +24,21 @@ kernel never writes to freed memory; replacing state tensors or scalars by hand 
 
 A step is all-or-nothing: every group is checked (sparse or mismatched gradients, state that
 does not fit its parameter) before the first tensor is touched.
+
+Only the memory of *plain* tensors ever reaches a kernel (:func:`local_view`): a parameter,
+gradient or state buffer of exact type ``torch.Tensor`` or ``torch.nn.Parameter``. A DTensor
+(FSDP2's ``fully_shard``, tensor parallelism) with ``Shard``/``Replicate`` placements runs on
+its local tensor (``to_local()``, with its gradient's and state's local tensors, when the
+gradient has the parameter's placements); any other tensor subclass (wrappers with
+``__torch_dispatch__``/``__torch_function__``, DTensors with ``Partial`` placements) takes the
+torch path on the tensors themselves, so the subclass sees ordinary torch ops. Complex tensors
+follow ``torch.optim``: they are updated as real pairs (``torch.view_as_real``), on every path.
 """
 
 from __future__ import annotations
 
 import operator
+import sys
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -36,10 +46,87 @@ import torch
 
 from uniopt import _jit
 
-__all__ = ["BACKENDS", "Rule", "Table", "Work", "Dispatcher"]
+__all__ = ["BACKENDS", "Rule", "Table", "Work", "Dispatcher", "local_view", "grad_view", "dist_key"]
 
 BACKENDS = ("auto", "torch")
 _NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+_Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
+_PLAIN = (_Tensor, _Parameter)
+
+
+def _dtensor_class():
+    """``DTensor`` if ``torch.distributed.tensor`` was imported (only then can one exist)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (without importing ``torch.distributed``)."""
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def local_view(t: torch.Tensor) -> torch.Tensor | None:
+    """The plain real tensor a step of ``t`` may read and write in place, or ``None``.
+
+    ``t`` itself for a plain tensor (exact type ``torch.Tensor`` or ``torch.nn.Parameter``); the
+    local tensor of a DTensor whose placements are all ``Shard``/``Replicate`` (when that local
+    tensor is plain); complex tensors as their ``torch.view_as_real`` (same memory, float
+    pairs). ``None`` for every other tensor: other subclasses, ``Partial`` placements,
+    conjugate views. The result shares ``t``'s memory; its contiguity is not checked here.
+    """
+    cls = type(t)
+    if cls is not _Tensor and cls is not _Parameter:
+        if not is_dtensor(t) or not all(pl.is_shard() or pl.is_replicate() for pl in t.placements):
+            return None
+        with torch.no_grad():
+            t = t.to_local()
+        cls = type(t)
+        if cls is not _Tensor and cls is not _Parameter:
+            return None
+    if t.is_complex():
+        if t.is_conj() or t.layout != torch.strided:
+            return None
+        t = torch.view_as_real(t.detach())  # detach() shares the version counter
+    return t
+
+
+def grad_view(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor | None:
+    """:func:`local_view` of gradient ``g`` of ``p``, if it pairs with ``local_view(p)``.
+
+    A plain parameter needs a plain gradient; a DTensor parameter a DTensor gradient with the
+    same placements on the same mesh (then the local tensors hold the same elements).
+    """
+    if type(p) is _Tensor or type(p) is _Parameter:
+        if type(g) is not _Tensor and type(g) is not _Parameter:
+            return None
+    elif not (is_dtensor(p) and is_dtensor(g) and g.placements == p.placements
+              and g.device_mesh == p.device_mesh):
+        return None
+    return local_view(g)
+
+
+def dist_key(p: torch.Tensor):
+    """For a sharded DTensor ``p``: ``(mesh, replicas)``, else ``None``.
+
+    A sum over ``p``'s elements is the sum over the mesh of its local sums divided by
+    ``replicas``, the number of ranks that hold the same shard (the product of the sizes of the
+    mesh dimensions ``p`` is replicated on). ``None``: the local tensor holds every element.
+    """
+    if not is_dtensor(p):
+        return None
+    mesh = p.device_mesh
+    if not any(pl.is_shard() for pl in p.placements):
+        return None
+    replicas = 1
+    for dim, pl in enumerate(p.placements):
+        if not pl.is_shard():
+            replicas *= mesh.size(dim)
+    return mesh, replicas
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def owned_copy(state_dict: dict) -> dict:
@@ -98,23 +185,32 @@ class Table:
     small work array of the tensors' dtype.
     """
 
-    def __init__(self, dtype: torch.dtype, rule: Rule, rows: list, params: list, states: list):
-        self.dtype, self.np_dtype, self.rows = dtype, _NUMPY_DTYPES[dtype], rows
-        self.params = [params[i] for i in rows]
+    def __init__(self, dtype: torch.dtype, rule: Rule, rows: list, params: list, states: list,
+                 views: list | None = None, dist=None):
+        self.dtype, self.np_dtype, self.rows, self.dist = dtype, _NUMPY_DTYPES[dtype], rows, dist
+        self.owners = [params[i] for i in rows]  # the optimizer's parameters
+        self.params = self.owners if views is None else [views[i] for i in rows]  # plain, real
+        # direct: every row's parameter is a plain real tensor (the fast gradient scan)
+        self.direct = all(map(operator.is_, self.owners, self.params))
         self.p_ptrs = [p.data_ptr() for p in self.params]
         self.nbytes = [p.nbytes for p in self.params]
         self.sizes = np.array([p.numel() for p in self.params], dtype=np.int64)
+        self.total = int(self.sizes.sum())
         self.p_addrs = np.array(self.p_ptrs, dtype=np.int64)
         self.g_addrs = np.zeros(len(rows), dtype=np.int64)
         self.buffer_addrs = [np.zeros(len(rows), dtype=np.int64) for _ in rule.buffers]
         self.scalars = [np.zeros(len(rows), dtype=np.float64) for _ in rule.scalars]
         self.scratch = np.zeros(16, dtype=self.np_dtype)
-        self.parallel = int(self.sizes.sum()) >= _jit.PARALLEL_MIN_SIZE
         self.states: list = [None] * len(rows)  # state dicts (a private dummy until created)
         self._held: list = [None] * len(rows)   # keeps the state tensors we point to alive
         self._rule = rule
         for row, i in enumerate(rows):
             self.set_state(row, states[i])
+
+    @property
+    def parallel(self) -> bool:
+        """Whether the parallel kernel runs (re-read each step: a forked child runs serially)."""
+        return self.total >= _jit.PARALLEL_MIN_SIZE
 
     def set_state(self, row: int, state: dict | None) -> None:
         rule = self._rule
@@ -123,9 +219,18 @@ class Table:
             for addrs in self.buffer_addrs:
                 addrs[row] = 0
         else:
-            for addrs, key in zip(self.buffer_addrs, rule.buffers):
-                addrs[row] = state[key].data_ptr()
-            self._held[row] = [state[key] for key in rule.buffers]
+            p = self.params[row]
+            held = [local_view(state[key]) for key in rule.buffers]
+            for b, key in zip(held, rule.buffers):
+                # new state comes from Rule.init_state (zeros like the parameter); loaded state
+                # was routed by _kind. Never hand a kernel anything else.
+                if (b is None or b.dtype != p.dtype or b.shape != p.shape or not b.is_contiguous()
+                        or b.device != p.device):
+                    raise RuntimeError(f"{rule.name}: state {key!r} cannot be stepped in place "
+                                       f"with its parameter ({type(state[key]).__name__})")
+            for addrs, b in zip(self.buffer_addrs, held):
+                addrs[row] = b.data_ptr()
+            self._held[row] = held
         self.states[row] = state
         self.load_scalars(row)
 
@@ -139,17 +244,37 @@ class Table:
         gradient's dtype unless ``p.grad_dtype`` is changed, and the dtypes a float32/float64
         gradient could then have with the same item size are integer or complex ones.
         """
+        if not self.direct:
+            return self._scan_views()
         try:
             addrs = [(0 if (g := p.grad) is None else
-                      g.data_ptr() if g.is_contiguous() and g.nbytes == nb else -1)
+                      g.data_ptr() if g.is_contiguous() and g.nbytes == nb and type(g) in _PLAIN
+                      else -1)
                      if p.data_ptr() == pp else -2
                      for p, pp, nb in zip(self.params, self.p_ptrs, self.nbytes)]
         except RuntimeError:  # a gradient without storage (sparse)
             addrs = [(0 if (g := p.grad) is None else -1 if g.layout != torch.strided else
-                      g.data_ptr() if g.is_contiguous() and g.nbytes == nb else -1)
+                      g.data_ptr() if g.is_contiguous() and g.nbytes == nb and type(g) in _PLAIN
+                      else -1)
                      if p.data_ptr() == pp else -2
                      for p, pp, nb in zip(self.params, self.p_ptrs, self.nbytes)]
         return None if -2 in addrs else addrs
+
+    def _scan_views(self) -> list | None:
+        """:meth:`scan` for tables holding local or real views of their parameters."""
+        addrs = []
+        for owner, pp, nb in zip(self.owners, self.p_ptrs, self.nbytes):
+            view = local_view(owner)
+            if view is None or view.data_ptr() != pp:
+                return None
+            g = owner.grad
+            if g is None:
+                addrs.append(0)
+                continue
+            gv = grad_view(owner, g)
+            addrs.append(gv.data_ptr() if (gv is not None and gv.layout == torch.strided
+                                           and gv.is_contiguous() and gv.nbytes == nb) else -1)
+        return addrs
 
     def load_scalars(self, row: int) -> None:
         """Re-read one row's scalar state from its state dict."""
@@ -180,15 +305,30 @@ def _cuda_kernels_usable() -> bool:
     return _cuda_usable
 
 
-def _kind(p: torch.Tensor, state: dict | None, rule: Rule, backend: str) -> str:
-    """``"table"``, ``"cuda"`` or ``"torch"`` for a parameter (gradients are checked per step)."""
-    if backend == "torch" or p.dtype not in _NUMPY_DTYPES or p.numel() == 0 or not p.is_contiguous():
-        return "torch"
+def _views(p: torch.Tensor, state: dict | None, rule: Rule):
+    """``(local_view(p), [local_view(buffer)...])``, or ``None`` when a step of ``p`` must run
+    on the tensors themselves (a subclass other than DTensor, state that does not pair)."""
+    view = local_view(p)
+    if view is None:
+        return None
+    buffers = None
     if state is not None:
-        for key in rule.buffers:
-            b = state[key]
-            if b.dtype != p.dtype or not b.is_contiguous():
-                return "torch"
+        buffers = [local_view(state[key]) for key in rule.buffers]
+        if any(b is None or b.shape != view.shape for b in buffers):
+            return None
+    return view, buffers
+
+
+def _kind(views, rule: Rule, backend: str) -> str:
+    """``"table"``, ``"cuda"`` or ``"torch"`` for a parameter (gradients are checked per step)."""
+    if backend == "torch" or views is None:
+        return "torch"
+    p, buffers = views
+    if p.dtype not in _NUMPY_DTYPES or p.numel() == 0 or not p.is_contiguous():
+        return "torch"
+    for b in buffers or ():
+        if b.dtype != p.dtype or not b.is_contiguous() or b.device != p.device:
+            return "torch"
     if p.device.type == "cpu":
         return "table"
     if p.device.type == "cuda" and _cuda_kernels_usable():
@@ -231,22 +371,31 @@ class _GroupPlan:
                 _check_state(rule, i, p, s)
         self.states = states
         self.missing = {i for i, s in enumerate(states) if s is None}
-        self.kinds = [_kind(p, s, rule, backend) for p, s in zip(params, states)]
-        by_dtype: dict = {}
+        self.views = [_views(p, s, rule) for p, s in zip(params, states)]
+        self.kinds = [_kind(v, rule, backend) for v in self.views]
+        local = [None if v is None else v[0] for v in self.views]
+        by_key: dict = {}
         for i, (p, kind) in enumerate(zip(params, self.kinds)):
             if kind == "table":
-                by_dtype.setdefault(p.dtype, []).append(i)
-        self.tables = [Table(dtype, rule, rows, params, states) for dtype, rows in by_dtype.items()]
+                by_key.setdefault((local[i].dtype, dist_key(p)), []).append(i)
+        self.tables = [Table(dtype, rule, rows, params, states, local, dist)
+                       for (dtype, dist), rows in by_key.items()]
         self.place = {i: (table, row) for table in self.tables for row, i in enumerate(table.rows)}
         self.others = [i for i, kind in enumerate(self.kinds) if kind != "table"]
-        self.other_ptrs = [params[i].data_ptr() for i in self.others]
+        self.other_ptrs = [_address(params[i]) for i in self.others]
 
     def matches(self, group: dict, state) -> bool:
         """Whether the plan still describes ``group`` (table pointers are checked by ``scan``)."""
         params = group["params"]
         return (group is self.group and state is self.state_obj and params is self.params_list
                 and len(params) == len(self.params) and all(map(operator.is_, params, self.params))
-                and [params[i].data_ptr() for i in self.others] == self.other_ptrs)
+                and [_address(params[i]) for i in self.others] == self.other_ptrs)
+
+
+def _address(p: torch.Tensor) -> int:
+    """The data address of ``p``'s local view (0 for tensors the kernels never address)."""
+    view = local_view(p)
+    return 0 if view is None else view.data_ptr()
 
 
 class Work(NamedTuple):
@@ -341,7 +490,7 @@ class Dispatcher:
                 if rule.scalars:
                     table.store_scalars()
                 torch.autograd.graph.increment_version(
-                    table.params if all(addrs) else [p for p, a in zip(table.params, addrs) if a])
+                    table.owners if all(addrs) else [p for p, a in zip(table.owners, addrs) if a])
             for i in slow:
                 self._run_one(constants, plan, i)
 
@@ -357,17 +506,28 @@ class Dispatcher:
     def _run_one(self, constants, plan: _GroupPlan, i: int) -> None:
         rule, p, s = self.rule, plan.params[i], plan.states[i]
         g = p.grad
-        buffers = [s[key] for key in rule.buffers]
-        if plan.kinds[i] == "cuda" and g.dtype == p.dtype and g.is_contiguous():
+        views = plan.views[i]
+        if views is not None:  # plain (real) local tensors, if the gradient and state pair up
+            pv, gv = views[0], grad_view(p, g)
+            buffers = [local_view(s[key]) for key in rule.buffers]
+            if gv is None or gv.shape != pv.shape or any(b is None or b.shape != pv.shape
+                                                         for b in buffers):
+                views = None
+        if views is None:  # a tensor subclass: its own ops (real pairs for complex tensors)
+            with torch.no_grad():
+                rule.run_torch(constants, _real(p), _real(g), [_real(s[key]) for key in rule.buffers], s)
+        elif plan.kinds[i] == "cuda" and gv.dtype == pv.dtype and gv.is_contiguous():
             from numba import cuda
 
-            with cuda.gpus[p.device.index or 0]:
-                stream = cuda.external_stream(torch.cuda.current_stream(p.device).cuda_stream)
-                arrays = [cuda.as_cuda_array(t.view(-1), sync=False) for t in (p, g, *buffers)]
+            with cuda.gpus[pv.device.index or 0]:
+                stream = cuda.external_stream(torch.cuda.current_stream(pv.device).cuda_stream)
+                arrays = [cuda.as_cuda_array(t.view(-1), sync=False) for t in (pv, gv, *buffers)]
                 rule.run_cuda(constants, arrays[0], arrays[1], arrays[2:], s, stream)
         else:
             with torch.no_grad():
-                rule.run_torch(constants, p, g, buffers, s)
+                rule.run_torch(constants, pv, gv, buffers, s)
+        if views is not None and is_dtensor(p):
+            torch.autograd.graph.increment_version(p)  # the local tensor has its own counter
         if i in plan.place:  # a table row stepped on the torch path: refresh its scalars
             table, row = plan.place[i]
             table.load_scalars(row)

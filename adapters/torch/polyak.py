@@ -27,12 +27,12 @@ from torch.optim.optimizer import Optimizer
 
 from uniopt import _jit
 from uniopt.kernels import polyak_cpu
-from uniopt._validation import check_polyak
+from uniopt._validation import check_polyak, nonnegative_finite
 from uniopt.polyak import polyak_stepsize
 from uniopt.rules import bind
 from uniopt.rules import polyak as _polyak
 
-from ._dispatch import Dispatcher, Rule, owned_copy
+from ._dispatch import Dispatcher, Rule, _dtensor_class, dist_key, grad_view, is_dtensor, local_view, owned_copy
 
 __all__ = ["PolyakSGD"]
 
@@ -41,6 +41,7 @@ _KERNEL_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(n
 _LIKE = {dt: np.zeros(1, dtype=dt) for dt in _KERNEL_DTYPES.values()}
 _EPS64 = float(np.finfo(np.float64).eps)
 _EPS = {dt: torch.finfo(dt).eps for dt in _KERNEL_DTYPES}  # grown on demand
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,7 +72,8 @@ class _Step:
         """
         from numba import cuda
 
-        key = (np_dtype, getattr(cuda.get_current_device(), "id", None))
+        current = getattr(cuda, "get_current_device", None)  # the simulator has none
+        key = (np_dtype, getattr(current(), "id", None) if current is not None else None)
         c = self._device.get(key)
         if c is None:
             c = self._device[key] = cuda.to_device(self.coef(np_dtype), stream=stream)
@@ -151,12 +153,17 @@ def _cuda_sq_norm(grads: list) -> float:
 
 
 def _sq_norm(grads: list, backend: str) -> float:
-    """``sum ||g||^2`` over ``grads`` (tensors) in float64, in as few kernel calls as possible."""
+    """``sum ||g||^2`` over ``grads`` (tensors) in float64, in as few kernel calls as possible.
+
+    Only plain tensors (exact type ``torch.Tensor``/``Parameter``) reach a kernel; any other
+    tensor is reduced with torch ops (a DTensor to its full sum, over its mesh).
+    """
     tables: dict = {}
     cuda_groups: dict = {}
     total = 0.0
     for g in grads:
-        if backend == "auto" and g.dtype in _KERNEL_DTYPES and g.is_contiguous() and g.numel():
+        if (backend == "auto" and type(g) in _PLAIN and g.dtype in _KERNEL_DTYPES
+                and g.is_contiguous() and g.numel()):
             if g.device.type == "cpu":
                 tables.setdefault(g.dtype, []).append(g)
                 continue
@@ -166,7 +173,10 @@ def _sq_norm(grads: list, backend: str) -> float:
         g = g.detach()
         if g.is_complex():
             g = torch.view_as_real(g)
-        total += float(torch.sum(torch.square(g.to(torch.float64))))
+        value = torch.sum(torch.square(g.to(torch.float64)))
+        if is_dtensor(value):  # a DTensor gradient that has no plain local view (Partial)
+            value = value.full_tensor()
+        total += float(value)
     for dtype, gs in tables.items():
         addrs = np.array([g.data_ptr() for g in gs], dtype=np.int64)
         sizes = np.array([g.numel() for g in gs], dtype=np.int64)
@@ -183,35 +193,92 @@ def _sq_norm(grads: list, backend: str) -> float:
 
 
 def _work_sq_norm(work, backend: str) -> tuple:
-    """``(sum ||g||^2, eps)`` of one group from the dispatcher's checked scan of its gradients.
+    """``(sum ||g||^2, shards, eps)`` of one group from the dispatcher's scan of its gradients.
 
     The table gradients' addresses are already in each table's ``g_addrs`` (one norm kernel
     call per table, over the very addresses the update will read); the gradients on the cuda
-    and torch paths go through :func:`_sq_norm`. ``eps`` is the machine epsilon of the finest
-    floating gradient dtype (float64's when there is none).
+    and torch paths go through :func:`_sq_norm`. Sums over the local shards of DTensor
+    gradients are not in the total: ``shards`` maps their :func:`dist_key` to the local sum, to
+    be reduced over the mesh. ``eps`` is the machine epsilon of the finest floating gradient
+    dtype (float64's when there is none).
     """
     total = 0.0
+    shards: dict = {}
     eps = _EPS64
     for table, _ in work.tables:
         kernel = polyak_cpu.sq_norm_kernel(table.parallel)
         if table.parallel:
             threads = torch.get_num_threads()  # numba's OpenMP pool may change it
-            total += float(kernel(table.g_addrs, table.sizes, _LIKE[table.np_dtype]))
+            value = float(kernel(table.g_addrs, table.sizes, _LIKE[table.np_dtype]))
             torch.set_num_threads(threads)
         else:
-            total += float(kernel(table.g_addrs, table.sizes, _LIKE[table.np_dtype]))
+            value = float(kernel(table.g_addrs, table.sizes, _LIKE[table.np_dtype]))
+        if table.dist is None:
+            total += value
+        else:
+            shards[table.dist] = shards.get(table.dist, 0.0) + value
         eps = min(eps, _EPS[table.dtype])
     if work.slow:
         params = work.plan.params
-        grads = [params[i].grad for i in work.slow]
-        total += _sq_norm(grads, backend)
-        for g in grads:
-            if g.is_floating_point():
-                e = _EPS.get(g.dtype)
+        by_key: dict = {}
+        for i in work.slow:
+            p, g = params[i], params[i].grad
+            view = grad_view(p, g) if local_view(p) is not None else None
+            if view is None:  # a tensor subclass: reduced by its own ops
+                by_key.setdefault(None, []).append(g)
+            else:
+                by_key.setdefault(dist_key(p), []).append(view)
+            if g.is_floating_point() or g.is_complex():
+                dt = g.dtype.to_real() if g.is_complex() else g.dtype
+                e = _EPS.get(dt)
                 if e is None:
-                    e = _EPS[g.dtype] = torch.finfo(g.dtype).eps
+                    e = _EPS[dt] = torch.finfo(dt).eps
                 eps = min(eps, e)
-    return total, eps
+        for key, grads in by_key.items():
+            value = _sq_norm(grads, backend)
+            if key is None:
+                total += value
+            else:
+                shards[key] = shards.get(key, 0.0) + value
+    return total, shards, eps
+
+
+def _meshes(param_groups: list) -> list:
+    """The device meshes of the DTensor parameters, in parameter order (every rank's order)."""
+    cls = _dtensor_class()
+    if cls is None:  # torch.distributed.tensor was never imported: no DTensor exists
+        return []
+    meshes: list = []
+    for group in param_groups:
+        for p in group["params"]:
+            if isinstance(p, cls) and not any(p.device_mesh == m for m in meshes):
+                meshes.append(p.device_mesh)
+    return meshes
+
+
+def _reduce_over_meshes(value: float, parts: list, meshes: list) -> tuple:
+    """The loss averaged over the first mesh and every group's full ``||g||^2``.
+
+    ``parts``: ``(total, shards)`` per group (:func:`_work_sq_norm`). One ``all_reduce`` per
+    mesh dimension carries ``[loss / ranks, group sums...]``: a local shard sum is divided by
+    the number of its replicas, so summing over every rank of the mesh counts each shard once.
+    Every rank gets the same loss and norms, hence the same step sizes.
+    """
+    import torch.distributed as dist
+
+    totals = [total for total, _ in parts]
+    for n, mesh in enumerate(meshes):
+        row = [value / mesh.size() if n == 0 else 0.0]
+        row += [sum(v / replicas for (m, replicas), v in shards.items() if m == mesh)
+                for _, shards in parts]
+        buffer = torch.tensor(row, dtype=torch.float64, device=mesh.device_type)
+        for dim in range(mesh.ndim):
+            dist.all_reduce(buffer, group=mesh.get_group(dim))
+        row = buffer.tolist()
+        if n == 0:
+            value = row[0]
+        totals = [t + v for t, v in zip(totals, row[1:])]
+    return value, totals
 
 
 def _loss_value(loss) -> float:
@@ -254,6 +321,11 @@ class PolyakSGD(Optimizer):
       max_stepsize: :math:`\gamma_{\max}` (finite, >= 0).
       delta: :math:`\delta` (>= 0).
       momentum: heavy-ball :math:`\mu` (>= 0).
+      lr: multiplier of the step cap (>= 0, default 1): the cap in use is
+        ``lr * max_stepsize``. It is the group key that ``torch.optim.lr_scheduler`` changes, so
+        ``StepLR(opt, ...)`` schedules the cap, and the trajectory is the NumPy/JAX solver's
+        with ``max_stepsize = lr * max_stepsize``. SPS+ has no cap: ``lr != 1`` there raises
+        ``ValueError`` at ``step`` (before anything changes).
 
     ``step`` needs the loss: ``step(closure)`` (the closure recomputes the loss and its
     gradients and returns the loss) or ``step(loss=loss)`` after ``loss.backward()``.
@@ -262,7 +334,23 @@ class PolyakSGD(Optimizer):
     add nothing to the norm and their velocity is kept). After each step, ``last_step`` holds one
     dict per group: ``{"loss", "grad_norm", "stepsize"}`` (Python floats; not in the state dict).
     There is no ``maximize``: minimise the negated objective, with ``fun_min`` a lower bound
-    on it.
+    on it. Complex parameters are updated as real pairs (as ``torch.optim``): their gradient
+    adds :math:`|g|^2` to the norm.
+
+    Under ``torch.distributed`` with DTensor parameters (FSDP2 ``fully_shard``), each rank
+    steps its local shards; the squared norm is the sum of the local sums over the mesh, and
+    the loss is averaged over the mesh (each rank's loss of its own batch: FSDP2 averages the
+    gradients the same way), in one ``all_reduce`` per mesh dimension per step, so every rank
+    takes the same step size -- that of a single process on the whole batch. Every rank must
+    call ``step``.
+
+    NaN and inf gradients are not checked (as in ``torch.optim``): the norm becomes NaN (an
+    inf gradient gives NaN on the kernel path, inf on the torch-ops path). ``SPS_max`` then
+    steps by the cap (``min(NaN, cap)``) or, for an inf norm, by 0; SPS+ takes a zero step.
+    The entries whose
+    gradient is NaN or inf become non-finite in the parameters, the others move by that step
+    size, and ``last_step`` reports the non-finite ``grad_norm``. Check ``last_step`` or the
+    loss to skip such steps.
 
     Example:
       >>> import torch
@@ -288,9 +376,9 @@ class PolyakSGD(Optimizer):
     """
 
     def __init__(self, params, fun_min=0.0, variant="SPS_max", max_stepsize=1.0, delta=0.0,
-                 momentum=0.0, *, _backend="auto"):
+                 momentum=0.0, *, lr=1.0, _backend="auto"):
         defaults = {"fun_min": fun_min, "variant": variant, "max_stepsize": max_stepsize,
-                    "delta": delta, "momentum": momentum}
+                    "delta": delta, "momentum": momentum, "lr": lr}
         self._check_group(defaults)
         self._backend = _backend
         self._dispatchers = (Dispatcher(_SGDRule(), _backend), Dispatcher(_HeavyBallRule(), _backend))
@@ -301,6 +389,18 @@ class PolyakSGD(Optimizer):
     def _check_group(group: dict) -> None:
         check_polyak(group["fun_min"], group["variant"], group["max_stepsize"], group["delta"],
                      group["momentum"])
+        nonnegative_finite("learning rate", group.get("lr", 1.0))
+
+    @staticmethod
+    def _cap(index: int, group: dict) -> float:
+        """The step cap of this step: ``lr * max_stepsize`` (``lr`` is what schedulers change)."""
+        lr = group.setdefault("lr", 1.0)  # groups saved before lr existed
+        lr = nonnegative_finite("learning rate", lr.item() if isinstance(lr, torch.Tensor) else lr)
+        if group["variant"] == "SPS+" and lr != 1.0:
+            raise ValueError(f"PolyakSGD: lr={lr} in param group {index} would scale the step cap "
+                             f"max_stepsize, which the SPS+ variant does not have; use "
+                             f"variant='SPS_max' to schedule the cap")
+        return lr * float(group["max_stepsize"])
 
     def add_param_group(self, param_group: dict) -> None:
         if isinstance(param_group, dict):
@@ -331,6 +431,8 @@ class PolyakSGD(Optimizer):
             self._check_group({**self.defaults, **{k: v for k, v in group.items() if k != "params"}})
 
         super().load_state_dict(owned_copy(state_dict))
+        for group in self.param_groups:
+            group.setdefault("lr", 1.0)  # saved before lr existed
         self._invalidate()
 
     def step(self, closure=None, *, loss=None):
@@ -366,14 +468,23 @@ class PolyakSGD(Optimizer):
         plain_work = plain_dispatcher.collect(plain, self.state) if plain else []
         found = {id(w.group): w for w in heavy_work}
         found.update((id(w.group), w) for w in plain_work)
+        caps = [self._cap(i, group) for i, group in enumerate(self.param_groups)]
+        parts = [_work_sq_norm(found[id(group)], self._backend) if id(group) in found
+                 else (0.0, {}, _EPS64) for group in self.param_groups]
+        sq_norms = [total for total, _, _ in parts]
+        meshes = _meshes(self.param_groups)
+        if meshes:  # DTensor parameters: the same loss and full norms on every rank
+            value, sq_norms = _reduce_over_meshes(value, [(t, sh) for t, sh, _ in parts], meshes)
+        else:
+            for n, (_, shards, _) in enumerate(parts):
+                sq_norms[n] += sum(shards.values())
         steps, last_step = {}, []
-        for group, momentum in zip(self.param_groups, momenta):
-            work = found.get(id(group))
-            sq_norm, eps = _work_sq_norm(work, self._backend) if work is not None else (0.0, _EPS64)
+        for group, momentum, cap, sq_norm, (_, _, eps) in zip(self.param_groups, momenta, caps,
+                                                              sq_norms, parts):
             # SPS+ takes a zero step when ||g||^2 is at most the machine epsilon of the
             # gradients' dtype (the finest one, in a group of several dtypes).
             stepsize = polyak_stepsize(value, sq_norm, float(group["fun_min"]), group["variant"],
-                                       float(group["max_stepsize"]), float(group["delta"]), eps=eps)
+                                       cap, float(group["delta"]), eps=eps)
             steps[id(group)] = _Step(stepsize, momentum)
             last_step.append({"loss": value, "grad_norm": float(np.sqrt(sq_norm)), "stepsize": stepsize})
         # 2. Update, from the same scans.

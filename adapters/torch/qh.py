@@ -18,6 +18,13 @@ Deviations from qhoptim (also in ``docs/deviations.md``):
 * omitting ``momentum`` is allowed when every param group gives one (like ``lr`` and ``nu``);
 * :class:`QHAdamW` is a class (a subclass of :class:`QHAdam`), not a factory function;
 * keyword-only ``maximize``; a step that raises leaves parameters and state unchanged.
+
+As in ``torch.optim``: complex parameters are optimized as pairs of real numbers
+(``torch.view_as_real``; the state is complex like the parameter), so ``QHAdam(nus=(1, 1))`` on
+a complex parameter is ``torch.optim.Adam`` on it; NaN/inf gradients are not checked and
+propagate element by element (see each class). DTensor parameters (FSDP2 ``fully_shard``) are
+stepped on their local shards; other tensor subclasses with torch ops (see
+:mod:`uniopt.adapters.torch._dispatch`).
 """
 
 from __future__ import annotations
@@ -202,7 +209,14 @@ class QHM(QHMConversions, _Base):
     Hyper-parameters are re-read from each param group at every step (schedulers work).
     State per parameter: ``momentum_buffer``. Parameters whose ``.grad`` is ``None`` are
     skipped (no decay, no state). Unlike qhoptim, ``"grad"`` decay leaves ``p.grad`` unchanged,
-    and sparse gradients raise ``RuntimeError`` before anything is modified.
+    and sparse gradients raise ``RuntimeError`` before anything is modified. Complex parameters
+    are updated as real pairs (``torch.optim.SGD``'s convention).
+
+    NaN and inf gradients are not checked (as in ``torch.optim.SGD``): the update is
+    elementwise, so an entry whose gradient is NaN or inf becomes non-finite in the parameter
+    and the momentum buffer (inf can give NaN through the :math:`(1 - \nu) g` term, where SGD
+    gives inf), and every other entry is updated normally. Skip such steps yourself (e.g. with
+    ``torch.amp.GradScaler``) if they can happen.
 
     Example:
       >>> import torch
@@ -269,7 +283,12 @@ class QHAdam(QHAdamConversions, _Base):
     Note the argument order (qhoptim's): ``eps`` comes last, so positional calls do not line up
     with ``torch.optim.Adam``. State per parameter: ``beta1_weight``, ``beta2_weight`` (Python
     floats), ``exp_avg``, ``exp_avg_sq`` (the bias-corrected moments). Unlike qhoptim, coupled
-    decay leaves ``p.grad`` unchanged.
+    decay leaves ``p.grad`` unchanged. Complex parameters are updated as real pairs, as
+    ``torch.optim.Adam`` does (``nus=(1, 1)`` gives Adam's trajectory on them).
+
+    NaN and inf gradients are not checked (as in ``torch.optim.Adam``): an entry whose gradient
+    is NaN or inf gets non-finite moments and a NaN parameter from then on; the other entries
+    are unaffected. Skip such steps yourself (e.g. ``torch.amp.GradScaler``) if they can happen.
 
     Example:
       >>> import torch

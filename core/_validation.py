@@ -120,7 +120,13 @@ def boolean(what: str, value: Any) -> bool:
 
 
 def integer(what: str, value: Any, minimum: int = 0) -> int:
-    """An integer ``>= minimum``: TypeError for bools and non-integers (``2.5``, ``1e3``)."""
+    """An integer ``>= minimum``: TypeError for bools and non-integers (``2.5``, ``"3"``).
+
+    An integer-valued float (``1e3``) is accepted as that integer, as SciPy's ``maxiter`` is.
+    """
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_, numbers.Integral)):
+        if math.isfinite(value) and float(value).is_integer():
+            value = int(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"Invalid {what}: {value!r} (expected an integer)")
     if value < minimum:

@@ -75,3 +75,44 @@ def test_cli_info_runs():
 def test_cli_rejects_unknown_commands(argv):
     out = subprocess.run([sys.executable, "-m", "uniopt", *argv], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
+
+
+# -- the kernel cache key -------------------------------------------------------------------------
+def test_kernel_fingerprint_covers_exactly_rules_kernels_and_jit():
+    from uniopt import _jit
+
+    package = Path(_jit.__file__).resolve().parent
+    hashed = {path.relative_to(package).as_posix() for path in _jit.fingerprinted_files()}
+    expected = {p.relative_to(package).as_posix() for folder in ("rules", "kernels")
+                for p in (package / folder).glob("*.py")} | {"_jit.py"}
+    assert hashed == expected
+    assert "rules/qh.py" in hashed and "kernels/qh_cpu.py" in hashed
+    assert not any(name in hashed for name in ("qh.py", "polyak.py", "__main__.py", "__init__.py"))
+    assert _jit.source_fingerprint() == _jit.fingerprint_of(package)
+
+
+def test_kernel_fingerprint_changes_with_kernel_sources_only(tmp_path):
+    import shutil
+
+    from uniopt import _jit
+
+    package = Path(_jit.__file__).resolve().parent
+    copy = tmp_path / "uniopt"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = _jit.fingerprint_of(copy)
+    assert before == _jit.source_fingerprint()
+
+    face = copy / "qh.py"
+    face.write_text(face.read_text() + "\n# a face edit\n")
+    (copy / "__main__.py").write_text("# the command line, rewritten\n")
+    assert _jit.fingerprint_of(copy) == before
+
+    for name in ("rules/qh.py", "kernels/qh_cpu.py", "_jit.py"):
+        edited = copy / name
+        original = edited.read_bytes()
+        edited.write_bytes(original + b"\n# an edit\n")
+        assert _jit.fingerprint_of(copy) != before, name
+        edited.write_bytes(original)
+        assert _jit.fingerprint_of(copy) == before
+    (copy / "kernels" / "new_cpu.py").write_text("# a new kernel module\n")
+    assert _jit.fingerprint_of(copy) != before

@@ -47,7 +47,7 @@ def test_readme_opens_with_the_two_commands():
 
 
 def test_demo_backends_agree():
-    out = _python(["-m", "uniopt", "demo", "--steps", "40"])
+    out = _python(["examples/demo.py", "--steps", "40"])
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     assert "all backends agree" in out.stdout
     sections = ("qhadam-digits", "polyak-interpolation", "neyman-pearson")

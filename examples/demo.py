@@ -1,4 +1,4 @@
-"""``python -m uniopt demo``: the main job, run on every installed backend.
+"""``python examples/demo.py`` (``make demo``): the main job, run on every backend.
 
 Each section runs one family on the NumPy core, on torch and on JAX, from the same start, in
 float64, prints one row per backend and checks that the backends agree (same update rule, so
@@ -16,6 +16,7 @@ the same trajectory up to rounding):
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Callable
 
@@ -421,7 +422,7 @@ SECTIONS: dict[str, Callable[..., bool]] = {"qhadam-digits": qhadam_digits,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m uniopt demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python examples/demo.py", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="training steps per backend")
     parser.add_argument("--only", choices=sorted(SECTIONS), action="append", help="run only these sections")
     args = parser.parse_args(argv)
@@ -434,3 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
     print("all backends agree" if ok else "BACKENDS DISAGREE")
     return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

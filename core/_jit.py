@@ -1,7 +1,7 @@
 """The one place where Numba options live.
 
 Every compiled kernel of uniopt is made by a helper of this module, so the flags that matter
-(see ``shared/performance-notes.md``) are set once:
+(see ``docs/performance.md``) are set once:
 
 * ``error_model="numpy"``: the default Python error model adds a zero-division check to every
   division and stops SIMD vectorisation (4-7x slower).

@@ -358,11 +358,12 @@ def polyak_interpolation(steps: int = 300, bug: str | None = None) -> tuple[bool
     agree = True
     print(f"  one-step maps from the core's {len(starts)} iterates, allowed difference "
           f"{allowed:.1e} x (|w_k| + |step|):")
-    for name in ran:
-        one_step = POLYAK_MAPS[name]
+    diffs = {}
+    for name in _progress(ran, "one-step maps"):
         fun_min = wrong if name == bug else 0.0
-        diff = float(np.max(np.linalg.norm(one_step(x, t, starts, fun_min=fun_min) - expected,
-                                           axis=1) / scale))
+        nexts = POLYAK_MAPS[name](x, t, starts, fun_min=fun_min)
+        diffs[name] = float(np.max(np.linalg.norm(nexts - expected, axis=1) / scale))
+    for name, diff in diffs.items():
         ok = diff <= allowed  # False for NaN too
         agree &= ok
         print(f"  {name:<12} vs numpy (core): max relative difference {diff:.1e} "
@@ -525,18 +526,28 @@ def neyman_pearson(steps: int = 300, bug: str | None = None) -> tuple[bool, bool
     return _agree(finals), bool(reached)
 
 
+def _progress(items, description: str):
+    """A progress bar on stderr over ``items`` (shown on a terminal only; cleared when done)."""
+    from tqdm import tqdm  # the demo extra
+
+    return tqdm(items, desc=description, leave=False, disable=None, file=sys.stderr)
+
+
 def _timed_runs(backends: dict, *args):
-    """``(name, result, seconds)`` of each backend's run on ``args``; a backend whose
-    framework is not installed prints a "skipped" row instead."""
-    for name, train in backends.items():
+    """``(name, result, seconds)`` of each backend's run on ``args``, with a progress bar; a
+    backend whose framework is not installed prints a "skipped" row instead."""
+    bar = _progress(list(backends.items()), "backends")
+    for name, train in bar:
+        bar.set_postfix_str(name)
         try:
             start = time.perf_counter()
             result = train(*args)
             elapsed = time.perf_counter() - start
         except ImportError as exc:
-            print(f"{name:<14} skipped: {exc}")
+            bar.write(f"{name:<14} skipped: {exc}", file=sys.stdout)
             continue
-        yield name, result, elapsed
+        with bar.external_write_mode(file=sys.stdout):  # the caller prints its row cleanly
+            yield name, result, elapsed
 
 
 def _agree(finals: dict) -> bool:

@@ -36,8 +36,6 @@ asv) instead of an error.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import functools
 import gc
 import importlib.metadata

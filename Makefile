@@ -15,13 +15,13 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m uniopt demo
+	$(BIN)/python examples/demo.py
 
 test: $(STAMP)
 	$(BIN)/pytest
 
 bench: $(STAMP)
-	$(BIN)/python -m uniopt bench
+	$(BIN)/python asv_bench/table.py
 	cd asv_bench && ../$(BIN)/asv machine --yes >/dev/null && ../$(BIN)/asv run --python=same --quick --show-stderr
 
 info: $(STAMP)

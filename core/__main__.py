@@ -1,4 +1,9 @@
-"""``python -m uniopt {demo,bench,info}``."""
+"""``python -m uniopt info``: what this installation of uniopt runs on.
+
+The demo (``examples/demo.py``, ``make demo``) and the side-by-side benchmark
+(``asv_bench/table.py``, ``make bench``) live outside the package: they import torch and JAX,
+which the package never does.
+"""
 
 from __future__ import annotations
 
@@ -70,22 +75,11 @@ def info() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: ``info`` is its one command (argparse exits 2 on anything else)."""
     parser = argparse.ArgumentParser(prog="python -m uniopt", description="uniopt command line")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="the main job: train with every backend and compare", add_help=False)
-    sub.add_parser("bench", help="a quick side-by-side benchmark table", add_help=False)
     sub.add_parser("info", help="versions, backends, threading layer, CUDA")
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "demo":
-        from . import demo
-
-        return demo.main(rest)
-    if args.command == "bench":
-        from . import bench
-
-        return bench.main(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    parser.parse_args(argv)
     return info()
 
 

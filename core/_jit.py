@@ -1,15 +1,17 @@
 """The one place where Numba options live.
 
 Every compiled kernel of uniopt is made by a helper of this module, so the flags that matter
-(see ``shared/performance-notes.md``) are set once:
+(see ``docs/performance.md``) are set once:
 
 * ``error_model="numpy"``: the default Python error model adds a zero-division check to every
   division and stops SIMD vectorisation (4-7x slower).
 * ``fastmath=False``: memory-bound loops gain nothing from it, and it makes results depend on
   how a loop is split between vector body and scalar tail.
-* ``cache=True`` for CPU kernels, with a cache key that includes a fingerprint of uniopt's own
-  source files. Numba's key covers only the kernel's own bytecode, so an edit to a rule that a
-  kernel inlines from another module would otherwise load a stale kernel.
+* ``cache=True`` for CPU kernels, with a cache key that includes a fingerprint of the sources
+  kernels compile from (``rules/``, ``kernels/`` and this module; :func:`fingerprinted_files`).
+  Numba's key covers only the kernel's own bytecode, so an edit to a rule that a kernel inlines
+  from another module would otherwise load a stale kernel; an edit to a face or to the command
+  line recompiles nothing.
 
 Nothing is compiled at import: Numba compiles a dispatcher on its first call.
 
@@ -107,15 +109,39 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 _fingerprint: str | None = None
 
 
+def fingerprinted_files(package_dir: Path | None = None) -> list[Path]:
+    """The sources a kernel can compile from: ``rules/*.py``, ``kernels/*.py`` and this module.
+
+    Faces (``qh.py``, ``polyak.py``, ...), the command line and the adapters are left out:
+    editing them must not invalidate every cached kernel.
+
+    Args:
+        package_dir: The core package's folder (default: the installed one).
+
+    Returns:
+        The files, sorted by their path relative to ``package_dir``.
+    """
+    base = _PACKAGE_DIR if package_dir is None else Path(package_dir)
+    files = [*base.joinpath("rules").glob("*.py"), *base.joinpath("kernels").glob("*.py"),
+             base / Path(__file__).name]
+    return sorted(files, key=lambda path: path.relative_to(base).as_posix())
+
+
+def fingerprint_of(package_dir: Path) -> str:
+    """The SHA-256 over the relative path and bytes of every file of ``fingerprinted_files``."""
+    package_dir = Path(package_dir)
+    digest = hashlib.sha256()
+    for path in fingerprinted_files(package_dir):
+        digest.update(path.relative_to(package_dir).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def source_fingerprint() -> str:
-    """A hash of every ``.py`` file of the core package (computed once per process)."""
+    """The fingerprint of the installed package's kernel sources (computed once per process)."""
     global _fingerprint
     if _fingerprint is None:
-        digest = hashlib.sha256()
-        for path in sorted(_PACKAGE_DIR.rglob("*.py")):
-            digest.update(str(path.relative_to(_PACKAGE_DIR)).encode())
-            digest.update(path.read_bytes())
-        _fingerprint = digest.hexdigest()
+        _fingerprint = fingerprint_of(_PACKAGE_DIR)
     return _fingerprint
 
 

@@ -38,3 +38,8 @@ for i in range(300):
         print(f"step {i:3d}  loss {float(loss):.4f}")
 accuracy = jnp.mean((x @ params["w"] + params["b"] > 0) == (y > 0.5))
 print(f"train accuracy {float(accuracy):.3f}")
+# The claim, checked by the tests: far below the loss of the zero start (log 2), and more
+# accurate than always predicting the majority class.
+majority = max(float(y.mean()), 1.0 - float(y.mean()))
+print(f"result final_loss={float(loss_fn(params)):.6f} initial_loss={float(jnp.log(2.0)):.6f} "
+      f"accuracy={float(accuracy):.4f} majority_rate={majority:.4f}")

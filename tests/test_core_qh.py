@@ -284,8 +284,8 @@ def test_parallel_kernels_match_serial(rng, dtype):
 # Against qhoptim (through torch, float64)
 # ------------------------------------------------------------------------------------------
 def _qhoptim_run(opt_name, kwargs, params, grads, beta_change=None):
-    torch = pytest.importorskip("torch")
-    qhoptim = pytest.importorskip("qhoptim.pyt")
+    import torch
+    import qhoptim.pyt as qhoptim
     tensors = [torch.tensor(p, dtype=torch.float64, requires_grad=True) for p in params]
     opt = getattr(qhoptim, opt_name)(tensors, **kwargs)
     for k, step_grads in enumerate(grads):
@@ -349,7 +349,7 @@ CONVERSIONS = [
 
 @pytest.mark.parametrize("name,kwargs", CONVERSIONS)
 def test_conversions_match_qhoptim(name, kwargs):
-    qhoptim = pytest.importorskip("qhoptim.pyt")
+    import qhoptim.pyt as qhoptim
     ours = getattr(uniopt.QHM, name)(**kwargs)
     theirs = getattr(qhoptim.QHM, name)(**kwargs)
     assert ours.keys() == theirs.keys() == {"lr", "momentum", "nu"}
@@ -358,7 +358,7 @@ def test_conversions_match_qhoptim(name, kwargs):
 
 
 def test_from_nadam_matches_qhoptim():
-    qhoptim = pytest.importorskip("qhoptim.pyt")
+    import qhoptim.pyt as qhoptim
     for kwargs in ({}, dict(lr=0.01, betas=(0.8, 0.99))):
         assert uniopt.QHAdam.from_nadam(**kwargs) == qhoptim.QHAdam.from_nadam(**kwargs)
     assert uniopt.QHAdamW.from_nadam() == uniopt.QHAdam.from_nadam()
@@ -403,7 +403,7 @@ def test_two_state_optimizer_recurrence(tso, rng):
     tso_traj = np.array(tso_traj)
     ours = _qhm_trajectory(uniopt.QHM.from_two_state_optimizer(**tso), tso_traj[0], grad, 40)
     np.testing.assert_allclose(ours, tso_traj, rtol=1e-10, atol=1e-12)
-    qhoptim = pytest.importorskip("qhoptim.pyt")
+    import qhoptim.pyt as qhoptim
     theirs = qhoptim.QHM.from_two_state_optimizer(**tso)
     if q == 1.0:
         assert theirs["nu"] == pytest.approx(uniopt.QHM.from_two_state_optimizer(**tso)["nu"], rel=1e-12)

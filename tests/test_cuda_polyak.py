@@ -18,7 +18,7 @@ from cuda_arrays import to_host as _host
 from cuda_ptx import compile_ptx_script
 from refimpl.naive_polyak import NaivePolyakSGD, naive_sq_norm
 
-cuda = pytest.importorskip("numba.cuda")
+from numba import cuda
 
 from uniopt.kernels import polyak_cpu  # noqa: E402
 from uniopt.kernels._pointers import addresses  # noqa: E402

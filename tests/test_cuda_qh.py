@@ -16,7 +16,7 @@ from cuda_arrays import to_device as _device
 from cuda_arrays import to_host as _host
 from cuda_ptx import compile_ptx_script
 
-cuda = pytest.importorskip("numba.cuda")
+from numba import cuda
 
 from uniopt.kernels import qh_cpu  # noqa: E402
 from uniopt.kernels._pointers import addresses  # noqa: E402

@@ -12,8 +12,8 @@ import importlib
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
-optax = pytest.importorskip("optax")
+import jax
+import optax
 import jax.numpy as jnp  # noqa: E402
 
 import uniopt  # noqa: E402
@@ -545,7 +545,7 @@ def test_docstring_example_runs():
 def test_float64_parity_with_the_torch_ialm(x64, idiom):
     """The same four groups through uniopt's torch iALM and through ialm: duals, buffers and
     Lagrangian values agree to 1e-12 (float64) over STEPS steps, in both idioms."""
-    torch = pytest.importorskip("torch")
+    import torch
     from uniopt.adapters.torch import iALM as TorchIALM
 
     def init(k):

@@ -15,8 +15,8 @@ import warnings
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
-optax = pytest.importorskip("optax")
+import jax
+import optax
 import jax.numpy as jnp  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -44,7 +44,9 @@ def x64():
 def jaxopt():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        return pytest.importorskip("jaxopt", reason="jaxopt (test-only reference) is not installed")
+        import jaxopt
+
+        return jaxopt
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ import re
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
-optax = pytest.importorskip("optax")
+import jax
+import optax
 import jax.numpy as jnp  # noqa: E402
 
 import uniopt  # noqa: E402

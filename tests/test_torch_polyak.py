@@ -9,7 +9,7 @@ import io
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 from conftest import tolerance  # noqa: E402
 from refimpl.naive_polyak import NaivePolyakSGD  # noqa: E402
@@ -434,7 +434,7 @@ def test_is_a_torch_optimizer():
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_cuda_glue_matches_torch_ops_on_the_simulator(momentum):
-    pytest.importorskip("numba.cuda")
+    import numba.cuda  # noqa: F401  (numba-cuda: the test extra)
     import numba
     from numba import cuda
 

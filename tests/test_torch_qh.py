@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 from torch_qh_problem import Problem, assert_state_close, run  # noqa: E402
 from uniopt.adapters.torch import QHM, QHAdam, QHAdamW  # noqa: E402
@@ -23,7 +23,9 @@ F64 = dict(rtol=1e-12, atol=1e-14)
 
 @pytest.fixture(scope="module")
 def qhoptim():
-    return pytest.importorskip("qhoptim.pyt", reason="qhoptim is not installed (pip install qhoptim==1.1.0)")
+    import qhoptim.pyt
+
+    return qhoptim.pyt
 
 
 QHM_SETTINGS = [

@@ -13,7 +13,7 @@ import io
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 import uniopt  # noqa: E402
 from conftest import tolerance  # noqa: E402
@@ -428,7 +428,7 @@ def test_mismatched_grad_shape_fails_before_any_change():
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("rule", ["qhm", "qhadam"])
 def test_cuda_glue_matches_torch_ops_on_the_simulator(rule):
-    pytest.importorskip("numba.cuda")
+    import numba.cuda  # noqa: F401  (numba-cuda: the test extra)
     import numba
     from numba import cuda
 

@@ -3,23 +3,23 @@
 * ``UnioptTorchIALM`` / ``UnioptNumpyIALM`` / ``HumancompatibleIALM``: ``time_update`` of one
   ``update(c)`` (one constraint group of ``m`` float32 constraints, momentum 0.5, fixed ``c``)
   of ``uniopt.adapters.torch.dual_optim.iALM``, ``uniopt.iALM`` and
-  ``humancompatible.train.dual_optim.iALM`` with the same settings (``uniopt.bench.IALM``).
+  ``humancompatible.train.dual_optim.iALM`` with the same settings (``contenders.IALM``).
 * ``IALMSpeedup.track_ratio``: humancompatible-train time / uniopt torch time, measured
   interleaved in one process (goal: >= 5 at 1e5 and more constraints).
 """
 
 from . import common  # noqa: F401, I001  (first: pins the process before any thread pool)
 
-from uniopt import bench  # noqa: E402
+from . import contenders  # noqa: E402
 
-SIZES = list(bench.IALM_SIZES)
+SIZES = list(contenders.IALM_SIZES)
 _REPEAT, _MIN_TIME = 7, 0.05
 
 
 def _build(name, m):
     try:
-        return bench.build_ialm(name, m)
-    except bench.Unavailable as exc:
+        return contenders.build_ialm(name, m)
+    except contenders.Unavailable as exc:
         raise NotImplementedError(str(exc)) from exc
 
 
@@ -73,7 +73,7 @@ class IALMSpeedup:
             except NotImplementedError as exc:
                 out[m] = str(exc)
                 continue
-            out[m] = bench.paired_ratio(steps, "hct_ialm", "uniopt_torch_ialm", _REPEAT, _MIN_TIME)
+            out[m] = contenders.paired_ratio(steps, "hct_ialm", "uniopt_torch_ialm", _REPEAT, _MIN_TIME)
         return out
 
     def setup(self, ratios, m):

@@ -7,7 +7,7 @@ traffic and trivial arithmetic over the same kind of table (the ceiling on this 
 their ratio; the two kernels are measured interleaved, in one process.
 """
 
-from uniopt import bench
+from . import contenders
 
 from .common import BANDWIDTH_SIZE, LAYOUTS, StepBenchmark, build
 
@@ -25,7 +25,7 @@ class QHMTable(StepBenchmark):
 
 
 class StreamTable(StepBenchmark):
-    """uniopt.bench.stream_table_: QHAdam's memory traffic, trivial arithmetic."""
+    """uniopt.kernels.bandwidth.stream_table_: QHAdam's memory traffic, trivial arithmetic."""
 
     case = "stream"
 
@@ -45,13 +45,13 @@ class Bandwidth:
         seconds = {}
         for layout in LAYOUTS:
             steps = {name: build(name, BANDWIDTH_SIZE, layout) for name in ("kernel_qhadam", "stream")}
-            seconds[layout] = bench.medians(steps, repeat=7, min_time=0.05)
+            seconds[layout] = contenders.medians(steps, repeat=7, min_time=0.05)
             del steps
         return seconds
 
     @staticmethod
     def _gbps(seconds):
-        return bench.BYTES_PER_PARAM * BANDWIDTH_SIZE / seconds / 1e9
+        return contenders.BYTES_PER_PARAM * BANDWIDTH_SIZE / seconds / 1e9
 
     def track_kernel_gbps(self, seconds, layout):
         return self._gbps(seconds[layout]["kernel_qhadam"])

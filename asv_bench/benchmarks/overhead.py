@@ -21,7 +21,7 @@ OPTIMIZERS = [
 
 
 class FixedCost:
-    """One step on 100 tensors x 4 elements (float32); params are uniopt.bench.CASES keys."""
+    """One step on 100 tensors x 4 elements (float32); params are contenders.CASES keys."""
 
     params = [OPTIMIZERS]
     param_names = ["optimizer"]

@@ -3,7 +3,7 @@
 * ``UnioptJaxPolyakSGDRun`` / ``JaxoptPolyakSGDRun``: ``time_run`` of one whole
   ``PolyakSGD(...).run(w0, X, y)`` (uniopt.adapters.jax vs jaxopt 0.8.5) on the same seeded
   float32 interpolation problems (realisable least squares, separable logistic regression;
-  ``uniopt.bench.SOLVER_PROBLEMS``), fixed ``maxiter``, ``tol=0`` so that both run every
+  ``contenders.SOLVER_PROBLEMS``), fixed ``maxiter``, ``tol=0`` so that both run every
   iteration; mode ``run`` calls ``solver.run`` as is, mode ``jit`` calls ``jax.jit(solver.run)``.
   Compiled in ``setup``; the timed call blocks until the result is ready.
 * ``JaxPolyakOverJaxopt.track_ratio``: uniopt time / jaxopt time, measured interleaved in one
@@ -17,7 +17,7 @@
   measured interleaved (goal: <= 1.3; Polyak adds one reduction over the gradients).
 """
 
-from uniopt import bench
+from . import contenders
 
 from .common import (LAYOUTS, SOLVER_MODES, SOLVER_PROBLEMS, SolverRunBenchmark, StepBenchmark,
                      build, build_solver)
@@ -36,7 +36,7 @@ def _ratios(make_steps, keys, numerator, denominator):
         except NotImplementedError as exc:
             out[key] = str(exc)
             continue
-        out[key] = bench.paired_ratio(steps, numerator, denominator, _REPEAT, _MIN_TIME)
+        out[key] = contenders.paired_ratio(steps, numerator, denominator, _REPEAT, _MIN_TIME)
         del steps
     return out
 
@@ -100,7 +100,7 @@ class SolverFirstRun:
         build_solver(solver, "lstsq_small", "run")  # NotImplementedError when missing
 
     def track_first_run(self, solver):
-        return bench.solver_first_run(solver, "lstsq_small", "run")["first_run"]
+        return contenders.solver_first_run(solver, "lstsq_small", "run")["first_run"]
 
     track_first_run.unit = "seconds"
 

@@ -8,13 +8,13 @@
   (``UNIOPT_NUMBA_CACHE=0``), after numba's own one-off start-up (``track_numba_first_jit``).
 """
 
-from uniopt import bench
+from . import contenders
 
 from .common import build
 
 
 def track_import_uniopt():
-    return bench.import_time(repeat=3)
+    return contenders.import_time(repeat=3)
 
 
 track_import_uniopt.unit = "seconds"
@@ -31,7 +31,7 @@ class FirstStep:
             build("uniopt_torch_qhadam", 0, "tiny")  # NotImplementedError without the adapter
 
     def track_first_step(self, backend):
-        return bench.first_step_time(backend)["first_step"]
+        return contenders.first_step_time(backend)["first_step"]
 
     track_first_step.unit = "seconds"
 
@@ -40,7 +40,7 @@ class Compile:
     timeout = 300
 
     def setup_cache(self):
-        return bench.compile_times()
+        return contenders.compile_times()
 
     def track_qhadam_table(self, times):
         return times["kernel_qhadam"]

@@ -1,37 +1,41 @@
-"""``python -m uniopt bench``: uniopt's optimizers against torch.optim, qhoptim, optax and jaxopt.
+"""The contenders of uniopt's benchmarks, shared by the asv suite and the side-by-side table.
 
-One side-by-side table, in one run: rows are parameter counts x layouts (one tensor, or a
-model-like list of 100 mixed-size tensors), columns are milliseconds per optimizer step of every
-contender, the core kernel's achieved bandwidth next to a measured bandwidth ceiling, and the
-ratios uniopt's goals are stated in. Measurements are interleaved (every repeat times every
-contender of a row, in a rotating order) and the median of the repeats is reported, so the ratios
-compare numbers taken under the same machine conditions.
+Everything both measure lives here, so they measure the same thing: the builders of every
+contender (uniopt's optimizers against torch.optim, qhoptim, optax, jaxopt and
+humancompatible-train), their data and hyper-parameters, the table's columns and rows, the
+interleaved timing helpers and the start-up measurements. ``asv_bench/table.py`` prints the
+side-by-side table (``make bench``); the modules next to this one are the asv suite. No kernel is
+defined here: the bandwidth yardstick is :mod:`uniopt.kernels.bandwidth`.
+
+The table's rows are parameter counts x layouts (one tensor, or a model-like list of 100
+mixed-size tensors), its columns milliseconds per optimizer step of every contender, the core
+kernel's achieved bandwidth next to a measured bandwidth ceiling, and the ratios uniopt's goals
+are stated in. Measurements are interleaved (every repeat times every contender of a row, in a
+rotating order) and the median of the repeats is reported, so the ratios compare numbers taken
+under the same machine conditions.
 
 A second, smaller table compares whole solver runs: uniopt's JAX ``PolyakSGD(...).run`` against
 ``jaxopt.PolyakSGD(...).run`` on the same seeded interpolation problems (realisable least
 squares, separable logistic regression), float32, a fixed ``maxiter`` and ``tol=0`` so that both
 run every iteration (checked when the case is built); called as is and under ``jax.jit``.
 
-Fairness rules (the same as the asv suite in ``asv_bench/``, which builds its cases here):
+Fairness rules:
 
 * float32 everywhere, identical data (seeded), gradients filled before the optimizer is built and
   never touched again; each contender owns its copy of every tensor, allocated separately;
 * torch runs one thread (``torch.set_num_threads(1)``); uniopt's kernels are serial by default;
   by default the whole process is also pinned to one CPU (affinity), which is the only way to
-  keep XLA:CPU on one thread (``--no-pin`` turns it off);
+  keep XLA:CPU on one thread;
 * every contender is warmed up (compiled, cached, state allocated) before timing;
 * JAX steps are ``jax.jit``-ed with donated params and state, and the timed call blocks until
   the results are ready; solver runs are compiled by a first run and also block.
 
-The machine, versions and date are printed with the table. Nothing here is asserted: goals are
-reported as measured. This module imports torch and JAX only inside functions, and a missing
-framework or adapter gives an "n/a" cell with a footnote instead of an error.
+This module imports torch and JAX only inside functions, and a missing framework or adapter
+raises :class:`Unavailable` (an "n/a" cell with a footnote in the table, a skipped benchmark in
+asv) instead of an error.
 """
-
 from __future__ import annotations
 
-import argparse
-import datetime
 import functools
 import gc
 import importlib.metadata
@@ -48,10 +52,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import _jit
-from .kernels import qh_cpu
-from .kernels._pointers import addresses, view
-from .rules import qh as _rules
+from uniopt import _jit
+from uniopt.kernels import qh_cpu
+from uniopt.kernels._pointers import addresses
+from uniopt.kernels.bandwidth import BYTES_PER_PARAM, stream_table_
+from uniopt.rules import qh as _rules
 
 __all__ = [
     "BYTES_PER_PARAM",
@@ -71,7 +76,6 @@ __all__ = [
     "import_time",
     "interleave",
     "layout_sizes",
-    "main",
     "medians",
     "paired_ratio",
     "pin_threads",
@@ -82,8 +86,6 @@ __all__ = [
 # What is compared
 # ----------------------------------------------------------------------------------------------
 DTYPE = np.float32
-#: A QHAdam (or Adam) step on float32 reads p, g, m, v and writes p, m, v.
-BYTES_PER_PARAM = 28
 SIZES = (10_000, 100_000, 1_000_000, 10_000_000)
 QUICK_SIZES = (10_000,)
 LAYOUTS = ("one", "model")
@@ -342,24 +344,6 @@ def _build_kernel_qhm(data):
     return step
 
 
-@_jit.cpu_kernel
-def stream_table_(p_addrs, g_addrs, m_addrs, v_addrs, sizes, like):
-    """The memory traffic of a QHAdam step with trivial arithmetic: reads p, g, m, v; writes
-    p, m, v (28 bytes per float32 element), over the same kind of pointer table. Values stay
-    bounded however often it runs (each write is ``g - x``)."""
-    for t in range(sizes.size):
-        n = sizes[t]
-        p = view(p_addrs[t], n, like)
-        g = view(g_addrs[t], n, like)
-        m = view(m_addrs[t], n, like)
-        v = view(v_addrs[t], n, like)
-        for i in range(n):
-            gi = g[i]
-            p[i] = gi - p[i]
-            m[i] = gi - m[i]
-            v[i] = gi - v[i]
-
-
 def _build_stream(data):
     arrays, (p, g, m, v), sizes = _kernel_tables(data)
     like = np.empty(1, dtype=DTYPE)
@@ -372,7 +356,7 @@ def _build_stream(data):
 
 
 def _build_uniopt_numpy_qhadam(data):
-    from . import QHAdam
+    from uniopt import QHAdam
 
     params, grads = data.copies()
     opt = QHAdam(params, **QHADAM)
@@ -381,7 +365,7 @@ def _build_uniopt_numpy_qhadam(data):
 
 
 def _build_uniopt_numpy_qhm(data):
-    from . import QHM as _QHM
+    from uniopt import QHM as _QHM
 
     params, grads = data.copies()
     opt = _QHM(params, **QHM)
@@ -579,7 +563,7 @@ def _build_hct_ialm(m: int, seed: int = 0):
 
 
 def _build_uniopt_numpy_ialm(m: int, seed: int = 0):
-    from . import iALM
+    from uniopt import iALM
 
     c = _ialm_constraints(m, seed)
     opt = iALM(m, penalty=None, init_duals=np.zeros(m, DTYPE), **IALM)
@@ -604,6 +588,12 @@ def build_ialm(name: str, m: int, seed: int = 0):
 # ----------------------------------------------------------------------------------------------
 # The table
 # ----------------------------------------------------------------------------------------------
+def _size_label(n: int) -> str:
+    """``1e4`` for a power of ten, else ``12,345``."""
+    exponent = round(np.log10(n)) if n > 0 else 0
+    return f"1e{exponent}" if n == 10**exponent else f"{n:,}"
+
+
 @dataclass(frozen=True)
 class Column:
     key: str
@@ -917,9 +907,16 @@ def measure_ialm_row(row: IALMRow, repeat: int, min_time: float, seed: int = 0,
     return row
 
 
+#: The folder that holds the ``benchmarks`` package: the start-up subprocesses import this
+#: module from there.
+_SUITE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _run_python(code: str, *args: str, env: dict | None = None, timeout: float = 300) -> dict:
+    path = os.pathsep.join(filter(None, [_SUITE_DIR, os.environ.get("PYTHONPATH")]))
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                         env={**os.environ, **(env or {})}, timeout=timeout, check=False)
+                         env={**os.environ, "PYTHONPATH": path, **(env or {})}, timeout=timeout,
+                         check=False)
     if out.returncode != 0:
         raise RuntimeError(f"subprocess failed ({out.returncode}):\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -997,7 +994,7 @@ def first_step_time(backend: str = "torch", n: int = 100_000, layout: str = "mod
 
 _COMPILE_CODE = """
 import json
-from uniopt.bench import _compile_report
+from benchmarks.contenders import _compile_report
 print(json.dumps(_compile_report()))
 """
 
@@ -1034,7 +1031,7 @@ _SOLVER_FIRST_RUN_CODE = """
 import json, sys, time
 import jax, jax.numpy as jnp
 jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.zeros(3)))  # JAX's one-off start-up
-from uniopt import bench
+from benchmarks import contenders as bench
 name, key, mode = sys.argv[1:4]
 problem = bench.SOLVER_PROBLEMS[key]
 cls = bench._solver_class(name)
@@ -1124,420 +1121,3 @@ def versions() -> dict:
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Goals (reported, never asserted)
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Goal:
-    text: str
-    column: str | None  # a table column (rows of ``layouts``), or None for a start-up metric
-    sizes: tuple[int, ...] | None  # None: every measured size (or solver problem)
-    target: float
-    at_most: bool = True  # met when value <= target (else value >= target)
-    #: a start-up metric key, "tiny" for the fixed-cost row, or "solver" for a column of the
-    #: solver table (every problem measured)
-    metric: str | None = None
-    unit: str = ""  # "", "s" or "us" (values are kept in seconds)
-    layouts: tuple[str, ...] = ("model",)  # the table rows a column goal is evaluated on
-
-    def show(self, value: float) -> str:
-        if self.unit == "us":
-            return f"{value * 1e6:.0f} us"
-        if self.unit == "s":
-            return f"{value:.2f} s"
-        return f"{value:.2f}"
-
-
-GOALS: tuple[Goal, ...] = (
-    Goal("uniopt QHAdam / fused Adam", "r_qhadam_fused", (10_000, 100_000), 0.25),
-    Goal("uniopt QHAdam / fused Adam", "r_qhadam_fused", (1_000_000,), 0.6),
-    Goal("uniopt QHAdam / fused Adam", "r_qhadam_fused", (10_000_000,), 0.95),
-    Goal("uniopt QHAdam / qhoptim QHAdam", "r_qhadam_qho", None, 0.25),
-    Goal("uniopt QHM / qhoptim QHM", "r_qhm_qho", None, 0.5),
-    Goal("uniopt jax qhadam / optax adam", "r_jax_optax", None, 1.1),
-    Goal("uniopt torch PolyakSGD / SGD", "r_polyak_sgd", (1_000_000, 10_000_000), 1.3,
-         layouts=("one", "model")),
-    Goal("uniopt jax PolyakSGD.run / jaxopt", "r_run", None, 1.0, metric="solver"),
-    Goal("jit(uniopt jax PolyakSGD.run) / jaxopt", "r_jit", None, 1.0, metric="solver"),
-    Goal("humancompatible iALM / uniopt torch iALM", "r_ialm", (100_000, 1_000_000), 5.0,
-         at_most=False, metric="ialm"),
-    Goal("kernel / stream bandwidth", "r_kernel_stream", (10_000_000,), 0.85, at_most=False),
-    Goal("fixed cost per step, uniopt QHAdam", "uo_qhadam", None, 60e-6, metric="tiny", unit="us"),
-    Goal("import uniopt", None, None, 0.5, metric="import_uniopt", unit="s"),
-    Goal("first step, warm cache", None, None, 1.0, metric="first_step", unit="s"),
-)
-
-
-def evaluate_goals(rows: Sequence[Row], startup: dict,
-                   solver_rows: Sequence[SolverRow] = (),
-                   ialm_rows: Sequence[IALMRow] = ()) -> list[dict]:
-    """Every goal at every place it applies: value, target, "met" / "MISSED" / "n/a"."""
-    out = []
-    for goal in GOALS:
-        measured: list[tuple[str, float | None]] = []
-        if goal.column is None:
-            value = startup.get(goal.metric)
-            measured.append(("", value if isinstance(value, float) else None))
-        elif goal.metric == "tiny":
-            measured += [(f"{TINY_TENSORS}x{TINY_SIZE}", r.value(goal.column))
-                         for r in rows if r.layout == "tiny"]
-        elif goal.metric == "solver":
-            measured += [(r.problem.label, r.value(goal.column)) for r in solver_rows]
-        elif goal.metric == "ialm":
-            measured += [(f"m={_size_label(r.m)}", r.value(goal.column)) for r in ialm_rows
-                         if goal.sizes is None or r.m in goal.sizes]
-        else:
-            measured += [(_size_label(r.n) + (f" ({_layout_label(r)})" if len(goal.layouts) > 1
-                                              else ""), r.value(goal.column))
-                         for r in rows
-                         if r.layout in goal.layouts and (goal.sizes is None or r.n in goal.sizes)]
-        for where, value in measured:
-            if value is None:
-                status = "n/a"
-            elif (value <= goal.target) if goal.at_most else (value >= goal.target):
-                status = "met"
-            else:
-                status = "MISSED"
-            out.append({"goal": goal.text, "at": where, "value": value,
-                        "shown": "n/a" if value is None else goal.show(value),
-                        "target": ("<= " if goal.at_most else ">= ") + goal.show(goal.target),
-                        "status": status})
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Formatting
-# ----------------------------------------------------------------------------------------------
-def _size_label(n: int) -> str:
-    exponent = round(np.log10(n)) if n > 0 else 0
-    return f"1e{exponent}" if n == 10**exponent else f"{n:,}"
-
-
-def _layout_label(row: Row) -> str:
-    if row.layout == "tiny":
-        return f"{TINY_TENSORS}x{TINY_SIZE} (fixed cost)"
-    return "1 tensor" if len(row.sizes) == 1 else f"{len(row.sizes)} tensors"
-
-
-def _fmt_ms(seconds: float) -> str:
-    ms = seconds * 1e3
-    if ms >= 100:
-        return f"{ms:.0f}"
-    if ms >= 10:
-        return f"{ms:.1f}"
-    if ms >= 1:
-        return f"{ms:.2f}"
-    return f"{ms:.3f}"
-
-
-def _cell(row: Row, col: Column) -> str:
-    value = row.value(col.key)
-    if value is None:
-        return "n/a"
-    if col.kind == "ms":
-        return _fmt_ms(value)
-    if col.kind == "gbps":
-        return f"{value:.1f}"
-    return f"{value:.2f}"
-
-
-def format_table(rows: Sequence[Row], columns: Sequence[Column] = COLUMNS) -> str:
-    """A Markdown table: one line per row, times in ms per step."""
-    header = ["params", "layout"] + [c.label for c in columns]
-    body = [[_size_label(r.n) if r.layout != "tiny" else str(sum(r.sizes)), _layout_label(r)]
-            + [_cell(r, c) for c in columns] for r in rows]
-    return _markdown(header, body)
-
-
-def format_solver_table(rows: Sequence[SolverRow],
-                        columns: Sequence[Column] = SOLVER_COLUMNS) -> str:
-    """The solver table in Markdown: one line per problem, times in ms per whole run."""
-    header = ["problem", "maxiter"] + [c.label for c in columns]
-    body = [[r.problem.label, str(r.problem.maxiter)] + [_cell(r, c) for c in columns]
-            for r in rows]
-    return _markdown(header, body)
-
-
-def format_ialm_table(rows: Sequence[IALMRow], columns: Sequence[Column] = IALM_COLUMNS) -> str:
-    """The iALM table in Markdown: one line per constraint count, ms per dual step."""
-    header = ["constraints", "groups"] + [c.label for c in columns]
-    body = [[_size_label(r.m), "1"] + [_cell(r, c) for c in columns] for r in rows]
-    return _markdown(header, body)
-
-
-def _markdown(header: list[str], body: list[list[str]]) -> str:
-    """Two left-aligned label columns, then right-aligned numbers."""
-    widths = [max(len(x) for x in col) for col in zip(header, *body)]
-
-    def line(cells):
-        return "| " + " | ".join(
-            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
-        ) + " |"
-
-    rule = "|" + "|".join("-" * (w + 1) + (":" if i >= 2 else "-") for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(header), rule] + [line(b) for b in body])
-
-
-def _missing(rows, columns: Sequence[Column]) -> dict[str, str]:
-    """Column label -> why it is n/a (the first reason seen)."""
-    label = {c.case: c.label for c in columns if c.case}
-    missing: dict[str, str] = {}
-    for r in rows:
-        for case, reason in r.unavailable.items():
-            if case in label:
-                missing.setdefault(label[case], reason)
-    return missing
-
-
-def format_report(result: dict, rows: Sequence[Row], solver_rows: Sequence[SolverRow] = (),
-                  ialm_rows: Sequence[IALMRow] = ()) -> str:
-    meta = result["meta"]
-    m, v = meta["machine"], meta["versions"]
-    lines = [
-        f"uniopt bench, {meta['date']}",
-        f"machine: {m['cpu']}, {m['cores']} cores ({m['system']})"
-        + (f", load average {m['load_average']}" if "load_average" in m else ""),
-        "versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),
-        f"settings: float32; {meta['threads']}; median of {meta['repeat']} interleaved repeats "
-        f"(each >= {meta['min_time'] * 1e3:.0f} ms); times in ms per step (lower is better)",
-        "",
-        format_table(rows),
-        "",
-        "columns:",
-    ]
-    lines += [f"  {c.label:<17} {c.help}" for c in COLUMNS]
-    missing = _missing(rows, COLUMNS)
-    if missing:
-        lines += ["", "n/a:"] + [f"  {name}: {reason}" for name, reason in missing.items()]
-    if solver_rows:
-        settings = ", ".join(f"{k}={val!r}" for k, val in POLYAK_SOLVER.items())
-        lines += [
-            "",
-            f"Polyak SGD solver runs (JAX, float32, w0 = 0, {settings}: every iteration runs); "
-            "ms per whole run (lower is better)",
-            "",
-            format_solver_table(solver_rows),
-            "",
-            "columns:",
-        ]
-        lines += [f"  {c.label:<17} {c.help}" for c in SOLVER_COLUMNS]
-        missing = _missing(solver_rows, SOLVER_COLUMNS)
-        if missing:
-            lines += ["", "n/a:"] + [f"  {name}: {reason}" for name, reason in missing.items()]
-    if ialm_rows:
-        settings = ", ".join(f"{k}={val!r}" for k, val in IALM.items())
-        lines += ["", f"iALM dual steps (torch, float32, one group, {settings}); ms per "
-                      "update(c) (lower is better)", "", format_ialm_table(ialm_rows), "",
-                  "columns:"]
-        lines += [f"  {c.label:<17} {c.help}" for c in IALM_COLUMNS]
-        missing = _missing(ialm_rows, IALM_COLUMNS)
-        if missing:
-            lines += ["", "n/a:"] + [f"  {name}: {reason}" for name, reason in missing.items()]
-    startup = result.get("startup") or {}
-    if startup:
-        lines += ["", "start-up (fresh processes):"]
-        for key, value in startup.items():
-            text = value if isinstance(value, str) else f"{value:.3f} s"
-            lines.append(f"  {key:<34} {text}")
-    goals = result.get("goals") or []
-    if goals:
-        lines += ["", "goals (100-tensor layout unless a layout or problem is named; measured, "
-                      "not asserted):"]
-        where = [g["goal"] + (f" at {g['at']}" if g["at"] else "") for g in goals]
-        width = max(42, *(len(w) for w in where))
-        for g, w in zip(goals, where):
-            lines.append(f"  {w:<{width}} {g['shown']:>9}   target {g['target']:<10} "
-                         f"{g['status']}")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
-def _parse_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(float(s)) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid --sizes {text!r}; expected e.g. 1e4,1e5") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"invalid --sizes {text!r}; expected positive counts")
-    return sizes
-
-
-def _parse_layouts(text: str) -> list[str]:
-    layouts = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in layouts if s not in LAYOUTS]
-    if bad or not layouts:
-        raise argparse.ArgumentTypeError(f"invalid --layouts {text!r}; choose from {','.join(LAYOUTS)}")
-    return layouts
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m uniopt bench",
-        description="uniopt's optimizers against torch.optim, qhoptim, optax and jaxopt: one "
-                    "side-by-side table, and one of Polyak SGD solver runs (medians of "
-                    "interleaved repeats; float32).",
-    )
-    p.add_argument("--quick", action="store_true",
-                   help="one size (1e4), 3 repeats, short samples, one small solver problem, "
-                        "start-up: import time only; a smoke run")
-    p.add_argument("--sizes", type=_parse_sizes, default=None,
-                   help="comma-separated parameter counts (default 1e4,1e5,1e6,1e7)")
-    p.add_argument("--layouts", type=_parse_layouts, default=list(LAYOUTS),
-                   help="comma-separated layouts: one (a single tensor), model (100 mixed-size "
-                        "tensors); default both")
-    p.add_argument("--repeat", type=int, default=None, help="interleaved repeats (default 7, quick 3)")
-    p.add_argument("--min-time", type=float, default=None,
-                   help="seconds per sample (default 0.05, quick 0.005)")
-    p.add_argument("--no-fixed-cost", dest="fixed_cost", action="store_false",
-                   help=f"skip the fixed-cost row ({TINY_TENSORS} tensors of {TINY_SIZE} elements)")
-    p.add_argument("--no-solver", dest="solver", action="store_false",
-                   help="skip the solver table (uniopt's JAX PolyakSGD.run against jaxopt's)")
-    p.add_argument("--no-ialm", dest="ialm", action="store_false",
-                   help="skip the iALM table (dual steps against humancompatible-train)")
-    p.add_argument("--no-startup", dest="startup", action="store_false",
-                   help="skip the start-up measurements in fresh processes (import time; "
-                        "without --quick also first step with a warm cache and compile time)")
-    p.add_argument("--no-pin", dest="pin", action="store_false",
-                   help="do not pin the process to one CPU (torch still runs one thread)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--json", metavar="PATH", help="also write every sample and the metadata here")
-    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    return p
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="bench", unit="step", file=sys.stderr, leave=False)
-
-
-def _startup(quick: bool, solver: bool = True) -> dict:
-    """Start-up metrics in fresh processes; ``quick`` measures only the import time; ``solver``:
-    also the first (compiling) run of each Polyak solver."""
-    out: dict = {}
-    try:
-        out["import_uniopt"] = import_time(repeat=1 if quick else 5)
-    except Exception as exc:  # report, don't lose the table
-        out["import_uniopt"] = f"failed: {exc}"
-    if quick:
-        return out
-    try:
-        try:
-            fs = first_step_time("torch")
-        except Unavailable:
-            fs = first_step_time("numpy")
-        out["first_step"] = fs["first_step"]
-        out["first_step_setup"] = (f"uniopt {fs['backend']} QHAdam, 1e5 params in 100 tensors, "
-                                   "warm kernel cache")
-        out["import_uniopt_adapter"] = fs["import_uniopt"]
-        if "torch_first_step" in fs:
-            out["torch_one_off_first_step"] = fs["torch_first_step"]
-    except Exception as exc:
-        out["first_step"] = f"failed: {exc}"
-    try:
-        ct = compile_times()
-        out["compile_qhadam_table"] = ct["kernel_qhadam"]
-        out["compile_qhm_table"] = ct["kernel_qhm"]
-        out["numba_first_jit"] = ct["numba_first_jit"]
-    except Exception as exc:
-        out["compile"] = f"failed: {exc}"
-    if solver:
-        for name in SOLVER_CASES:
-            key = f"polyak_first_run_{name.removesuffix('_polyak')}"
-            try:
-                out[key] = solver_first_run(name, QUICK_SOLVER_PROBLEMS[0])["first_run"]
-            except Unavailable as exc:
-                out[key] = f"n/a: {exc}"
-            except Exception as exc:
-                out[key] = f"failed: {exc}"
-        out["polyak_first_run_setup"] = (f"PolyakSGD(...).run on {QUICK_SOLVER_PROBLEMS[0]}: "
-                                         "build, trace, compile, run")
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the comparison and print the table. Returns 0 (goals are reported, not enforced)."""
-    args = _parser().parse_args(argv)
-    sizes = args.sizes or list(QUICK_SIZES if args.quick else SIZES)
-    repeat = args.repeat or (3 if args.quick else 7)
-    min_time = args.min_time or (0.005 if args.quick else 0.05)
-    if repeat < 1 or min_time <= 0:
-        _parser().error("--repeat and --min-time must be positive")
-    for layout in args.layouts:
-        for n in sizes:
-            if layout == "model" and n < MODEL_TENSORS:
-                _parser().error(f"layout 'model' needs sizes >= {MODEL_TENSORS}, got {n}")
-
-    rows = [Row(n, layout, layout_sizes(n, layout)) for n in sizes for layout in args.layouts]
-    if args.fixed_cost:
-        tiny = layout_sizes(0, "tiny")
-        rows.append(Row(sum(tiny), "tiny", tiny))
-    cases = list(dict.fromkeys(c.case for c in COLUMNS if c.case))
-    solver_rows = ([SolverRow(SOLVER_PROBLEMS[k])
-                    for k in (QUICK_SOLVER_PROBLEMS if args.quick else SOLVER_PROBLEMS)]
-                   if args.solver else [])
-    solver_cases = len(SOLVER_CASES) * len(SOLVER_MODES)
-    ialm_rows = ([IALMRow(m) for m in (QUICK_IALM_SIZES if args.quick else IALM_SIZES)]
-                 if args.ialm else [])
-
-    saved = pin_threads(args.pin)
-    try:
-        meta = {
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": machine_info(),
-            "versions": versions(),
-            "threads": "torch 1 thread, "
-                       + ("serial numba kernels" if _jit.PARALLEL_MIN_SIZE >= 2**62 else
-                          f"numba parallel kernels from {_jit.PARALLEL_MIN_SIZE} params")
-                       + (f", process pinned to CPU {max(saved['affinity'])}" if "affinity" in saved
-                          else ", process not pinned (XLA may use several threads)"),
-            "repeat": repeat,
-            "min_time": min_time,
-            "parallel_min_size": _jit.PARALLEL_MIN_SIZE,
-        }
-        bar = _progress_bar((len(rows) * len(cases) + len(solver_rows) * solver_cases
-                             + len(ialm_rows) * len(IALM_CASES)) * (1 + repeat), args.progress)
-        try:
-            for row in rows:
-                measure_row(row, cases, repeat, min_time, seed=args.seed, progress=bar)
-                if "torch_threads" in saved:  # a framework may have changed it (numba's OpenMP)
-                    import torch
-
-                    torch.set_num_threads(1)
-            for solver_row in solver_rows:
-                measure_solver_row(solver_row, repeat, min_time, seed=args.seed, progress=bar)
-            for ialm_row in ialm_rows:
-                measure_ialm_row(ialm_row, repeat, min_time, seed=args.seed, progress=bar)
-        finally:
-            if bar is not None:
-                bar.close()
-        startup = _startup(args.quick, args.solver) if args.startup else {}
-    finally:
-        restore_threads(saved)
-
-    result = {"meta": meta, "rows": [r.to_json() for r in rows], "startup": startup,
-              "columns": [{"key": c.key, "label": c.label, "kind": c.kind, "help": c.help}
-                          for c in COLUMNS]}
-    result["solver"] = {"rows": [r.to_json() for r in solver_rows],
-                        "columns": [{"key": c.key, "label": c.label, "kind": c.kind,
-                                     "help": c.help} for c in SOLVER_COLUMNS],
-                        "settings": dict(POLYAK_SOLVER)}
-    result["ialm"] = {"rows": [r.to_json() for r in ialm_rows], "settings": dict(IALM)}
-    result["goals"] = evaluate_goals(rows, startup, solver_rows, ialm_rows)
-    print(format_report(result, rows, solver_rows, ialm_rows), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

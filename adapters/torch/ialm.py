@@ -356,17 +356,23 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
             duals, dtype = group["params"][0], c.dtype
             if dtype != duals.dtype:
                 self._release(duals)
-                hit = self._fills.get(id(duals))
-                fill = hit[1] if hit is not None and hit[0]() is duals else None
-                if fill is not None and bool((duals == torch.full_like(duals, fill)).all()):
-                    new = torch.full(duals.shape, fill, dtype=dtype, device=duals.device)
-                else:
-                    new = duals.detach().to(dtype=dtype, memory_format=torch.contiguous_format)
-                duals.data = new  # the same Parameter object: references to it stay valid
+                duals.data = self._converted(group, dtype)  # the same Parameter object
                 group["momentum_buffer"] = group["momentum_buffer"].to(
                     dtype=dtype, memory_format=torch.contiguous_format)
             self._fills.pop(id(duals), None)
             group["dtype_fixed"] = True
+
+    def _converted(self, group, dtype, device=None) -> torch.Tensor:
+        """A group's multipliers in ``dtype`` (a new tensor); while their dtype is not settled
+        and they still hold the initial number, made from that number (exact in ``dtype``)."""
+        duals = group["params"][0]
+        device = duals.device if device is None else device
+        if not group["dtype_fixed"]:
+            hit = self._fills.get(id(duals))
+            fill = hit[1] if hit is not None and hit[0]() is duals else None
+            if fill is not None and bool((duals == fill).all()):
+                return torch.full(duals.shape, fill, dtype=dtype, device=device)
+        return duals.detach().to(device=device, dtype=dtype, memory_format=torch.contiguous_format)
 
     def _rhos(self) -> list:
         """Each group's quadratic coefficient now (``penalty``, or its current ``beta``)."""
@@ -453,7 +459,7 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
             if duals.dtype == dtype and duals.device == c.device:
                 linear = torch.dot(self._alias(duals), c)  # no copy (see _alias)
             else:  # a converted copy: never the live tensor
-                linear = torch.dot(duals.detach().to(device=c.device, dtype=dtype), c)
+                linear = torch.dot(self._converted(group, dtype, c.device), c)
             cp = _penalty_part(c, self.ctol, group["is_ineq"])
             value = value.to(dtype) + linear
             value = value + 0.5 * rho * torch.dot(cp, cp)

@@ -43,8 +43,10 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 #: The per-group settings (besides ``params``, ``momentum_buffer``, ``bound`` and ``dtype_fixed``).
 _SETTINGS = ("beta", "sigma", "gamma", "momentum", "dampening", "dual_range", "is_ineq")
 
+# penalty_violation, max(c, 0), as one clamp: the rule's maximum(c, c * 0) would make a zero
+# tensor first (a second pass over the constraints); same values, same zero-or-positive result
 _torch_rules = bind(_rules, where=torch.where, minimum=torch.minimum, maximum=torch.maximum,
-                    sqrt=torch.sqrt)
+                    sqrt=torch.sqrt, penalty_violation=lambda c: torch.clamp(c, min=0))
 
 _cuda_usable: bool | None = None
 
@@ -454,16 +456,18 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
         value = loss
         for group, c, rho in zip(self.param_groups, parts, rhos):
             duals = group["params"][0]
-            dtype = torch.promote_types(torch.promote_types(c.dtype, duals.dtype), value.dtype)
-            c = c.to(dtype)
+            dtype = c.dtype
+            if dtype != duals.dtype or dtype != value.dtype:
+                dtype = torch.promote_types(torch.promote_types(dtype, duals.dtype), value.dtype)
+                c = c.to(dtype)
             if duals.dtype == dtype and duals.device == c.device:
                 linear = torch.dot(self._alias(duals), c)  # no copy (see _alias)
             else:  # a converted copy: never the live tensor
                 linear = torch.dot(self._converted(group, dtype, c.device), c)
             cp = _penalty_part(c, self.ctol, group["is_ineq"])
-            value = value.to(dtype) + linear
+            value = (value if value.dtype == dtype else value.to(dtype)) + linear
             value = value + 0.5 * rho * torch.dot(cp, cp)
-        return value.to(out_dtype)
+        return value if value.dtype == out_dtype else value.to(out_dtype)
 
     # -- the three ways of one group's dual step ------------------------------------------
     def _dual_step_(self, group, c) -> tuple:

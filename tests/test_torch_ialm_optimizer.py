@@ -9,7 +9,6 @@ import copy
 import io
 import math
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")

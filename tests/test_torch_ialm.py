@@ -179,7 +179,7 @@ def test_load_state_dict_never_aliases(float64_default):
     buffers = [g["momentum_buffer"].clone() for g in b.param_groups]
     a.update(torch.ones(6))                                      # the source optimizer moves on
     for g in state["param_groups"]:                              # and its state dict is mutated
-        g["duals"].fill_(7.0)
+        g["params"][0].fill_(7.0)
         g["momentum_buffer"].fill_(7.0)
     assert torch.equal(b.duals, before)
     assert all(torch.equal(g["momentum_buffer"], buf) for g, buf in zip(b.param_groups, buffers))
@@ -322,7 +322,7 @@ def test_kernel_runs_once_per_group_on_zero_copy_views(monkeypatch):
     dual.update(torch.ones(6))
     assert len(calls) == 3
     for (d, b), g in zip(calls, dual.param_groups):   # views of the tensors' own memory
-        assert d.ctypes.data == g["duals"].data_ptr() and b.ctypes.data == g["momentum_buffer"].data_ptr()
+        assert d.ctypes.data == g["params"][0].data_ptr() and b.ctypes.data == g["momentum_buffer"].data_ptr()
     calls.clear()
     _make(iALM, _backend="torch").update(torch.ones(6))
     iALM(init_duals=torch.zeros(6, dtype=torch.bfloat16)).update(torch.ones(6))
@@ -477,8 +477,8 @@ def test_failing_step_changes_nothing(constraints, error, message, backend):
             method(constraints)
     after = dual.state_dict()
     for g, h in zip(before["param_groups"], after["param_groups"]):
-        assert torch.equal(g["duals"], h["duals"]) and torch.equal(g["momentum_buffer"], h["momentum_buffer"])
-        assert g["beta"] == h["beta"] and g["duals"].dtype == h["duals"].dtype
+        assert torch.equal(g["params"][0], h["params"][0]) and torch.equal(g["momentum_buffer"], h["momentum_buffer"])
+        assert g["beta"] == h["beta"] and g["params"][0].dtype == h["params"][0].dtype
 
 
 # ------------------------------------------------------------------------------------------------
@@ -521,7 +521,7 @@ def test_load_state_dict_validates():
 def test_device_places_the_duals():
     dual = iALM(m=2, device="cpu")
     dual.add_constraint_group(m=1, device=torch.device("cpu"))
-    assert all(g["duals"].device.type == "cpu" for g in dual.param_groups)
+    assert all(g["params"][0].device.type == "cpu" for g in dual.param_groups)
     assert "iALM" in repr(dual) and dual.m == 3
 
 
@@ -543,7 +543,7 @@ def test_cuda_glue_matches_the_cpu_kernel_on_the_simulator(float64_default):
         c = torch.from_numpy(c)
         cpu.update(c)
         for group, part in zip(sim.param_groups, [c[:2], c[2:5], c[5:]]):
-            sim._cuda_launch_(group, group["duals"].numpy(), group["momentum_buffer"].numpy(),
+            sim._cuda_launch_(group, group["params"][0].numpy(), group["momentum_buffer"].numpy(),
                               part.contiguous().numpy(), 0)
             group["beta"] *= group["sigma"]
         torch.testing.assert_close(sim.duals, cpu.duals, **tolerance(np.float64))
@@ -575,7 +575,7 @@ def test_replaced_multiplier_tensors_are_used(float64_default):
     ref = uniopt.iALM(3, gamma=1e6, momentum=0.5)
     ours.update(c)
     ref.update(c.numpy())
-    ours.param_groups[0]["duals"] = torch.full((3,), 0.25)
+    ours.param_groups[0]["params"] = [torch.full((3,), 0.25)]
     ref.param_groups[0]["duals"] = np.full(3, 0.25)
     ours.param_groups[0]["momentum_buffer"].data = torch.ones(3)  # same tensor, new storage
     ref.param_groups[0]["momentum_buffer"] = np.ones(3)

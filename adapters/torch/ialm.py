@@ -1,8 +1,11 @@
 r"""iALM for PyTorch: the augmented-Lagrangian dual optimizer with an adaptive dual step.
 
-A drop-in for ``humancompatible.train.dual_optim.iALM`` (0.4.x semantics, the seed's signature)
-whose group logic is :class:`uniopt.ialm.DualGroups` (shared with the NumPy :class:`uniopt.iALM`)
-and whose dual step is uniopt's kernel:
+:class:`iALM` is a :class:`torch.optim.Optimizer` and a drop-in for
+``humancompatible.train.dual_optim.iALM`` (0.4.2): each param group is one constraint group
+whose ``params`` is ``[multipliers]``, with its hyper-parameters beside it; ``zero_grad``,
+``add_param_group``, step hooks, state-dict hooks, ``bounds`` and ``violation()`` are there,
+and state dicts load both ways between the two libraries. The arithmetic is
+:mod:`uniopt.rules.ialm`; each group's dual step runs one of three ways:
 
 * **kernel** -- CPU float32/float64 contiguous multipliers: the Numba kernel
   :func:`uniopt.kernels.ialm_cpu.ialm_dual_step_` on zero-copy ``tensor.detach().numpy()``
@@ -10,33 +13,85 @@ and whose dual step is uniopt's kernel:
 * **cuda** -- CUDA float32/float64 contiguous multipliers (numba-cuda installed, not its
   simulator): ``uniopt.kernels.ialm_cuda.dual_step_``, same contract on device arrays;
 * **torch** -- anything else (bfloat16/float16, other devices, a forced ``_backend="torch"``):
-  the same rules (:mod:`uniopt.rules.ialm`) executed with torch ops.
+  the same rules executed with torch ops.
+
+The dual step is driven by constraint values, not by gradients, so it does not go through
+:class:`uniopt.adapters.torch._dispatch.Dispatcher` (whose unit of work is a parameter and its
+gradient); it picks its path the same way (kernel where the memory allows, else torch ops).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
+import weakref
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from uniopt._validation import real
-from uniopt.ialm import DualGroups, filtered, penalty_part
+from uniopt._validation import nonnegative_finite, real
+from uniopt.ialm import check_ialm_group
+from uniopt.kernels import ialm_cpu
 from uniopt.rules import bind
 from uniopt.rules import ialm as _rules
-
-from ._dispatch import _cuda_kernels_usable
 
 __all__ = ["iALM"]
 
 BACKENDS = ("auto", "torch")
 _KERNEL_DTYPES = (torch.float32, torch.float64)
+#: The per-group settings (besides ``params``, ``momentum_buffer``, ``bound`` and ``dtype_fixed``).
+_SETTINGS = ("beta", "sigma", "gamma", "momentum", "dampening", "dual_range", "is_ineq")
 
+# penalty_violation, max(c, 0), as one clamp: the rule's maximum(c, c * 0) would make a zero
+# tensor first (a second pass over the constraints); same values, same zero-or-positive result
 _torch_rules = bind(_rules, where=torch.where, minimum=torch.minimum, maximum=torch.maximum,
-                    sqrt=torch.sqrt)
+                    sqrt=torch.sqrt, penalty_violation=lambda c: torch.clamp(c, min=0))
+
+_cuda_usable: bool | None = None
 
 
-class iALM(DualGroups):  # noqa: N801 (the seed's name)
+def _cuda_kernels_usable() -> bool:
+    """Whether numba.cuda can run kernels on torch's CUDA tensors (not its simulator)."""
+    # A local twin of the dispatcher's private check (uniopt.adapters.torch._dispatch), until
+    # that module exports one under a public name.
+    global _cuda_usable
+    if _cuda_usable is None:
+        try:
+            import numba
+            from numba import cuda
+
+            _cuda_usable = not numba.config.ENABLE_CUDASIM and cuda.is_available()
+        except Exception:  # numba-cuda missing or no driver: torch ops instead
+            _cuda_usable = False
+    return _cuda_usable
+
+
+def _filtered(c, ctol: float, is_ineq: bool):
+    """The ``ctol`` filter of the group's kind (the identity, bit for bit, for ``ctol = 0``)."""
+    if ctol <= 0:
+        return c
+    return _torch_rules.inequality_filter(c, ctol) if is_ineq else _torch_rules.equality_filter(c, ctol)
+
+
+def _penalty_part(c, ctol: float, is_ineq: bool):
+    r""":math:`\tilde c`: the filtered constraints, their positive part for inequalities."""
+    c = _filtered(c, ctol, is_ineq)
+    return _torch_rules.penalty_violation(c) if is_ineq else c
+
+
+def _scaled_stepsize(beta: float, gamma: float, scale: float, sq_scaled: float) -> float:
+    r""":math:`\min(\beta, \gamma / \|d\|)` with :math:`\|d\| = scale \sqrt{sq\_scaled}` (0 for
+    ``scale == 0``): the step when :math:`\|d\|^2` over- or underflows."""
+    rule = getattr(_rules, "scaled_dual_stepsize", None)
+    if rule is not None:  # uniopt.rules.ialm's, once it has it
+        return float(rule(beta, gamma, scale, sq_scaled))
+    if scale == 0:
+        return 0.0
+    return min(beta, gamma / (scale * math.sqrt(sq_scaled)))
+
+
+class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
     r"""iALM's dual optimizer on torch tensors: multipliers, dual step and Lagrangian.
 
     For each constraint group :math:`k` with constraint values :math:`c_k` (its slice of the
@@ -59,23 +114,39 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
     ``dual_range``, with :math:`lo = \max(lo, 0)` for inequality groups (``is_ineq=True``,
     constraints :math:`c \le 0`); :math:`\rho` = ``penalty``, or with ``penalty=None`` each
     group's :math:`\beta_k` before this update's :math:`\sigma` growth (what
-    humancompatible-train 0.4.x does). A zero direction gives a zero step, never NaN.
-    Violations within ``ctol`` count as satisfied: before the dual step and in
-    :math:`\tilde c`, :math:`c \leftarrow 0` where :math:`|c| \le` ``ctol`` (equality) or
-    :math:`0 < c \le` ``ctol`` (inequality); the linear term uses the raw :math:`c`.
+    humancompatible-train 0.4.x does). A zero direction gives a zero step, never NaN; a norm
+    whose square over- or underflows is computed scaled (as BLAS ``nrm2``), so finite
+    constraints give finite multipliers. Violations within ``ctol`` count as satisfied:
+    before the dual step and in :math:`\tilde c`, :math:`c \leftarrow 0` where :math:`|c| \le`
+    ``ctol`` (equality) or :math:`0 < c \le` ``ctol`` (inequality); the linear term uses the
+    raw :math:`c`.
 
     Entry points: :meth:`forward` (``L`` at the current multipliers, changes nothing),
-    :meth:`update` (= :meth:`step`, the dual update only) and :meth:`forward_update` (update,
-    then ``L`` with the new multipliers and the old :math:`\beta`). ``L`` is differentiable
-    with respect to whatever the loss and constraints depend on (the multipliers are
-    constants) and has the loss's dtype. The linear term uses a detached copy of the
-    multipliers, so ``forward`` -> ``update`` -> ``backward`` works (humancompatible-train
-    raises there: it keeps the live dual tensor in the graph). Constraints may be a flat
-    tensor (all groups, in order), a sequence of per-group tensors, or a mapping from group
-    name to tensor. After each update, ``last_step`` holds one dict per group:
-    ``{"direction_norm", "stepsize", "rho"}`` (``rho``: the quadratic coefficient of that
-    update's Lagrangian). A step that raises (wrong sizes, wrong mapping keys)
-    changes nothing.
+    :meth:`update` (the dual update only), :meth:`step` (= :meth:`update`, running the
+    optimizer's step hooks) and :meth:`forward_update` (update, then ``L`` with the new
+    multipliers and the old :math:`\beta`). ``L`` is differentiable with respect to whatever
+    the loss and constraints depend on (the multipliers are constants) and has the loss's
+    dtype; ``forward`` -> ``update`` -> ``backward`` works (the graph keeps the multipliers it
+    was built with; humancompatible-train raises there). Constraints may be a flat tensor
+    (all groups, in order), a sequence of per-group tensors, or a mapping from group name to
+    tensor. After each update, ``last_step`` holds one dict per group: ``{"direction_norm",
+    "stepsize", "rho"}`` (``rho``: the quadratic coefficient of that update's Lagrangian). A
+    step that raises (wrong sizes, wrong mapping keys, non-finite constraint values, which
+    are named by group) changes nothing.
+
+    Param groups (``param_groups[k]``, torch's layout): ``params`` = ``[multipliers]`` (a 1-D
+    floating tensor, updated in place), ``momentum_buffer``, ``name``, ``beta``, ``sigma``,
+    ``gamma`` (floats; ``beta`` grows by ``sigma`` per update), ``momentum``, ``dampening``,
+    ``dual_range``, ``lower_bound``, ``upper_bound``, ``is_ineq``, ``bound`` (the constraints'
+    right-hand side for :meth:`violation`, or ``None``) and ``dtype_fixed``.
+
+    dtypes: multipliers made from ``None`` or a number are created in torch's default dtype,
+    as humancompatible-train does, so ``duals @ c`` works right after construction. The first
+    update settles their dtype: they take that of the constraint values passed to it (an
+    initial number is then re-created exactly in that dtype, so ``init_duals=0.1`` is
+    ``float64(0.1)`` with float64 constraints). Multipliers given as a tensor keep its dtype.
+    Later constraints of another dtype are cast to the multipliers' dtype for the update; the
+    Lagrangian is computed in the promoted dtype and returned in the loss's.
 
     Args:
       m: number of constraints of the first group (or give ``init_duals``).
@@ -83,9 +154,7 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
       sigma: its growth factor :math:`\sigma` per update (> 0).
       gamma: its :math:`\gamma` (>= 0).
       init_duals: initial multipliers: ``None`` (zeros), a number, or a 1-D floating tensor
-        (copied; the multipliers keep its dtype, otherwise they take the dtype of the first
-        constraints passed to an update, and are float64 until then, so a number such as 0.1
-        is exact in float64 duals).
+        (copied; the multipliers keep its dtype and device).
       penalty: :math:`\rho` (>= 0), or ``None`` for each group's :math:`\beta_k`.
       dual_range: ``(low, high)`` clamp of the multipliers (``None`` entries: unbounded); also
         the range of groups added with ``dual_range=None``.
@@ -95,13 +164,14 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
       ctol: violations within ``ctol`` (>= 0) count as satisfied.
       device: where the multipliers live (default: the CPU, or ``init_duals``' device).
 
-    Deviations from humancompatible-train 0.4.2: groups never inherit another group's bounds
-    or momentum (``None`` means the constructor's value); ``dampening`` defaults to 0 (heavy
-    ball; the reference defaults to EMA); ``penalty`` is used (``None`` restores the
-    reference's quadratic coefficient); ``ctol`` is applied; a zero direction is a zero step;
-    multipliers adopt the constraints' dtype and mixed float32/float64 inputs work;
-    ``load_state_dict`` copies; ``forward`` -> ``update`` -> ``backward`` works; a failing
-    step changes nothing.
+    Deviations from humancompatible-train 0.4.2 (``docs/deviations.md``): groups never
+    inherit another group's bounds or momentum (``None`` means the constructor's value);
+    ``dampening`` defaults to 0 (heavy ball; the reference defaults to EMA); ``penalty`` is
+    used (``None`` restores the reference's quadratic coefficient); ``ctol`` is applied; a zero
+    direction is a zero step; the multipliers settle their dtype at the first update and mixed
+    float32/float64 inputs work; ``init_duals`` and ``load_state_dict`` copy;
+    ``forward`` -> ``update`` -> ``backward`` works; non-finite constraints raise; a failing
+    step changes nothing; there is no ``process_group``.
 
     Example:
       >>> import torch
@@ -129,103 +199,311 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
             expected = ", ".join(map(repr, BACKENDS))
             raise ValueError(f"Invalid _backend: {_backend!r} (expected one of {expected})")
         self._backend = _backend
-        if device is not None:
-            try:
-                device = torch.device(device)
-            except (TypeError, RuntimeError):
-                raise TypeError(f"Invalid device: {device!r}") from None
-        self._setup(m=m, beta=beta, sigma=sigma, gamma=gamma, init_duals=init_duals,
-                    penalty=penalty, dual_range=dual_range, momentum=momentum,
-                    dampening=dampening, is_ineq=is_ineq, ctol=ctol, device=device)
+        self._device = _device(device)
+        self.penalty = _check_penalty(penalty)
+        self.ctol = nonnegative_finite("ctol value", ctol)
+        # check the constructor-wide defaults before later groups inherit them
+        check_ialm_group(beta=beta, sigma=sigma, gamma=gamma, momentum=momentum,
+                         dampening=dampening, dual_range=dual_range, is_ineq=is_ineq)
+        self.last_step: list = []
+        self._fills: dict = {}
+        first = self._make_group(m, beta, sigma, gamma, momentum, dampening, init_duals,
+                                 dual_range, is_ineq, device)
+        # what a group added without them gets: nothing is inherited from another group
+        defaults = {"beta": 1.0, "sigma": 1.0, "gamma": 1.0, "momentum": momentum,
+                    "dampening": dampening, "dual_range": dual_range, "is_ineq": False}
+        super().__init__([first], defaults)
 
+    # -- groups ---------------------------------------------------------------------------
     def add_constraint_group(self, m=None, beta=1.0, sigma=1.0, gamma=1.0, momentum=None,
                              dampening=None, init_duals=None, dual_range=None, is_ineq=False,
-                             device=None, *, name=None) -> None:
+                             device=None, *, name=None, bound=None) -> None:
         """Add a group of ``m`` multipliers with its own hyper-parameters.
 
         ``momentum``, ``dampening``, ``dual_range`` and ``device`` left as ``None`` are the
         constructor's; nothing else is inherited from another group (an equality group added
         after an inequality group is not bounded below by 0). ``name`` (default ``group<k>``)
-        is the group's key when constraints are passed as a mapping.
+        is the group's key when constraints are passed as a mapping; ``bound`` is the
+        right-hand side of its constraints, used only by :meth:`violation`.
         """
-        if device is not None:
-            try:
-                device = torch.device(device)
-            except (TypeError, RuntimeError):
-                raise TypeError(f"Invalid device: {device!r}") from None
-        super().add_constraint_group(m, beta, sigma, gamma, momentum, dampening, init_duals,
-                                     dual_range, is_ineq, device, name=name)
+        d = self.defaults
+        group = self._make_group(m, beta, sigma, gamma, d["momentum"] if momentum is None else momentum,
+                                 d["dampening"] if dampening is None else dampening, init_duals,
+                                 d["dual_range"] if dual_range is None else dual_range, is_ineq, device)
+        group["name"], group["bound"] = name, bound
+        self.add_param_group(group)
 
-    # -- the backend hooks of DualGroups ------------------------------------------------------
-    _array_types = (torch.Tensor,)
+    def _make_group(self, m, beta, sigma, gamma, momentum, dampening, init_duals, dual_range,
+                    is_ineq, device) -> dict:
+        """A new group's dict (settings checked, multipliers created), not yet registered."""
+        check_ialm_group(beta=beta, sigma=sigma, gamma=gamma, momentum=momentum,
+                         dampening=dampening, dual_range=dual_range, is_ineq=is_ineq)
+        size = _size(m)
+        device = self._device if device is None else _device(device)
+        duals, fill = _initial_duals(size, init_duals, device)
+        if duals is None:
+            raise ValueError("iALM needs m or init_duals to size a constraint group")
+        if size is not None and duals.numel() != size:
+            raise ValueError(f"Invalid init_duals: {duals.numel()} values for m={size}")
+        duals = torch.nn.Parameter(duals, requires_grad=False)
+        if fill is not None:
+            self._fills[id(duals)] = (weakref.ref(duals), fill)
+        return {"params": [duals], "beta": beta, "sigma": sigma, "gamma": gamma,
+                "momentum": momentum, "dampening": dampening, "dual_range": dual_range,
+                "is_ineq": is_ineq, "dtype_fixed": fill is None}
 
-    def _initial_duals(self, size, init_duals, device):
-        if init_duals is None or (isinstance(init_duals, numbers.Real) and not isinstance(init_duals, bool)):
-            if size is None:
-                return None, False
-            fill = 0.0 if init_duals is None else real("init_duals", init_duals)
-            # float64 (exact for any Python float) until the first constraints fix the dtype
-            return torch.full((size,), fill, dtype=torch.float64, device=device), False
-        if not isinstance(init_duals, torch.Tensor):
-            raise TypeError(f"Invalid init_duals: {type(init_duals).__name__} (expected None, a "
-                            f"number or a 1-D floating tensor)")
-        if not init_duals.is_floating_point() or init_duals.ndim != 1:
-            raise TypeError(f"Invalid init_duals: expected a number or a 1-D floating tensor, got "
-                            f"{init_duals.dtype} of shape {tuple(init_duals.shape)}")
-        duals = init_duals.detach().to(device=device).clone(memory_format=torch.contiguous_format)
-        return duals, True
+    def add_param_group(self, param_group: dict) -> None:
+        """Register a constraint group given in torch's form (``{"params": [multipliers], ...}``).
 
-    def _zeros_like(self, x):
-        return torch.zeros_like(x, memory_format=torch.contiguous_format)
+        The multipliers (one 1-D floating tensor) are used as they are and updated in place.
+        Settings left out are ``self.defaults``' (not another group's); ``beta``, ``sigma``
+        and ``gamma`` may be 0-d tensors (humancompatible-train's form); ``lower_bound`` /
+        ``upper_bound`` stand for ``dual_range`` when it is absent. The group is checked before
+        anything is registered.
+        """
+        if not isinstance(param_group, Mapping):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+        group = _checked_group(param_group, self.defaults, copy=False)
+        duals = group["params"][0]
+        if any(duals is g["params"][0] for g in self.param_groups):
+            raise ValueError("some parameters appear in more than one parameter group")
+        if group["name"] is None:
+            group["name"] = f"group{len(self.param_groups)}"
+        if any(g["name"] == group["name"] for g in self.param_groups):
+            raise ValueError(f"Invalid name: {group['name']!r} (a group of that name exists)")
+        self.param_groups.append(group)
 
-    def _flat(self, x):
-        if not isinstance(x, torch.Tensor):
-            if isinstance(x, (str, bytes)):
-                raise TypeError(f"constraints: expected tensors or real numbers, got {x!r}")
-            try:
-                x = torch.as_tensor(np.asarray(x, dtype=np.float64), dtype=torch.get_default_dtype())
-            except (TypeError, ValueError):
-                raise TypeError(f"constraints: expected tensors or real numbers, got "
-                                f"{type(x).__name__}") from None
-        if x.is_complex() or x.dtype == torch.bool:
-            raise TypeError(f"constraints: expected real numbers, got dtype {x.dtype}")
-        if not x.is_floating_point():
-            x = x.to(torch.get_default_dtype())
-        return x.reshape(-1)
+    # -- views ----------------------------------------------------------------------------
+    @property
+    def m(self) -> int:
+        """Total number of constraints."""
+        return sum(self._sizes())
 
-    def _concat(self, parts):
-        return torch.cat(parts)
+    @property
+    def names(self) -> list:
+        """The constraint groups' names, in order."""
+        return [g["name"] for g in self.param_groups]
 
-    def _numel(self, x):
-        return int(x.numel())
+    @property
+    def duals(self) -> torch.Tensor:
+        """The multipliers of every group, concatenated (a copy)."""
+        return torch.cat([g["params"][0].detach() for g in self.param_groups])
 
-    def _dtype(self, x):
-        return x.dtype
+    @property
+    def bounds(self):
+        """Per-constraint right-hand sides (``bound`` of each group, 0 where unset) in torch's
+        default dtype, or ``None`` when no group declares one."""
+        if all(g.get("bound") is None for g in self.param_groups):
+            return None
+        return torch.cat([torch.full((n,), float(g.get("bound") or 0.0))
+                          for g, n in zip(self.param_groups, self._sizes())])
 
-    def _cast(self, x, dtype):
-        return x.to(dtype=dtype, memory_format=torch.contiguous_format)
+    def violation(self, constraints) -> torch.Tensor:
+        """``max_j (c_j - b_j)`` over every group, with the declared ``bound``'s (detached)."""
+        parts = self._gather(constraints)
+        flat = (parts[0] if len(parts) == 1 else torch.cat(parts)).detach()
+        bounds = self.bounds
+        if bounds is not None:
+            flat = flat - bounds.to(flat.device)
+        return flat.max()
 
-    def _detach(self, x):
-        return x.detach()
+    def _sizes(self) -> list:
+        return [g["params"][0].numel() for g in self.param_groups]
 
-    def _copy(self, x):
-        if not isinstance(x, torch.Tensor):  # e.g. a NumPy iALM's state dict
-            return torch.tensor(np.array(x, copy=True))
-        return x.detach().clone(memory_format=torch.contiguous_format)
+    # -- constraint values ----------------------------------------------------------------
+    def _gather(self, constraints) -> list:
+        """One 1-D constraint tensor per group (flat, sequence or mapping form), checked."""
+        sizes = self._sizes()
+        if isinstance(constraints, torch.Tensor):  # the flat form, the common case
+            return _split(_flat(constraints), sizes)
+        names = self.names
+        if isinstance(constraints, Mapping):
+            missing = [n for n in names if n not in constraints]
+            unknown = [k for k in constraints if k not in names]
+            if missing or unknown:
+                raise ValueError(f"constraints: expected one entry per group {names}, missing "
+                                 f"{missing}, unknown {unknown}")
+            parts = [_flat(constraints[n]) for n in names]
+        elif isinstance(constraints, Sequence) and not isinstance(constraints, (str, bytes)):
+            if len(constraints) != len(sizes):
+                raise ValueError(f"constraints: expected one value per group ({len(sizes)}), "
+                                 f"got {len(constraints)}")
+            parts = [_flat(c) for c in constraints]
+        else:  # a scalar or an array-like of another type: the flat form
+            return _split(_flat(constraints), sizes)
+        for part, n, name in zip(parts, sizes, names):
+            if part.numel() != n:
+                raise ValueError(f"constraints: group {name!r} has {n} multipliers but got "
+                                 f"{part.numel()} values")
+        return parts
 
-    def _dual_step_(self, group, c):
-        duals, buffer = group["duals"], group["momentum_buffer"]
+    def _check_finite(self, parts) -> None:
+        """Raise, naming the group, if constraint values for an update are inf or NaN.
+
+        One reduction per group (a finite sum means finite values); the exact count only when
+        the sum is not finite (which finite but huge values can also cause).
+        """
+        for group, c in zip(self.param_groups, parts):
+            if c.numel() and not math.isfinite(float(c.detach().sum())):
+                bad = int((~torch.isfinite(c.detach())).sum())
+                if bad:
+                    raise ValueError(f"constraints: group {group['name']!r} has {bad} non-finite "
+                                     f"value(s) (inf or nan) among {c.numel()}; nothing was updated")
+
+    def _adopt_dtypes(self, parts) -> None:
+        """Multipliers whose dtype is not settled take that of the first constraints seen."""
+        for group, c in zip(self.param_groups, parts):
+            if group["dtype_fixed"]:
+                continue
+            duals, dtype = group["params"][0], c.dtype
+            if dtype != duals.dtype:
+                self._release(duals)
+                duals.data = self._converted(group, dtype)  # the same Parameter object
+                group["momentum_buffer"] = group["momentum_buffer"].to(
+                    dtype=dtype, memory_format=torch.contiguous_format)
+            self._fills.pop(id(duals), None)
+            group["dtype_fixed"] = True
+
+    def _converted(self, group, dtype, device=None) -> torch.Tensor:
+        """A group's multipliers in ``dtype`` (a new tensor); while their dtype is not settled
+        and they still hold the initial number, made from that number (exact in ``dtype``)."""
+        duals = group["params"][0]
+        device = duals.device if device is None else device
+        if not group["dtype_fixed"]:
+            hit = self._fills.get(id(duals))
+            fill = hit[1] if hit is not None and hit[0]() is duals else None
+            if fill is not None and bool((duals == fill).all()):
+                return torch.full(duals.shape, fill, dtype=dtype, device=device)
+        return duals.detach().to(device=device, dtype=dtype, memory_format=torch.contiguous_format)
+
+    def _rhos(self) -> list:
+        """Each group's quadratic coefficient now (``penalty``, or its current ``beta``)."""
+        return [g["beta"] if self.penalty is None else self.penalty for g in self.param_groups]
+
+    # -- the step -------------------------------------------------------------------------
+    def _walk(self, loss, constraints, *, update: bool):
+        parts = self._gather(constraints)
+        if update:
+            self._check_finite(parts)
+            self._adopt_dtypes(parts)
+        rhos = self._rhos()
+        if update:
+            last = []
+            for group, c, rho in zip(self.param_groups, parts, rhos):
+                duals = group["params"][0]
+                self._release(duals)
+                if c.dtype != duals.dtype:
+                    c = c.to(duals.dtype)
+                norm, stepsize = self._dual_step_(group, c.detach())
+                last.append({"direction_norm": norm, "stepsize": stepsize, "rho": rho})
+            for group in self.param_groups:
+                group["beta"] *= group["sigma"]
+            self.last_step = last
+        if loss is None:
+            return None
+        return self._lagrangian(loss, parts, rhos)
+
+    def forward(self, loss, constraints) -> torch.Tensor:
+        """The augmented Lagrangian at the current multipliers; changes nothing."""
+        return self._walk(loss, constraints, update=False)
+
+    def update(self, constraints) -> None:
+        """One dual update of every group (then ``beta *= sigma``)."""
+        self._walk(None, constraints, update=True)
+
+    def step(self, constraints) -> None:  # noqa: D417 (torch's name; the constraints, not a closure)
+        """:meth:`update`, as ``Optimizer.step``: the step pre- and post-hooks run around it."""
+        self._walk(None, constraints, update=True)
+
+    def forward_update(self, loss, constraints) -> torch.Tensor:
+        """:meth:`update`, then the Lagrangian with the new multipliers (and the old ``beta``)."""
+        return self._walk(loss, constraints, update=True)
+
+    def _alias(self, duals: torch.Tensor) -> torch.Tensor:
+        """The multipliers as a ``.data`` alias (no copy) for the Lagrangian's linear term.
+
+        The graph of a Lagrangian saves this alias. Before iALM changes the multipliers in place
+        it calls :meth:`_release`: if a graph still holds the alias (its use count is above
+        ours: ``forward`` -> ``update`` -> ``backward``, or a retained graph), the alias is
+        pointed at a copy of the old values, so that graph's gradient stays right; otherwise
+        (after ``backward``, or when the Lagrangian is gone) nothing is copied.
+        """
+        cache = self.__dict__.setdefault("_aliases", {})
+        hit = cache.get(id(duals))
+        if (hit is not None and hit[0] is duals and hit[1].data_ptr() == duals.data_ptr()
+                and hit[1].dtype == duals.dtype and hit[1].shape == duals.shape):
+            return hit[1]
+        alias = duals.data
+        cache[id(duals)] = (duals, alias)
+        return alias
+
+    def _release(self, duals: torch.Tensor) -> None:
+        """Before ``duals`` change in place: Lagrangians built on them keep the old values."""
+        cache = self.__dict__.get("_aliases")
+        hit = cache.get(id(duals)) if cache else None
+        if hit is None or hit[0] is not duals:
+            return
+        alias = hit[1]
+        use_count = getattr(alias, "_use_count", None)
+        if use_count is None or use_count() > 1:
+            alias.data = alias.clone()  # the same tensor object, which the graphs hold
+        del cache[id(duals)]
+
+    def _lagrangian(self, loss, parts, rhos) -> torch.Tensor:
+        if not isinstance(loss, torch.Tensor):
+            loss = torch.as_tensor(real("loss", loss), dtype=torch.get_default_dtype())
+        out_dtype = loss.dtype
+        value = loss
+        for group, c, rho in zip(self.param_groups, parts, rhos):
+            duals = group["params"][0]
+            dtype = c.dtype
+            if dtype != duals.dtype or dtype != value.dtype:
+                dtype = torch.promote_types(torch.promote_types(dtype, duals.dtype), value.dtype)
+                c = c.to(dtype)
+            if duals.dtype == dtype and duals.device == c.device:
+                linear = torch.dot(self._alias(duals), c)  # no copy (see _alias)
+            else:  # a converted copy: never the live tensor
+                linear = torch.dot(self._converted(group, dtype, c.device), c)
+            cp = _penalty_part(c, self.ctol, group["is_ineq"])
+            value = (value if value.dtype == dtype else value.to(dtype)) + linear
+            value = value + 0.5 * rho * torch.dot(cp, cp)
+        return value if value.dtype == out_dtype else value.to(out_dtype)
+
+    # -- the three ways of one group's dual step ------------------------------------------
+    def _dual_step_(self, group, c) -> tuple:
+        """One group's dual update in place, ``c`` of the multipliers' dtype; returns
+        ``(direction_norm, stepsize)``."""
+        duals, buffer = group["params"][0], group["momentum_buffer"]
         views = self._host_views(group, duals, buffer)
         if views is not None:
             if c.device.type != "cpu" or not c.is_contiguous():
                 c = c.to(device="cpu", memory_format=torch.contiguous_format)
-            return self._kernel_step_(group, views[0], views[1], c.numpy())
+            coef, hyper, flags = self._kernel_args(group, views[0].dtype)
+            sq_norm, stepsize = ialm_cpu.ialm_dual_step_(views[0], views[1], c.numpy(), coef, hyper, flags)
+            return math.sqrt(sq_norm), float(stepsize)
         c = c.to(device=duals.device)
         if (self._backend == "auto" and duals.device.type == "cuda" and _cuda_kernels_usable()
                 and duals.dtype in _KERNEL_DTYPES and buffer.dtype == duals.dtype
                 and duals.is_contiguous() and buffer.is_contiguous()):
-            return self._cuda_step_(group, duals, buffer, c.contiguous())
+            sq_norm, stepsize = self._cuda_step_(group, duals, buffer, c.contiguous())
+            return math.sqrt(sq_norm), stepsize
         return self._torch_step_(group, c)
+
+    def _kernel_args(self, group, dtype) -> tuple:
+        """``(coef, hyper, flags)`` of the kernels for ``group``, made again only when its
+        settings or the dtype change (``hyper[0]``, ``beta``, is refreshed at every call)."""
+        key = (dtype, group["momentum"], group["dampening"], group["lower_bound"],
+               group["upper_bound"], group["gamma"], group["is_ineq"], self.ctol)
+        cache = self.__dict__.setdefault("_kernel_cache", {})
+        hit = cache.get(id(group))
+        if hit is None or hit[0] != key:
+            coef = ialm_cpu.coefficients(dtype, group["momentum"], group["dampening"],
+                                         group["lower_bound"], group["upper_bound"], self.ctol)
+            hyper = np.array([group["beta"], group["gamma"]], dtype=np.float64)
+            flags = np.array([group["momentum"] != 0, group["is_ineq"]], dtype=np.int64)
+            hit = cache[id(group)] = (key, coef, hyper, flags)
+        hit[2][0] = group["beta"]
+        return hit[1:]
 
     def _host_views(self, group, duals, buffer):
         """Zero-copy NumPy views of a group's multipliers and buffer for the CPU kernel (cached
@@ -234,14 +512,15 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
         cache = self.__dict__.setdefault("_views", {})
         hit = cache.get(id(group))
         if (hit is not None and hit[0] is duals and hit[1] is buffer
-                and hit[2] == (duals.data_ptr(), buffer.data_ptr())):
+                and hit[2] == (duals.data_ptr(), buffer.data_ptr(), duals.dtype)):
             return hit[3]
         views = None
         if (self._backend == "auto" and duals.device.type == "cpu" and buffer.device.type == "cpu"
                 and duals.dtype in _KERNEL_DTYPES and buffer.dtype == duals.dtype
-                and duals.is_contiguous() and buffer.is_contiguous()):
+                and duals.is_contiguous() and buffer.is_contiguous()
+                and duals.numel() == buffer.numel()):
             views = (duals.detach().numpy(), buffer.detach().numpy())
-        cache[id(group)] = (duals, buffer, (duals.data_ptr(), buffer.data_ptr()), views)
+        cache[id(group)] = (duals, buffer, (duals.data_ptr(), buffer.data_ptr(), duals.dtype), views)
         return views
 
     def _cuda_step_(self, group, duals, buffer, c):
@@ -272,37 +551,255 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
             host = np.asarray(out)
         return float(host[0]), float(host[1])
 
-    def _torch_step_(self, group, c):
-        """The dual step with torch ops (any dtype, device and layout), in place."""
-        duals, buffer = group["duals"], group["momentum_buffer"]
+    def _torch_step_(self, group, c) -> tuple:
+        """The dual step with torch ops (any dtype, device and layout), in place.
+
+        The norm is that of the float64 direction; when its square over- or underflows (not
+        finite, or 0 for a non-zero direction) it is taken scaled by ``max|d|``.
+        """
+        duals, buffer = group["params"][0], group["momentum_buffer"]
         with torch.no_grad():
-            d = filtered(_torch_rules, c, self.ctol, group["is_ineq"])
+            d = _filtered(c, self.ctol, group["is_ineq"])
             if group["momentum"] != 0:
                 new = _torch_rules.momentum_direction(buffer, d, group["momentum"],
                                                       1.0 - group["dampening"])
                 buffer.copy_(new)
                 d = new
-            sq_norm = torch.sum(torch.square(d.to(torch.float64)))
-            f64 = dict(dtype=torch.float64, device=duals.device)
-            stepsize = _torch_rules.dual_stepsize(torch.tensor(group["beta"], **f64),
-                                                  torch.tensor(group["gamma"], **f64), sq_norm)
+            d64 = d.to(torch.float64)
+            sq_norm = float(torch.sum(torch.square(d64)))
             like = dict(dtype=duals.dtype, device=duals.device)
-            duals.copy_(_torch_rules.dual_update(duals, d, stepsize.to(duals.dtype),
+            if math.isfinite(sq_norm) and (sq_norm > 0 or not bool((d64 != 0).any())):
+                f64 = dict(dtype=torch.float64, device=duals.device)
+                step = _torch_rules.dual_stepsize(torch.tensor(group["beta"], **f64),
+                                                  torch.tensor(group["gamma"], **f64),
+                                                  torch.tensor(sq_norm, **f64))
+                norm, stepsize = math.sqrt(sq_norm), float(step)
+                step = step.to(duals.dtype)
+            else:  # BLAS nrm2's scaling: ||d|| = scale * sqrt(sum((d / scale)^2))
+                scale = float(d64.abs().max())
+                sq_scaled = float(torch.sum(torch.square(d64 / scale))) if scale > 0 else 0.0
+                norm = scale * math.sqrt(sq_scaled)
+                stepsize = _scaled_stepsize(group["beta"], group["gamma"], scale, sq_scaled)
+                step = torch.tensor(stepsize, **like)
+            duals.copy_(_torch_rules.dual_update(duals, d, step,
                                                  torch.tensor(group["lower_bound"], **like),
                                                  torch.tensor(group["upper_bound"], **like)))
-        return float(sq_norm), float(stepsize)
+        return norm, stepsize
 
-    def _lagrangian_terms(self, loss, groups, parts, rhos):
-        if not isinstance(loss, torch.Tensor):
-            loss = torch.as_tensor(real("loss", loss), dtype=torch.get_default_dtype())
-        out_dtype = loss.dtype
-        value = loss
-        for group, c, rho in zip(groups, parts, rhos):
-            # a detached copy: a later in-place update must not invalidate this graph
-            duals = group["duals"].detach().clone()
-            dtype = torch.promote_types(torch.promote_types(c.dtype, duals.dtype), value.dtype)
-            c, duals = c.to(dtype), duals.to(device=c.device, dtype=dtype)
-            cp = penalty_part(_torch_rules, c, self.ctol, group["is_ineq"])
-            value = value.to(dtype) + duals @ c
-            value = value + 0.5 * rho * torch.dot(cp, cp)
-        return value.to(out_dtype)
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """torch's layout, readable by humancompatible-train 0.4.2 and by :meth:`load_state_dict`.
+
+        ``{"state": {"penalty", "ctol"}, "param_groups": [{"params": [multipliers], ...}]}``
+        with every tensor a copy and ``beta``, ``sigma``, ``gamma`` as float64 0-d tensors (the
+        reference's form; exact for our floats). The state-dict hooks run as in torch.
+        """
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        groups = []
+        for g in self.param_groups:
+            out = {}
+            for key, value in g.items():
+                if key in ("beta", "sigma", "gamma"):
+                    value = torch.tensor(value, dtype=torch.float64)
+                elif key == "params":
+                    value = [p.detach().clone(memory_format=torch.contiguous_format) for p in value]
+                elif isinstance(value, torch.Tensor):
+                    value = value.detach().clone(memory_format=torch.contiguous_format)
+                out[key] = value
+            groups.append(out)
+        state_dict = {"state": {"penalty": self.penalty, "ctol": self.ctol}, "param_groups": groups}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of ours or of humancompatible-train 0.4.x; checked, then copied.
+
+        The groups are replaced by the loaded ones (layout included); every tensor is copied,
+        so the source is never aliased. A state dict without ``ctol`` in its ``state`` is
+        humancompatible-train's: its quadratic coefficient is each group's ``beta``, so
+        ``penalty`` becomes ``None`` and ``ctol`` 0. Older uniopt state dicts (``penalty``,
+        ``ctol`` and groups with ``duals`` at the top level) load too. The load-state-dict hooks
+        run as in torch.
+        """
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        if "state" in state_dict:
+            state = state_dict["state"]
+            if "ctol" in state:
+                penalty, ctol = state["penalty"], state["ctol"]
+            else:  # humancompatible-train's: rho is beta; no tolerance
+                penalty, ctol = None, 0.0
+        else:  # uniopt < 0.2
+            penalty, ctol = state_dict["penalty"], state_dict["ctol"]
+        penalty = _check_penalty(penalty)
+        ctol = nonnegative_finite("ctol value", ctol)
+        new = []
+        for k, g in enumerate(state_dict["param_groups"]):
+            if "params" not in g and "duals" in g:
+                g = {**{key: v for key, v in g.items() if key != "duals"}, "params": [g["duals"]]}
+            group = _checked_group(g, self.defaults, copy=True)
+            if group["name"] is None:
+                group["name"] = f"group{k}"
+            new.append(group)
+        names = [g["name"] for g in new]
+        if len(set(names)) != len(names):
+            raise ValueError(f"load_state_dict: group names repeat: {names}")
+        self.penalty, self.ctol, self.param_groups = penalty, ctol, new
+        for cache in ("_kernel_cache", "_views", "_aliases"):
+            self.__dict__.pop(cache, None)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.update(penalty=self.penalty, ctol=self.ctol, _backend=self._backend,
+                     _device=self._device, last_step=self.last_step)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_fills", {})
+
+    def __repr__(self) -> str:
+        groups = ", ".join(f"{g['name']}(m={g['params'][0].numel()}, beta={g['beta']:g}, "
+                           f"{'ineq' if g['is_ineq'] else 'eq'})" for g in self.param_groups)
+        return f"{type(self).__name__}(penalty={self.penalty}, ctol={self.ctol}, groups=[{groups}])"
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks and conversions
+# ----------------------------------------------------------------------------------------------
+def _device(device):
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (TypeError, RuntimeError):
+        raise TypeError(f"Invalid device: {device!r}") from None
+
+
+def _check_penalty(penalty):
+    return None if penalty is None else nonnegative_finite("penalty value", penalty)
+
+
+def _size(m):
+    if m is None:
+        return None
+    if isinstance(m, bool) or not isinstance(m, numbers.Integral):
+        raise TypeError(f"Invalid m: {m!r} (expected a positive integer)")
+    if m < 1:
+        raise ValueError(f"Invalid m: {m}")
+    return int(m)
+
+
+def _initial_duals(size, init_duals, device):
+    """``(multipliers, fill)``: from ``None``/a number, torch's default dtype and the number
+    (``fill``); from a tensor, a contiguous copy and ``None``."""
+    if init_duals is None or (isinstance(init_duals, numbers.Real) and not isinstance(init_duals, bool)):
+        if size is None:
+            return None, None
+        fill = 0.0 if init_duals is None else real("init_duals", init_duals)
+        return torch.full((size,), fill, dtype=torch.get_default_dtype(), device=device), fill
+    if not isinstance(init_duals, torch.Tensor):
+        raise TypeError(f"Invalid init_duals: {type(init_duals).__name__} (expected None, a "
+                        f"number or a 1-D floating tensor)")
+    if not init_duals.is_floating_point() or init_duals.ndim != 1:
+        raise TypeError(f"Invalid init_duals: expected a number or a 1-D floating tensor, got "
+                        f"{init_duals.dtype} of shape {tuple(init_duals.shape)}")
+    return init_duals.detach().to(device=device).clone(memory_format=torch.contiguous_format), None
+
+
+def _scalar(key, value):
+    """A setting as a Python value (humancompatible-train keeps beta/sigma/gamma as tensors)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return value
+
+
+def _checked_group(source: Mapping, defaults: dict, *, copy: bool) -> dict:
+    """A constraint group in our layout from a group dict of ours or humancompatible-train's.
+
+    Settings are checked (nothing is registered here); missing ones come from ``defaults``.
+    With ``copy`` every tensor is copied (loading never aliases).
+    """
+    params = source.get("params")
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    if params is None or len(params) != 1:
+        raise ValueError("an iALM param group holds exactly one tensor of multipliers in 'params'")
+    duals = params[0]
+    if not isinstance(duals, torch.Tensor):
+        if copy and isinstance(duals, np.ndarray):  # a NumPy iALM's state
+            duals = torch.from_numpy(np.array(duals, copy=True))
+        else:
+            raise TypeError(f"iALM multipliers must be a tensor, got {type(duals).__name__}")
+    if not duals.is_floating_point() or duals.ndim != 1:
+        raise TypeError(f"iALM multipliers must be a 1-D floating tensor, got {duals.dtype} of "
+                        f"shape {tuple(duals.shape)}")
+    settings = {k: _scalar(k, source[k]) for k in _SETTINGS if k in source}
+    if "dual_range" not in settings and (copy or "lower_bound" in source or "upper_bound" in source):
+        # humancompatible-train's groups: the bounds (a missing one is unbounded)
+        settings["dual_range"] = (_scalar("lower_bound", source.get("lower_bound")),
+                                  _scalar("upper_bound", source.get("upper_bound")))
+    merged = {k: settings.get(k, defaults.get(k)) for k in _SETTINGS}
+    checked = check_ialm_group(**merged)
+    name = source.get("name")
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"Invalid name: {name!r} (expected a str)")
+    bound = source.get("bound")
+    if bound is not None:
+        bound = real("bound", _scalar("bound", bound))
+    buffer = source.get("momentum_buffer")
+    if copy:
+        duals = torch.nn.Parameter(duals.detach().clone(memory_format=torch.contiguous_format),
+                                   requires_grad=False)
+    if buffer is None:
+        buffer = torch.zeros_like(duals, memory_format=torch.contiguous_format).detach()
+    else:
+        if isinstance(buffer, np.ndarray):
+            buffer = torch.from_numpy(np.array(buffer, copy=True))
+        if not isinstance(buffer, torch.Tensor) or buffer.numel() != duals.numel():
+            raise ValueError(f"iALM group {name!r}: {duals.numel()} multipliers and a momentum "
+                             f"buffer of {getattr(buffer, 'numel', lambda: '?')()}")
+        buffer = buffer.detach().reshape(-1)
+        if copy:
+            buffer = buffer.clone(memory_format=torch.contiguous_format)
+    return {"params": [duals], "name": name, "beta": checked["beta"], "sigma": checked["sigma"],
+            "gamma": checked["gamma"], "momentum": checked["momentum"],
+            "dampening": checked["dampening"], "dual_range": checked["dual_range"],
+            "lower_bound": checked["lower_bound"], "upper_bound": checked["upper_bound"],
+            "is_ineq": checked["is_ineq"], "bound": bound, "momentum_buffer": buffer,
+            "dtype_fixed": bool(source.get("dtype_fixed", True))}
+
+
+def _flat(x) -> torch.Tensor:
+    """A constraint value as a 1-D real tensor (numbers and array-likes: torch's default dtype)."""
+    if not isinstance(x, torch.Tensor):
+        if isinstance(x, (str, bytes)):
+            raise TypeError(f"constraints: expected tensors or real numbers, got {x!r}")
+        try:
+            x = torch.as_tensor(np.asarray(x, dtype=np.float64), dtype=torch.get_default_dtype())
+        except (TypeError, ValueError):
+            raise TypeError(f"constraints: expected tensors or real numbers, got "
+                            f"{type(x).__name__}") from None
+    if x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(f"constraints: expected real numbers, got dtype {x.dtype}")
+    if not x.is_floating_point():
+        x = x.to(torch.get_default_dtype())
+    return x.reshape(-1)
+
+
+def _split(flat: torch.Tensor, sizes: list) -> list:
+    """The flat form's values, one slice per group (checked against the group sizes)."""
+    if flat.numel() != sum(sizes):
+        raise ValueError(f"constraints: expected {sum(sizes)} values for group sizes {sizes}, "
+                         f"got {flat.numel()}")
+    if len(sizes) == 1:
+        return [flat]
+    return list(torch.split(flat, sizes))

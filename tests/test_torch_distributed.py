@@ -234,3 +234,31 @@ def test_plain_parameter_with_a_wrapper_gradient_takes_the_torch_path(monkeypatc
     opt.step()
     assert calls == [False]
     torch.testing.assert_close(p.detach(), torch.arange(4, dtype=torch.float64) - 0.1)
+
+
+def test_ialm_wrapper_constraints_never_reach_the_kernel(monkeypatch):
+    """Constraint values of a wrapper subclass take the torch path; plain ones the kernel."""
+    from uniopt.adapters.torch import iALM
+    from uniopt.kernels import ialm_cpu
+
+    calls = []
+    real_kernel = ialm_cpu.ialm_dual_step_
+
+    def spy(dual, buffer, c, *args):
+        calls.append(c)
+        return real_kernel(dual, buffer, c, *args)
+
+    monkeypatch.setattr(ialm_cpu, "ialm_dual_step_", spy)
+    gen = torch.Generator().manual_seed(5)
+    cs = [torch.randn(4, generator=gen, dtype=torch.float64) for _ in range(3)]
+    settings = dict(m=4, beta=0.5, gamma=1.0, momentum=0.5, init_duals=torch.zeros(4, dtype=torch.float64))
+    wrapped_opt, plain_opt = iALM(**settings), iALM(**settings)
+    for c in cs:
+        wrapped_opt.update(Wrapped(c.clone()))
+    assert calls == []  # the wrapper's memory never went to the kernel
+    for c in cs:
+        plain_opt.update(c.clone())
+    assert len(calls) == len(cs)  # plain constraints do take the kernel
+    torch.testing.assert_close(wrapped_opt.duals, plain_opt.duals,
+                               rtol=1e-14, atol=0)
+    assert not torch.equal(plain_opt.duals, torch.zeros(4, dtype=torch.float64))

@@ -46,12 +46,19 @@ import torch
 
 from uniopt import _jit
 
-__all__ = ["BACKENDS", "Rule", "Table", "Work", "Dispatcher", "local_view", "grad_view", "dist_key"]
+__all__ = ["BACKENDS", "Rule", "Table", "Work", "Dispatcher", "local_view", "grad_view", "dist_key",
+           "cuda_kernels_usable", "is_plain"]
 
 BACKENDS = ("auto", "torch")
 _NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 _Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
 _PLAIN = (_Tensor, _Parameter)
+
+
+def is_plain(*tensors) -> bool:
+    """Whether every tensor is of exact type ``torch.Tensor`` or ``torch.nn.Parameter`` (owns
+    its memory: only such a tensor's address may reach a kernel)."""
+    return all(type(t) is _Tensor or type(t) is _Parameter for t in tensors)
 
 
 def _dtensor_class():
@@ -291,7 +298,7 @@ class Table:
 _cuda_usable: bool | None = None
 
 
-def _cuda_kernels_usable() -> bool:
+def cuda_kernels_usable() -> bool:
     """Whether numba.cuda can run kernels on torch's CUDA tensors (not its simulator)."""
     global _cuda_usable
     if _cuda_usable is None:
@@ -331,7 +338,7 @@ def _kind(views, rule: Rule, backend: str) -> str:
             return "torch"
     if p.device.type == "cpu":
         return "table"
-    if p.device.type == "cuda" and _cuda_kernels_usable():
+    if p.device.type == "cuda" and cuda_kernels_usable():
         return "cuda"
     return "torch"
 

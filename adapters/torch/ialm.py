@@ -36,6 +36,8 @@ from uniopt.kernels import ialm_cpu
 from uniopt.rules import bind
 from uniopt.rules import ialm as _rules
 
+from ._dispatch import cuda_kernels_usable, is_plain
+
 __all__ = ["iALM"]
 
 BACKENDS = ("auto", "torch")
@@ -47,25 +49,6 @@ _SETTINGS = ("beta", "sigma", "gamma", "momentum", "dampening", "dual_range", "i
 # tensor first (a second pass over the constraints); same values, same zero-or-positive result
 _torch_rules = bind(_rules, where=torch.where, minimum=torch.minimum, maximum=torch.maximum,
                     sqrt=torch.sqrt, penalty_violation=lambda c: torch.clamp(c, min=0))
-
-_cuda_usable: bool | None = None
-
-
-def _cuda_kernels_usable() -> bool:
-    """Whether numba.cuda can run kernels on torch's CUDA tensors (not its simulator)."""
-    # A local twin of the dispatcher's private check (uniopt.adapters.torch._dispatch), until
-    # that module exports one under a public name.
-    global _cuda_usable
-    if _cuda_usable is None:
-        try:
-            import numba
-            from numba import cuda
-
-            _cuda_usable = not numba.config.ENABLE_CUDASIM and cuda.is_available()
-        except Exception:  # numba-cuda missing or no driver: torch ops instead
-            _cuda_usable = False
-    return _cuda_usable
-
 
 def _filtered(c, ctol: float, is_ineq: bool):
     """The ``ctol`` filter of the group's kind (the identity, bit for bit, for ``ctol = 0``)."""
@@ -474,7 +457,7 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
         """One group's dual update in place, ``c`` of the multipliers' dtype; returns
         ``(direction_norm, stepsize)``."""
         duals, buffer = group["params"][0], group["momentum_buffer"]
-        views = self._host_views(group, duals, buffer)
+        views = self._host_views(group, duals, buffer) if is_plain(c) else None
         if views is not None:
             if c.device.type != "cpu" or not c.is_contiguous():
                 c = c.to(device="cpu", memory_format=torch.contiguous_format)
@@ -482,7 +465,8 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
             sq_norm, stepsize = ialm_cpu.ialm_dual_step_(views[0], views[1], c.numpy(), coef, hyper, flags)
             return math.sqrt(sq_norm), float(stepsize)
         c = c.to(device=duals.device)
-        if (self._backend == "auto" and duals.device.type == "cuda" and _cuda_kernels_usable()
+        if (self._backend == "auto" and duals.device.type == "cuda" and cuda_kernels_usable()
+                and is_plain(duals, buffer, c)
                 and duals.dtype in _KERNEL_DTYPES and buffer.dtype == duals.dtype
                 and duals.is_contiguous() and buffer.is_contiguous()):
             sq_norm, stepsize = self._cuda_step_(group, duals, buffer, c.contiguous())
@@ -515,7 +499,8 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
                 and hit[2] == (duals.data_ptr(), buffer.data_ptr(), duals.dtype)):
             return hit[3]
         views = None
-        if (self._backend == "auto" and duals.device.type == "cpu" and buffer.device.type == "cpu"
+        if (self._backend == "auto" and is_plain(duals, buffer)
+                and duals.device.type == "cpu" and buffer.device.type == "cpu"
                 and duals.dtype in _KERNEL_DTYPES and buffer.dtype == duals.dtype
                 and duals.is_contiguous() and buffer.is_contiguous()
                 and duals.numel() == buffer.numel()):

@@ -30,6 +30,7 @@ _rules = bind(_qh, wrap=_jit.elementwise)
 _qhm_update = _rules.qhm_update
 _qhadam_update = _rules.qhadam_update
 _qhadam_bias_weights = _rules.qhadam_bias_weights
+_qhadam_update_coefficients = _rules.qhadam_update_coefficients
 
 
 @_jit.cpu_kernel
@@ -79,10 +80,10 @@ def _qhadam_tensor_coefficients(t, beta1_weight, beta2_weight, hyper, scratch):
     w1, w2, a1, a2 = _qhadam_bias_weights(beta1_weight[t], beta2_weight[t], hyper[3], hyper[4])
     beta1_weight[t] = w1
     beta2_weight[t] = w2
-    scratch[0], scratch[1], scratch[2] = hyper[0], hyper[1], hyper[2]
-    scratch[3], scratch[4], scratch[5], scratch[6] = a1, 1.0 - a1, a2, 1.0 - a2
-    scratch[7], scratch[8], scratch[9], scratch[10] = hyper[5], hyper[6], hyper[7], hyper[8]
-    scratch[11], scratch[12] = hyper[9], hyper[10]
+    c = _qhadam_update_coefficients(hyper[0], hyper[1], hyper[2], a1, a2, hyper[5], hyper[6],
+                                    hyper[7], hyper[8], hyper[9], hyper[10])
+    for k in range(13):  # cast to the kernel dtype
+        scratch[k] = c[k]
     return (scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5], scratch[6],
             scratch[7], scratch[8], scratch[9], scratch[10], scratch[11], scratch[12])
 

@@ -229,7 +229,12 @@ class PolyakSGD(IterativeSolver):
         )
 
     def _stepsize(self, value, grad_sq_norm, dtype):
-        """The rule's variant choice; ``tiny`` (SPS+'s zero guard) is ``dtype``'s epsilon."""
+        """The rule's variant choice; ``tiny`` (SPS+'s zero guard) is ``dtype``'s epsilon.
+
+        (float64's for parameters without a floating dtype, e.g. an empty pytree.)
+        """
+        if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+            dtype = np.float64
         return _rules.polyak_stepsize(value, self.fun_min, grad_sq_norm, self.delta,
                                       self.max_stepsize, float(jnp.finfo(dtype).eps),
                                       _polyak.is_plus(self.variant))

@@ -47,7 +47,7 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 def polyak_stepsize(value: float, sq_norm: float, fun_min: float = 0.0, variant: str = "SPS_max",
                     max_stepsize: float = 1.0, delta: float = 0.0, dtype=np.float64,
                     eps: float | None = None) -> float:
-    r"""The step size of one Polyak step, in float64 (the rule of :mod:`uniopt.rules.polyak`).
+    r"""The step size of one Polyak step, in float64 (:func:`uniopt.rules.polyak.polyak_stepsize`).
 
     Args:
       value: the objective value :math:`f(x_k)`.
@@ -55,12 +55,14 @@ def polyak_stepsize(value: float, sq_norm: float, fun_min: float = 0.0, variant:
       fun_min, variant, max_stepsize, delta: as :class:`PolyakSGD`.
       dtype: the parameters' dtype; ``"SPS+"`` takes a zero step when ``sq_norm`` is at most
         its machine epsilon (or at most ``eps``, when given).
+
+    Raises:
+      ValueError: an unknown ``variant``.
     """
-    if variant == "SPS_max":
-        return float(_rules.sps_max_stepsize(float(value), float(fun_min), float(sq_norm),
-                                             float(delta), float(max_stepsize)))
+    is_plus = _rules.is_plus(variant)
     tiny = float(np.finfo(dtype).eps) if eps is None else float(eps)
-    return float(_rules.sps_plus_stepsize(float(value), float(fun_min), float(sq_norm), tiny))
+    return float(_rules.polyak_stepsize(float(value), float(fun_min), float(sq_norm), float(delta),
+                                        float(max_stepsize), tiny, is_plus))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -712,3 +712,47 @@ def test_disable_jit_runs_the_same_kernels_as_python():
         np.testing.assert_array_equal(a, b)
     for a, b in zip(results[0][1], results[1][1]):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# The variant choice, written once in rules/
+# ------------------------------------------------------------------------------------------
+@settings(max_examples=100, deadline=None)
+@given(value=st.floats(-1e3, 1e3), fun_min=st.floats(-1e3, 1e3),
+       sq_norm=st.one_of(st.just(0.0), st.just(1e-17), st.floats(0.0, 1e3)),
+       delta=st.one_of(st.just(0.0), st.floats(0.0, 10.0)), max_stepsize=st.floats(0.0, 10.0),
+       plus=st.booleans())
+def test_rule_variant_choice_is_one_of_the_two_rules(value, fun_min, sq_norm, delta, max_stepsize, plus):
+    """``rules.polyak.polyak_stepsize`` picks SPS+ or SPS_max; the NumPy face is that rule."""
+    from uniopt.rules import polyak as rules
+
+    tiny = float(np.finfo(np.float64).eps)
+    got = rules.polyak_stepsize(value, fun_min, sq_norm, delta, max_stepsize, tiny, plus)
+    if plus:
+        assert got == rules.sps_plus_stepsize(value, fun_min, sq_norm, tiny)
+    else:
+        assert got == rules.sps_max_stepsize(value, fun_min, sq_norm, delta, max_stepsize)
+    variant = "SPS+" if plus else "SPS_max"
+    expected = naive_stepsize(value, sq_norm, fun_min, variant, max_stepsize, delta, tiny)
+    assert got == pytest.approx(expected, rel=1e-15, abs=0.0)
+    assert core_polyak.polyak_stepsize(value, sq_norm, fun_min, variant, max_stepsize, delta) == got
+    assert rules.is_plus(variant) is plus
+
+
+def test_rule_variant_names_and_zero_guard():
+    from uniopt.rules import polyak as rules
+
+    for bad in ("sps", "SPS", None, 1):
+        with pytest.raises(ValueError, match=f"Invalid variant value: {bad!r}"):
+            rules.is_plus(bad)
+        with pytest.raises(ValueError, match="Invalid variant value"):
+            core_polyak.polyak_stepsize(1.0, 1.0, variant=bad)
+    # SPS+'s guard is the dtype's epsilon (or eps): same norm, different dtypes
+    sq = 1e-10  # > float64 eps, < float32 eps
+    assert core_polyak.polyak_stepsize(1.0, sq, variant="SPS+", dtype=np.float64) == pytest.approx(1e10)
+    assert core_polyak.polyak_stepsize(1.0, sq, variant="SPS+", dtype=np.float32) == 0.0
+    assert core_polyak.polyak_stepsize(1.0, sq, variant="SPS+", eps=1e-9) == 0.0
+    # optax's guard: 0 when the denominator is at most tiny, exactly 0 even for a NaN step
+    assert rules.zero_below(0.5, 1e-20, 1e-16) == 0.0
+    assert rules.zero_below(float("nan"), 0.0, 1e-16) == 0.0
+    assert rules.zero_below(0.5, 1e-3, 1e-16) == 0.5

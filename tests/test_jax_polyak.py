@@ -689,3 +689,52 @@ def test_stepsize_is_never_negative_nor_above_max(w, c, scale, offset, fun_min, 
     assert 0.0 <= step_max <= max_stepsize
     assert 0.0 <= optax_step <= max_stepsize * (1 + 1e-12)
     assert step_plus >= 0.0 and np.isfinite(step_plus)
+
+
+# ----------------------------------------------------------------------------------------------
+# The variant choice is the rule's (rules/polyak.py), for the solver and the optax transforms
+# ----------------------------------------------------------------------------------------------
+def test_solver_and_optax_take_the_step_size_from_the_rule(monkeypatch):
+    from uniopt.adapters.jax import polyak as jax_polyak
+
+    calls = []
+    rule = jax_polyak._rules.polyak_stepsize
+
+    def spy(*args):
+        calls.append(args[-1])
+        return rule(*args)
+
+    monkeypatch.setattr(jax_polyak._rules, "polyak_stepsize", spy)
+    X, y = _data()
+    for variant, plus in (("SPS_max", False), ("SPS+", True)):
+        calls.clear()
+        solver = PolyakSGD(lsq, variant=variant, jit=False)
+        solver.update(P0, solver.init_state(P0, X, y), X, y)
+        assert calls == [plus]
+    for variant in ("sps", "sps+"):
+        calls.clear()
+        tx = polyak_sgd(variant=variant)
+        tx.update(jnp.ones(2), tx.init(jnp.ones(2)), value=jnp.asarray(1.0))
+        assert calls == [False]  # both optax names are SPS_max here (never an ascent step)
+
+
+def test_traced_variant_flag_matches_the_numpy_face():
+    """The rule with a traced ``is_plus`` (vmap, jit) gives the NumPy face's step sizes."""
+    from uniopt.adapters.jax import polyak as jax_polyak
+    from uniopt.polyak import polyak_stepsize
+
+    rule = jax.jit(jax.vmap(jax_polyak._rules.polyak_stepsize,
+                            in_axes=(0, None, 0, None, None, None, None)))
+    values = np.array([2.0, 0.5, 0.0, -1.0, 3.0, 1.0])
+    sq_norms = np.array([4.0, 0.25, 0.0, 1.0, 0.0, 1e-17])
+    tiny = float(np.finfo(np.float64).eps)
+    for plus, variant in ((False, "SPS_max"), (True, "SPS+")):
+        got = np.asarray(rule(jnp.asarray(values), 0.1, jnp.asarray(sq_norms), 0.0, 0.7, tiny,
+                              jnp.asarray(plus)))
+        expected = [polyak_stepsize(v, s, 0.1, variant, 0.7, 0.0) for v, s in zip(values, sq_norms)]
+        np.testing.assert_array_equal(got, np.array(expected))
+        # finite derivatives everywhere, also at the zero denominators
+        grads = jax.vmap(jax.grad(jax_polyak._rules.polyak_stepsize, argnums=(0, 2)),
+                         in_axes=(0, None, 0, None, None, None, None))(
+            jnp.asarray(values), 0.1, jnp.asarray(sq_norms), 0.0, 0.7, tiny, plus)
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)

@@ -15,9 +15,6 @@ never computed anywhere else. Deviations from jaxopt and optax are listed in
 from __future__ import annotations
 
 import dataclasses
-import functools
-import itertools
-import operator
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -28,6 +25,19 @@ import optax
 from uniopt import _validation
 from uniopt.rules import bind
 from uniopt.rules import polyak as _polyak
+
+from ._solver import (
+    IterativeSolver,
+    OptStep,
+    check,
+    check_callable,
+    check_fun_fields,
+    is_zero,
+    make_funs,
+    safe_sqrt,
+    single_dtype,
+    tree_sq_norm,
+)
 
 __all__ = [
     "OptStep",
@@ -48,165 +58,8 @@ _OPTAX_VARIANTS = ("sps", "sps+")
 
 
 # ----------------------------------------------------------------------------------------------
-# Construction-time checks
-# ----------------------------------------------------------------------------------------------
-def _traced(value: Any) -> bool:
-    return isinstance(value, jax.core.Tracer)
-
-
-def _check(check, what: str, value: Any) -> None:
-    """``check(what, value)`` unless ``value`` is traced (unknown until run time)."""
-    if not _traced(value):
-        check(what, value)
-
-
-def _check_bool(what: str, value: Any) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"Invalid {what}: {value!r} (expected True or False)")
-
-
-def _check_callable(what: str, value: Any, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if not callable(value):
-        raise TypeError(f"Invalid {what}: {value!r} (expected a callable)")
-
-
-def _check_count(what: str, value: Any) -> None:
-    """A non-negative integer (``bool`` is refused: ``maxiter=True`` is a mistake)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"Invalid {what}: {value!r} (expected a non-negative integer)")
-    if value < 0:
-        raise ValueError(f"Invalid {what}: {value}")
-
-
-def _is_zero(value: Any) -> bool:
-    """``value == 0`` for concrete numbers; False for traced values (they may be non-zero)."""
-    if _traced(value):
-        return False
-    return bool(value == 0)
-
-
-# ----------------------------------------------------------------------------------------------
-# Pytree helpers
-# ----------------------------------------------------------------------------------------------
-def _single_dtype(tree: Any):
-    """The one dtype shared by every array leaf of ``tree`` (None for a tree without leaves)."""
-    dtypes = {jnp.asarray(leaf).dtype for leaf in jax.tree.leaves(tree)
-              if isinstance(leaf, (bool, int, float, complex, np.ndarray, np.generic, jax.Array))}
-    if not dtypes:
-        return None
-    if len(dtypes) > 1:
-        found = sorted(map(str, dtypes))
-        raise ValueError(f"PolyakSGD: every parameter leaf must have the same dtype, got {found}")
-    return dtypes.pop()
-
-
-def _leaf_sq_norm(leaf):
-    if jnp.iscomplexobj(leaf):
-        return jnp.sum(jnp.square(leaf.real) + jnp.square(leaf.imag))
-    return jnp.sum(jnp.square(leaf))
-
-
-def _tree_sq_norm(tree: Any):
-    """``sum_i ||leaf_i||^2``: per-leaf sums added in tree order (jaxopt's and optax's order)."""
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jnp.asarray(0.0)
-    return functools.reduce(operator.add, [_leaf_sq_norm(leaf) for leaf in leaves])
-
-
-def _safe_sqrt(x):
-    """``sqrt(x)`` whose derivative at ``x == 0`` is 0, not inf (so no 0 * inf = NaN)."""
-    positive = x > 0
-    root = jnp.sqrt(jnp.where(positive, x, jnp.ones_like(x)))
-    return jnp.where(positive, root, jnp.zeros_like(x))
-
-
-def _tree_neg(tree: Any):
-    return jax.tree.map(operator.neg, tree)
-
-
-def _solve_normal_cg(matvec: Callable, b: Any) -> Any:
-    """Solve ``A x = b`` by conjugate gradient on the normal equations ``A^T A x = A^T b``.
-
-    ``matvec(x) = A x`` must be linear; ``A^T`` comes from :func:`jax.linear_transpose`.
-    This is the default ``implicit_diff_solve`` (as jaxopt's ``solve_normal_cg``): it works
-    whether or not ``A`` is symmetric positive definite.
-    """
-    transpose = jax.linear_transpose(matvec, b)
-
-    def rmatvec(y):
-        return transpose(y)[0]
-
-    def normal_matvec(x):
-        return rmatvec(matvec(x))
-
-    return jax.scipy.sparse.linalg.cg(normal_matvec, rmatvec(b))[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# The four signatures of ``fun`` -> one ``value_and_grad(params, ...) -> ((value, aux), grad)``
-# ----------------------------------------------------------------------------------------------
-def _make_funs(fun: Callable, value_and_grad: Union[bool, Callable], has_aux: bool):
-    """Return ``(fun_with_aux, value_and_grad_with_aux)``; aux is None without ``has_aux``.
-
-    =================  =======  ============================================================
-    value_and_grad     has_aux  what ``fun`` (and the callable) return
-    =================  =======  ============================================================
-    False              False    ``value``
-    False              True     ``(value, aux)``
-    True               False    ``(value, grad)``
-    True               True     ``((value, aux), grad)``
-    a callable         False    ``fun``: value; the callable: ``(value, grad)``
-    a callable         True     ``fun``: ``(value, aux)``; the callable: ``((value, aux), grad)``
-    =================  =======  ============================================================
-    """
-    if value_and_grad is True:
-        if has_aux:
-            vg = fun
-        else:
-            def vg(*a, **kw):
-                value, grad = fun(*a, **kw)
-                return (value, None), grad
-
-        def f(*a, **kw):
-            return vg(*a, **kw)[0]
-
-        return f, vg
-
-    if value_and_grad is False:
-        if has_aux:
-            f = fun
-        else:
-            def f(*a, **kw):
-                return fun(*a, **kw), None
-        return f, jax.value_and_grad(f, has_aux=True)
-
-    # a user-supplied value_and_grad callable next to a value-only ``fun``
-    if has_aux:
-        return fun, value_and_grad
-
-    def f(*a, **kw):
-        return fun(*a, **kw), None
-
-    def vg(*a, **kw):
-        value, grad = value_and_grad(*a, **kw)
-        return (value, None), grad
-
-    return f, vg
-
-
-# ----------------------------------------------------------------------------------------------
 # The solver
 # ----------------------------------------------------------------------------------------------
-class OptStep(NamedTuple):
-    """What ``update`` and ``run`` return (jaxopt's ``OptStep``)."""
-
-    params: Any
-    state: Any
-
-
 class PolyakSGDState(NamedTuple):
     """State of :class:`PolyakSGD` (jaxopt's field order).
 
@@ -226,7 +79,7 @@ class PolyakSGDState(NamedTuple):
 
 
 @dataclasses.dataclass(eq=False)
-class PolyakSGD:
+class PolyakSGD(IterativeSolver):
     r"""SGD with the (stochastic) Polyak step size: a drop-in for ``jaxopt.PolyakSGD``.
 
     With :math:`f` the objective, :math:`f^\star` a lower bound of it and
@@ -329,62 +182,26 @@ class PolyakSGD:
     unroll: Union[str, bool] = "auto"
 
     # -- construction ------------------------------------------------------------------------
-    def __post_init__(self):
-        self._validate()
-        self._fun, self._value_and_grad_fun = _make_funs(
+    def _check_fields(self) -> None:
+        self.value_and_grad = check_fun_fields(self.fun, self.value_and_grad, self.has_aux)
+        check(_validation.finite, "fun_min value", self.fun_min)
+        _validation.choice("variant value", self.variant, _polyak.VARIANTS)
+        check(_validation.nonnegative_finite, "max_stepsize value", self.max_stepsize)
+        check(_validation.nonnegative_finite, "delta value", self.delta)
+        check(_validation.nonnegative_finite, "momentum value", self.momentum)
+        check_callable("pre_update value", self.pre_update, optional=True)
+        super()._check_fields()
+
+    def _prepare(self) -> None:
+        self._fun, self._value_and_grad_fun = make_funs(
             self.fun, self.value_and_grad, self.has_aux)
         # jaxopt's AndersonWrapper and custom_root look for this attribute.
         self.reference_signature = self.fun
-        if self.jit:
-            self.update = jax.jit(self.update)
 
-    def _validate(self) -> None:
-        _check_callable("fun", self.fun)
-        if not isinstance(self.value_and_grad, (bool, np.bool_)):
-            _check_callable("value_and_grad value", self.value_and_grad)
-        else:
-            self.value_and_grad = bool(self.value_and_grad)
-        _check_bool("has_aux value", self.has_aux)
-        _check(_validation.finite, "fun_min value", self.fun_min)
-        _validation.choice("variant value", self.variant, _polyak.VARIANTS)
-        _check(_validation.nonnegative_finite, "max_stepsize value", self.max_stepsize)
-        _check(_validation.nonnegative_finite, "delta value", self.delta)
-        _check(_validation.nonnegative_finite, "momentum value", self.momentum)
-        _check_callable("pre_update value", self.pre_update, optional=True)
-        _check_count("maxiter value", self.maxiter)
-        _check(_validation.nonnegative, "tol value", self.tol)
-        if not isinstance(self.verbose, (bool, int, np.integer)):
-            raise TypeError(f"Invalid verbose value: {self.verbose!r} (expected a bool or an int)")
-        _check_bool("implicit_diff value", self.implicit_diff)
-        _check_callable("implicit_diff_solve value", self.implicit_diff_solve, optional=True)
-        _check_bool("jit value", self.jit)
-        if not (self.unroll == "auto" or isinstance(self.unroll, (bool, np.bool_))):
-            raise ValueError(
-                f"Invalid unroll value: {self.unroll!r} (expected 'auto', True or False)")
-        if self.unroll is False and not self.jit:
-            raise ValueError("unroll=False and jit=False cannot be used together")
-
-    # -- jaxopt's solver protocol -------------------------------------------------------------
-    def attribute_names(self) -> tuple:
-        """The constructor fields, in order."""
-        return tuple(field.name for field in dataclasses.fields(self))
-
-    def attribute_values(self) -> tuple:
-        """The values of :meth:`attribute_names`."""
-        return tuple(getattr(self, name) for name in self.attribute_names())
-
-    def __hash__(self):
-        # The fields determine the solver, so it can be a static argument of jax.jit (equality
-        # stays identity, as in jaxopt).
-        return hash(self.attribute_values())
-
+    # -- the solver's problem ------------------------------------------------------------------
     def optimality_fun(self, params, *args, **kwargs):
         """The gradient of ``fun`` at ``params`` (zero at a stationary point); aux dropped."""
         return self._value_and_grad_fun(params, *args, **kwargs)[1]
-
-    def l2_optimality_error(self, params, *args, **kwargs):
-        """The L2 norm of :meth:`optimality_fun` (over the whole pytree)."""
-        return jnp.sqrt(_tree_sq_norm(self.optimality_fun(params, *args, **kwargs)))
 
     # -- one step -----------------------------------------------------------------------------
     def init_state(self, init_params: Any, *args, **kwargs) -> PolyakSGDState:
@@ -398,8 +215,8 @@ class PolyakSGD:
           *args, **kwargs: passed on to ``fun``.
         """
         value, aux = self._fun(init_params, *args, **kwargs)
-        dtype = _single_dtype(init_params)
-        velocity = None if _is_zero(self.momentum) else jax.tree.map(jnp.zeros_like, init_params)
+        dtype = single_dtype(init_params, "PolyakSGD")
+        velocity = None if is_zero(self.momentum) else jax.tree.map(jnp.zeros_like, init_params)
         return PolyakSGDState(
             iter_num=jnp.asarray(0),
             error=jnp.asarray(jnp.inf, dtype=dtype),
@@ -412,11 +229,15 @@ class PolyakSGD:
         )
 
     def _stepsize(self, value, grad_sq_norm, dtype):
-        if self.variant == "SPS_max":
-            return _rules.sps_max_stepsize(
-                value, self.fun_min, grad_sq_norm, self.delta, self.max_stepsize)
-        tiny = float(jnp.finfo(dtype).eps)
-        return _rules.sps_plus_stepsize(value, self.fun_min, grad_sq_norm, tiny)
+        """The rule's variant choice; ``tiny`` (SPS+'s zero guard) is ``dtype``'s epsilon.
+
+        (float64's for parameters without a floating dtype, e.g. an empty pytree.)
+        """
+        if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+            dtype = np.float64
+        return _rules.polyak_stepsize(value, self.fun_min, grad_sq_norm, self.delta,
+                                      self.max_stepsize, float(jnp.finfo(dtype).eps),
+                                      _polyak.is_plus(self.variant))
 
     def update(self, params: Any, state: PolyakSGDState, *args, **kwargs) -> OptStep:
         """One Polyak step from ``params``.
@@ -430,15 +251,15 @@ class PolyakSGD:
           ``OptStep(params, state)``: the new parameters, and a state whose ``error``,
           ``value``, ``aux`` and ``stepsize`` belong to the parameters the step started from.
         """
-        dtype = _single_dtype(params)
+        dtype = single_dtype(params, "PolyakSGD")
         if self.pre_update is not None:
             params, state = self.pre_update(params, state, *args, **kwargs)
 
         (value, aux), grad = self._value_and_grad_fun(params, *args, **kwargs)
-        grad_sq_norm = _tree_sq_norm(grad)
+        grad_sq_norm = tree_sq_norm(grad)
         stepsize = self._stepsize(value, grad_sq_norm, dtype).astype(state.stepsize.dtype)
 
-        if _is_zero(self.momentum):
+        if is_zero(self.momentum):
             new_params = jax.tree.map(
                 lambda p, g: _rules.sgd_update(p, g, stepsize), params, grad)
             new_velocity = None
@@ -450,7 +271,7 @@ class PolyakSGD:
             new_params, new_velocity = jax.tree.transpose(
                 treedef, jax.tree.structure((0, 0)), pairs)
 
-        error = _safe_sqrt(grad_sq_norm)
+        error = safe_sqrt(grad_sq_norm)
         value = jnp.asarray(value)
         new_state = PolyakSGDState(
             iter_num=state.iter_num + 1,
@@ -468,169 +289,6 @@ class PolyakSGD:
                 "Objective Value: {} Stepsize: {}",
                 new_state.iter_num, new_state.error, value, stepsize, ordered=True)
         return OptStep(params=new_params, state=new_state)
-
-    # -- loops --------------------------------------------------------------------------------
-    def _unroll(self) -> bool:
-        if self.unroll == "auto":
-            return (not self.implicit_diff) or (not self.jit)
-        return bool(self.unroll)
-
-    def _run(self, init_params: Any, *args, **kwargs) -> OptStep:
-        state = self.init_state(init_params, *args, **kwargs)
-        if self.maxiter == 0:
-            return OptStep(params=init_params, state=state)
-        # The first update is unconditional (state.error starts at +inf) and fixes the types
-        # of the loop carry; at most maxiter - 1 more follow while error > tol.
-        step = self.update(init_params, state, *args, **kwargs)
-        if self.maxiter == 1:
-            return step
-        if not self.jit:
-            for _ in range(self.maxiter - 1):
-                if not bool(step.state.error > self.tol):
-                    break
-                step = self.update(step.params, step.state, *args, **kwargs)
-            return step
-        loop = _scan_loop if self._unroll() else _while_loop
-        return loop(_Static(self), step, args, kwargs)
-
-    def run(self, init_params: Any, *args, **kwargs) -> OptStep:
-        """Run the solver from ``init_params``.
-
-        One update always happens (for ``maxiter >= 1``); further updates follow while
-        ``state.error > tol``, up to ``maxiter`` in all. The returned parameters are one step
-        past the point whose gradient norm met ``tol``. Differentiable with respect to
-        ``args``/``kwargs``: through the iterations (``unroll``), or implicitly
-        (``implicit_diff=True``; reverse mode only, the initial parameters get a zero
-        cotangent).
-
-        Args:
-          init_params: pytree of initial parameters.
-          *args, **kwargs: passed on to ``fun`` at every step.
-
-        Returns:
-          ``OptStep(params, state)``.
-        """
-        if self.implicit_diff:
-            return _implicit_run(_Static(self), init_params, args, kwargs)
-        return self._run(init_params, *args, **kwargs)
-
-    def run_iterator(self, init_params: Any, iterator, *args, **kwargs) -> OptStep:
-        """Run over mini-batches, passed to ``fun`` as the keyword argument ``data``.
-
-        As in jaxopt, the first batch only initialises the state (``init_state(...,
-        data=batch)``); each of the next ``maxiter`` batches (fewer if the iterable runs out)
-        gives one update. ``tol`` is not used. Any iterable is accepted (jaxopt needs an
-        iterator).
-        """
-        iterator = iter(iterator)
-        try:
-            data = next(iterator)
-        except StopIteration:
-            raise ValueError("run_iterator: the iterator yielded no batch") from None
-        state = self.init_state(init_params, *args, **kwargs, data=data)
-        params = init_params
-        for data in itertools.islice(iterator, self.maxiter):
-            params, state = self.update(params, state, *args, **kwargs, data=data)
-        return OptStep(params=params, state=state)
-
-
-class _Static:
-    """A solver as a static ``jax.jit`` argument, hashed by identity.
-
-    Compiled loops are cached per solver object, and a solver whose fields are not hashable
-    (e.g. a ``fun_min`` given as an array) can still run.
-    """
-
-    __slots__ = ("solver",)
-
-    def __init__(self, solver):
-        self.solver = solver
-
-    def __hash__(self):
-        return id(self.solver)
-
-    def __eq__(self, other):
-        return isinstance(other, _Static) and other.solver is self.solver
-
-
-def _converging(solver: PolyakSGD, step: OptStep):
-    return step.state.error > solver.tol
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _scan_loop(static: _Static, step: OptStep, args: tuple, kwargs: dict) -> OptStep:
-    """``maxiter - 1`` scan steps, each a no-op ``lax.cond`` branch once converged."""
-    solver = static.solver
-
-    def advance(s):
-        return solver.update(s.params, s.state, *args, **kwargs)
-
-    def body(carry, _):
-        s, go_on = carry
-        s = jax.lax.cond(go_on, advance, lambda s: s, s)
-        return (s, _converging(solver, s)), None
-
-    (step, _), _ = jax.lax.scan(body, (step, _converging(solver, step)), None,
-                                length=solver.maxiter - 1)
-    return step
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _while_loop(static: _Static, step: OptStep, args: tuple, kwargs: dict) -> OptStep:
-    """``lax.while_loop`` with early exit (not reverse-differentiable)."""
-    solver = static.solver
-
-    def cond(carry):
-        count, s = carry
-        return jnp.logical_and(_converging(solver, s), count < solver.maxiter - 1)
-
-    def body(carry):
-        count, s = carry
-        return count + 1, solver.update(s.params, s.state, *args, **kwargs)
-
-    return jax.lax.while_loop(cond, body, (0, step))[1]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _implicit_run(static: _Static, init_params, args: tuple, kwargs: dict) -> OptStep:
-    return static.solver._run(init_params, *args, **kwargs)
-
-
-def _implicit_run_fwd(static, init_params, args, kwargs):
-    step = static.solver._run(init_params, *args, **kwargs)
-    return step, (step.params, args, kwargs)
-
-
-def _implicit_run_bwd(static, residuals, cotangent):
-    sol, args, kwargs = residuals
-    d_args, d_kwargs = _implicit_vjp(static, sol, args, kwargs, cotangent.params)
-    return None, d_args, d_kwargs
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _implicit_vjp(static: _Static, sol, args: tuple, kwargs: dict, cotangent):
-    """Implicit function theorem on ``F(x, theta) = grad_x f(x, theta) = 0`` at ``x*``.
-
-    ``dx*/dtheta = -(dF/dx)^{-1} dF/dtheta``, so the VJP of a cotangent ``c`` is
-    ``(dF/dtheta)^T u`` with ``(dF/dx)^T u = -c``. Compiled once per solver and shapes.
-    """
-    solver = static.solver
-    solve = solver.implicit_diff_solve or _solve_normal_cg
-
-    def in_params(x):
-        return solver.optimality_fun(x, *args, **kwargs)
-
-    _, vjp_params = jax.vjp(in_params, sol)
-    u = solve(lambda w: vjp_params(w)[0], _tree_neg(cotangent))
-
-    def in_args(a, kw):
-        return solver.optimality_fun(sol, *a, **kw)
-
-    _, vjp_args = jax.vjp(in_args, args, kwargs)
-    return vjp_args(u)
-
-
-_implicit_run.defvjp(_implicit_run_fwd, _implicit_run_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -682,12 +340,12 @@ def scale_by_polyak(
       An :class:`optax.GradientTransformationExtraArgs` whose ``update(updates, state,
       params=None, *, value)`` needs the loss ``value`` (TypeError without it).
     """
-    _check(_validation.finite, "f_min value", f_min)
-    _check(_validation.nonnegative_finite, "max_learning_rate value", max_learning_rate)
-    _check(_validation.nonnegative, "eps value", eps)
+    check(_validation.finite, "f_min value", f_min)
+    check(_validation.nonnegative_finite, "max_learning_rate value", max_learning_rate)
+    check(_validation.nonnegative, "eps value", eps)
     _validation.choice("variant value", variant, _OPTAX_VARIANTS)
-    _check(_validation.nonnegative_finite, "momentum value", momentum)
-    use_velocity = isinstance(momentum, jax.Array) or not _is_zero(momentum)
+    check(_validation.nonnegative_finite, "momentum value", momentum)
+    use_velocity = isinstance(momentum, jax.Array) or not is_zero(momentum)
 
     def init_fn(params):
         if not use_velocity:
@@ -696,10 +354,12 @@ def scale_by_polyak(
 
     def update_fn(updates, state, params=None, *, value, **extra_args):
         del params, extra_args
-        sq_norm = _tree_sq_norm(updates)
+        sq_norm = tree_sq_norm(updates)
         loss = jnp.asarray(value).astype(sq_norm.dtype)
-        step = _rules.sps_max_stepsize(loss, f_min, sq_norm, eps, max_learning_rate)
-        step = jnp.where(sq_norm + eps <= _OPTAX_TINY, jnp.zeros_like(step), step)
+        # optax's "sps" and "sps+" are both SPS_max here (the rule never ascends).
+        step = _rules.polyak_stepsize(loss, f_min, sq_norm, eps, max_learning_rate,
+                                      _OPTAX_TINY, False)
+        step = _rules.zero_below(step, sq_norm + eps, _OPTAX_TINY)
         leaves, treedef = jax.tree.flatten(updates)
         # The rule descends along -u (``p - gamma * g`` from p = 0 with g = -u); -u is exact.
         if not use_velocity:
@@ -771,7 +431,7 @@ def polyak_sgd(
       <https://arxiv.org/abs/2307.14528>`_, 2023.
     """
     if not callable(scaling):
-        _check(_validation.nonnegative, "scaling value", scaling)
+        check(_validation.nonnegative, "scaling value", scaling)
     return optax.chain(
         scale_by_polyak(f_min=f_min, max_learning_rate=max_learning_rate, eps=eps,
                         variant=variant, momentum=momentum),

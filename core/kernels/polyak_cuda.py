@@ -55,8 +55,7 @@ MAX_BLOCKS = 1024  # the reduction's grid is at most this wide (grid-stride beyo
 VARIANT_CODES = {"SPS_max": 0, "SPS+": 1}
 
 _rules = bind(_polyak, wrap=cuda.jit(device=True))
-_sps_max_stepsize = _rules.sps_max_stepsize
-_sps_plus_stepsize = _rules.sps_plus_stepsize
+_polyak_stepsize = _rules.polyak_stepsize
 _sgd_update = _rules.sgd_update
 _heavy_ball_update = _rules.heavy_ball_update
 
@@ -91,12 +90,8 @@ def _sq_norm_kernel(g, acc):
 def _stepsize_kernel(value, acc, hyper, coef):
     """``coef[0] = stepsize`` (one thread); ``hyper = (variant, fun_min, delta, max_stepsize, tiny)``."""
     if cuda.grid(1) == 0:
-        v = float64(value[0])
-        if hyper[0] == 0:
-            stepsize = _sps_max_stepsize(v, hyper[1], acc[0], hyper[2], hyper[3])
-        else:
-            stepsize = _sps_plus_stepsize(v, hyper[1], acc[0], hyper[4])
-        coef[0] = stepsize
+        coef[0] = _polyak_stepsize(float64(value[0]), hyper[1], acc[0], hyper[2], hyper[3],
+                                   hyper[4], hyper[0] != 0)
 
 
 def _sgd_kernel(p, g, coef):
@@ -123,7 +118,11 @@ def hyper_array(variant: str, fun_min: float, delta: float, max_stepsize: float,
     """The host-side float64 ``hyper`` array of :func:`stepsize_` (copy it to the device).
 
     ``tiny`` (used by ``"SPS+"``) is the machine epsilon of the parameters' ``dtype``.
+
+    Raises:
+      ValueError: an unknown ``variant``.
     """
+    _polyak.is_plus(variant)  # validates the name
     return np.array([VARIANT_CODES[variant], fun_min, delta, max_stepsize,
                      np.finfo(dtype).eps], dtype=np.float64)
 

@@ -8,6 +8,7 @@ With objective value :math:`f(x_k)`, an estimate :math:`f^*` of its minimum (``f
 * ``"SPS+"`` (Garrigos et al., 2023): :math:`\gamma = \max\left(\frac{f(x_k) - f^*}{s}, 0\right)`,
   uncapped, and 0 when :math:`s` is at most the machine epsilon of the parameters' dtype.
 
+:func:`polyak_stepsize` makes the choice between the two (the one place any backend does).
 Then :math:`x_{k+1} = x_k - \gamma \nabla f(x_k)`, or with heavy-ball momentum :math:`\mu`:
 :math:`v_{k+1} = \mu v_k - \gamma \nabla f(x_k)`, :math:`x_{k+1} = x_k + v_{k+1}`.
 
@@ -40,6 +41,8 @@ RULES = (
     "maximum",
     "sps_max_stepsize",
     "sps_plus_stepsize",
+    "polyak_stepsize",
+    "zero_below",
     "sgd_update",
     "heavy_ball_update",
 )
@@ -65,6 +68,38 @@ def sps_plus_stepsize(value, fun_min, sq_norm, tiny):
     big_enough = sq_norm > tiny
     ratio = gap / where(big_enough, sq_norm, sq_norm + 1)
     return where(big_enough, maximum(ratio, gap * 0), gap * 0)
+
+
+def polyak_stepsize(value, fun_min, sq_norm, delta, max_stepsize, tiny, is_plus):
+    """The variant choice: ``"SPS+"`` when ``is_plus``, else ``"SPS_max"``.
+
+    The one place every backend picks the variant (NumPy, torch, JAX, the CUDA step-size
+    kernel). ``is_plus`` is a bool (from :func:`is_plus`), or a traced/device flag: the choice is
+    a ``where``, so both step sizes are computed (each is finite for every input) and it traces
+    in JAX. ``delta`` and ``max_stepsize`` are used by ``"SPS_max"`` only, ``tiny`` (the zero
+    guard, the machine epsilon of the parameters' dtype) by ``"SPS+"`` only.
+    """
+    return where(is_plus, sps_plus_stepsize(value, fun_min, sq_norm, tiny),
+                 sps_max_stepsize(value, fun_min, sq_norm, delta, max_stepsize))
+
+
+def zero_below(stepsize, denominator, tiny):
+    """``stepsize``, or 0 where ``0 <= denominator <= tiny`` (optax's guard on ``||u||^2 + eps``).
+
+    The zero is ``denominator * 0``: exactly 0 even where ``stepsize`` is NaN (a NaN loss).
+    """
+    return where(denominator <= tiny, denominator * 0, stepsize)
+
+
+def is_plus(variant: str) -> bool:
+    """The ``is_plus`` flag of :func:`polyak_stepsize` for a variant name of :data:`VARIANTS`.
+
+    Raises:
+      ValueError: an unknown variant (``Invalid variant value: 'x'``).
+    """
+    if not isinstance(variant, str) or variant not in VARIANTS:
+        raise ValueError(f"Invalid variant value: {variant!r} (expected one of {', '.join(map(repr, VARIANTS))})")
+    return variant == "SPS+"
 
 
 def sgd_update(p, g, stepsize):

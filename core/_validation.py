@@ -231,8 +231,11 @@ def check_qhadam(lr, betas, nus, weight_decay=0.0, eps=1e-8, decouple_weight_dec
 # ----------------------------------------------------------------------------------------------
 # Polyak SGD
 # ----------------------------------------------------------------------------------------------
-def check_polyak(fun_min, variant, max_stepsize, delta, momentum, *, has_aux=None,
-                 maxiter=None, tol=None, verbose=None) -> None:
+_UNSET = object()  # an optional check that was not asked for
+
+
+def check_polyak(fun_min, variant, max_stepsize, delta, momentum, *, has_aux=_UNSET,
+                 maxiter=_UNSET, tol=_UNSET, verbose=_UNSET) -> None:
     """Polyak SGD's checks, for every backend.
 
     ``fun_min`` must be finite; ``max_stepsize``, ``delta`` and ``momentum`` finite and
@@ -246,13 +249,13 @@ def check_polyak(fun_min, variant, max_stepsize, delta, momentum, *, has_aux=Non
     nonnegative_finite("max_stepsize value", max_stepsize)
     nonnegative_finite("delta value", delta)
     nonnegative_finite("momentum value", momentum)
-    if has_aux is not None:
+    if has_aux is not _UNSET:
         boolean("has_aux value", has_aux)
-    if maxiter is not None:
+    if maxiter is not _UNSET:
         integer("maxiter value", maxiter)
-    if tol is not None:
+    if tol is not _UNSET:
         nonnegative("tol value", tol)
-    if verbose is not None and not isinstance(verbose, (bool, np.bool_, numbers.Integral)):
+    if verbose is not _UNSET and not isinstance(verbose, (bool, np.bool_, numbers.Integral)):
         raise TypeError(f"Invalid verbose value: {verbose!r} (expected a bool or an integer)")
 
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import numpy as np
 
 from . import _jit
-from ._validation import check_polyak, nonnegative
+from ._validation import check_polyak
 from .kernels import polyak_cpu
 from .kernels._pointers import addresses
 from .rules import polyak as _rules
@@ -306,19 +306,10 @@ class PolyakSGD:
                     "Invalid value_and_grad value: False (NumPy cannot differentiate fun: make "
                     "fun return (value, grad) with value_and_grad=True, or pass a callable "
                     "value_and_grad)")
-        if not isinstance(self.has_aux, (bool, np.bool_)):
-            raise TypeError(f"Invalid has_aux value: {self.has_aux!r} (expected True or False)")
         if self.pre_update is not None and not callable(self.pre_update):
             raise TypeError(f"Invalid pre_update value: {self.pre_update!r} (expected a callable or None)")
-        check_polyak(self.fun_min, self.variant, self.max_stepsize, self.delta, self.momentum)
-        maxiter = self.maxiter
-        if isinstance(maxiter, (bool, np.bool_)) or not isinstance(maxiter, (int, np.integer)):
-            raise TypeError(f"Invalid maxiter value: {maxiter!r} (expected a non-negative integer)")
-        if maxiter < 0:
-            raise ValueError(f"Invalid maxiter value: {maxiter}")
-        nonnegative("tol value", self.tol)
-        if not isinstance(self.verbose, (bool, int, np.integer)):
-            raise TypeError(f"Invalid verbose value: {self.verbose!r} (expected a bool or an int)")
+        check_polyak(self.fun_min, self.variant, self.max_stepsize, self.delta, self.momentum,
+                     has_aux=self.has_aux, maxiter=self.maxiter, tol=self.tol, verbose=self.verbose)
 
     # -- jaxopt's bookkeeping ------------------------------------------------------------------
     def attribute_names(self) -> tuple:

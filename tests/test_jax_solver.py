@@ -16,7 +16,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
+import jax
 import jax.numpy as jnp  # noqa: E402
 
 from uniopt.adapters.jax import OptStep as PublicOptStep  # noqa: E402

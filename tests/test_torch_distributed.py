@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 import uniopt.adapters.torch._dispatch as dispatch  # noqa: E402
 from uniopt.adapters.torch import QHM, PolyakSGD, QHAdam, QHAdamW  # noqa: E402

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 import uniopt  # noqa: E402
 from uniopt.adapters.torch import QHM, PolyakSGD, QHAdam, QHAdamW  # noqa: E402

@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 from test_torch_ialm import GROUPS, Logistic, _make  # noqa: E402
 

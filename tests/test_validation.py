@@ -22,8 +22,8 @@ import torch
 import uniopt
 from uniopt.adapters import torch as uniopt_torch
 
-jax = pytest.importorskip("jax")
-optax = pytest.importorskip("optax")
+import jax
+import optax
 from uniopt.adapters import jax as uniopt_jax  # noqa: E402
 
 NAN, INF = math.nan, math.inf

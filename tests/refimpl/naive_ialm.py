@@ -1,6 +1,7 @@
 """A deliberately plain iALM dual step in NumPy, written from the issue's semantics.
 
-It shares no code with uniopt: loops over Python floats, ``math.fsum`` for the norm, explicit
+It shares no code with uniopt: loops over Python floats, ``math.hypot`` for the norm (exact
+to an ulp and overflow-safe), ``math.fsum`` for the Lagrangian's sums, explicit
 branches for every convention (ctol, zero direction, inequality bounds, penalty=None).
 """
 
@@ -43,15 +44,21 @@ class NaiveIALM:
         return x
 
     def update(self, c):
+        """One dual step; constraint values that are not finite raise ValueError naming the
+        group before anything changes."""
         rhos = [g["beta"] if self.penalty is None else self.penalty for g in self.groups]
-        for g, ck in zip(self.groups, self._split(c)):
+        parts = self._split(c)
+        for k, ck in enumerate(parts):
+            if not all(math.isfinite(x) for x in ck):
+                raise ValueError(f"group{k}: not finite")
+        for g, ck in zip(self.groups, parts):
             ck = [self._filter(x, g["is_ineq"]) for x in ck]
             if g["momentum"] != 0:
                 g["buf"] = [g["momentum"] * b + (1 - g["dampening"]) * x for b, x in zip(g["buf"], ck)]
                 d = list(g["buf"])
             else:
                 d = ck
-            norm = math.sqrt(math.fsum(x * x for x in d))
+            norm = math.hypot(*d)  # correctly scaled: no overflow or underflow of the squares
             step = 0.0 if norm == 0 else min(g["beta"], g["gamma"] / norm)
             g["duals"] = [min(max(lam + step * x, g["lo"]), g["hi"]) for lam, x in zip(g["duals"], d)]
         for g in self.groups:

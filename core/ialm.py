@@ -189,13 +189,12 @@ class DualGroups:
 
         Uses the backend's ``_all_finite(c)`` (the default checks nothing). A backend whose
         ``_dual_step_`` itself changes nothing for a non-finite direction and says so (a NaN
-        step: the CPU kernel without momentum) sets ``_kernel_checks_finite``; then the first
-        group to be updated is left to its kernel when it has no momentum and its dtype is
-        settled (the common single-group case pays no extra pass over the constraints).
+        step: the NumPy face's CPU kernel) sets ``_kernel_checks_finite``; then the first
+        group to be updated is left to its kernel when its dtype is settled, so the common
+        single-group case pays no extra pass over the constraints (the groups after the
+        first are checked here: the first one must not change when a later one fails).
         """
-        first = self.param_groups[0]
-        skip_first = (self._kernel_checks_finite and first["momentum"] == 0
-                      and first["dtype_fixed"])
+        skip_first = self._kernel_checks_finite and self.param_groups[0]["dtype_fixed"]
         for k, (group, c) in enumerate(zip(self.param_groups, parts)):
             if k == 0 and skip_first:
                 continue
@@ -203,7 +202,7 @@ class DualGroups:
                 raise nonfinite_constraints_error(group["name"])
 
     #: whether ``_dual_step_`` changes nothing and returns a NaN step for a non-finite
-    #: direction of a group without momentum (see :meth:`_check_finite`)
+    #: direction (see :meth:`_check_finite`)
     _kernel_checks_finite = False
 
     def _all_finite(self, c) -> bool:
@@ -241,7 +240,11 @@ class DualGroups:
                 out = self._dual_step_(group, c)
                 norm = out[2] if len(out) > 2 else math.sqrt(out[0])
                 if not math.isfinite(out[1]):  # a kernel met a direction that is not finite
-                    raise nonfinite_constraints_error(group["name"])
+                    if not self._all_finite(c):
+                        raise nonfinite_constraints_error(group["name"])
+                    raise ValueError(f"constraints: the direction of group {group['name']!r} "
+                                     f"is not finite (its momentum buffer overflowed); that "
+                                     f"group was not updated")
                 last.append({"direction_norm": norm, "stepsize": out[1], "rho": rho})
             for group in self.param_groups:
                 group["beta"] *= group["sigma"]
@@ -291,7 +294,7 @@ class DualGroups:
             new.append({"name": g["name"], **settings, "duals": duals, "momentum_buffer": buffer,
                         "dtype_fixed": bool(g.get("dtype_fixed", True))})
         self.penalty, self.ctol, self.param_groups = penalty, ctol, new
-        for cache in ("_kernel_cache", "_views"):  # per-group caches of the backends
+        for cache in ("_kernel_cache", "_views", "_spare"):  # per-group caches of the backends
             self.__dict__.pop(cache, None)
 
     def __repr__(self) -> str:
@@ -377,6 +380,17 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
     After each update, ``last_step`` holds one dict per group: ``{"direction_norm",
     "stepsize", "rho"}`` (``rho``: the quadratic coefficient of that update's Lagrangian).
 
+    The norm :math:`\|d_k\|` is overflow-safe (scaled as BLAS ``nrm2`` where
+    :math:`\sum d_i^2` would over- or underflow): finite constraint values, however huge or
+    tiny, give a finite step (``update([1e200, 1e200])``: :math:`\lambda = \gamma/\sqrt 2`).
+
+    Raises:
+      ValueError: at ``update`` / ``forward_update``, constraint values that are not finite
+        (inf, NaN; checked in the multipliers' dtype), naming the group
+        (``"constraints: the values of group 'group0' are not finite ..."``), before anything
+        changes: multipliers, buffers, ``beta``, ``last_step`` stay as they were. Also
+        constraint values whose structure or sizes do not match the groups.
+
     Example:
       >>> import numpy as np, uniopt
       >>> dual = uniopt.iALM(m=1, beta=1.0, is_ineq=True)
@@ -444,7 +458,23 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
         return np.array(x, copy=True)
 
     def _dual_step_(self, group, c):
-        return self._kernel_step_(group, group["duals"], group["momentum_buffer"], c)
+        """:func:`uniopt.kernels.ialm_cpu.ialm_dual_step_into_`: with momentum, the new buffer
+        goes to a spare array that becomes ``group["momentum_buffer"]`` once the step is known
+        to be finite (the old one is the next spare): a failing step changes nothing, with no
+        extra pass over memory."""
+        duals, buffer = group["duals"], group["momentum_buffer"]
+        coef, hyper, flags = self._kernel_args(group, duals.dtype)
+        if group["momentum"] == 0:
+            out = ialm_cpu.ialm_dual_step_(duals, buffer, c, coef, hyper, flags)
+        else:
+            spares = self.__dict__.setdefault("_spare", {})
+            spare = spares.get(id(group))
+            if spare is None or spare is buffer or spare.dtype != buffer.dtype or spare.shape != buffer.shape:
+                spare = np.empty_like(buffer)
+            out = ialm_cpu.ialm_dual_step_into_(duals, buffer, spare, c, coef, hyper, flags)
+            if out[1] == out[1]:  # not NaN: the step happened
+                group["momentum_buffer"], spares[id(group)] = spare, buffer
+        return float(out[0]), float(out[1]), float(out[2])
 
     _kernel_checks_finite = True
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import tolerance
-from refimpl.naive_ialm import NaiveIALM
+from refimpl.naive_ialm import EXTREME64, NaiveIALM, closed_form_step
 
 import uniopt
 from uniopt.kernels import ialm_cpu
@@ -302,36 +302,6 @@ def test_failing_step_changes_nothing(bad):
 # ------------------------------------------------------------------------------------------------
 # Huge, tiny and non-finite constraint values (issue 8)
 # ------------------------------------------------------------------------------------------------
-def closed_form_step(c, beta, gamma, keep=1.0, lo=-math.inf, hi=math.inf):
-    """The multipliers after one step from zero duals and a zero buffer, derived by hand.
-
-    d = keep * c (keep = 1 - dampening, or 1 without momentum); ||d|| = s * hypot(d / s) with
-    s = max |d| (no overflow, no underflow); the step is min(beta, gamma / ||d||), so
-    step * d_i = beta * d_i, or gamma * (d_i / s) / hypot(d / s) when gamma / ||d|| < beta
-    (written so that nothing overflows even when ||d|| exceeds the float64 range).
-    """
-    d = [keep * float(x) for x in c]
-    s = max(abs(x) for x in d)
-    if s == 0:
-        return np.clip(np.zeros(len(d)), lo, hi)
-    unit = math.hypot(*(x / s for x in d))  # ||d|| / s, in [1, sqrt(n)]
-    if gamma / s / unit < beta:
-        out = [gamma * (x / s) / unit for x in d]
-    else:
-        out = [beta * x for x in d]
-    return np.clip(np.array(out), lo, hi)
-
-
-EXTREME64 = {
-    "huge": ([1e200, 1e200], 1.0),
-    "tiny": ([1e-200, 1e-200], 1e-210),  # gamma / ||d|| < beta: the norm's value matters
-    "mixed": ([1e200, -3e199, 1e-200, 0.0], 1.0),
-    "subnormal-squares": ([3e-160, -4e-160], 1e-170),
-    "norm-beyond-float64": ([1.5e308, -1.5e308], 1.0),
-    "plain": ([3.0, -4.0], 1.0),
-}
-
-
 @pytest.mark.parametrize("case", EXTREME64)
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_huge_and_tiny_float64_constraints_give_the_closed_form(case, momentum):
@@ -437,6 +407,7 @@ def test_non_finite_constraints_raise_naming_the_group_and_change_nothing(bad, w
     assert np.all(np.isfinite(opt.duals))
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_float64_values_beyond_float32_raise_for_float32_multipliers():
     opt = uniopt.iALM(init_duals=np.zeros(2, np.float32))
     opt.update(np.array([1.0, 2.0], np.float32))
@@ -446,6 +417,27 @@ def test_float64_values_beyond_float32_raise_for_float32_multipliers():
     _assert_same_state(before, _snapshot(opt))
     opt.update(np.array([1e30, 1.0]))  # finite in float32
     assert np.all(np.isfinite(opt.duals))
+
+
+@pytest.mark.parametrize("ctol", [0.0, 0.3])
+def test_kernel_into_a_new_buffer_is_the_in_place_kernel(dtype, ctol):
+    rng = np.random.default_rng(2)
+    n = 3000
+    dual, buffer, c = (rng.standard_normal(n).astype(dtype) for _ in range(3))
+    coef = ialm_cpu.coefficients(dtype, 0.9, 0.2, -0.5, 0.5, ctol)
+    hyper, flags = np.array([0.7, 0.3]), np.array([1, 0], np.int64)
+    d1, b1 = dual.copy(), buffer.copy()
+    out1 = ialm_cpu.ialm_dual_step_(d1, b1, c, coef.copy(), hyper, flags)
+    d2, b2, new = dual.copy(), buffer.copy(), np.full(n, np.nan, dtype)
+    out2 = ialm_cpu.ialm_dual_step_into_(d2, b2, new, c, coef.copy(), hyper, flags)
+    assert out1 == out2
+    assert d1.tobytes() == d2.tobytes() and b1.tobytes() == new.tobytes()
+    assert b2.tobytes() == buffer.tobytes()  # only read
+    c[n // 2] = np.inf
+    d3, b3, new = dual.copy(), buffer.copy(), np.zeros(n, dtype)
+    out3 = ialm_cpu.ialm_dual_step_into_(d3, b3, new, c, coef.copy(), hyper, flags)
+    assert all(math.isnan(x) for x in out3)
+    assert d3.tobytes() == dual.tobytes() and b3.tobytes() == buffer.tobytes()
 
 
 def test_kernel_leaves_the_multipliers_of_a_non_finite_direction():
@@ -465,12 +457,16 @@ def test_kernel_leaves_the_multipliers_of_a_non_finite_direction():
 def test_norm_scale_is_a_power_of_two_at_most_the_maximum():
     from uniopt.rules import ialm as rules
 
-    values = [5e-324, 1e-310, 2.2250738585072014e-308, 1e-200, 0.75, 1.0, 1.5, 3.0, 1e200,
-              1.7976931348623157e308]
-    for amax in values:
+    for amax in [4.5e-308, 1e-200, 0.75, 1.0, 1.5, 3.0, 1e200, 4e307]:
         s = rules.norm_scale(amax)
         mantissa, _ = math.frexp(s)
         assert mantissa == 0.5 and 0 < s <= amax < 2 * s, amax  # a power of two, amax/s in [1, 2)
+    # beyond: clipped so that s and 1/s stay normal (1/s: no overflow, no subnormal)
+    for amax in [5e-324, 1e-310, 2.2250738585072014e-308]:
+        assert rules.norm_scale(amax) == 2.0 ** -1021
+    for amax in [9e307, 1.7976931348623157e308]:
+        assert rules.norm_scale(amax) == 2.0 ** 1021 and amax / 2.0 ** 1021 < 8
+    assert rules.norm_scale(3e38, -125, 125) == 2.0 ** 125  # float32's range
     assert rules.norm_scale(0.0) == 0.5
 
 

@@ -20,6 +20,8 @@ from cuda_ptx import compile_ptx_script
 
 cuda = pytest.importorskip("numba.cuda")
 
+from refimpl.naive_ialm import EXTREME64, closed_form_step  # noqa: E402
+
 from uniopt.kernels import ialm_cpu  # noqa: E402
 
 
@@ -175,6 +177,54 @@ def test_device_resident_coefficients(dtype):
     assert coef_dev.copy_to_host()[5] == coef_cpu[5]
     np.testing.assert_allclose(_host(d_dev), d_cpu, **tolerance(dtype))
     np.testing.assert_allclose(_host(b_dev), b_cpu, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("case", EXTREME64)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_huge_and_tiny_float64_constraints_give_the_closed_form(case, momentum):
+    """The scaled fallback on the device: the closed form, and the CPU kernel's numbers."""
+    from uniopt.kernels import ialm_cuda
+
+    c, gamma = EXTREME64[case]
+    c = np.array(c)
+    coef = ialm_cpu.coefficients(np.float64, momentum, 0.0, -np.inf, np.inf, 0.0)
+    hyper, flags = np.array([1.0, gamma]), np.array([momentum != 0, 0], np.int64)
+    d_dev, b_dev = _device(np.zeros(c.size)), _device(np.zeros(c.size))
+    out = _host(ialm_cuda.dual_step_(d_dev, b_dev, _device(c), coef.copy(), hyper, flags))
+    dual = _host(d_dev)
+    np.testing.assert_allclose(dual, closed_form_step(c.tolist(), 1.0, gamma), rtol=1e-14, atol=0)
+    d_cpu = np.zeros(c.size)
+    sq, step, norm = ialm_cpu.ialm_dual_step_(d_cpu, np.zeros(c.size), c, coef.copy(), hyper, flags)
+    np.testing.assert_allclose(dual, d_cpu, rtol=1e-15, atol=0)
+    assert out[1] == pytest.approx(step, rel=1e-15) and out[2] == pytest.approx(norm, rel=1e-15)
+    if momentum:
+        np.testing.assert_array_equal(_host(b_dev), c)
+
+
+def test_huge_and_tiny_float32_constraints_on_the_device():
+    from uniopt.kernels import ialm_cuda
+
+    c = np.array([3e38, 1e-40, -2e38], np.float32)
+    coef = ialm_cpu.coefficients(np.float32, 0.0, 0.0, -np.inf, np.inf, 0.0)
+    d_dev = _device(np.zeros(3, np.float32))
+    ialm_cuda.dual_step_(d_dev, _device(np.zeros(3, np.float32)), _device(c), coef,
+                         np.array([1.0, 1.0]), np.array([0, 0]))
+    expected = closed_form_step(c.astype(np.float64).tolist(), 1.0, 1.0).astype(np.float32)
+    np.testing.assert_allclose(_host(d_dev), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_direction_leaves_the_multipliers(dtype, bad):
+    from uniopt.kernels import ialm_cuda
+
+    c = np.array([1.0, bad, 2.0], dtype)
+    dual = np.array([0.5, -0.5, 1.0], dtype)
+    d_dev = _device(dual.copy())
+    coef = ialm_cpu.coefficients(dtype, 0.0, 0.0, -np.inf, np.inf, 0.0)
+    out = _host(ialm_cuda.dual_step_(d_dev, _device(np.zeros(3, dtype)), _device(c), coef,
+                                     np.array([1.0, 1.0]), np.array([0, 0])))
+    assert np.all(np.isnan(out[:3])) and out[5] == 1
+    np.testing.assert_array_equal(_host(d_dev), dual)
 
 
 _PTX_BODY = """

@@ -211,6 +211,13 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
       the constraints' float dtype (or the ``init_duals`` array's), zero buffers, ``beta``.
     * ``update(constraints, state) -> IALMState``: the dual step above (``state.count + 1``).
       It is differentiable in ``constraints`` (for unrolling), finitely so at a zero direction.
+      The norm :math:`\|d_k\|` is overflow-safe (scaled by a power of two near
+      :math:`\max|d_i|`, as BLAS ``nrm2``; the same bits as the plain norm wherever that one
+      neither overflows nor underflows). A step whose constraint values are not all finite
+      (in any group) is skipped as a whole, as :func:`optax.apply_if_finite` does: every
+      multiplier, buffer, ``beta`` and ``stepsize`` stays, ``count`` too, and
+      ``notfinite_count`` / ``total_notfinite`` count it (``last_finite`` is False); traced,
+      so it works under ``jit`` and ``vmap`` (each problem of a batch decides for itself).
     * ``lagrangian(loss, constraints, state) -> L`` at the state's multipliers and ``beta``
       (the state is a constant: ``stop_gradient``), differentiable in ``loss`` and
       ``constraints``: :math:`\nabla_\theta L = \nabla f + J_c^\top(\lambda + \rho\,\tilde c)`.
@@ -376,10 +383,17 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
             # the norm scaled by a power of two near max |d| (as BLAS nrm2): no overflow or
             # underflow, and bit for bit the plain sqrt(sum d**2) wherever that has neither
             amax = jax.lax.stop_gradient(jnp.max(jnp.abs(d), initial=0))
-            scale = _rules.norm_scale(amax)
-            step = _rules.scaled_dual_stepsize(beta_k, g.gamma, scale,
-                                               jnp.sum(jnp.square(d / scale)))
-            duals.append(_rules.dual_update(lam, d, step, g.lower, g.upper))
+            info = jnp.finfo(d.dtype)  # s and 1/s normal numbers of the dtype
+            scale = _rules.norm_scale(amax, info.minexp + 1, info.maxexp - 3)
+            unit = d / scale  # exact
+            sq_scaled = jnp.sum(jnp.square(unit))
+            step = _rules.scaled_dual_stepsize(beta_k, g.gamma, scale, sq_scaled)
+            # the update as (s * scale) * (d / scale) = s * d, bit for bit where s is a normal
+            # number, and not lost where s is subnormal (XLA flushes those to zero);
+            # s * scale = min(beta * scale, gamma / sqrt(sq_scaled)) is the same rule
+            unit_step = _rules.scaled_dual_stepsize(beta_k * scale, g.gamma,
+                                                    jnp.ones_like(scale), sq_scaled)
+            duals.append(_rules.dual_update(lam, unit, unit_step, g.lower, g.upper))
             buffers.append(buf)
             steps.append(step)
             betas.append(beta_k * g.sigma)

@@ -143,7 +143,7 @@ def _scaled_kernel(c, buffer, coef, flags, out):
         return
     partial = cuda.shared.array(THREADS_PER_BLOCK, float64)
     tid = cuda.threadIdx.x
-    scale = _norm_scale(out[3])
+    scale = _norm_scale(out[3], -1021, 1021)
     use_momentum, is_ineq, ctol = flags[0] != 0, flags[1] != 0, coef[4]
     s = float64(0)
     i = cuda.grid(1)
@@ -181,7 +181,7 @@ def _stepsize_kernel(out, hyper, coef):
             norm = np.nan
             out[0] = np.nan
         else:
-            scale = _norm_scale(out[3])
+            scale = _norm_scale(out[3], -1021, 1021)
             stepsize = _scaled_dual_stepsize(hyper[0], hyper[1], scale, out[4])
             norm = scale * math.sqrt(out[4])
             out[0] = norm * norm

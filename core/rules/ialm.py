@@ -99,16 +99,20 @@ def dual_stepsize(beta, gamma, sq_norm):
     return where(positive, minimum(beta, gamma / norm), sq_norm * 0)
 
 
-def norm_scale(amax):
-    r"""The power of two :math:`s` with ``amax / s`` in [1, 2) (0.5 for ``amax == 0``).
+def norm_scale(amax, lowest=-1021, highest=1021):
+    r"""A power of two :math:`s = 2^k` to divide a direction by before squaring (as BLAS nrm2).
 
-    Dividing by it, and multiplying by it, is exact (short of underflow), so a norm taken as
-    :math:`s\sqrt{\sum (d_i/s)^2}` equals the plain :math:`\sqrt{\sum d_i^2}` bit for bit
-    wherever the plain one neither overflows nor underflows; and :math:`s \le` ``amax`` is
-    finite for every finite ``amax = max |d_i| >= 0``.
+    :math:`k = \operatorname{clip}(e - 1, lowest, highest)` for ``amax`` = :math:`m 2^e`,
+    :math:`m \in [0.5, 1)` (``frexp``): ``amax / s`` is in [1, 2) within the clip (and
+    :math:`s` = 0.5 for ``amax == 0``). The clip keeps both :math:`s` and :math:`1/s` normal
+    numbers of the dtype (defaults: float64; float32 takes (-125, 125)), so dividing by
+    :math:`s` is exact even where a compiler turns it into a product with :math:`1/s` or
+    flushes subnormals, and a norm taken as :math:`s\sqrt{\sum (d_i/s)^2}` equals the plain
+    :math:`\sqrt{\sum d_i^2}` bit for bit wherever the plain one neither overflows nor
+    underflows. ``amax = max |d_i| >= 0``, finite.
     """
     _, exponent = frexp(amax)
-    return ldexp(amax * 0 + 1, exponent - 1)
+    return ldexp(amax * 0 + 1, minimum(maximum(exponent - 1, lowest), highest))
 
 
 def scaled_dual_stepsize(beta, gamma, scale, sq_scaled):

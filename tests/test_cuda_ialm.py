@@ -179,6 +179,7 @@ def test_device_resident_coefficients(dtype):
     np.testing.assert_allclose(_host(b_dev), b_cpu, **tolerance(dtype))
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the simulator's plain sum
 @pytest.mark.parametrize("case", EXTREME64)
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_huge_and_tiny_float64_constraints_give_the_closed_form(case, momentum):

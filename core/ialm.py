@@ -195,6 +195,8 @@ class DualGroups:
         first are checked here: the first one must not change when a later one fails).
         """
         skip_first = self._kernel_checks_finite and self.param_groups[0]["dtype_fixed"]
+        if skip_first and len(parts) == 1:  # the common case: nothing to do here
+            return
         for k, (group, c) in enumerate(zip(self.param_groups, parts)):
             if k == 0 and skip_first:
                 continue

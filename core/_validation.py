@@ -45,6 +45,13 @@ __all__ = [
     "check_polyak",
     "check_minimize",
     "WEIGHT_DECAY_TYPES",
+    "check_ialm_size",
+    "check_ialm_dual_range",
+    "check_ialm_group",
+    "check_ialm_group_name",
+    "check_ialm_init_array",
+    "check_penalty",
+    "nonfinite_constraints_error",
 ]
 
 WEIGHT_DECAY_TYPES = ("grad", "direct")
@@ -265,3 +272,89 @@ def check_polyak(fun_min, variant, max_stepsize, delta, momentum, *, has_aux=_UN
 def check_minimize(maxiter, gtol) -> tuple:
     """``maxiter`` an integer >= 0, ``gtol`` >= 0 (``inf`` stops at once); returns them."""
     return integer("maxiter value", maxiter), nonnegative("gtol value", gtol)
+
+
+# ----------------------------------------------------------------------------------------------
+# iALM (uniopt.ialm and its torch / JAX faces)
+# ----------------------------------------------------------------------------------------------
+def check_ialm_size(m: Any) -> int | None:
+    """A group's number of multipliers ``m``: ``None`` or a positive integer (not a bool)."""
+    if m is None:
+        return None
+    if isinstance(m, bool) or not isinstance(m, numbers.Integral):
+        raise TypeError(f"Invalid m: {m!r} (expected a positive integer)")
+    if m < 1:
+        raise ValueError(f"Invalid m: {m}")
+    return int(m)
+
+
+def check_ialm_dual_range(value: Any) -> tuple:
+    """``dual_range`` as floats ``(lo, hi)``, ``None`` entries meaning unbounded (``-inf`` /
+    ``inf``); ``lo <= hi``, no NaN, no empty range at infinity."""
+    items = pair("dual_range", value)
+    lo = -math.inf if items[0] is None else real("dual_range", items[0])
+    hi = math.inf if items[1] is None else real("dual_range", items[1])
+    if math.isnan(lo) or math.isnan(hi) or lo > hi or lo == math.inf or hi == -math.inf:
+        raise ValueError(f"Invalid dual_range: {value!r}")
+    return lo, hi
+
+
+def check_ialm_group(*, beta, sigma, gamma, momentum, dampening, dual_range, is_ineq) -> dict:
+    """Validate one iALM constraint group's hyper-parameters; return them as floats and bounds.
+
+    ``beta`` and ``gamma`` finite and >= 0, ``sigma`` finite and > 0, ``momentum`` and
+    ``dampening`` in [0, 1], ``dual_range`` a pair ``(low, high)`` (``None``: unbounded) with
+    ``low <= high``, ``is_ineq`` a bool (``TypeError`` otherwise, also for 0 / 1). Inequality
+    groups are bounded below by ``max(low, 0)``.
+
+    Returns:
+      ``{"beta", "sigma", "gamma", "momentum", "dampening", "dual_range": (lo, hi), "is_ineq",
+      "lower_bound", "upper_bound"}``.
+    """
+    out = {
+        "beta": nonnegative_finite("beta value", beta),
+        "sigma": nonnegative_finite("sigma value", sigma),
+        "gamma": nonnegative_finite("gamma value", gamma),
+        "momentum": unit_interval("momentum value", momentum, closed=True),
+        "dampening": unit_interval("dampening value", dampening, closed=True),
+    }
+    if out["sigma"] == 0:
+        raise ValueError(f"Invalid sigma value: {sigma}")
+    boolean("is_ineq", is_ineq)
+    lo, hi = check_ialm_dual_range(dual_range)
+    out["dual_range"] = (lo, hi)
+    out["is_ineq"] = bool(is_ineq)
+    out["lower_bound"] = max(lo, 0.0) if is_ineq else lo
+    out["upper_bound"] = hi
+    if out["lower_bound"] > hi:
+        raise ValueError(f"Invalid dual_range: {dual_range!r} (an inequality group's multipliers "
+                         f"are >= 0, above the upper bound)")
+    return out
+
+
+def check_ialm_group_name(name: Any, existing: Any) -> str:
+    """A new group's ``name``: a str not among ``existing`` (the names of the other groups)."""
+    if not isinstance(name, str):
+        raise TypeError(f"Invalid name: {name!r} (expected a str)")
+    if name in existing:
+        raise ValueError(f"Invalid name: {name!r} (a group of that name exists)")
+    return name
+
+
+def check_ialm_init_array(dtype: Any, ndim: int, shape: Any) -> None:
+    """``init_duals`` given as an array: 1-D float32 or float64 (``dtype`` a NumPy dtype)."""
+    if str(dtype) not in ("float32", "float64") or ndim != 1:
+        raise TypeError(f"Invalid init_duals: expected a number or a 1-D float32/float64 "
+                        f"array, got {dtype} of shape {tuple(shape)}")
+
+
+def check_penalty(penalty: Any) -> float | None:
+    """iALM's ``penalty``: ``None`` (each group's ``beta``) or a finite number >= 0."""
+    return None if penalty is None else nonnegative_finite("penalty value", penalty)
+
+
+def nonfinite_constraints_error(name: Any) -> ValueError:
+    """The error of an iALM step given non-finite constraint values in group ``name`` (raised
+    by the torch and NumPy faces before anything changes)."""
+    return ValueError(f"constraints: the values of group {name!r} are not finite (inf or NaN); "
+                      f"nothing was updated")

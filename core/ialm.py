@@ -27,75 +27,28 @@ from typing import Any
 
 import numpy as np
 
-from ._validation import nonnegative_finite, pair, real, unit_interval
+from ._validation import (
+    check_ialm_group,
+    check_ialm_group_name,
+    check_ialm_init_array,
+    check_ialm_size,
+    check_penalty,
+    nonfinite_constraints_error,
+    nonnegative_finite,
+    real,
+)
 from .kernels import ialm_cpu
+from .kernels._reduce import all_finite
 from .rules import bind
 from .rules import ialm as _rules
 
-__all__ = ["iALM", "DualGroups", "check_ialm_group"]
+__all__ = ["iALM", "DualGroups", "check_ialm_group", "check_penalty", "filtered", "penalty_part"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 #: The settings of a group kept in its dict (besides ``duals`` and ``momentum_buffer``).
 GROUP_KEYS = ("name", "beta", "sigma", "gamma", "momentum", "dampening", "dual_range",
               "lower_bound", "upper_bound", "is_ineq")
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation (shared by every backend)
-# ----------------------------------------------------------------------------------------------
-def _size(m) -> int | None:
-    if m is None:
-        return None
-    if isinstance(m, bool) or not isinstance(m, numbers.Integral):
-        raise TypeError(f"Invalid m: {m!r} (expected a positive integer)")
-    if m < 1:
-        raise ValueError(f"Invalid m: {m}")
-    return int(m)
-
-
-def _dual_range(value) -> tuple:
-    """``(lo, hi)`` with ``None`` meaning unbounded, as floats (``-inf`` / ``inf``)."""
-    items = pair("dual_range", value)
-    lo = -math.inf if items[0] is None else real("dual_range", items[0])
-    hi = math.inf if items[1] is None else real("dual_range", items[1])
-    if math.isnan(lo) or math.isnan(hi) or lo > hi or lo == math.inf or hi == -math.inf:
-        raise ValueError(f"Invalid dual_range: {value!r}")
-    return lo, hi
-
-
-def check_ialm_group(*, beta, sigma, gamma, momentum, dampening, dual_range, is_ineq) -> dict:
-    """Validate one constraint group's hyper-parameters; return them as floats and bounds.
-
-    ``beta`` and ``gamma`` finite and >= 0, ``sigma`` finite and > 0, ``momentum`` and
-    ``dampening`` in [0, 1], ``dual_range`` a pair ``(low, high)`` (``None``: unbounded) with
-    ``low <= high``, ``is_ineq`` a bool. Inequality groups are bounded below by
-    ``max(low, 0)``.
-    """
-    out = {
-        "beta": nonnegative_finite("beta value", beta),
-        "sigma": nonnegative_finite("sigma value", sigma),
-        "gamma": nonnegative_finite("gamma value", gamma),
-        "momentum": unit_interval("momentum value", momentum, closed=True),
-        "dampening": unit_interval("dampening value", dampening, closed=True),
-    }
-    if out["sigma"] == 0:
-        raise ValueError(f"Invalid sigma value: {sigma}")
-    if not isinstance(is_ineq, (bool, np.bool_)):
-        raise TypeError(f"Invalid is_ineq: {is_ineq!r} (expected a bool)")
-    lo, hi = _dual_range(dual_range)
-    out["dual_range"] = (lo, hi)
-    out["is_ineq"] = bool(is_ineq)
-    out["lower_bound"] = max(lo, 0.0) if is_ineq else lo
-    out["upper_bound"] = hi
-    if out["lower_bound"] > hi:
-        raise ValueError(f"Invalid dual_range: {dual_range!r} (an inequality group's multipliers "
-                         f"are >= 0, above the upper bound)")
-    return out
-
-
-def check_penalty(penalty) -> float | None:
-    return None if penalty is None else nonnegative_finite("penalty value", penalty)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +61,14 @@ class DualGroups:
     ``_zeros_like(x)``, ``_flat(x)`` (a 1-D view/array of a constraint value), ``_concat``,
     ``_numel``, ``_dtype``, ``_cast(x, dtype)``, ``_copy(x)``, ``_dual_step_(group, c)`` (one
     group's dual update, in place, ``c`` already of the duals' dtype; returns ``(sq_norm,
-    stepsize)``) and ``_lagrangian_terms(loss, groups, parts, rhos)``.
+    stepsize)`` or ``(sq_norm, stepsize, norm)``, ``norm`` the direction's norm where
+    ``sq_norm`` over/underflows; a NaN ``stepsize`` means a direction that is not finite) and
+    ``_lagrangian_terms(loss, groups, parts, rhos)``; optionally ``_all_finite(c)`` and
+    ``_kernel_checks_finite`` (:meth:`_check_finite`).
+
+    Constraint values that are not finite (inf, NaN) raise ``ValueError`` naming the group
+    before anything changes (multipliers, buffers, ``beta``, ``last_step``), on the backends
+    that provide ``_all_finite``.
 
     Each group is a dict with the keys of :data:`GROUP_KEYS` plus ``duals`` and
     ``momentum_buffer`` (arrays of the duals' dtype) and ``dtype_fixed`` (whether the duals'
@@ -151,13 +111,10 @@ class DualGroups:
             momentum=d["momentum"] if momentum is None else momentum,
             dampening=d["dampening"] if dampening is None else dampening,
             dual_range=d["dual_range"] if dual_range is None else dual_range, is_ineq=is_ineq)
-        size = _size(m)
+        size = check_ialm_size(m)
         if name is None:
             name = f"group{len(self.param_groups)}"
-        elif not isinstance(name, str):
-            raise TypeError(f"Invalid name: {name!r} (expected a str)")
-        if any(g["name"] == name for g in self.param_groups):
-            raise ValueError(f"Invalid name: {name!r} (a group of that name exists)")
+        check_ialm_group_name(name, self.names)
         duals, fixed = self._initial_duals(size, init_duals, d["device"] if device is None else device)
         if size is None:
             if duals is None:
@@ -226,6 +183,34 @@ class DualGroups:
             start += n
         return parts
 
+    def _check_finite(self, parts) -> None:
+        """Raise :func:`uniopt._validation.nonfinite_constraints_error` naming the first group
+        whose constraint values are not all finite, before anything changes.
+
+        Uses the backend's ``_all_finite(c)`` (the default checks nothing). A backend whose
+        ``_dual_step_`` itself changes nothing for a non-finite direction and says so (a NaN
+        step: the NumPy face's CPU kernel) sets ``_kernel_checks_finite``; then the first
+        group to be updated is left to its kernel when its dtype is settled, so the common
+        single-group case pays no extra pass over the constraints (the groups after the
+        first are checked here: the first one must not change when a later one fails).
+        """
+        skip_first = self._kernel_checks_finite and self.param_groups[0]["dtype_fixed"]
+        if skip_first and len(parts) == 1:  # the common case: nothing to do here
+            return
+        for k, (group, c) in enumerate(zip(self.param_groups, parts)):
+            if k == 0 and skip_first:
+                continue
+            if not self._all_finite(c):
+                raise nonfinite_constraints_error(group["name"])
+
+    #: whether ``_dual_step_`` changes nothing and returns a NaN step for a non-finite
+    #: direction (see :meth:`_check_finite`)
+    _kernel_checks_finite = False
+
+    def _all_finite(self, c) -> bool:
+        """Whether every constraint value of ``c`` is finite (backends override; default: yes)."""
+        return True
+
     def _adopt_dtypes(self, parts) -> None:
         """Duals created without a dtype take that of the first constraint values seen."""
         for group, c in zip(self.param_groups, parts):
@@ -244,13 +229,25 @@ class DualGroups:
     def _walk(self, loss, constraints, *, update: bool):
         parts = self._gather(constraints)
         if update:
+            # the values in the duals' dtype (the one they have, or will adopt), checked
+            # before anything changes: a float64 value beyond float32's range is inf here
+            cast = [self._cast(self._detach(c), self._dtype(g["duals"] if g["dtype_fixed"] else c))
+                    for g, c in zip(self.param_groups, parts)]
+            self._check_finite(cast)
             self._adopt_dtypes(parts)
         rhos = self._rhos()
         if update:
             last = []
-            for group, c, rho in zip(self.param_groups, parts, rhos):
-                sq_norm, stepsize = self._dual_step_(group, self._cast(self._detach(c), self._dtype(group["duals"])))
-                last.append({"direction_norm": math.sqrt(sq_norm), "stepsize": stepsize, "rho": rho})
+            for group, c, rho in zip(self.param_groups, cast, rhos):
+                out = self._dual_step_(group, c)
+                norm = out[2] if len(out) > 2 else math.sqrt(out[0])
+                if not math.isfinite(out[1]):  # a kernel met a direction that is not finite
+                    if not self._all_finite(c):
+                        raise nonfinite_constraints_error(group["name"])
+                    raise ValueError(f"constraints: the direction of group {group['name']!r} "
+                                     f"is not finite (its momentum buffer overflowed); that "
+                                     f"group was not updated")
+                last.append({"direction_norm": norm, "stepsize": out[1], "rho": rho})
             for group in self.param_groups:
                 group["beta"] *= group["sigma"]
             self.last_step = last
@@ -299,7 +296,7 @@ class DualGroups:
             new.append({"name": g["name"], **settings, "duals": duals, "momentum_buffer": buffer,
                         "dtype_fixed": bool(g.get("dtype_fixed", True))})
         self.penalty, self.ctol, self.param_groups = penalty, ctol, new
-        for cache in ("_kernel_cache", "_views"):  # per-group caches of the backends
+        for cache in ("_kernel_cache", "_views", "_spare"):  # per-group caches of the backends
             self.__dict__.pop(cache, None)
 
     def __repr__(self) -> str:
@@ -325,10 +322,11 @@ class DualGroups:
         return hit[1:]
 
     def _kernel_step_(self, group, duals: np.ndarray, buffer: np.ndarray, c: np.ndarray) -> tuple:
-        """:func:`uniopt.kernels.ialm_cpu.ialm_dual_step_` on host arrays of one dtype."""
+        """:func:`uniopt.kernels.ialm_cpu.ialm_dual_step_` on host arrays of one dtype; returns
+        ``(sq_norm, stepsize, norm)`` (NaN, and ``duals`` unchanged, for a non-finite direction)."""
         coef, hyper, flags = self._kernel_args(group, duals.dtype)
-        sq_norm, stepsize = ialm_cpu.ialm_dual_step_(duals, buffer, c, coef, hyper, flags)
-        return float(sq_norm), float(stepsize)
+        sq_norm, stepsize, norm = ialm_cpu.ialm_dual_step_(duals, buffer, c, coef, hyper, flags)
+        return float(sq_norm), float(stepsize), float(norm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,18 +336,15 @@ _np_rules = bind(_rules, where=np.where, minimum=np.minimum, maximum=np.maximum,
 
 
 def filtered(rules, c, ctol: float, is_ineq: bool):
-    """The ``ctol`` filter of the group's kind with a backend's bound ``rules`` (the identity,
-    bit for bit, for ``ctol = 0``)."""
-    if ctol <= 0:
-        return c
-    return rules.inequality_filter(c, ctol) if is_ineq else rules.equality_filter(c, ctol)
+    """``rules.filtered(c, ctol, is_ineq)``: the rule :func:`uniopt.rules.ialm.filtered` of a
+    backend's bound ``rules`` (kept for the faces that import it from here)."""
+    return rules.filtered(c, ctol, is_ineq)
 
 
 def penalty_part(rules, c, ctol: float, is_ineq: bool):
-    """:math:`\tilde c`: the ``ctol``-filtered constraints, their positive part if inequalities
-    (with a backend's bound ``rules``)."""
-    c = filtered(rules, c, ctol, is_ineq)
-    return rules.penalty_violation(c) if is_ineq else c
+    """``rules.penalty_part(c, ctol, is_ineq)``: the rule :func:`uniopt.rules.ialm.penalty_part`
+    of a backend's bound ``rules`` (kept for the faces that import it from here)."""
+    return rules.penalty_part(c, ctol, is_ineq)
 
 
 class iALM(DualGroups):  # noqa: N801 (the seed's name)
@@ -387,6 +382,17 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
     After each update, ``last_step`` holds one dict per group: ``{"direction_norm",
     "stepsize", "rho"}`` (``rho``: the quadratic coefficient of that update's Lagrangian).
 
+    The norm :math:`\|d_k\|` is overflow-safe (scaled as BLAS ``nrm2`` where
+    :math:`\sum d_i^2` would over- or underflow): finite constraint values, however huge or
+    tiny, give a finite step (``update([1e200, 1e200])``: :math:`\lambda = \gamma/\sqrt 2`).
+
+    Raises:
+      ValueError: at ``update`` / ``forward_update``, constraint values that are not finite
+        (inf, NaN; checked in the multipliers' dtype), naming the group
+        (``"constraints: the values of group 'group0' are not finite ..."``), before anything
+        changes: multipliers, buffers, ``beta``, ``last_step`` stay as they were. Also
+        constraint values whose structure or sizes do not match the groups.
+
     Example:
       >>> import numpy as np, uniopt
       >>> dual = uniopt.iALM(m=1, beta=1.0, is_ineq=True)
@@ -421,9 +427,7 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
             fill = 0.0 if init_duals is None else real("init_duals", init_duals)
             return np.full(size, fill, dtype=self._default_dtype), False
         a = np.asarray(init_duals)
-        if a.dtype not in _FLOAT_DTYPES or a.ndim != 1:
-            raise TypeError(f"Invalid init_duals: expected a number or a 1-D float32/float64 "
-                            f"array, got {a.dtype} of shape {a.shape}")
+        check_ialm_init_array(a.dtype, a.ndim, a.shape)
         return np.array(a, copy=True), True
 
     def _zeros_like(self, x):
@@ -456,13 +460,34 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
         return np.array(x, copy=True)
 
     def _dual_step_(self, group, c):
-        return self._kernel_step_(group, group["duals"], group["momentum_buffer"], c)
+        """:func:`uniopt.kernels.ialm_cpu.ialm_dual_step_into_`: with momentum, the new buffer
+        goes to a spare array that becomes ``group["momentum_buffer"]`` once the step is known
+        to be finite (the old one is the next spare): a failing step changes nothing, with no
+        extra pass over memory."""
+        duals, buffer = group["duals"], group["momentum_buffer"]
+        coef, hyper, flags = self._kernel_args(group, duals.dtype)
+        if group["momentum"] == 0:
+            out = ialm_cpu.ialm_dual_step_(duals, buffer, c, coef, hyper, flags)
+        else:
+            spares = self.__dict__.setdefault("_spare", {})
+            spare = spares.get(id(group))
+            if spare is None or spare is buffer or spare.dtype != buffer.dtype or spare.shape != buffer.shape:
+                spare = np.empty_like(buffer)
+            out = ialm_cpu.ialm_dual_step_into_(duals, buffer, spare, c, coef, hyper, flags)
+            if out[1] == out[1]:  # not NaN: the step happened
+                group["momentum_buffer"], spares[id(group)] = spare, buffer
+        return float(out[0]), float(out[1]), float(out[2])
+
+    _kernel_checks_finite = True
+
+    def _all_finite(self, c) -> bool:
+        return bool(all_finite(np.ascontiguousarray(c)))
 
     def _lagrangian_terms(self, loss, groups, parts, rhos):
         value = float(loss)
         for group, c, rho in zip(groups, parts, rhos):
             c = c.astype(np.float64)
-            cp = penalty_part(_np_rules, c, self.ctol, group["is_ineq"])
+            cp = _np_rules.penalty_part(c, self.ctol, group["is_ineq"])
             value += float(group["duals"].astype(np.float64) @ c) + 0.5 * rho * float(cp @ cp)
         return value
 
@@ -479,7 +504,7 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
             rhos = [s["rho"] for s in self.last_step]
         parts = self._gather(constraints)
         rhos = self._rhos() if rhos is None else rhos
-        out = [g["duals"].astype(np.float64) + rho * penalty_part(_np_rules, c.astype(np.float64), self.ctol,
-                                                                g["is_ineq"])
+        out = [g["duals"].astype(np.float64)
+               + rho * _np_rules.penalty_part(c.astype(np.float64), self.ctol, g["is_ineq"])
                for g, c, rho in zip(self.param_groups, parts, rhos)]
         return np.concatenate(out)

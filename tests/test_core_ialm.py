@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import pytest
 
 from conftest import tolerance
-from refimpl.naive_ialm import NaiveIALM
+from refimpl.naive_ialm import EXTREME64, NaiveIALM, closed_form_step
 
 import uniopt
 from uniopt.kernels import ialm_cpu
@@ -237,9 +238,11 @@ def test_kernel_norm_is_accurate_for_many_float32_values():
     c = (rng.standard_normal(n) * 1e3).astype(np.float32)
     dual, buffer = np.zeros(n, np.float32), np.zeros(0, np.float32)
     coef = ialm_cpu.coefficients(np.float32, 0.0, 0.0, -np.inf, np.inf, 0.0)
-    sq, _ = ialm_cpu.ialm_dual_step_(dual, buffer, c, coef, np.array([1.0, 1.0]), np.zeros(2, np.int64))
+    sq, _, norm = ialm_cpu.ialm_dual_step_(dual, buffer, c, coef, np.array([1.0, 1.0]),
+                                           np.zeros(2, np.int64))
     exact = math.fsum(float(x) ** 2 for x in c.astype(np.float64))
     assert sq == pytest.approx(exact, rel=1e-14)
+    assert norm == pytest.approx(math.sqrt(exact), rel=1e-14)
 
 
 BAD = [
@@ -294,3 +297,231 @@ def test_failing_step_changes_nothing(bad):
         np.testing.assert_array_equal(g0["duals"], g1["duals"])
         np.testing.assert_array_equal(g0["momentum_buffer"], g1["momentum_buffer"])
         assert g0["beta"] == g1["beta"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Huge, tiny and non-finite constraint values (issue 8)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", EXTREME64)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_huge_and_tiny_float64_constraints_give_the_closed_form(case, momentum):
+    c, gamma = EXTREME64[case]
+    opt = uniopt.iALM(m=len(c), beta=1.0, gamma=gamma, momentum=momentum, dual_range=(None, None))
+    opt.update(np.array(c))
+    expected = closed_form_step(c, 1.0, gamma)
+    assert np.all(np.isfinite(opt.duals))
+    np.testing.assert_allclose(opt.duals, expected, rtol=1e-14, atol=0)
+    norm = opt.last_step[0]["direction_norm"]
+    s = max(abs(x) for x in c)
+    assert norm == pytest.approx(s * math.hypot(*(x / s for x in c)), rel=1e-14)
+    if momentum:
+        np.testing.assert_array_equal(opt.param_groups[0]["momentum_buffer"], np.array(c))
+
+
+@pytest.mark.parametrize("c", [[3e38, -3e38], [1e-40, 1e-40], [3e38, 1e-40, -2e38]])
+def test_huge_and_tiny_float32_constraints_give_the_closed_form(c):
+    opt = uniopt.iALM(m=len(c), init_duals=np.zeros(len(c), np.float32), dual_range=(None, None))
+    c32 = np.array(c, np.float32)
+    opt.update(c32)
+    assert opt.duals.dtype == np.float32 and np.all(np.isfinite(opt.duals))
+    expected = closed_form_step(c32.astype(np.float64), 1.0, 1.0).astype(np.float32)  # rounded
+    np.testing.assert_allclose(opt.duals, expected, rtol=3e-7, atol=0)
+
+
+def test_extreme_values_match_the_naive_oracle_and_the_pure_python_path():
+    """The naive oracle (math.hypot) and NUMBA_DISABLE_JIT=1 (the kernel's Python source) agree
+    with the compiled kernel on huge, tiny and mixed values, over several steps."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    c = [1e200, -3e199, 1e-200, 0.0, 5e-160]
+    groups = [dict(size=5, beta=1.0, sigma=1.5, gamma=2.0, momentum=0.5, dampening=0.25,
+                   lo=None, hi=None, is_ineq=False)]
+    naive = NaiveIALM(groups, ctol=0.0)
+    code = (
+        "import json, sys, numpy as np, uniopt\n"
+        "c = np.array(json.loads(sys.argv[1]))\n"
+        "opt = uniopt.iALM(m=5, beta=1.0, sigma=1.5, gamma=2.0, momentum=0.5, dampening=0.25,"
+        " dual_range=(None, None))\n"
+        "for k in range(3):\n"
+        "    opt.update(c * (1 + k))\n"
+        "print(json.dumps(opt.duals.tolist()))\n"
+    )
+    results = []
+    for disable in ("1", "0"):
+        env = dict(os.environ, NUMBA_DISABLE_JIT=disable)
+        out = subprocess.run([sys.executable, "-c", code, json.dumps(c)], capture_output=True,
+                             text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr
+        results.append(np.array(json.loads(out.stdout)))
+    for k in range(3):
+        naive.update(np.array(c) * (1 + k))
+    assert np.all(np.isfinite(results[0])) and np.any(results[0] != 0)
+    np.testing.assert_allclose(results[0], naive.duals, rtol=1e-13, atol=0)
+    np.testing.assert_allclose(results[1], naive.duals, rtol=1e-13, atol=0)
+
+
+def _snapshot(opt):
+    return (copy.deepcopy(opt.state_dict()), copy.deepcopy(opt.last_step),
+            [(g["duals"].dtype, g["dtype_fixed"]) for g in opt.param_groups])
+
+
+def _assert_same_state(a, b):
+    (sa, la, da), (sb, lb, db) = a, b
+    assert la == lb and da == db
+    assert sa["penalty"] == sb["penalty"] and sa["ctol"] == sb["ctol"]
+    for ga, gb in zip(sa["param_groups"], sb["param_groups"]):
+        assert ga.keys() == gb.keys()
+        for key in ga:
+            if key in ("duals", "momentum_buffer"):
+                assert ga[key].dtype == gb[key].dtype
+                assert ga[key].tobytes() == gb[key].tobytes(), key  # bitwise
+            else:
+                assert ga[key] == gb[key], key
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("where", ["first, no momentum", "first, momentum", "second group"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("first_step", [False, True])
+def test_non_finite_constraints_raise_naming_the_group_and_change_nothing(bad, where, dtype,
+                                                                         first_step):
+    opt = uniopt.iALM(m=3, momentum=0.5 if where == "first, momentum" else 0.0, sigma=2.0)
+    opt.add_constraint_group(2, momentum=0.9, is_ineq=True, name="limits")
+    c = np.array([0.5, -1.0, 2.0, 0.25, 3.0], dtype)
+    if not first_step:  # else: the multipliers' dtype is not settled yet
+        opt.update(c)
+        opt.update(2 * c)
+    before = _snapshot(opt)
+    c_bad = c.copy()
+    c_bad[4 if where == "second group" else 1] = bad
+    name = "limits" if where == "second group" else "group0"
+    with pytest.raises(ValueError, match=f"group '{name}' are not finite"):
+        opt.update(c_bad)
+    with pytest.raises(ValueError, match=f"group '{name}' are not finite"):
+        opt.forward_update(1.0, {"group0": c_bad[:3], "limits": c_bad[3:]})
+    _assert_same_state(before, _snapshot(opt))
+    opt.update(c)  # still usable
+    assert np.all(np.isfinite(opt.duals))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_float64_values_beyond_float32_raise_for_float32_multipliers():
+    opt = uniopt.iALM(init_duals=np.zeros(2, np.float32))
+    opt.update(np.array([1.0, 2.0], np.float32))
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match="group 'group0' are not finite"):
+        opt.update(np.array([1e300, 1.0]))  # inf once in the multipliers' float32
+    _assert_same_state(before, _snapshot(opt))
+    opt.update(np.array([1e30, 1.0]))  # finite in float32
+    assert np.all(np.isfinite(opt.duals))
+
+
+@pytest.mark.parametrize("ctol", [0.0, 0.3])
+def test_kernel_into_a_new_buffer_is_the_in_place_kernel(dtype, ctol):
+    rng = np.random.default_rng(2)
+    n = 3000
+    dual, buffer, c = (rng.standard_normal(n).astype(dtype) for _ in range(3))
+    coef = ialm_cpu.coefficients(dtype, 0.9, 0.2, -0.5, 0.5, ctol)
+    hyper, flags = np.array([0.7, 0.3]), np.array([1, 0], np.int64)
+    d1, b1 = dual.copy(), buffer.copy()
+    out1 = ialm_cpu.ialm_dual_step_(d1, b1, c, coef.copy(), hyper, flags)
+    d2, b2, new = dual.copy(), buffer.copy(), np.full(n, np.nan, dtype)
+    out2 = ialm_cpu.ialm_dual_step_into_(d2, b2, new, c, coef.copy(), hyper, flags)
+    assert out1 == out2
+    assert d1.tobytes() == d2.tobytes() and b1.tobytes() == new.tobytes()
+    assert b2.tobytes() == buffer.tobytes()  # only read
+    c[n // 2] = np.inf
+    d3, b3, new = dual.copy(), buffer.copy(), np.zeros(n, dtype)
+    out3 = ialm_cpu.ialm_dual_step_into_(d3, b3, new, c, coef.copy(), hyper, flags)
+    assert all(math.isnan(x) for x in out3)
+    assert d3.tobytes() == dual.tobytes() and b3.tobytes() == buffer.tobytes()
+
+
+def test_kernel_leaves_the_multipliers_of_a_non_finite_direction():
+    for momentum in (0.0, 0.5):
+        dual = np.array([0.5, -0.5, 1.0])
+        c = np.array([1.0, np.nan, 2.0])
+        coef = ialm_cpu.coefficients(np.float64, momentum, 0.0, -np.inf, np.inf, 0.0)
+        out = ialm_cpu.ialm_dual_step_(dual, np.zeros(3), c, coef, np.array([1.0, 1.0]),
+                                       np.array([momentum != 0, 0], np.int64))
+        assert all(math.isnan(x) for x in out)
+        np.testing.assert_array_equal(dual, [0.5, -0.5, 1.0])
+
+
+# ------------------------------------------------------------------------------------------------
+# The rules behind the norm and the filters
+# ------------------------------------------------------------------------------------------------
+def test_norm_scale_is_a_power_of_two_at_most_the_maximum():
+    from uniopt.rules import ialm as rules
+
+    for amax in [4.5e-308, 1e-200, 0.75, 1.0, 1.5, 3.0, 1e200, 4e307]:
+        s = rules.norm_scale(amax)
+        mantissa, _ = math.frexp(s)
+        assert mantissa == 0.5 and 0 < s <= amax < 2 * s, amax  # a power of two, amax/s in [1, 2)
+    # beyond: clipped so that s and 1/s stay normal (1/s: no overflow, no subnormal)
+    for amax in [5e-324, 1e-310, 2.2250738585072014e-308]:
+        assert rules.norm_scale(amax) == 2.0 ** -1021
+    for amax in [9e307, 1.7976931348623157e308]:
+        assert rules.norm_scale(amax) == 2.0 ** 1021 and amax / 2.0 ** 1021 < 8
+    assert rules.norm_scale(3e38, -125, 125) == 2.0 ** 125  # float32's range
+    assert rules.norm_scale(0.0) == 0.5
+
+
+def test_scaled_dual_stepsize_is_dual_stepsize_in_range_and_finite_beyond():
+    from uniopt.rules import ialm as rules
+
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        d = rng.standard_normal(rng.integers(1, 20)) * 10.0 ** rng.uniform(-100, 100)
+        beta, gamma = 10.0 ** rng.uniform(-3, 3), 10.0 ** rng.uniform(-3, 3)
+        s = rules.norm_scale(float(np.max(np.abs(d))))
+        sq_scaled = float(np.sum((d / s) ** 2))
+        plain = rules.dual_stepsize(beta, gamma, float(np.sum(d ** 2)))
+        assert rules.scaled_dual_stepsize(beta, gamma, s, sq_scaled) == plain  # bitwise
+        # any positive scale: the same number to rounding
+        m = float(np.max(np.abs(d)))
+        assert rules.scaled_dual_stepsize(beta, gamma, m, float(np.sum((d / m) ** 2))) == \
+            pytest.approx(plain, rel=1e-14)
+    assert rules.scaled_dual_stepsize(1.0, 1.0, 0.0, 0.0) == 0.0
+    assert rules.scaled_dual_stepsize(1.0, 1.0, 0.5, 0.0) == 0.0
+    assert rules.scaled_dual_stepsize(2.0, 3.0, 2.0 ** 1023, 8.0) == \
+        pytest.approx(3.0 / (2.0 ** 1023 * math.sqrt(8.0)), rel=1e-15)  # the norm itself: inf
+
+
+def test_filtered_and_penalty_part_rules():
+    from uniopt.rules import bind
+    from uniopt.rules import ialm as rules
+
+    np_rules = bind(rules, where=np.where, minimum=np.minimum, maximum=np.maximum, sqrt=np.sqrt)
+    c = np.array([-0.0, 0.05, -0.05, 0.2, -0.2, 0.1])
+    np.testing.assert_array_equal(np_rules.filtered(c, 0.1, False), [0, 0, 0, 0.2, -0.2, 0])
+    np.testing.assert_array_equal(np_rules.filtered(c, 0.1, True), [0, 0, -0.05, 0.2, -0.2, 0])
+    same = np_rules.filtered(c, 0.0, True)
+    assert same is c  # ctol = 0: the identity (-0.0 kept)
+    np.testing.assert_array_equal(np_rules.penalty_part(c, 0.1, True), [0, 0, 0, 0.2, 0, 0])
+    np.testing.assert_array_equal(np_rules.penalty_part(c, 0.1, False), [0, 0, 0, 0.2, -0.2, 0])
+    assert rules.filtered(0.05, 0.1, True) == 0.0 and rules.filtered(-0.05, 0.1, True) == -0.05
+    # the aliases the torch face imports
+    from uniopt.ialm import filtered, penalty_part
+
+    np.testing.assert_array_equal(filtered(np_rules, c, 0.1, False), np_rules.filtered(c, 0.1, False))
+    np.testing.assert_array_equal(penalty_part(np_rules, c, 0.1, True),
+                                  np_rules.penalty_part(c, 0.1, True))
+
+
+def test_ialm_checks_live_in_the_validation_module():
+    from uniopt import _validation
+    from uniopt import ialm as face
+
+    assert face.check_ialm_group is _validation.check_ialm_group
+    assert face.check_penalty is _validation.check_penalty
+    with pytest.raises(TypeError, match="Invalid is_ineq: 1"):
+        _validation.check_ialm_group(beta=1.0, sigma=1.0, gamma=1.0, momentum=0.0, dampening=0.0,
+                                     dual_range=(None, None), is_ineq=1)
+    assert _validation.check_ialm_group(beta=1.0, sigma=1.0, gamma=1.0, momentum=0.0,
+                                        dampening=0.0, dual_range=(None, None),
+                                        is_ineq=np.True_)["lower_bound"] == 0.0
+    assert "group 'g'" in str(_validation.nonfinite_constraints_error("g"))

@@ -20,6 +20,8 @@ from cuda_ptx import compile_ptx_script
 
 from numba import cuda
 
+from refimpl.naive_ialm import EXTREME64, closed_form_step  # noqa: E402
+
 from uniopt.kernels import ialm_cpu  # noqa: E402
 
 
@@ -53,11 +55,12 @@ def _compare(n, dtype, momentum, is_ineq, ctol, lower=-np.inf, upper=np.inf, bet
         c = (c0 * c_scale * (1.0 + 0.5 * step)).astype(dtype)
         coef_cpu = ialm_cpu.coefficients(dtype, momentum, 0.1, lower, upper, ctol)
         coef_dev = coef_cpu.copy()
-        sq_cpu, s_cpu = ialm_cpu.ialm_dual_step_(d_cpu, b_cpu, c, coef_cpu, hyper, flags)
+        sq_cpu, s_cpu, norm_cpu = ialm_cpu.ialm_dual_step_(d_cpu, b_cpu, c, coef_cpu, hyper, flags)
         out = _host(ialm_cuda.dual_step_(d_dev, b_dev, _device(c), coef_dev, hyper, flags))
-        assert out.dtype == np.float64 and out.shape == (2,)
+        assert out.dtype == np.float64 and out.shape == (ialm_cuda.OUT_SIZE,)
         assert out[0] == pytest.approx(sq_cpu, rel=1e-14, abs=0.0)
         assert out[1] == pytest.approx(s_cpu, rel=1e-14, abs=0.0)
+        assert out[2] == pytest.approx(norm_cpu, rel=1e-14, abs=0.0)
         if SIMULATOR:  # the host coef is the device coef: the step size landed in coef[5]
             assert coef_dev[5] == pytest.approx(coef_cpu[5], rel=1e-7 if dtype == np.float32 else 1e-14)
         hd, hb = _host(d_dev), _host(b_dev)
@@ -137,7 +140,7 @@ def test_zero_direction_gives_a_zero_step_and_no_nan():
         d_dev = _device(dual)
         out = _host(ialm_cuda.dual_step_(d_dev, _device(buffer), _device(c), coef,
                                          np.array([1.0, 1.0]), flags))
-        np.testing.assert_array_equal(out, [0.0, 0.0])
+        np.testing.assert_array_equal(out[:3], [0.0, 0.0, 0.0])
         if SIMULATOR:
             assert coef[5] == 0
         np.testing.assert_array_equal(_host(d_dev), np.full(5, 0.25, dtype))
@@ -150,9 +153,9 @@ def test_empty_group_launches_only_the_step_size(dtype):
     coef = ialm_cpu.coefficients(dtype, 0.9, 0.0, 0.0, np.inf, 0.0)
     out = _host(ialm_cuda.dual_step_(_device(e), _device(e), _device(e), coef,
                                      np.array([1.0, 1.0]), np.array([1, 1])))
-    np.testing.assert_array_equal(out, [0.0, 0.0])
+    np.testing.assert_array_equal(out[:3], [0.0, 0.0, 0.0])
     assert ialm_cpu.ialm_dual_step_(e, e, e, coef.copy(), np.array([1.0, 1.0]),
-                                    np.array([1, 1], dtype=np.int64)) == (0.0, 0.0)
+                                    np.array([1, 1], dtype=np.int64)) == (0.0, 0.0, 0.0)
 
 
 def test_device_resident_coefficients(dtype):
@@ -165,7 +168,7 @@ def test_device_resident_coefficients(dtype):
     hyper = np.array([0.7, 0.3])
     flags = np.array([1, 0], dtype=np.int64)
     d_cpu, b_cpu, coef_cpu = dual.copy(), buffer.copy(), coef.copy()
-    sq, s = ialm_cpu.ialm_dual_step_(d_cpu, b_cpu, c, coef_cpu, hyper, flags)
+    sq, s, _ = ialm_cpu.ialm_dual_step_(d_cpu, b_cpu, c, coef_cpu, hyper, flags)
     d_dev, b_dev, coef_dev = _device(dual.copy()), _device(buffer.copy()), cuda.to_device(coef)
     out = ialm_cuda.dual_step_(d_dev, b_dev, _device(c), coef_dev, cuda.to_device(hyper),
                                cuda.to_device(flags))
@@ -176,6 +179,55 @@ def test_device_resident_coefficients(dtype):
     np.testing.assert_allclose(_host(b_dev), b_cpu, **tolerance(dtype))
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the simulator's plain sum
+@pytest.mark.parametrize("case", EXTREME64)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_huge_and_tiny_float64_constraints_give_the_closed_form(case, momentum):
+    """The scaled fallback on the device: the closed form, and the CPU kernel's numbers."""
+    from uniopt.kernels import ialm_cuda
+
+    c, gamma = EXTREME64[case]
+    c = np.array(c)
+    coef = ialm_cpu.coefficients(np.float64, momentum, 0.0, -np.inf, np.inf, 0.0)
+    hyper, flags = np.array([1.0, gamma]), np.array([momentum != 0, 0], np.int64)
+    d_dev, b_dev = _device(np.zeros(c.size)), _device(np.zeros(c.size))
+    out = _host(ialm_cuda.dual_step_(d_dev, b_dev, _device(c), coef.copy(), hyper, flags))
+    dual = _host(d_dev)
+    np.testing.assert_allclose(dual, closed_form_step(c.tolist(), 1.0, gamma), rtol=1e-14, atol=0)
+    d_cpu = np.zeros(c.size)
+    sq, step, norm = ialm_cpu.ialm_dual_step_(d_cpu, np.zeros(c.size), c, coef.copy(), hyper, flags)
+    np.testing.assert_allclose(dual, d_cpu, rtol=1e-15, atol=0)
+    assert out[1] == pytest.approx(step, rel=1e-15) and out[2] == pytest.approx(norm, rel=1e-15)
+    if momentum:
+        np.testing.assert_array_equal(_host(b_dev), c)
+
+
+def test_huge_and_tiny_float32_constraints_on_the_device():
+    from uniopt.kernels import ialm_cuda
+
+    c = np.array([3e38, 1e-40, -2e38], np.float32)
+    coef = ialm_cpu.coefficients(np.float32, 0.0, 0.0, -np.inf, np.inf, 0.0)
+    d_dev = _device(np.zeros(3, np.float32))
+    ialm_cuda.dual_step_(d_dev, _device(np.zeros(3, np.float32)), _device(c), coef,
+                         np.array([1.0, 1.0]), np.array([0, 0]))
+    expected = closed_form_step(c.astype(np.float64).tolist(), 1.0, 1.0).astype(np.float32)
+    np.testing.assert_allclose(_host(d_dev), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_direction_leaves_the_multipliers(dtype, bad):
+    from uniopt.kernels import ialm_cuda
+
+    c = np.array([1.0, bad, 2.0], dtype)
+    dual = np.array([0.5, -0.5, 1.0], dtype)
+    d_dev = _device(dual.copy())
+    coef = ialm_cpu.coefficients(dtype, 0.0, 0.0, -np.inf, np.inf, 0.0)
+    out = _host(ialm_cuda.dual_step_(d_dev, _device(np.zeros(3, dtype)), _device(c), coef,
+                                     np.array([1.0, 1.0]), np.array([0, 0])))
+    assert np.all(np.isnan(out[:3])) and out[5] == 1
+    np.testing.assert_array_equal(_host(d_dev), dual)
+
+
 _PTX_BODY = """
     from numba import int64
     from uniopt.kernels import ialm_cuda as k
@@ -184,6 +236,7 @@ _PTX_BODY = """
         a = ty[::1]
         for flags in (i64, f64):
             for fn, sig in ((k._direction_kernel, (a, a, a, flags, f64)),
+                            (k._scaled_kernel, (a, a, a, flags, f64)),
                             (k._update_kernel, (a, a, a, a, flags))):
                 ptx, _ = cuda.compile_ptx(fn, sig, cc=(8, 0))
                 assert ".entry" in ptx and ("f32" if ty is float32 else "f64") in ptx
@@ -200,7 +253,7 @@ _PTX_BODY = """
 
 def test_cuda_kernels_compile_to_ptx():
     stdout = compile_ptx_script(_PTX_BODY)
-    assert stdout.count("OK") == 11, stdout
+    assert stdout.count("OK") == 15, stdout
 
 
 @pytest.mark.gpu

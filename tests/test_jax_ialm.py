@@ -8,6 +8,7 @@ leaks into other test files; module-level data are NumPy arrays for the same rea
 from __future__ import annotations
 
 import importlib
+import math
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ import uniopt  # noqa: E402
 from uniopt.adapters.jax import IALMState, ialm  # noqa: E402
 
 from conftest import tolerance  # noqa: E402
+from refimpl.naive_ialm import EXTREME64, closed_form_step  # noqa: E402
 
 STEPS = 20
 
@@ -580,3 +582,101 @@ def test_float64_parity_with_the_torch_ialm(x64, idiom):
             np.concatenate([g["momentum_buffer"].numpy() for g in ours.param_groups]),
             np.concatenate([np.ravel(state.momentum_buffer[k]) for k in NAMES]),
             rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------------------------
+# Huge, tiny and non-finite constraint values (issue 8)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", EXTREME64)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_huge_and_tiny_float64_constraints_give_the_closed_form(x64, case, momentum):
+    c, gamma = EXTREME64[case]
+    t = ialm(beta=1.0, gamma=gamma, momentum=momentum, dual_range=(None, None))
+    state = t.init(jnp.zeros(len(c)))
+    for update in (t.update, jax.jit(t.update)):
+        new = update(jnp.asarray(c), state)
+        assert new.duals.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(new.duals), closed_form_step(c, 1.0, gamma),
+                                   rtol=1e-14, atol=0)
+        assert bool(new.last_finite) and int(new.notfinite_count) == 0
+    # the same number as uniopt.iALM (the CPU kernel)
+    opt = uniopt.iALM(m=len(c), beta=1.0, gamma=gamma, momentum=momentum, dual_range=(None, None))
+    opt.update(np.array(c))
+    np.testing.assert_allclose(np.asarray(new.duals), opt.duals, rtol=1e-15, atol=0)
+    assert float(new.stepsize) == pytest.approx(opt.last_step[0]["stepsize"], rel=1e-15)
+
+
+def test_huge_and_tiny_float32_constraints_stay_finite():
+    c = [3e38, 1e-40, -2e38]  # float32: the plain sum of squares would overflow
+    t = ialm(dual_range=(None, None))
+    new = jax.jit(t.update)(jnp.asarray(c, jnp.float32), t.init(jnp.zeros(3, jnp.float32)))
+    expected = closed_form_step(np.array(c, np.float32).astype(np.float64), 1.0, 1.0)
+    np.testing.assert_allclose(np.asarray(new.duals), expected.astype(np.float32), rtol=1e-6)
+
+
+def test_huge_constraints_keep_finite_gradients_and_vmap(x64):
+    t = ialm(beta=1.0, gamma=1.0, dual_range=(None, None))
+    state = t.init(jnp.zeros(2))
+
+    def first_dual(c):
+        return t.update(c, state).duals[0]
+
+    c = jnp.array([1e200, 1e200])
+    # lambda_0 = gamma c_0 / ||c||: d/dc_0 = gamma (||c||^2 - c_0^2) / ||c||^3 and
+    # d/dc_1 = -gamma c_0 c_1 / ||c||^3; at c = (a, a): +-gamma / (2 sqrt(2) a)
+    g = jax.grad(first_dual)(c)
+    expected = 1.0 / (2.0 * math.sqrt(2.0) * 1e200)
+    np.testing.assert_allclose(np.asarray(g), [expected, -expected], rtol=1e-12)
+    batch = jnp.array([[1e200, 1e200], [3.0, 4.0], [1e-200, 1e-200]])
+    out = jax.vmap(lambda cc: t.update(cc, state))(batch)
+    for k in range(3):
+        np.testing.assert_allclose(np.asarray(out.duals[k]),
+                                   closed_form_step(np.asarray(batch[k]).tolist(), 1.0, 1.0),
+                                   rtol=1e-14)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("jit", [False, True])
+def test_non_finite_constraints_skip_the_whole_step_and_are_counted(x64, bad, jit):
+    t = ialm(beta=1.0, sigma=2.0, momentum=[0.0, 0.5], is_ineq=[False, True])
+    update = jax.jit(t.update) if jit else t.update
+    good = {"a": jnp.array([0.5, -1.0]), "b": jnp.array([2.0, 0.25, 3.0])}
+    state = update(good, t.init(good))
+    state = update(jax.tree.map(lambda x: 2 * x, good), state)
+    bad_c = {"a": good["a"], "b": good["b"].at[1].set(bad)}  # one value, in one group
+    skipped = update(bad_c, state)
+    for field in ("duals", "momentum_buffer", "beta", "stepsize", "count"):
+        for old, new in zip(jax.tree.leaves(getattr(state, field)),
+                            jax.tree.leaves(getattr(skipped, field))):
+            assert np.asarray(old).tobytes() == np.asarray(new).tobytes(), field  # bitwise
+    assert not bool(skipped.last_finite)
+    assert int(skipped.notfinite_count) == 1 and int(skipped.total_notfinite) == 1
+    again = update(bad_c, skipped)
+    assert int(again.notfinite_count) == 2 and int(again.total_notfinite) == 2
+    resumed = update(good, again)
+    assert bool(resumed.last_finite) and int(resumed.notfinite_count) == 0
+    assert int(resumed.total_notfinite) == 2 and int(resumed.count) == int(state.count) + 1
+    np.testing.assert_array_equal(np.asarray(resumed.duals["b"]),
+                                  np.asarray(update(good, state).duals["b"]))
+    # the NumPy face raises instead, naming the group, and changes nothing
+    opt = uniopt.iALM(m=2, beta=1.0, sigma=2.0)
+    opt.add_constraint_group(3, momentum=0.5, is_ineq=True, name="b")
+    with pytest.raises(ValueError, match="group 'b' are not finite"):
+        opt.update(np.concatenate([np.asarray(bad_c["a"]), np.asarray(bad_c["b"])]))
+    np.testing.assert_array_equal(opt.duals, 0.0)
+
+
+def test_non_finite_constraints_under_vmap_skip_only_their_problem(x64):
+    t = ialm(beta=1.0, momentum=0.5)
+    state = t.init(jnp.zeros(2))
+    batch = jnp.array([[1.0, 2.0], [jnp.nan, 1.0], [3.0, jnp.inf]])
+    out = jax.vmap(lambda cc: t.update(cc, state))(batch)
+    assert np.asarray(out.last_finite).tolist() == [True, False, False]
+    assert np.asarray(out.notfinite_count).tolist() == [0, 1, 1]
+    assert np.asarray(out.count).tolist() == [1, 0, 0]
+    np.testing.assert_array_equal(np.asarray(out.duals[1:]), 0.0)
+    np.testing.assert_array_equal(np.asarray(out.momentum_buffer[1:]), 0.0)
+    single = t.update(batch[0], state)
+    np.testing.assert_array_equal(np.asarray(out.duals[0]), np.asarray(single.duals))

@@ -22,13 +22,14 @@ import numpy as np
 import optax
 
 from uniopt import _validation
-from uniopt.ialm import check_ialm_group, check_penalty, filtered, penalty_part
+from uniopt._validation import check_ialm_group, check_penalty
 from uniopt.rules import bind
 from uniopt.rules import ialm as _ialm
 
 __all__ = ["IALMState", "IALMTransformation", "ialm"]
 
-_rules = bind(_ialm, where=jnp.where, minimum=jnp.minimum, maximum=jnp.maximum, sqrt=jnp.sqrt)
+_rules = bind(_ialm, where=jnp.where, minimum=jnp.minimum, maximum=jnp.maximum, sqrt=jnp.sqrt,
+              frexp=jnp.frexp, ldexp=jnp.ldexp)
 
 #: the hyper-parameters that may be given per group, with the value check_ialm_group gets for
 #: the others when one entry is checked on its own
@@ -47,7 +48,12 @@ class IALMState(NamedTuple):
         by :math:`\\sigma_k` at every update.
       stepsize: each group's step :math:`\\min(\\beta_k, \\gamma_k/\\|d_k\\|)` of the last update
         (0-d; 0 before the first update and for a zero direction).
-      count: the number of updates so far (int32).
+      count: the number of updates so far (int32; skipped updates not counted).
+      notfinite_count: the number of consecutive updates skipped because some constraint
+        value was not finite (int32; 0 again after an update with finite values), as in
+        :func:`optax.apply_if_finite`.
+      last_finite: whether the constraint values of the last update were all finite.
+      total_notfinite: the number of updates skipped so far (int32).
     """
 
     duals: Any
@@ -55,6 +61,9 @@ class IALMState(NamedTuple):
     beta: Any
     stepsize: Any
     count: jax.Array
+    notfinite_count: jax.Array
+    last_finite: jax.Array
+    total_notfinite: jax.Array
 
 
 class IALMTransformation(NamedTuple):
@@ -202,6 +211,13 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
       the constraints' float dtype (or the ``init_duals`` array's), zero buffers, ``beta``.
     * ``update(constraints, state) -> IALMState``: the dual step above (``state.count + 1``).
       It is differentiable in ``constraints`` (for unrolling), finitely so at a zero direction.
+      The norm :math:`\|d_k\|` is overflow-safe (scaled by a power of two near
+      :math:`\max|d_i|`, as BLAS ``nrm2``; the same bits as the plain norm wherever that one
+      neither overflows nor underflows). A step whose constraint values are not all finite
+      (in any group) is skipped as a whole, as :func:`optax.apply_if_finite` does: every
+      multiplier, buffer, ``beta`` and ``stepsize`` stays, ``count`` too, and
+      ``notfinite_count`` / ``total_notfinite`` count it (``last_finite`` is False); traced,
+      so it works under ``jit`` and ``vmap`` (each problem of a batch decides for itself).
     * ``lagrangian(loss, constraints, state) -> L`` at the state's multipliers and ``beta``
       (the state is a constant: ``stop_gradient``), differentiable in ``loss`` and
       ``constraints``: :math:`\nabla_\theta L = \nabla f + J_c^\top(\lambda + \rho\,\tilde c)`.
@@ -344,29 +360,61 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
             momentum_buffer=treedef.unflatten(zeros),
             beta=treedef.unflatten(betas),
             stepsize=treedef.unflatten([jnp.zeros((), lam.dtype) for lam in duals]),
-            count=jnp.zeros((), jnp.int32))
+            count=jnp.zeros((), jnp.int32),
+            notfinite_count=jnp.zeros((), jnp.int32),
+            last_finite=jnp.array(True),
+            total_notfinite=jnp.zeros((), jnp.int32))
 
     def update(constraints, state: IALMState) -> IALMState:
         treedef, parts, groups = matched(constraints, state)
         leaves = [treedef.flatten_up_to(t) for t in
-                  (state.duals, state.momentum_buffer, state.beta)]
+                  (state.duals, state.momentum_buffer, state.beta, state.stepsize)]
         duals, buffers, betas, steps = [], [], [], []
-        for c, lam, buf, beta_k, g in zip(parts, *leaves, groups):
-            c = filtered(_rules, c.astype(lam.dtype), ctol, g.is_ineq)
+        finite = jnp.array(True)
+        for c, lam, buf, beta_k, _, g in zip(parts, *leaves, groups):
+            c = c.astype(lam.dtype)
+            finite = finite & jnp.all(jnp.isfinite(c))
+            c = _rules.filtered(c, ctol, g.is_ineq)
             if g.momentum != 0:
                 buf = _rules.momentum_direction(buf, c, g.momentum, 1.0 - g.dampening)
                 d = buf
             else:
                 d = c
-            step = _rules.dual_stepsize(beta_k, g.gamma, jnp.sum(jnp.square(d)))
-            duals.append(_rules.dual_update(lam, d, step, g.lower, g.upper))
+            # the norm scaled by a power of two near max |d| (as BLAS nrm2): no overflow or
+            # underflow, and bit for bit the plain sqrt(sum d**2) wherever that has neither
+            amax = jax.lax.stop_gradient(jnp.max(jnp.abs(d), initial=0))
+            info = jnp.finfo(d.dtype)  # s and 1/s normal numbers of the dtype
+            scale = _rules.norm_scale(amax, info.minexp + 1, info.maxexp - 3)
+            unit = d / scale  # exact
+            sq_scaled = jnp.sum(jnp.square(unit))
+            step = _rules.scaled_dual_stepsize(beta_k, g.gamma, scale, sq_scaled)
+            # the update as (s * scale) * (d / scale) = s * d, bit for bit where s is a normal
+            # number, and not lost where s is subnormal (XLA flushes those to zero);
+            # s * scale = min(beta * scale, gamma / sqrt(sq_scaled)) is the same rule
+            unit_step = _rules.scaled_dual_stepsize(beta_k * scale, g.gamma,
+                                                    jnp.ones_like(scale), sq_scaled)
+            duals.append(_rules.dual_update(lam, unit, unit_step, g.lower, g.upper))
             buffers.append(buf)
             steps.append(step)
             betas.append(beta_k * g.sigma)
-        return IALMState(duals=treedef.unflatten(duals),
-                         momentum_buffer=treedef.unflatten(buffers),
-                         beta=treedef.unflatten(betas), stepsize=treedef.unflatten(steps),
-                         count=optax.safe_int32_increment(state.count))
+        # a step with a non-finite constraint value (in any group) changes no multiplier,
+        # buffer, beta or step size: it is counted, as optax.apply_if_finite does
+        keep = [jnp.where(finite, new, old) for new, old in
+                zip(duals + buffers + betas + steps, [x for t in leaves for x in t])]
+        n = len(duals)
+        return IALMState(duals=treedef.unflatten(keep[:n]),
+                         momentum_buffer=treedef.unflatten(keep[n:2 * n]),
+                         beta=treedef.unflatten(keep[2 * n:3 * n]),
+                         stepsize=treedef.unflatten(keep[3 * n:]),
+                         count=jnp.where(finite, optax.safe_int32_increment(state.count),
+                                         state.count),
+                         notfinite_count=jnp.where(
+                             finite, jnp.zeros_like(state.notfinite_count),
+                             optax.safe_int32_increment(state.notfinite_count)),
+                         last_finite=finite,
+                         total_notfinite=jnp.where(
+                             finite, state.total_notfinite,
+                             optax.safe_int32_increment(state.total_notfinite)))
 
     def value(loss, parts, duals, betas, groups):
         total = jnp.asarray(loss)
@@ -374,7 +422,7 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
             lam = jax.lax.stop_gradient(lam)
             c = c.astype(jnp.result_type(c.dtype, lam.dtype))
             rho = jax.lax.stop_gradient(beta_k) if penalty is None else penalty
-            ct = penalty_part(_rules, c, ctol, g.is_ineq)
+            ct = _rules.penalty_part(c, ctol, g.is_ineq)
             total = total + jnp.sum(lam * c) + 0.5 * rho * jnp.sum(jnp.square(ct))
         return total
 

@@ -4,7 +4,7 @@
 over ``LANES`` interleaved accumulators (vectorised by LLVM without ``fastmath``), and
 :func:`_neumaier_add` adds block sums with Neumaier's compensated summation. Together they give
 a sum of squares within a few float64 ulps whatever the length (see
-:mod:`uniopt.kernels.polyak_cpu`).
+:mod:`uniopt.kernels.polyak_cpu`). :func:`all_finite` checks an array for inf/NaN in one pass.
 """
 
 from __future__ import annotations
@@ -15,6 +15,11 @@ from .. import _jit
 
 BLOCK = 1024  # elements per block sum
 LANES = 64  # float64 accumulators per block sum (a power of 2 dividing BLOCK)
+#: the smallest float64 sum of squares the iALM kernels take as is: below it, squares may have
+#: lost bits to underflow (a subnormal square is below 2**-1022; at most 2**40 of them err by
+#: under 2**-1074 each, 2**-64 of SMALL_SQ); above it, only an overflow (inf) or a non-finite
+#: value (NaN) sends a kernel to its scaled, overflow-safe norm
+SMALL_SQ = 2.0 ** -970
 
 
 def _block_sq_sum(block, buf):
@@ -60,3 +65,30 @@ def _neumaier_add(total, compensation, x):
 
 _block_sq_sum = _jit.elementwise(_block_sq_sum)
 _neumaier_add = _jit.elementwise(_neumaier_add)
+
+
+@_jit.cpu_kernel
+def all_finite(a):
+    """Whether every element of the 1-D array ``a`` is finite (no inf, no NaN); one read pass.
+
+    ``x - x`` is 0 for a finite ``x`` and NaN otherwise; it is summed over ``LANES``
+    accumulators (a loop LLVM vectorises without ``fastmath``), checked once per block.
+    """
+    n = a.size
+    lanes = np.zeros(LANES, dtype=a.dtype)
+    full = n - n % LANES
+    for start in range(0, full, LANES):
+        row = a[start:start + LANES]
+        for j in range(LANES):
+            lanes[j] += row[j] - row[j]
+        if start % BLOCK == 0:
+            for j in range(LANES):
+                if lanes[j] != 0:
+                    return False
+    for j in range(LANES):
+        if lanes[j] != 0:
+            return False
+    for i in range(full, n):
+        if a[i] - a[i] != 0:
+            return False
+    return True

@@ -8,6 +8,19 @@
 2. the step size :math:`\\min(\\beta, \\gamma / \\|d\\|)` (0 for a zero direction) from that
    total, then :math:`\\lambda \\leftarrow \\operatorname{clamp}(\\lambda + s d, lo, hi)`.
 
+Only when that sum is not in ``[SMALL_SQ, inf)`` -- it overflowed (float64 entries beyond
+~1e154), underflowed (entries below ~1e-146, or a zero direction), or the direction is not
+finite -- does the kernel take the overflow-safe route between the two, as BLAS ``nrm2``
+would: one pass for :math:`m = \\max_i |d_i|` (and whether every :math:`d_i` is finite), one
+for :math:`\\sum (d_i/s)^2` with :math:`s` = :func:`uniopt.rules.ialm.norm_scale` of
+:math:`m`, and the step :func:`uniopt.rules.ialm.scaled_dual_stepsize`. The scale is a power
+of two, so the result is the one the plain sum would give without over/underflow. In float32
+the float64 sum cannot overflow or lose bits to underflow: only a zero direction takes the
+extra (max) pass. A direction that is not finite (constraints with inf/NaN, or a momentum
+buffer that overflowed) returns ``(nan, nan, nan)`` before pass 2: ``dual`` is left unchanged
+(the momentum buffer has already been updated in pass 1 by :func:`ialm_dual_step_`;
+:func:`ialm_dual_step_into_` writes the new buffer to another array, so it changes nothing).
+
 The arithmetic is :mod:`uniopt.rules.ialm`.
 
 Memory contract: ``dual``, ``buffer`` and ``c`` are C-contiguous 1-D arrays of one dtype
@@ -16,25 +29,30 @@ may then not alias ``c``); ``dual`` and ``buffer`` are updated in place, ``c`` i
 ``coef`` is an array of that dtype holding ``(momentum, 1 - dampening, lower, upper, ctol,
 _)``; the kernel writes the step size, cast to the dtype, into ``coef[5]`` (so the update runs
 in the dtype with no float64 promotion). ``hyper`` is float64 ``(beta, gamma)``; ``flags`` is
-int64 ``(use_momentum, is_ineq)``. Returns ``(sq_norm, stepsize)`` in float64.
+int64 ``(use_momentum, is_ineq)``. Returns ``(sq_norm, stepsize, norm)`` in float64 (``norm``
+the direction's 2-norm, accurate where ``sq_norm`` itself over/underflows).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from .. import _jit
 from ..rules import bind
 from ..rules import ialm as _ialm
-from ._reduce import BLOCK, LANES, _block_sq_sum, _neumaier_add
+from ._reduce import BLOCK, LANES, SMALL_SQ, _block_sq_sum, _neumaier_add
 
-__all__ = ["ialm_dual_step_", "coefficients"]
+__all__ = ["ialm_dual_step_", "ialm_dual_step_into_", "coefficients", "SMALL_SQ"]
 
 _rules = bind(_ialm, wrap=_jit.elementwise)
 _equality_filter = _rules.equality_filter
 _inequality_filter = _rules.inequality_filter
 _momentum_direction = _rules.momentum_direction
 _dual_stepsize = _rules.dual_stepsize
+_scaled_dual_stepsize = _rules.scaled_dual_stepsize
+_norm_scale = _rules.norm_scale
 _dual_update = _rules.dual_update
 
 
@@ -48,10 +66,10 @@ def _filter_block_(c, out, ctol, is_ineq):
             out[i] = _equality_filter(c[i], ctol)
 
 
-def _momentum_block_(buffer, d, momentum, keep):
-    """``buffer = momentum * buffer + (1 - dampening) * d`` in place."""
+def _momentum_block_(buffer, d, momentum, keep, out):
+    """``out = momentum * buffer + (1 - dampening) * d`` (``out`` may be ``buffer``: in place)."""
     for i in range(buffer.size):
-        buffer[i] = _momentum_direction(buffer[i], d[i], momentum, keep)
+        out[i] = _momentum_direction(buffer[i], d[i], momentum, keep)
 
 
 def _update_block_(dual, d, s, lower, upper):
@@ -60,14 +78,77 @@ def _update_block_(dual, d, s, lower, upper):
         dual[i] = _dual_update(dual[i], d[i], s, lower, upper)
 
 
+def _amax_block(d, amax, finite):
+    """``(max(amax, max |d|), finite and every d finite)`` in float64 (NaN-safe: a flag)."""
+    for i in range(d.size):
+        a = abs(np.float64(d[i]))
+        if not a < np.inf:
+            finite = False
+        elif a > amax:
+            amax = a
+    return amax, finite
+
+
+def _scale_block_(d, out, scale):
+    """``out[i] = float64(d[i]) / scale`` (exact for a power-of-two ``scale``, short of underflow)."""
+    for i in range(d.size):
+        out[i] = np.float64(d[i]) / scale
+
+
 _filter_block_ = _jit.elementwise(_filter_block_)
 _momentum_block_ = _jit.elementwise(_momentum_block_)
 _update_block_ = _jit.elementwise(_update_block_)
+_amax_block = _jit.elementwise(_amax_block)
+_scale_block_ = _jit.elementwise(_scale_block_)
 
 
-@_jit.cpu_kernel
-def ialm_dual_step_(dual, buffer, c, coef, hyper, flags):
-    """One iALM dual update of one group, in place; returns ``(sq_norm, stepsize)``.
+def _scaled_norm(buffer, c, work, lanes, ctol, is_ineq, use_momentum, use_ctol):
+    """The overflow-safe route: ``(scale, sum((d/scale)**2))`` of the direction (two passes),
+    ``scale`` = norm_scale(max |d|); ``(nan, nan)`` when some ``d`` is not finite, ``(1, 0)``
+    for a zero direction. The direction is the buffer (momentum, already updated) or the
+    filtered constraints."""
+    n = c.size
+    amax = np.float64(0)
+    finite = True
+    for start in range(0, n, BLOCK):
+        stop = min(start + BLOCK, n)
+        if use_momentum:
+            d = buffer[start:stop]
+        elif use_ctol:
+            d = work[:stop - start]
+            _filter_block_(c[start:stop], d, ctol, is_ineq)
+        else:
+            d = c[start:stop]
+        amax, finite = _amax_block(d, amax, finite)
+    if not finite:
+        return np.nan, np.nan
+    scale = _norm_scale(amax, -1021, 1021)  # float64 (amax is)
+    total = np.float64(0)
+    compensation = np.float64(0)
+    if amax == 0:
+        return scale, total
+    scaled = np.empty(BLOCK, dtype=np.float64)
+    for start in range(0, n, BLOCK):
+        stop = min(start + BLOCK, n)
+        if use_momentum:
+            d = buffer[start:stop]
+        elif use_ctol:
+            d = work[:stop - start]
+            _filter_block_(c[start:stop], d, ctol, is_ineq)
+        else:
+            d = c[start:stop]
+        block = scaled[:stop - start]
+        _scale_block_(d, block, scale)
+        total, compensation = _neumaier_add(total, compensation, _block_sq_sum(block, lanes))
+    return scale, total + compensation
+
+
+_scaled_norm = _jit.elementwise(_scaled_norm)
+
+
+def _dual_step(dual, old_buffer, buffer, c, coef, hyper, flags):
+    """The body of both kernels: the new momentum buffer goes to ``buffer`` (which may be
+    ``old_buffer``); returns ``(sq_norm, stepsize, norm)``.
 
     Each pass goes block by block: with ``ctol`` the filtered constraints go to a work block
     in L1 first, then (with momentum) the buffer is updated from them; the sum of squares is
@@ -89,11 +170,22 @@ def ialm_dual_step_(dual, buffer, c, coef, hyper, flags):
             _filter_block_(d, work, ctol, is_ineq)
             d = work[:stop - start]
         if use_momentum:
-            _momentum_block_(buffer[start:stop], d, momentum, keep)
+            _momentum_block_(old_buffer[start:stop], d, momentum, keep, buffer[start:stop])
             d = buffer[start:stop]
         total, compensation = _neumaier_add(total, compensation, _block_sq_sum(d, lanes))
     sq_norm = total + compensation
-    stepsize = _dual_stepsize(hyper[0], hyper[1], sq_norm)
+    if sq_norm >= SMALL_SQ and sq_norm < np.inf:  # the common case: no over/underflow
+        stepsize = _dual_stepsize(hyper[0], hyper[1], sq_norm)
+        norm = math.sqrt(sq_norm)
+    else:  # overflow, underflow, a zero or a non-finite direction
+        scale, sq_scaled = _scaled_norm(buffer, c, work, lanes, ctol, is_ineq, use_momentum,
+                                        use_ctol)
+        if not sq_scaled < np.inf:  # NaN: a direction that is not finite; dual unchanged
+            coef[5] = np.nan
+            return np.nan, np.nan, np.nan
+        stepsize = _scaled_dual_stepsize(hyper[0], hyper[1], scale, sq_scaled)
+        norm = scale * math.sqrt(sq_scaled)
+        sq_norm = norm * norm
     coef[5] = stepsize
     s = coef[5]
     for start in range(0, n, BLOCK):
@@ -106,7 +198,29 @@ def ialm_dual_step_(dual, buffer, c, coef, hyper, flags):
         else:
             d = c[start:stop]
         _update_block_(dual[start:stop], d, s, lower, upper)
-    return sq_norm, stepsize
+    return sq_norm, stepsize, norm
+
+
+_dual_step = _jit.elementwise(_dual_step)
+
+
+@_jit.cpu_kernel
+def ialm_dual_step_(dual, buffer, c, coef, hyper, flags):
+    """One iALM dual update of one group, in place; returns ``(sq_norm, stepsize, norm)``.
+
+    For a direction that is not finite, ``dual`` is left unchanged but ``buffer`` (with
+    momentum) has been updated: :func:`ialm_dual_step_into_` leaves both.
+    """
+    return _dual_step(dual, buffer, buffer, c, coef, hyper, flags)
+
+
+@_jit.cpu_kernel
+def ialm_dual_step_into_(dual, buffer, new_buffer, c, coef, hyper, flags):
+    """:func:`ialm_dual_step_` with the new momentum buffer written to ``new_buffer`` (same
+    dtype and length, not aliasing ``buffer`` or ``c``; untouched without momentum) and
+    ``buffer`` only read: a step that meets a direction that is not finite returns NaN and
+    changes nothing at all. The same memory traffic as the in-place kernel."""
+    return _dual_step(dual, buffer, new_buffer, c, coef, hyper, flags)
 
 
 def coefficients(dtype, momentum: float, dampening: float, lower: float, upper: float,

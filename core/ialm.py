@@ -4,7 +4,8 @@ The API is the seed's (``humancompatible.train.dual_optim.iALM``): constraint gr
 own hyper-parameters, ``forward`` / ``update`` (= ``step``) / ``forward_update``, ``duals``,
 ``state_dict`` / ``load_state_dict``. The backend-neutral part -- validating and resolving each
 group's settings, matching constraint values to groups, the order of a step -- is
-:class:`DualGroups`, which the torch face (:mod:`uniopt.adapters.torch.ialm`) shares;
+:class:`DualGroups` (the torch face, :mod:`uniopt.adapters.torch.ialm`, is a
+``torch.optim.Optimizer`` of its own and shares the rules and checks, not this class);
 the arithmetic is :mod:`uniopt.rules.ialm` and the dual step is the Numba kernel
 :func:`uniopt.kernels.ialm_cpu.ialm_dual_step_`.
 
@@ -42,7 +43,7 @@ from .kernels._reduce import all_finite
 from .rules import bind
 from .rules import ialm as _rules
 
-__all__ = ["iALM", "DualGroups", "check_ialm_group", "check_penalty", "filtered", "penalty_part"]
+__all__ = ["iALM", "DualGroups", "check_ialm_group", "check_penalty"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -333,18 +334,6 @@ class DualGroups:
 # NumPy
 # ----------------------------------------------------------------------------------------------
 _np_rules = bind(_rules, where=np.where, minimum=np.minimum, maximum=np.maximum, sqrt=np.sqrt)
-
-
-def filtered(rules, c, ctol: float, is_ineq: bool):
-    """``rules.filtered(c, ctol, is_ineq)``: the rule :func:`uniopt.rules.ialm.filtered` of a
-    backend's bound ``rules`` (kept for the faces that import it from here)."""
-    return rules.filtered(c, ctol, is_ineq)
-
-
-def penalty_part(rules, c, ctol: float, is_ineq: bool):
-    """``rules.penalty_part(c, ctol, is_ineq)``: the rule :func:`uniopt.rules.ialm.penalty_part`
-    of a backend's bound ``rules`` (kept for the faces that import it from here)."""
-    return rules.penalty_part(c, ctol, is_ineq)
 
 
 class iALM(DualGroups):  # noqa: N801 (the seed's name)

@@ -504,12 +504,6 @@ def test_filtered_and_penalty_part_rules():
     np.testing.assert_array_equal(np_rules.penalty_part(c, 0.1, True), [0, 0, 0, 0.2, 0, 0])
     np.testing.assert_array_equal(np_rules.penalty_part(c, 0.1, False), [0, 0, 0, 0.2, -0.2, 0])
     assert rules.filtered(0.05, 0.1, True) == 0.0 and rules.filtered(-0.05, 0.1, True) == -0.05
-    # the aliases the torch face imports
-    from uniopt.ialm import filtered, penalty_part
-
-    np.testing.assert_array_equal(filtered(np_rules, c, 0.1, False), np_rules.filtered(c, 0.1, False))
-    np.testing.assert_array_equal(penalty_part(np_rules, c, 0.1, True),
-                                  np_rules.penalty_part(c, 0.1, True))
 
 
 def test_ialm_checks_live_in_the_validation_module():

@@ -16,7 +16,6 @@ import torch
 from test_torch_ialm import GROUPS, Logistic, _make  # noqa: E402
 
 from uniopt.adapters.torch import iALM  # noqa: E402
-from uniopt.rules import ialm as rules  # noqa: E402
 
 BACKENDS = ["auto", "torch"]
 
@@ -315,17 +314,17 @@ def test_overflowing_norm_gives_finite_multipliers_torch_path():
     assert dual.last_step[0]["direction_norm"] == 1e200 * math.sqrt(2.0)
 
 
-@pytest.mark.xfail(not hasattr(rules, "scaled_dual_stepsize"), strict=True,
-                   reason="needs the overflow-safe kernel norm (uniopt.rules.ialm."
-                          "scaled_dual_stepsize and core/kernels/ialm_*), another branch")
 def test_overflowing_norm_gives_finite_multipliers_kernel_path():
-    dual, expected, _ = _overflow_case("auto")
+    dual, expected, stepsize = _overflow_case("auto")
     assert torch.equal(dual.duals, expected)
+    assert dual.last_step[0]["stepsize"] == pytest.approx(stepsize, rel=1e-15)
+    assert dual.last_step[0]["direction_norm"] == pytest.approx(1e200 * math.sqrt(2.0), rel=1e-15)
 
 
-def test_underflowing_norm_still_steps_torch_path():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_underflowing_norm_still_steps(backend):
     dual = iALM(init_duals=torch.zeros(2, dtype=torch.float64), beta=0.5, dual_range=(None, None),
-                _backend="torch")
+                _backend=backend)
     d = torch.tensor([1e-200, -3e-200], dtype=torch.float64)    # d @ d underflows to 0
     dual.update(d)
     assert torch.equal(dual.duals, 0.5 * d)                       # min(beta, gamma / ||d||) = beta

@@ -50,29 +50,6 @@ _SETTINGS = ("beta", "sigma", "gamma", "momentum", "dampening", "dual_range", "i
 _torch_rules = bind(_rules, where=torch.where, minimum=torch.minimum, maximum=torch.maximum,
                     sqrt=torch.sqrt, penalty_violation=lambda c: torch.clamp(c, min=0))
 
-def _filtered(c, ctol: float, is_ineq: bool):
-    """The ``ctol`` filter of the group's kind (the identity, bit for bit, for ``ctol = 0``)."""
-    if ctol <= 0:
-        return c
-    return _torch_rules.inequality_filter(c, ctol) if is_ineq else _torch_rules.equality_filter(c, ctol)
-
-
-def _penalty_part(c, ctol: float, is_ineq: bool):
-    r""":math:`\tilde c`: the filtered constraints, their positive part for inequalities."""
-    c = _filtered(c, ctol, is_ineq)
-    return _torch_rules.penalty_violation(c) if is_ineq else c
-
-
-def _scaled_stepsize(beta: float, gamma: float, scale: float, sq_scaled: float) -> float:
-    r""":math:`\min(\beta, \gamma / \|d\|)` with :math:`\|d\| = scale \sqrt{sq\_scaled}` (0 for
-    ``scale == 0``): the step when :math:`\|d\|^2` over- or underflows."""
-    rule = getattr(_rules, "scaled_dual_stepsize", None)
-    if rule is not None:  # uniopt.rules.ialm's, once it has it
-        return float(rule(beta, gamma, scale, sq_scaled))
-    if scale == 0:
-        return 0.0
-    return min(beta, gamma / (scale * math.sqrt(sq_scaled)))
-
 
 class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
     r"""iALM's dual optimizer on torch tensors: multipliers, dual step and Lagrangian.
@@ -447,7 +424,7 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
                 linear = torch.dot(self._alias(duals), c)  # no copy (see _alias)
             else:  # a converted copy: never the live tensor
                 linear = torch.dot(self._converted(group, dtype, c.device), c)
-            cp = _penalty_part(c, self.ctol, group["is_ineq"])
+            cp = _torch_rules.penalty_part(c, self.ctol, group["is_ineq"])
             value = (value if value.dtype == dtype else value.to(dtype)) + linear
             value = value + 0.5 * rho * torch.dot(cp, cp)
         return value if value.dtype == out_dtype else value.to(out_dtype)
@@ -462,15 +439,15 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
             if c.device.type != "cpu" or not c.is_contiguous():
                 c = c.to(device="cpu", memory_format=torch.contiguous_format)
             coef, hyper, flags = self._kernel_args(group, views[0].dtype)
-            sq_norm, stepsize = ialm_cpu.ialm_dual_step_(views[0], views[1], c.numpy(), coef, hyper, flags)
-            return math.sqrt(sq_norm), float(stepsize)
+            _, stepsize, norm = ialm_cpu.ialm_dual_step_(views[0], views[1], c.numpy(), coef,
+                                                         hyper, flags)
+            return float(norm), float(stepsize)
         c = c.to(device=duals.device)
         if (self._backend == "auto" and duals.device.type == "cuda" and cuda_kernels_usable()
                 and is_plain(duals, buffer, c)
                 and duals.dtype in _KERNEL_DTYPES and buffer.dtype == duals.dtype
                 and duals.is_contiguous() and buffer.is_contiguous()):
-            sq_norm, stepsize = self._cuda_step_(group, duals, buffer, c.contiguous())
-            return math.sqrt(sq_norm), stepsize
+            return self._cuda_step_(group, duals, buffer, c.contiguous())
         return self._torch_step_(group, c)
 
     def _kernel_args(self, group, dtype) -> tuple:
@@ -512,8 +489,8 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
         """``uniopt.kernels.ialm_cuda.dual_step_`` on the tensors, on torch's current stream.
 
         The tensors go to the kernel through ``__cuda_array_interface__`` (no copies); ``coef``,
-        ``hyper`` and ``flags`` are host arrays the kernel stages. Reading ``(sq_norm,
-        stepsize)`` back for ``last_step`` synchronises with that stream.
+        ``hyper`` and ``flags`` are host arrays the kernel stages. Reading ``(norm, stepsize)``
+        back for ``last_step`` synchronises with that stream.
         """
         from numba import cuda
 
@@ -534,7 +511,7 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
             stream.synchronize()
         else:  # the simulator: a host array
             host = np.asarray(out)
-        return float(host[0]), float(host[1])
+        return float(host[2]), float(host[1])  # out: (sq_norm, stepsize, norm, ...)
 
     def _torch_step_(self, group, c) -> tuple:
         """The dual step with torch ops (any dtype, device and layout), in place.
@@ -544,7 +521,7 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
         """
         duals, buffer = group["params"][0], group["momentum_buffer"]
         with torch.no_grad():
-            d = _filtered(c, self.ctol, group["is_ineq"])
+            d = _torch_rules.filtered(c, self.ctol, group["is_ineq"])
             if group["momentum"] != 0:
                 new = _torch_rules.momentum_direction(buffer, d, group["momentum"],
                                                       1.0 - group["dampening"])
@@ -553,19 +530,18 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
             d64 = d.to(torch.float64)
             sq_norm = float(torch.sum(torch.square(d64)))
             like = dict(dtype=duals.dtype, device=duals.device)
+            f64 = dict(dtype=torch.float64, device=duals.device)
+            beta, gamma = torch.tensor(group["beta"], **f64), torch.tensor(group["gamma"], **f64)
             if math.isfinite(sq_norm) and (sq_norm > 0 or not bool((d64 != 0).any())):
-                f64 = dict(dtype=torch.float64, device=duals.device)
-                step = _torch_rules.dual_stepsize(torch.tensor(group["beta"], **f64),
-                                                  torch.tensor(group["gamma"], **f64),
-                                                  torch.tensor(sq_norm, **f64))
-                norm, stepsize = math.sqrt(sq_norm), float(step)
-                step = step.to(duals.dtype)
+                step = _torch_rules.dual_stepsize(beta, gamma, torch.tensor(sq_norm, **f64))
+                norm = math.sqrt(sq_norm)
             else:  # BLAS nrm2's scaling: ||d|| = scale * sqrt(sum((d / scale)^2))
-                scale = float(d64.abs().max())
-                sq_scaled = float(torch.sum(torch.square(d64 / scale))) if scale > 0 else 0.0
-                norm = scale * math.sqrt(sq_scaled)
-                stepsize = _scaled_stepsize(group["beta"], group["gamma"], scale, sq_scaled)
-                step = torch.tensor(stepsize, **like)
+                scale = d64.abs().max()
+                sq_scaled = torch.sum(torch.square(d64 / scale)) if scale > 0 else scale * 0
+                norm = float(scale) * math.sqrt(float(sq_scaled))
+                step = _torch_rules.scaled_dual_stepsize(beta, gamma, scale, sq_scaled)
+            stepsize = float(step)
+            step = step.to(duals.dtype)
             duals.copy_(_torch_rules.dual_update(duals, d, step,
                                                  torch.tensor(group["lower_bound"], **like),
                                                  torch.tensor(group["upper_bound"], **like)))

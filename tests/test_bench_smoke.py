@@ -169,9 +169,10 @@ def test_bench_ialm_table(capsys, tmp_path):
     for name in ("uniopt_numpy_ialm", "hct_ialm"):  # the torch face is checked where it exists
         assert name in row["samples"] or name in row["unavailable"]
     assert row["unavailable"] == {}
-    for name in ("uniopt_torch_ialm", "uniopt_numpy_ialm", "hct_ialm"):
+    for name in bench.IALM_CASES:  # update and forward_update, every contender measured
         assert len(row["samples"][name]) == 1 and row["samples"][name][0] > 0
     assert row["columns"]["uo_np_ialm"] > 0
+    assert row["columns"]["r_ialm"] > 0 and row["columns"]["r_ialm_fu"] > 0
 
 
 def test_ialm_contenders_do_the_same_update():
@@ -191,6 +192,10 @@ def test_ialm_contenders_do_the_same_update():
         ours.update(c.numpy())
     assert ours.duals.dtype == ref.duals.detach().numpy().dtype
     assert abs(ours.duals - ref.duals.detach().numpy()).max() <= 1e-5
+    # the forward_update contenders: the same Lagrangian, and the same multipliers after it
+    ours_fu, ref_fu = bench.build_ialm("uniopt_torch_ialm_fu", m), bench.build_ialm("hct_ialm_fu", m)
+    for _ in range(2):
+        torch.testing.assert_close(ours_fu(), ref_fu(), rtol=1e-5, atol=1e-5)
 
 
 def _rows_for_plot():

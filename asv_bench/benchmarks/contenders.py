@@ -538,28 +538,37 @@ def _ialm_constraints(m: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(m, dtype=DTYPE)
 
 
-def _build_uniopt_torch_ialm(m: int, seed: int = 0):
+def _torch_ialm_step(opt, m: int, seed: int, entry: str):
+    """A warmed-up ``opt.update(c)`` (``entry="update"``) or ``opt.forward_update(loss, c)``
+    (``"forward_update"``: the training loop's call; ``c`` a leaf that requires grad, so the
+    Lagrangian's graph is recorded as in training, never back-propagated)."""
+    torch = _import_torch()
+    c = torch.from_numpy(_ialm_constraints(m, seed))
+    if entry == "update":
+        step = functools.partial(opt.update, c)
+    else:
+        c.requires_grad_(True)
+        step = functools.partial(opt.forward_update, torch.tensor(1.0), c)
+    step()
+    return step
+
+
+def _build_uniopt_torch_ialm(m: int, seed: int = 0, entry: str = "update"):
     torch = _import_torch()
     try:
         from uniopt.adapters.torch.dual_optim import iALM
     except ImportError as exc:
         raise Unavailable(f"uniopt.adapters.torch.dual_optim not available ({exc})") from exc
-    c = torch.from_numpy(_ialm_constraints(m, seed))
-    opt = iALM(m, penalty=None, init_duals=torch.zeros(m), **IALM)
-    opt.update(c)
-    return lambda: opt.update(c)
+    return _torch_ialm_step(iALM(m, penalty=None, init_duals=torch.zeros(m), **IALM), m, seed, entry)
 
 
-def _build_hct_ialm(m: int, seed: int = 0):
+def _build_hct_ialm(m: int, seed: int = 0, entry: str = "update"):
     torch = _import_torch()
     try:
         from humancompatible.train.dual_optim import iALM
     except ImportError as exc:
         raise Unavailable("humancompatible-train not installed") from exc
-    c = torch.from_numpy(_ialm_constraints(m, seed))
-    opt = iALM(m, init_duals=torch.zeros(m), **IALM)
-    opt.update(c)
-    return lambda: opt.update(c)
+    return _torch_ialm_step(iALM(m, init_duals=torch.zeros(m), **IALM), m, seed, entry)
 
 
 def _build_uniopt_numpy_ialm(m: int, seed: int = 0):
@@ -576,6 +585,8 @@ IALM_CASES: dict[str, Callable[..., Callable[[], object]]] = {
     "uniopt_torch_ialm": _build_uniopt_torch_ialm,
     "hct_ialm": _build_hct_ialm,
     "uniopt_numpy_ialm": _build_uniopt_numpy_ialm,
+    "uniopt_torch_ialm_fu": functools.partial(_build_uniopt_torch_ialm, entry="forward_update"),
+    "hct_ialm_fu": functools.partial(_build_hct_ialm, entry="forward_update"),
 }
 
 
@@ -763,6 +774,13 @@ IALM_COLUMNS: tuple[Column, ...] = (
            help="humancompatible.train.dual_optim.iALM(...).update(c) (0.4.x)"),
     Column("r_ialm", "hct / uniopt", "ratio", ratio=("hct_ialm", "uo_ialm"),
            help="humancompatible-train time / uniopt torch time (speed-up; higher is better)"),
+    Column("uo_ialm_fu", "uniopt torch fwd_upd", "ms", "uniopt_torch_ialm_fu",
+           help="uniopt.adapters.torch.dual_optim.iALM(...).forward_update(loss, c), c requires grad"),
+    Column("hct_ialm_fu", "hct fwd_upd", "ms", "hct_ialm_fu",
+           help="humancompatible.train.dual_optim.iALM(...).forward_update(loss, c), c requires grad"),
+    Column("r_ialm_fu", "hct / uniopt fwd_upd", "ratio", ratio=("hct_ialm_fu", "uo_ialm_fu"),
+           help="humancompatible-train forward_update time / uniopt torch forward_update time "
+                "(speed-up; higher is better)"),
 )
 _IALM_BY_KEY = {c.key: c for c in IALM_COLUMNS}
 

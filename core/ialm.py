@@ -307,20 +307,10 @@ class DualGroups:
 
     # -- the kernel call shared by the backends that run it on host arrays ------------------
     def _kernel_args(self, group, dtype) -> tuple:
-        """``(coef, hyper, flags)`` of the kernels for ``group``, made again only when its
-        settings or the dtype change (``hyper[0]``, ``beta``, is refreshed at every call)."""
-        key = (dtype, group["momentum"], group["dampening"], group["lower_bound"],
-               group["upper_bound"], group["gamma"], group["is_ineq"], self.ctol)
-        cache = self.__dict__.setdefault("_kernel_cache", {})
-        hit = cache.get(id(group))
-        if hit is None or hit[0] != key:
-            coef = ialm_cpu.coefficients(dtype, group["momentum"], group["dampening"],
-                                         group["lower_bound"], group["upper_bound"], self.ctol)
-            hyper = np.array([group["beta"], group["gamma"]], dtype=np.float64)
-            flags = np.array([group["momentum"] != 0, group["is_ineq"]], dtype=np.int64)
-            hit = cache[id(group)] = (key, coef, hyper, flags)
-        hit[2][0] = group["beta"]
-        return hit[1:]
+        """``(coef, hyper, flags)`` of the kernels for ``group``
+        (:func:`uniopt.kernels.ialm_cpu.group_arguments`, cached per optimizer)."""
+        return ialm_cpu.group_arguments(self.__dict__.setdefault("_kernel_cache", {}), group, dtype,
+                                        self.ctol)
 
     def _kernel_step_(self, group, duals: np.ndarray, buffer: np.ndarray, c: np.ndarray) -> tuple:
         """:func:`uniopt.kernels.ialm_cpu.ialm_dual_step_` on host arrays of one dtype; returns

@@ -30,8 +30,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from uniopt._validation import nonnegative_finite, real
-from uniopt.ialm import check_ialm_group
+from uniopt._validation import check_ialm_group, check_ialm_size, check_penalty, nonnegative_finite, real
 from uniopt.kernels import ialm_cpu
 from uniopt.rules import bind
 from uniopt.rules import ialm as _rules
@@ -160,7 +159,7 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
             raise ValueError(f"Invalid _backend: {_backend!r} (expected one of {expected})")
         self._backend = _backend
         self._device = _device(device)
-        self.penalty = _check_penalty(penalty)
+        self.penalty = check_penalty(penalty)
         self.ctol = nonnegative_finite("ctol value", ctol)
         # check the constructor-wide defaults before later groups inherit them
         check_ialm_group(beta=beta, sigma=sigma, gamma=gamma, momentum=momentum,
@@ -198,7 +197,7 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
         """A new group's dict (settings checked, multipliers created), not yet registered."""
         check_ialm_group(beta=beta, sigma=sigma, gamma=gamma, momentum=momentum,
                          dampening=dampening, dual_range=dual_range, is_ineq=is_ineq)
-        size = _size(m)
+        size = check_ialm_size(m)
         device = self._device if device is None else _device(device)
         duals, fill = _initial_duals(size, init_duals, device)
         if duals is None:
@@ -451,20 +450,10 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
         return self._torch_step_(group, c)
 
     def _kernel_args(self, group, dtype) -> tuple:
-        """``(coef, hyper, flags)`` of the kernels for ``group``, made again only when its
-        settings or the dtype change (``hyper[0]``, ``beta``, is refreshed at every call)."""
-        key = (dtype, group["momentum"], group["dampening"], group["lower_bound"],
-               group["upper_bound"], group["gamma"], group["is_ineq"], self.ctol)
-        cache = self.__dict__.setdefault("_kernel_cache", {})
-        hit = cache.get(id(group))
-        if hit is None or hit[0] != key:
-            coef = ialm_cpu.coefficients(dtype, group["momentum"], group["dampening"],
-                                         group["lower_bound"], group["upper_bound"], self.ctol)
-            hyper = np.array([group["beta"], group["gamma"]], dtype=np.float64)
-            flags = np.array([group["momentum"] != 0, group["is_ineq"]], dtype=np.int64)
-            hit = cache[id(group)] = (key, coef, hyper, flags)
-        hit[2][0] = group["beta"]
-        return hit[1:]
+        """``(coef, hyper, flags)`` of the kernels for ``group``
+        (:func:`uniopt.kernels.ialm_cpu.group_arguments`, cached per optimizer)."""
+        return ialm_cpu.group_arguments(self.__dict__.setdefault("_kernel_cache", {}), group, dtype,
+                                        self.ctol)
 
     def _host_views(self, group, duals, buffer):
         """Zero-copy NumPy views of a group's multipliers and buffer for the CPU kernel (cached
@@ -598,7 +587,7 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
                 penalty, ctol = None, 0.0
         else:  # uniopt < 0.2
             penalty, ctol = state_dict["penalty"], state_dict["ctol"]
-        penalty = _check_penalty(penalty)
+        penalty = check_penalty(penalty)
         ctol = nonnegative_finite("ctol value", ctol)
         new = []
         for k, g in enumerate(state_dict["param_groups"]):
@@ -643,20 +632,6 @@ def _device(device):
         return torch.device(device)
     except (TypeError, RuntimeError):
         raise TypeError(f"Invalid device: {device!r}") from None
-
-
-def _check_penalty(penalty):
-    return None if penalty is None else nonnegative_finite("penalty value", penalty)
-
-
-def _size(m):
-    if m is None:
-        return None
-    if isinstance(m, bool) or not isinstance(m, numbers.Integral):
-        raise TypeError(f"Invalid m: {m!r} (expected a positive integer)")
-    if m < 1:
-        raise ValueError(f"Invalid m: {m}")
-    return int(m)
 
 
 def _initial_duals(size, init_duals, device):

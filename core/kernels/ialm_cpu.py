@@ -44,7 +44,7 @@ from ..rules import bind
 from ..rules import ialm as _ialm
 from ._reduce import BLOCK, LANES, SMALL_SQ, _block_sq_sum, _neumaier_add
 
-__all__ = ["ialm_dual_step_", "ialm_dual_step_into_", "coefficients", "SMALL_SQ"]
+__all__ = ["ialm_dual_step_", "ialm_dual_step_into_", "coefficients", "group_arguments", "SMALL_SQ"]
 
 _rules = bind(_ialm, wrap=_jit.elementwise)
 _equality_filter = _rules.equality_filter
@@ -232,3 +232,23 @@ def coefficients(dtype, momentum: float, dampening: float, lower: float, upper: 
     """
     return np.array([momentum, 1.0 - dampening, lower, upper, ctol if ctol > 0 else -1.0, 0.0],
                     dtype=dtype)
+
+
+def group_arguments(cache: dict, group: dict, dtype, ctol: float) -> tuple:
+    """``(coef, hyper, flags)`` of the kernels for an iALM constraint group (a dict with
+    ``momentum``, ``dampening``, ``lower_bound``, ``upper_bound``, ``beta``, ``gamma``,
+    ``is_ineq``), made again only when its settings, ``ctol`` or the dtype change; ``hyper[0]``
+    (``beta``, which grows every update) is refreshed at every call. ``cache`` maps
+    ``id(group)`` to the arguments last made for it (the caller owns it: one per optimizer).
+    """
+    key = (dtype, group["momentum"], group["dampening"], group["lower_bound"],
+           group["upper_bound"], group["gamma"], group["is_ineq"], ctol)
+    hit = cache.get(id(group))
+    if hit is None or hit[0] != key:
+        coef = coefficients(dtype, group["momentum"], group["dampening"], group["lower_bound"],
+                            group["upper_bound"], ctol)
+        hyper = np.array([group["beta"], group["gamma"]], dtype=np.float64)
+        flags = np.array([group["momentum"] != 0, group["is_ineq"]], dtype=np.int64)
+        hit = cache[id(group)] = (key, coef, hyper, flags)
+    hit[2][0] = group["beta"]
+    return hit[1:]

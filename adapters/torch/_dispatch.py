@@ -390,6 +390,10 @@ class _GroupPlan:
         self.place = {i: (table, row) for table in self.tables for row, i in enumerate(table.rows)}
         self.others = [i for i, kind in enumerate(self.kinds) if kind != "table"]
         self.other_ptrs = [_address(params[i]) for i in self.others]
+        self.meshes: list = []  # the device meshes of the group's DTensor parameters, in order
+        for p in params:
+            if is_dtensor(p) and not any(p.device_mesh == m for m in self.meshes):
+                self.meshes.append(p.device_mesh)
 
     def matches(self, group: dict, state) -> bool:
         """Whether the plan still describes ``group`` (table pointers are checked by ``scan``)."""
@@ -430,6 +434,12 @@ class Dispatcher:
             raise ValueError(f"Invalid backend: {backend!r} (expected one of {expected})")
         self.rule, self.backend = rule, backend
         self._plans: dict = {}  # id(group) -> _GroupPlan (which checks it is still that group)
+
+    def meshes(self, group: dict) -> list:
+        """The device meshes of ``group``'s DTensor parameters, in parameter order (every
+        rank's order), from the plan :meth:`collect` made or checked for it this step."""
+        plan = self._plans.get(id(group))
+        return [] if plan is None else plan.meshes
 
     def invalidate(self) -> None:
         """Forget every cached table (after parameters, state or scalars were changed by hand)."""

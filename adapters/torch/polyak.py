@@ -32,7 +32,7 @@ from uniopt.polyak import polyak_stepsize
 from uniopt.rules import bind
 from uniopt.rules import polyak as _polyak
 
-from ._dispatch import Dispatcher, Rule, _dtensor_class, dist_key, grad_view, is_dtensor, local_view, owned_copy
+from ._dispatch import Dispatcher, Rule, dist_key, grad_view, is_dtensor, local_view, owned_copy
 
 __all__ = ["PolyakSGD"]
 
@@ -241,19 +241,6 @@ def _work_sq_norm(work, backend: str) -> tuple:
             else:
                 shards[key] = shards.get(key, 0.0) + value
     return total, shards, eps
-
-
-def _meshes(param_groups: list) -> list:
-    """The device meshes of the DTensor parameters, in parameter order (every rank's order)."""
-    cls = _dtensor_class()
-    if cls is None:  # torch.distributed.tensor was never imported: no DTensor exists
-        return []
-    meshes: list = []
-    for group in param_groups:
-        for p in group["params"]:
-            if isinstance(p, cls) and not any(p.device_mesh == m for m in meshes):
-                meshes.append(p.device_mesh)
-    return meshes
 
 
 def _reduce_over_meshes(value: float, parts: list, meshes: list) -> tuple:
@@ -472,7 +459,11 @@ class PolyakSGD(Optimizer):
         parts = [_work_sq_norm(found[id(group)], self._backend) if id(group) in found
                  else (0.0, {}, _EPS64) for group in self.param_groups]
         sq_norms = [total for total, _, _ in parts]
-        meshes = _meshes(self.param_groups)
+        meshes: list = []  # the DTensor meshes of every group, from the plans just checked
+        for group, momentum in zip(self.param_groups, momenta):
+            for mesh in (heavy_dispatcher if momentum != 0 else plain_dispatcher).meshes(group):
+                if not any(mesh == m for m in meshes):
+                    meshes.append(mesh)
         if meshes:  # DTensor parameters: the same loss and full norms on every rank
             value, sq_norms = _reduce_over_meshes(value, [(t, sh) for t, sh, _ in parts], meshes)
         else:

@@ -189,13 +189,16 @@ class DualGroups:
         whose constraint values are not all finite, before anything changes.
 
         Uses the backend's ``_all_finite(c)`` (the default checks nothing). A backend whose
-        ``_dual_step_`` itself changes nothing for a non-finite direction and says so (a NaN
-        step: the NumPy face's CPU kernel) sets ``_kernel_checks_finite``; then the first
-        group to be updated is left to its kernel when its dtype is settled, so the common
-        single-group case pays no extra pass over the constraints (the groups after the
-        first are checked here: the first one must not change when a later one fails).
+        ``_dual_step_`` itself changes nothing for a non-finite direction of a group without
+        momentum and says so (a NaN step: the NumPy face's CPU kernel) sets
+        ``_kernel_checks_finite``; then a first group without momentum is left to its kernel
+        when its dtype is settled, so that single-group case pays no extra pass over the
+        constraints (the groups after the first are checked here: the first one must not
+        change when a later one fails; a group with momentum is checked here, because the
+        kernel updates its buffer before the norm tells).
         """
-        skip_first = self._kernel_checks_finite and self.param_groups[0]["dtype_fixed"]
+        first = self.param_groups[0]
+        skip_first = self._kernel_checks_finite and first["dtype_fixed"] and first["momentum"] == 0
         if skip_first and len(parts) == 1:  # the common case: nothing to do here
             return
         for k, (group, c) in enumerate(zip(self.param_groups, parts)):
@@ -297,7 +300,7 @@ class DualGroups:
             new.append({"name": g["name"], **settings, "duals": duals, "momentum_buffer": buffer,
                         "dtype_fixed": bool(g.get("dtype_fixed", True))})
         self.penalty, self.ctol, self.param_groups = penalty, ctol, new
-        for cache in ("_kernel_cache", "_views", "_spare"):  # per-group caches of the backends
+        for cache in ("_kernel_cache", "_views"):  # per-group caches of the backends
             self.__dict__.pop(cache, None)
 
     def __repr__(self) -> str:
@@ -439,22 +442,11 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
         return np.array(x, copy=True)
 
     def _dual_step_(self, group, c):
-        """:func:`uniopt.kernels.ialm_cpu.ialm_dual_step_into_`: with momentum, the new buffer
-        goes to a spare array that becomes ``group["momentum_buffer"]`` once the step is known
-        to be finite (the old one is the next spare): a failing step changes nothing, with no
-        extra pass over memory."""
+        """:func:`uniopt.kernels.ialm_cpu.ialm_dual_step_` in place (a group with momentum had
+        its constraints checked first: the kernel writes its buffer before it knows)."""
         duals, buffer = group["duals"], group["momentum_buffer"]
         coef, hyper, flags = self._kernel_args(group, duals.dtype)
-        if group["momentum"] == 0:
-            out = ialm_cpu.ialm_dual_step_(duals, buffer, c, coef, hyper, flags)
-        else:
-            spares = self.__dict__.setdefault("_spare", {})
-            spare = spares.get(id(group))
-            if spare is None or spare is buffer or spare.dtype != buffer.dtype or spare.shape != buffer.shape:
-                spare = np.empty_like(buffer)
-            out = ialm_cpu.ialm_dual_step_into_(duals, buffer, spare, c, coef, hyper, flags)
-            if out[1] == out[1]:  # not NaN: the step happened
-                group["momentum_buffer"], spares[id(group)] = spare, buffer
+        out = ialm_cpu.ialm_dual_step_(duals, buffer, c, coef, hyper, flags)
         return float(out[0]), float(out[1]), float(out[2])
 
     _kernel_checks_finite = True

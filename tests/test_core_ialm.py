@@ -419,27 +419,6 @@ def test_float64_values_beyond_float32_raise_for_float32_multipliers():
     assert np.all(np.isfinite(opt.duals))
 
 
-@pytest.mark.parametrize("ctol", [0.0, 0.3])
-def test_kernel_into_a_new_buffer_is_the_in_place_kernel(dtype, ctol):
-    rng = np.random.default_rng(2)
-    n = 3000
-    dual, buffer, c = (rng.standard_normal(n).astype(dtype) for _ in range(3))
-    coef = ialm_cpu.coefficients(dtype, 0.9, 0.2, -0.5, 0.5, ctol)
-    hyper, flags = np.array([0.7, 0.3]), np.array([1, 0], np.int64)
-    d1, b1 = dual.copy(), buffer.copy()
-    out1 = ialm_cpu.ialm_dual_step_(d1, b1, c, coef.copy(), hyper, flags)
-    d2, b2, new = dual.copy(), buffer.copy(), np.full(n, np.nan, dtype)
-    out2 = ialm_cpu.ialm_dual_step_into_(d2, b2, new, c, coef.copy(), hyper, flags)
-    assert out1 == out2
-    assert d1.tobytes() == d2.tobytes() and b1.tobytes() == new.tobytes()
-    assert b2.tobytes() == buffer.tobytes()  # only read
-    c[n // 2] = np.inf
-    d3, b3, new = dual.copy(), buffer.copy(), np.zeros(n, dtype)
-    out3 = ialm_cpu.ialm_dual_step_into_(d3, b3, new, c, coef.copy(), hyper, flags)
-    assert all(math.isnan(x) for x in out3)
-    assert d3.tobytes() == dual.tobytes() and b3.tobytes() == buffer.tobytes()
-
-
 def test_kernel_leaves_the_multipliers_of_a_non_finite_direction():
     for momentum in (0.0, 0.5):
         dual = np.array([0.5, -0.5, 1.0])

@@ -18,8 +18,8 @@ of two, so the result is the one the plain sum would give without over/underflow
 the float64 sum cannot overflow or lose bits to underflow: only a zero direction takes the
 extra (max) pass. A direction that is not finite (constraints with inf/NaN, or a momentum
 buffer that overflowed) returns ``(nan, nan, nan)`` before pass 2: ``dual`` is left unchanged
-(the momentum buffer has already been updated in pass 1 by :func:`ialm_dual_step_`;
-:func:`ialm_dual_step_into_` writes the new buffer to another array, so it changes nothing).
+(the momentum buffer has already been updated in pass 1: a face that must change nothing on
+such a step checks the constraints of a group with momentum first).
 
 The arithmetic is :mod:`uniopt.rules.ialm`.
 
@@ -44,7 +44,7 @@ from ..rules import bind
 from ..rules import ialm as _ialm
 from ._reduce import BLOCK, LANES, SMALL_SQ, _block_sq_sum, _neumaier_add
 
-__all__ = ["ialm_dual_step_", "ialm_dual_step_into_", "coefficients", "group_arguments", "SMALL_SQ"]
+__all__ = ["ialm_dual_step_", "coefficients", "group_arguments", "SMALL_SQ"]
 
 _rules = bind(_ialm, wrap=_jit.elementwise)
 _equality_filter = _rules.equality_filter
@@ -66,10 +66,10 @@ def _filter_block_(c, out, ctol, is_ineq):
             out[i] = _equality_filter(c[i], ctol)
 
 
-def _momentum_block_(buffer, d, momentum, keep, out):
-    """``out = momentum * buffer + (1 - dampening) * d`` (``out`` may be ``buffer``: in place)."""
+def _momentum_block_(buffer, d, momentum, keep):
+    """``buffer = momentum * buffer + (1 - dampening) * d`` in place."""
     for i in range(buffer.size):
-        out[i] = _momentum_direction(buffer[i], d[i], momentum, keep)
+        buffer[i] = _momentum_direction(buffer[i], d[i], momentum, keep)
 
 
 def _update_block_(dual, d, s, lower, upper):
@@ -146,9 +146,8 @@ def _scaled_norm(buffer, c, work, lanes, ctol, is_ineq, use_momentum, use_ctol):
 _scaled_norm = _jit.elementwise(_scaled_norm)
 
 
-def _dual_step(dual, old_buffer, buffer, c, coef, hyper, flags):
-    """The body of both kernels: the new momentum buffer goes to ``buffer`` (which may be
-    ``old_buffer``); returns ``(sq_norm, stepsize, norm)``.
+def _dual_step(dual, buffer, c, coef, hyper, flags):
+    """The body of :func:`ialm_dual_step_`; returns ``(sq_norm, stepsize, norm)``.
 
     Each pass goes block by block: with ``ctol`` the filtered constraints go to a work block
     in L1 first, then (with momentum) the buffer is updated from them; the sum of squares is
@@ -170,7 +169,7 @@ def _dual_step(dual, old_buffer, buffer, c, coef, hyper, flags):
             _filter_block_(d, work, ctol, is_ineq)
             d = work[:stop - start]
         if use_momentum:
-            _momentum_block_(old_buffer[start:stop], d, momentum, keep, buffer[start:stop])
+            _momentum_block_(buffer[start:stop], d, momentum, keep)
             d = buffer[start:stop]
         total, compensation = _neumaier_add(total, compensation, _block_sq_sum(d, lanes))
     sq_norm = total + compensation
@@ -209,18 +208,9 @@ def ialm_dual_step_(dual, buffer, c, coef, hyper, flags):
     """One iALM dual update of one group, in place; returns ``(sq_norm, stepsize, norm)``.
 
     For a direction that is not finite, ``dual`` is left unchanged but ``buffer`` (with
-    momentum) has been updated: :func:`ialm_dual_step_into_` leaves both.
+    momentum) has been updated in pass 1.
     """
-    return _dual_step(dual, buffer, buffer, c, coef, hyper, flags)
-
-
-@_jit.cpu_kernel
-def ialm_dual_step_into_(dual, buffer, new_buffer, c, coef, hyper, flags):
-    """:func:`ialm_dual_step_` with the new momentum buffer written to ``new_buffer`` (same
-    dtype and length, not aliasing ``buffer`` or ``c``; untouched without momentum) and
-    ``buffer`` only read: a step that meets a direction that is not finite returns NaN and
-    changes nothing at all. The same memory traffic as the in-place kernel."""
-    return _dual_step(dual, buffer, new_buffer, c, coef, hyper, flags)
+    return _dual_step(dual, buffer, c, coef, hyper, flags)
 
 
 def coefficients(dtype, momentum: float, dampening: float, lower: float, upper: float,

@@ -2,11 +2,9 @@ r"""iALM, the augmented-Lagrangian dual optimizer with an adaptive dual step, on
 
 The API is the seed's (``humancompatible.train.dual_optim.iALM``): constraint groups with their
 own hyper-parameters, ``forward`` / ``update`` (= ``step``) / ``forward_update``, ``duals``,
-``state_dict`` / ``load_state_dict``. The backend-neutral part -- validating and resolving each
-group's settings, matching constraint values to groups, the order of a step -- is
-:class:`DualGroups` (the torch face, :mod:`uniopt.adapters.torch.ialm`, is a
-``torch.optim.Optimizer`` of its own and shares the rules and checks, not this class);
-the arithmetic is :mod:`uniopt.rules.ialm` and the dual step is the Numba kernel
+``state_dict`` / ``load_state_dict``. The torch face (:mod:`uniopt.adapters.torch.ialm`) is a
+``torch.optim.Optimizer`` of its own; it shares the rules, the checks and the kernel. The
+arithmetic is :mod:`uniopt.rules.ialm` and the dual step is the Numba kernel
 :func:`uniopt.kernels.ialm_cpu.ialm_dual_step_`.
 
 Semantics of one ``update(c)``, group :math:`k` with slice :math:`c_k`: see
@@ -43,7 +41,7 @@ from .kernels._reduce import all_finite
 from .rules import bind
 from .rules import ialm as _rules
 
-__all__ = ["iALM", "DualGroups", "check_ialm_group", "check_penalty"]
+__all__ = ["iALM", "check_ialm_group", "check_penalty"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -53,34 +51,84 @@ GROUP_KEYS = ("name", "beta", "sigma", "gamma", "momentum", "dampening", "dual_r
 
 
 # ----------------------------------------------------------------------------------------------
-# The backend-neutral part
+# NumPy
 # ----------------------------------------------------------------------------------------------
-class DualGroups:
-    """Constraint groups and the order of an iALM step, whatever the array type.
+_np_rules = bind(_rules, where=np.where, minimum=np.minimum, maximum=np.maximum, sqrt=np.sqrt)
 
-    A backend subclass provides the arrays: ``_initial_duals(size, init_duals, dtype)``,
-    ``_zeros_like(x)``, ``_flat(x)`` (a 1-D view/array of a constraint value), ``_concat``,
-    ``_numel``, ``_dtype``, ``_cast(x, dtype)``, ``_copy(x)``, ``_dual_step_(group, c)`` (one
-    group's dual update, in place, ``c`` already of the duals' dtype; returns ``(sq_norm,
-    stepsize)`` or ``(sq_norm, stepsize, norm)``, ``norm`` the direction's norm where
-    ``sq_norm`` over/underflows; a NaN ``stepsize`` means a direction that is not finite) and
-    ``_lagrangian_terms(loss, groups, parts, rhos)``; optionally ``_all_finite(c)`` and
-    ``_kernel_checks_finite`` (:meth:`_check_finite`).
 
-    Constraint values that are not finite (inf, NaN) raise ``ValueError`` naming the group
-    before anything changes (multipliers, buffers, ``beta``, ``last_step``), on the backends
-    that provide ``_all_finite``.
+class iALM:  # noqa: N801 (the seed's name)
+    r"""iALM's dual optimizer over NumPy arrays (multipliers updated in place).
 
-    Each group is a dict with the keys of :data:`GROUP_KEYS` plus ``duals`` and
-    ``momentum_buffer`` (arrays of the duals' dtype) and ``dtype_fixed`` (whether the duals'
-    dtype is settled: given by ``init_duals``, or adopted from the first constraint values), in
-    ``self.param_groups`` (torch's name, which the seed's API keeps).
+    .. math::
+       d_k = c_k \ \text{or}\ b_k \leftarrow \mu b_k + (1 - \text{dampening}) c_k,\quad
+       \lambda_k \leftarrow \operatorname{clamp}\left(\lambda_k + \min\left(\beta_k,
+       \frac{\gamma_k}{\|d_k\|}\right) d_k,\ lo_k, hi_k\right),\quad \beta_k \leftarrow
+       \sigma_k \beta_k
+
+       L = f + \sum_k \lambda_k^\top c_k + \frac{\rho_k}{2}\|\tilde c_k\|^2
+
+    with :math:`\tilde c_k = \max(c_k, 0)` for inequality groups (``is_ineq=True``, constraints
+    :math:`c \le 0`) and :math:`c_k` for equality groups, :math:`\rho_k` = ``penalty`` (or the
+    group's :math:`\beta_k` before this update's growth when ``penalty=None``). A zero
+    direction gives a zero step (never NaN). Violations within ``ctol`` count as satisfied
+    (:mod:`uniopt.rules.ialm`).
+
+    Args:
+      m: number of constraints of the first group (or give ``init_duals``).
+      beta, sigma, gamma: the first group's dual step cap :math:`\beta`, its growth factor
+        :math:`\sigma` (per update), and :math:`\gamma`.
+      init_duals: initial multipliers: ``None`` (zeros), a number, or a float32/float64 array
+        (whose dtype the multipliers keep; otherwise they take the dtype of the first
+        constraint values seen).
+      penalty: :math:`\rho` (``None``: each group's :math:`\beta`).
+      dual_range: ``(low, high)`` clamp of the multipliers (``None`` entries: unbounded); the
+        default of groups added later.
+      momentum, dampening: heavy-ball momentum of the dual direction (defaults of later groups).
+      is_ineq: whether the first group's constraints are inequalities :math:`c \le 0`.
+      ctol: violations within ``ctol`` count as satisfied.
+      device: ignored (NumPy); kept for the seed's signature.
+
+    After each update, ``last_step`` holds one dict per group: ``{"direction_norm",
+    "stepsize", "rho"}`` (``rho``: the quadratic coefficient of that update's Lagrangian).
+
+    The norm :math:`\|d_k\|` is overflow-safe (scaled as BLAS ``nrm2`` where
+    :math:`\sum d_i^2` would over- or underflow): finite constraint values, however huge or
+    tiny, give a finite step (``update([1e200, 1e200])``: :math:`\lambda = \gamma/\sqrt 2`).
+
+    Raises:
+      ValueError: at ``update`` / ``forward_update``, constraint values that are not finite
+        (inf, NaN; checked in the multipliers' dtype), naming the group
+        (``"constraints: the values of group 'group0' are not finite ..."``), before anything
+        changes: multipliers, buffers, ``beta``, ``last_step`` stay as they were. Also
+        constraint values whose structure or sizes do not match the groups.
+
+    Example:
+      >>> import numpy as np, uniopt
+      >>> dual = uniopt.iALM(m=1, beta=1.0, is_ineq=True)
+      >>> x = np.array([2.0])                # minimise x^2 subject to 1 - x <= 0
+      >>> for _ in range(300):
+      ...     c = 1.0 - x
+      ...     dual.update(c)
+      ...     x -= 0.1 * (2 * x - dual.constraint_weights(c))
+      >>> bool(abs(x[0] - 1.0) < 1e-3)
+      True
+
+    References:
+      Li, Chen, Liu, Lu & Xu, "Stochastic inexact augmented Lagrangian method for nonconvex
+      expectation constrained optimization", Comput. Optim. Appl. (2024),
+      https://doi.org/10.1007/s10589-023-00521-z
     """
 
+    def __init__(self, m=None, beta=1.0, sigma=1.0, gamma=1.0, init_duals=None, penalty=1.0, *,
+                 dual_range=(-100.0, 100.0), momentum=0.0, dampening=0.0, is_ineq=False,
+                 ctol=0.0, device=None):
+        self._setup(m=m, beta=beta, sigma=sigma, gamma=gamma, init_duals=init_duals,
+                    penalty=penalty, dual_range=dual_range, momentum=momentum,
+                    dampening=dampening, is_ineq=is_ineq, ctol=ctol, device=device)
+
+    # -- constraint groups and the order of a step -------------------------------------------
     #: the dtype of duals created before any constraint value is seen
     _default_dtype: Any = np.dtype(np.float64)
-    #: the array types taken as the flat form of the constraints (set by each backend)
-    _array_types: tuple = ()
 
     def _setup(self, *, m, beta, sigma, gamma, init_duals, penalty, dual_range, momentum,
                dampening, is_ineq, ctol, device) -> None:
@@ -188,17 +236,15 @@ class DualGroups:
         """Raise :func:`uniopt._validation.nonfinite_constraints_error` naming the first group
         whose constraint values are not all finite, before anything changes.
 
-        Uses the backend's ``_all_finite(c)`` (the default checks nothing). A backend whose
-        ``_dual_step_`` itself changes nothing for a non-finite direction of a group without
-        momentum and says so (a NaN step: the NumPy face's CPU kernel) sets
-        ``_kernel_checks_finite``; then a first group without momentum is left to its kernel
-        when its dtype is settled, so that single-group case pays no extra pass over the
-        constraints (the groups after the first are checked here: the first one must not
-        change when a later one fails; a group with momentum is checked here, because the
-        kernel updates its buffer before the norm tells).
+        The CPU kernel itself changes nothing for a non-finite direction of a group without
+        momentum (it returns a NaN step before pass 2), so a first group without momentum is
+        left to its kernel when its dtype is settled, and that single-group case pays no
+        extra pass over the constraints. The groups after the first are checked here (the
+        first one must not change when a later one fails), and so is a group with momentum
+        (the kernel updates its buffer before the norm tells).
         """
         first = self.param_groups[0]
-        skip_first = self._kernel_checks_finite and first["dtype_fixed"] and first["momentum"] == 0
+        skip_first = first["dtype_fixed"] and first["momentum"] == 0
         if skip_first and len(parts) == 1:  # the common case: nothing to do here
             return
         for k, (group, c) in enumerate(zip(self.param_groups, parts)):
@@ -206,14 +252,6 @@ class DualGroups:
                 continue
             if not self._all_finite(c):
                 raise nonfinite_constraints_error(group["name"])
-
-    #: whether ``_dual_step_`` changes nothing and returns a NaN step for a non-finite
-    #: direction (see :meth:`_check_finite`)
-    _kernel_checks_finite = False
-
-    def _all_finite(self, c) -> bool:
-        """Whether every constraint value of ``c`` is finite (backends override; default: yes)."""
-        return True
 
     def _adopt_dtypes(self, parts) -> None:
         """Duals created without a dtype take that of the first constraint values seen."""
@@ -300,7 +338,7 @@ class DualGroups:
             new.append({"name": g["name"], **settings, "duals": duals, "momentum_buffer": buffer,
                         "dtype_fixed": bool(g.get("dtype_fixed", True))})
         self.penalty, self.ctol, self.param_groups = penalty, ctol, new
-        for cache in ("_kernel_cache", "_views"):  # per-group caches of the backends
+        for cache in ("_kernel_cache", "_views"):  # per-group caches
             self.__dict__.pop(cache, None)
 
     def __repr__(self) -> str:
@@ -308,98 +346,14 @@ class DualGroups:
                            f"{'ineq' if g['is_ineq'] else 'eq'})" for g in self.param_groups)
         return f"{type(self).__name__}(penalty={self.penalty}, ctol={self.ctol}, groups=[{groups}])"
 
-    # -- the kernel call shared by the backends that run it on host arrays ------------------
     def _kernel_args(self, group, dtype) -> tuple:
         """``(coef, hyper, flags)`` of the kernels for ``group``
         (:func:`uniopt.kernels.ialm_cpu.group_arguments`, cached per optimizer)."""
         return ialm_cpu.group_arguments(self.__dict__.setdefault("_kernel_cache", {}), group, dtype,
                                         self.ctol)
 
-    def _kernel_step_(self, group, duals: np.ndarray, buffer: np.ndarray, c: np.ndarray) -> tuple:
-        """:func:`uniopt.kernels.ialm_cpu.ialm_dual_step_` on host arrays of one dtype; returns
-        ``(sq_norm, stepsize, norm)`` (NaN, and ``duals`` unchanged, for a non-finite direction)."""
-        coef, hyper, flags = self._kernel_args(group, duals.dtype)
-        sq_norm, stepsize, norm = ialm_cpu.ialm_dual_step_(duals, buffer, c, coef, hyper, flags)
-        return float(sq_norm), float(stepsize), float(norm)
-
-
-# ----------------------------------------------------------------------------------------------
-# NumPy
-# ----------------------------------------------------------------------------------------------
-_np_rules = bind(_rules, where=np.where, minimum=np.minimum, maximum=np.maximum, sqrt=np.sqrt)
-
-
-class iALM(DualGroups):  # noqa: N801 (the seed's name)
-    r"""iALM's dual optimizer over NumPy arrays (multipliers updated in place).
-
-    .. math::
-       d_k = c_k \ \text{or}\ b_k \leftarrow \mu b_k + (1 - \text{dampening}) c_k,\quad
-       \lambda_k \leftarrow \operatorname{clamp}\left(\lambda_k + \min\left(\beta_k,
-       \frac{\gamma_k}{\|d_k\|}\right) d_k,\ lo_k, hi_k\right),\quad \beta_k \leftarrow
-       \sigma_k \beta_k
-
-       L = f + \sum_k \lambda_k^\top c_k + \frac{\rho_k}{2}\|\tilde c_k\|^2
-
-    with :math:`\tilde c_k = \max(c_k, 0)` for inequality groups (``is_ineq=True``, constraints
-    :math:`c \le 0`) and :math:`c_k` for equality groups, :math:`\rho_k` = ``penalty`` (or the
-    group's :math:`\beta_k` before this update's growth when ``penalty=None``). A zero
-    direction gives a zero step (never NaN). Violations within ``ctol`` count as satisfied
-    (:mod:`uniopt.rules.ialm`).
-
-    Args:
-      m: number of constraints of the first group (or give ``init_duals``).
-      beta, sigma, gamma: the first group's dual step cap :math:`\beta`, its growth factor
-        :math:`\sigma` (per update), and :math:`\gamma`.
-      init_duals: initial multipliers: ``None`` (zeros), a number, or a float32/float64 array
-        (whose dtype the multipliers keep; otherwise they take the dtype of the first
-        constraint values seen).
-      penalty: :math:`\rho` (``None``: each group's :math:`\beta`).
-      dual_range: ``(low, high)`` clamp of the multipliers (``None`` entries: unbounded); the
-        default of groups added later.
-      momentum, dampening: heavy-ball momentum of the dual direction (defaults of later groups).
-      is_ineq: whether the first group's constraints are inequalities :math:`c \le 0`.
-      ctol: violations within ``ctol`` count as satisfied.
-      device: ignored (NumPy); kept for the seed's signature.
-
-    After each update, ``last_step`` holds one dict per group: ``{"direction_norm",
-    "stepsize", "rho"}`` (``rho``: the quadratic coefficient of that update's Lagrangian).
-
-    The norm :math:`\|d_k\|` is overflow-safe (scaled as BLAS ``nrm2`` where
-    :math:`\sum d_i^2` would over- or underflow): finite constraint values, however huge or
-    tiny, give a finite step (``update([1e200, 1e200])``: :math:`\lambda = \gamma/\sqrt 2`).
-
-    Raises:
-      ValueError: at ``update`` / ``forward_update``, constraint values that are not finite
-        (inf, NaN; checked in the multipliers' dtype), naming the group
-        (``"constraints: the values of group 'group0' are not finite ..."``), before anything
-        changes: multipliers, buffers, ``beta``, ``last_step`` stay as they were. Also
-        constraint values whose structure or sizes do not match the groups.
-
-    Example:
-      >>> import numpy as np, uniopt
-      >>> dual = uniopt.iALM(m=1, beta=1.0, is_ineq=True)
-      >>> x = np.array([2.0])                # minimise x^2 subject to 1 - x <= 0
-      >>> for _ in range(300):
-      ...     c = 1.0 - x
-      ...     dual.update(c)
-      ...     x -= 0.1 * (2 * x - dual.constraint_weights(c))
-      >>> bool(abs(x[0] - 1.0) < 1e-3)
-      True
-
-    References:
-      Li, Chen, Liu, Lu & Xu, "Stochastic inexact augmented Lagrangian method for nonconvex
-      expectation constrained optimization", Comput. Optim. Appl. (2024),
-      https://doi.org/10.1007/s10589-023-00521-z
-    """
-
-    def __init__(self, m=None, beta=1.0, sigma=1.0, gamma=1.0, init_duals=None, penalty=1.0, *,
-                 dual_range=(-100.0, 100.0), momentum=0.0, dampening=0.0, is_ineq=False,
-                 ctol=0.0, device=None):
-        self._setup(m=m, beta=beta, sigma=sigma, gamma=gamma, init_duals=init_duals,
-                    penalty=penalty, dual_range=dual_range, momentum=momentum,
-                    dampening=dampening, is_ineq=is_ineq, ctol=ctol, device=device)
-
-    # -- arrays ---------------------------------------------------------------------------
+    # -- NumPy arrays ---------------------------------------------------------------------
+    #: the array types taken as the flat form of the constraints
     _array_types = (np.ndarray,)
 
     def _initial_duals(self, size, init_duals, device):
@@ -448,8 +402,6 @@ class iALM(DualGroups):  # noqa: N801 (the seed's name)
         coef, hyper, flags = self._kernel_args(group, duals.dtype)
         out = ialm_cpu.ialm_dual_step_(duals, buffer, c, coef, hyper, flags)
         return float(out[0]), float(out[1]), float(out[2])
-
-    _kernel_checks_finite = True
 
     def _all_finite(self, c) -> bool:
         return bool(all_finite(np.ascontiguousarray(c)))

@@ -204,6 +204,15 @@ def _missing(rows, columns: Sequence[Column]) -> dict[str, str]:
     return missing
 
 
+def _legend(rows, columns: Sequence[Column]) -> list[str]:
+    """The ``columns:`` lines under a table, and an ``n/a:`` block for unmeasured columns."""
+    lines = ["", "columns:"] + [f"  {c.label:<17} {c.help}" for c in columns]
+    missing = _missing(rows, columns)
+    if missing:
+        lines += ["", "n/a:"] + [f"  {name}: {reason}" for name, reason in missing.items()]
+    return lines
+
+
 def format_report(result: dict, rows: Sequence[Row], solver_rows: Sequence[SolverRow] = (),
                   ialm_rows: Sequence[IALMRow] = ()) -> str:
     meta = result["meta"]
@@ -217,13 +226,8 @@ def format_report(result: dict, rows: Sequence[Row], solver_rows: Sequence[Solve
         f"(each >= {meta['min_time'] * 1e3:.0f} ms); times in ms per step (lower is better)",
         "",
         format_table(rows),
-        "",
-        "columns:",
     ]
-    lines += [f"  {c.label:<17} {c.help}" for c in COLUMNS]
-    missing = _missing(rows, COLUMNS)
-    if missing:
-        lines += ["", "n/a:"] + [f"  {name}: {reason}" for name, reason in missing.items()]
+    lines += _legend(rows, COLUMNS)
     if solver_rows:
         settings = ", ".join(f"{k}={val!r}" for k, val in POLYAK_SOLVER.items())
         lines += [
@@ -232,22 +236,14 @@ def format_report(result: dict, rows: Sequence[Row], solver_rows: Sequence[Solve
             "ms per whole run (lower is better)",
             "",
             format_solver_table(solver_rows),
-            "",
-            "columns:",
         ]
-        lines += [f"  {c.label:<17} {c.help}" for c in SOLVER_COLUMNS]
-        missing = _missing(solver_rows, SOLVER_COLUMNS)
-        if missing:
-            lines += ["", "n/a:"] + [f"  {name}: {reason}" for name, reason in missing.items()]
+        lines += _legend(solver_rows, SOLVER_COLUMNS)
     if ialm_rows:
         settings = ", ".join(f"{k}={val!r}" for k, val in IALM.items())
         lines += ["", f"iALM dual steps (torch, float32, one group, {settings}); ms per "
-                      "update(c) (lower is better)", "", format_ialm_table(ialm_rows), "",
-                  "columns:"]
-        lines += [f"  {c.label:<17} {c.help}" for c in IALM_COLUMNS]
-        missing = _missing(ialm_rows, IALM_COLUMNS)
-        if missing:
-            lines += ["", "n/a:"] + [f"  {name}: {reason}" for name, reason in missing.items()]
+                      "update(c) or forward_update(loss, c) (lower is better)", "",
+                  format_ialm_table(ialm_rows)]
+        lines += _legend(ialm_rows, IALM_COLUMNS)
     startup = result.get("startup") or {}
     if startup:
         lines += ["", "start-up (fresh processes):"]

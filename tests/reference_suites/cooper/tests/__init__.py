@@ -1,0 +1,4 @@
+# Copyright (C) 2025 The Cooper Developers.
+# Licensed under the MIT License.
+
+"""Unit test package for cooper."""

@@ -1,0 +1,2 @@
+# Copyright (C) 2025 The Cooper Developers.
+# Licensed under the MIT License.

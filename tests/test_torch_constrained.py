@@ -664,3 +664,12 @@ def test_import_as_cooper_exposes_the_names():
     assert public and all(hasattr(ours_utils, n) for n in public)
     assert ours.utils.ConstraintType is ours.ConstraintType
     assert list(itertools.islice(ours.utils.ensure_sequence(3), 2)) == [3]
+
+
+@pytest.mark.parametrize("module", ["", ".multipliers", ".penalty_coefficients", ".constraints", ".cmp"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module("uniopt.adapters.torch.constrained" + module))
+    assert result.attempted > 0 and result.failed == 0

@@ -214,7 +214,8 @@ class IndexedMultiplier(ExplicitMultiplier):
     def sanity_check(self) -> None:
         """As :meth:`ExplicitMultiplier.sanity_check`; also requires a ``(n, 1)`` weight."""
         if self.weight.dim() != 2 or self.weight.shape[1] != 1:
-            raise ValueError(f"IndexedMultiplier weight must have shape (num_constraints, 1), got {tuple(self.weight.shape)}")
+            raise ValueError("IndexedMultiplier weight must have shape (num_constraints, 1), "
+                             f"got {tuple(self.weight.shape)}")
         super().sanity_check()
 
 

@@ -216,7 +216,8 @@ class FeasibilityDrivenPenaltyCoefficientUpdater(PenaltyCoefficientUpdater, abc.
     def __init__(self, violation_tolerance: float, has_restart: bool) -> None:
         tol = real("violation_tolerance", violation_tolerance)
         if not tol >= 0.0 or not math.isfinite(tol):
-            raise ValueError(f"Violation tolerance must be non-negative. Invalid violation_tolerance: {violation_tolerance}")
+            raise ValueError("Violation tolerance must be non-negative. "
+                             f"Invalid violation_tolerance: {violation_tolerance}")
         self.violation_tolerance = violation_tolerance
         self.has_restart = boolean("has_restart", has_restart)
 
@@ -269,7 +270,8 @@ class MultiplicativePenaltyCoefficientUpdater(FeasibilityDrivenPenaltyCoefficien
       ValueError: ``growth_factor`` not finite and positive; a bad tolerance.
     """
 
-    def __init__(self, growth_factor: float = 1.01, violation_tolerance: float = 1e-4, has_restart: bool = True) -> None:
+    def __init__(self, growth_factor: float = 1.01, violation_tolerance: float = 1e-4,
+                 has_restart: bool = True) -> None:
         factor = real("growth_factor", growth_factor)
         if not (factor > 0.0 and math.isfinite(factor)):
             raise ValueError(f"Invalid growth_factor: {growth_factor}")

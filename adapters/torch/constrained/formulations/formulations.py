@@ -4,14 +4,15 @@ With :math:`\tilde g, \tilde h` the (possibly surrogate, differentiable) ``viola
 :math:`g, h` the ``strict_violation`` (defaults to ``violation``) of a
 :class:`~uniopt.adapters.torch.constrained.ConstraintState`:
 
-=====================  ==========================================================  ==========================
-formulation            primal contribution (multipliers detached)                  dual contribution
-=====================  ==========================================================  ==========================
-Lagrangian             :math:`\lambda^\top \tilde g` / :math:`\mu^\top \tilde h`     :math:`\lambda^\top g`
-QuadraticPenalty       :math:`\tfrac12 c^\top \mathrm{relu}(\tilde g)^2` / :math:`\tfrac12 c^\top \tilde h^2`  none
-AugmentedLagrangian    :math:`\sum \tfrac{1}{2c}(\mathrm{relu}(\lambda + c\tilde g)^2 - \lambda^2)` /
-                       :math:`\mu^\top \tilde h + \tfrac12 c^\top \tilde h^2`         :math:`\lambda^\top g`
-=====================  ==========================================================  ==========================
+* :class:`Lagrangian`: primal :math:`\lambda^\top \tilde g` (:math:`\mu^\top \tilde h`), dual
+  :math:`\lambda^\top g` (:math:`\mu^\top h`);
+* :class:`QuadraticPenalty`: primal :math:`\tfrac12 c^\top \mathrm{relu}(\tilde g)^2`
+  (:math:`\tfrac12 c^\top \tilde h^2`), no dual contribution;
+* :class:`AugmentedLagrangian`: primal :math:`\sum_i \tfrac{1}{2c_i}(\mathrm{relu}(\lambda_i +
+  c_i\tilde g_i)^2 - \lambda_i^2)` (:math:`\mu^\top \tilde h + \tfrac12 c^\top \tilde h^2`), dual
+  :math:`\lambda^\top g` (:math:`\mu^\top h`).
+
+Multiplier values are detached in primal terms, violations in dual terms.
 
 The dual contribution of the Augmented Lagrangian is the Lagrangian's: the gradient of a
 multiplier is the raw violation, **not** scaled by the penalty coefficient (Cooper's code; its
@@ -126,12 +127,16 @@ class Formulation(abc.ABC):
         return violation, multiplier_value, penalty_value
 
     @abc.abstractmethod
-    def compute_contribution_to_primal_lagrangian(self, *args: Any, **kwargs: Any) -> Optional[ContributionStore]:
+    def compute_contribution_to_primal_lagrangian(
+        self, *args: Any, **kwargs: Any
+    ) -> Optional[ContributionStore]:
         """The constraint's primal contribution, or ``None`` when its state does not contribute
         to the primal update."""
 
     @abc.abstractmethod
-    def compute_contribution_to_dual_lagrangian(self, *args: Any, **kwargs: Any) -> Optional[ContributionStore]:
+    def compute_contribution_to_dual_lagrangian(
+        self, *args: Any, **kwargs: Any
+    ) -> Optional[ContributionStore]:
         """The constraint's dual contribution, or ``None`` when its state does not contribute to
         the dual update (or the formulation has no dual variables)."""
 
@@ -143,8 +148,9 @@ class Lagrangian(Formulation):
     expects_multiplier = True
     expects_penalty_coefficient = False
 
-    def compute_contribution_to_primal_lagrangian(self, constraint_state: Any,
-                                                  multiplier: Multiplier) -> Optional[ContributionStore]:
+    def compute_contribution_to_primal_lagrangian(
+        self, constraint_state: Any, multiplier: Multiplier
+    ) -> Optional[ContributionStore]:
         """Primal contribution (see the class docstring)."""
         if not constraint_state.contributes_to_primal_update:
             return None
@@ -153,8 +159,9 @@ class Lagrangian(Formulation):
         value = formulation_utils.compute_primal_weighted_violation(multiplier_value, violation)
         return ContributionStore(value, multiplier_value, None)
 
-    def compute_contribution_to_dual_lagrangian(self, constraint_state: Any,
-                                                multiplier: Multiplier) -> Optional[ContributionStore]:
+    def compute_contribution_to_dual_lagrangian(
+        self, constraint_state: Any, multiplier: Multiplier
+    ) -> Optional[ContributionStore]:
         """Dual contribution (see the class docstring)."""
         if not constraint_state.contributes_to_dual_update:
             return None
@@ -172,8 +179,9 @@ class QuadraticPenalty(Formulation):
     expects_multiplier = False
     expects_penalty_coefficient = True
 
-    def compute_contribution_to_primal_lagrangian(self, constraint_state: Any,
-                                                  penalty_coefficient: PenaltyCoefficient) -> Optional[ContributionStore]:
+    def compute_contribution_to_primal_lagrangian(
+        self, constraint_state: Any, penalty_coefficient: PenaltyCoefficient
+    ) -> Optional[ContributionStore]:
         """Primal contribution (see the class docstring)."""
         if not constraint_state.contributes_to_primal_update:
             return None
@@ -182,8 +190,9 @@ class QuadraticPenalty(Formulation):
         value = formulation_utils.compute_quadratic_penalty(penalty_value, violation, self.constraint_type)
         return ContributionStore(value, None, penalty_value)
 
-    def compute_contribution_to_dual_lagrangian(self, constraint_state: Any,
-                                                penalty_coefficient: PenaltyCoefficient) -> None:
+    def compute_contribution_to_dual_lagrangian(
+        self, constraint_state: Any, penalty_coefficient: PenaltyCoefficient
+    ) -> None:
         """Always ``None``: the formulation has no dual variables."""
         return None
 
@@ -195,8 +204,9 @@ class AugmentedLagrangian(Formulation):
     expects_multiplier = True
     expects_penalty_coefficient = True
 
-    def compute_contribution_to_primal_lagrangian(self, constraint_state: Any, multiplier: Multiplier,
-                                                  penalty_coefficient: PenaltyCoefficient) -> Optional[ContributionStore]:
+    def compute_contribution_to_primal_lagrangian(
+        self, constraint_state: Any, multiplier: Multiplier, penalty_coefficient: PenaltyCoefficient
+    ) -> Optional[ContributionStore]:
         """Primal contribution (see the module docstring)."""
         if not constraint_state.contributes_to_primal_update:
             return None
@@ -206,8 +216,9 @@ class AugmentedLagrangian(Formulation):
             multiplier_value, penalty_value, violation, self.constraint_type)
         return ContributionStore(value, multiplier_value, penalty_value)
 
-    def compute_contribution_to_dual_lagrangian(self, constraint_state: Any, multiplier: Multiplier,
-                                                penalty_coefficient: PenaltyCoefficient) -> Optional[ContributionStore]:
+    def compute_contribution_to_dual_lagrangian(
+        self, constraint_state: Any, multiplier: Multiplier, penalty_coefficient: PenaltyCoefficient
+    ) -> Optional[ContributionStore]:
         """Dual contribution: :math:`\\lambda^\\top g` (no penalty factor)."""
         if not constraint_state.contributes_to_dual_update:
             return None

@@ -673,3 +673,16 @@ def test_docstring_examples_run(module):
 
     result = doctest.testmod(importlib.import_module("uniopt.adapters.torch.constrained" + module))
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_to_moves_multipliers_penalties_and_the_restart_value():
+    data = _data(1)
+    cmp = _make_cmp(ours, "AugmentedLagrangian", False, "vector", data, False).to(torch.float32)
+    assert all(m.weight.dtype == torch.float32 for m in cmp.multipliers())
+    assert all(pc.value.dtype == pc.init.dtype == torch.float32 for pc in cmp.penalty_coefficients())
+    upd = ours.penalty_coefficients.MultiplicativePenaltyCoefficientUpdater(2.0)
+    upd.step({cmp.ineq: ours.ConstraintState(violation=torch.tensor([1.0, -1.0, 0, 0, 0, 0]))})
+    assert cmp.ineq.penalty_coefficient.value.dtype == torch.float32
+    expected = data["rho_ineq"].float().clone()
+    expected[0] *= 2
+    assert torch.equal(cmp.ineq.penalty_coefficient.value, expected)

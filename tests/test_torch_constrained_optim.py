@@ -1,0 +1,307 @@
+"""uniopt.adapters.torch.constrained.optim: Cooper's constrained optimizers (cooper-optim 1.0.1).
+
+The optimizers talk to the problem only through duck-typed calls, so every test builds its
+problem with a "problem-side module" (the ``pm`` fixture: cooper-optim's own CMP, constraint,
+multiplier and formulation classes for now; uniopt's ``uniopt.adapters.torch.constrained`` is
+the second value once both are merged). Oracles: hand-computed SGD rolls (plain tensor
+arithmetic, no autograd, no cooper), cooper-optim's optimizers on their own copy of the same
+problem (float64, 12 rolls, 1e-12), closed-form optima, uniopt's iALM (penalty 0, uncapped step)
+and qhoptim for uniopt's QHM/QHAdam on either side."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import io
+import math
+import pickle
+import warnings
+
+import pytest
+
+import torch
+
+import cooper  # the reference (test-only dependency): a missing one fails, never skips
+
+from uniopt.adapters.torch import QHM, QHAdam  # noqa: E402
+from uniopt.adapters.torch.constrained import optim as uoptim  # noqa: E402
+from uniopt.adapters.torch.dual_optim import iALM  # noqa: E402
+
+F64 = torch.float64
+TOL = dict(rtol=1e-12, atol=1e-14)
+PROBLEM_MODULES = ["cooper"]  # + "uniopt.adapters.torch.constrained" once the problem side is merged
+
+
+@pytest.fixture(params=PROBLEM_MODULES)
+def pm(request):
+    """The module whose CMP/Constraint/multiplier/formulation classes build the problem."""
+    return importlib.import_module(request.param)
+
+
+# ---------------------------------------------------------------------------------------------
+# The problem: min ||x - a||^2  s.t.  A x - b <= 0 (3 rows),  C x - d = 0 (2 rows),  x in R^4.
+# With ``surrogate`` the primal side sees the proxy rows A_s, C_s (differentiable
+# ``violation``) and the dual side the true rows (``strict_violation``). Indexed multipliers
+# observe a step-dependent subset of rows.
+# ---------------------------------------------------------------------------------------------
+N = 4
+DATA = {
+    "a": torch.tensor([1.0, -0.5, 2.0, 0.3], dtype=F64),
+    "ineq": (torch.tensor([[1.0, 1.0, 0.0, 0.5], [0.0, -1.0, 2.0, 0.0], [-1.0, 0.0, 0.0, -2.0]], dtype=F64),
+             torch.tensor([0.5, 1.0, 3.0], dtype=F64)),   # row 2 is strictly satisfied near a
+    "eq": (torch.tensor([[0.5, 0.0, -1.0, 1.0], [1.0, 2.0, 0.0, 0.0]], dtype=F64),
+           torch.tensor([0.2, -0.4], dtype=F64)),
+}
+SURROGATE_NOISE = {"ineq": torch.tensor([[0.1, -0.05, 0.0, 0.02], [0.0, 0.03, -0.1, 0.05], [0.04, 0.0, 0.1, 0.0]],
+                                        dtype=F64),
+                   "eq": torch.tensor([[-0.02, 0.05, 0.0, 0.1], [0.0, -0.1, 0.03, 0.0]], dtype=F64)}
+FEATURES = {"ineq": [[0, 2], [1, 2], [0, 1, 2]], "eq": [[1], [0, 1], [0]]}  # per step (cycled)
+INIT = {"ineq": torch.tensor([0.3, 0.0, 0.1], dtype=F64), "eq": torch.tensor([-0.2, 0.4], dtype=F64)}
+PENALTY = {"ineq": torch.tensor([0.5, 1.5, 2.0], dtype=F64), "eq": torch.tensor([0.7, 1.3], dtype=F64)}
+X0 = torch.tensor([0.2, 0.1, -0.3, 0.5], dtype=F64)
+
+
+def ctype(pm, kind):
+    return pm.ConstraintType.INEQUALITY if kind == "ineq" else pm.ConstraintType.EQUALITY
+
+
+def features(kind, step):
+    return torch.tensor(FEATURES[kind][step % len(FEATURES[kind])], dtype=torch.long)
+
+
+def build_cmp(pm, formulation, *, kinds=("ineq", "eq"), indexed=False, surrogate=False,
+              has_compute_violations=False):
+    """A CMP of the module ``pm``; ``formulation`` is the formulation's class name."""
+    form = getattr(pm.formulations, formulation)
+    mult_cls = pm.multipliers.IndexedMultiplier if indexed else pm.multipliers.DenseMultiplier
+    pen_cls = (pm.penalty_coefficients.IndexedPenaltyCoefficient if indexed
+               else pm.penalty_coefficients.DensePenaltyCoefficient)
+
+    class CMP(pm.ConstrainedMinimizationProblem):
+        def __init__(self):
+            super().__init__()
+            for kind in kinds:
+                multiplier = penalty = None
+                if form.expects_multiplier:
+                    multiplier = mult_cls(num_constraints=len(INIT[kind]), dtype=F64)
+                    with torch.no_grad():
+                        multiplier.weight.copy_(INIT[kind].view_as(multiplier.weight))
+                if form.expects_penalty_coefficient:
+                    penalty = pen_cls(init=PENALTY[kind].clone())
+                setattr(self, kind, pm.Constraint(constraint_type=ctype(pm, kind), formulation_type=form,
+                                                  multiplier=multiplier, penalty_coefficient=penalty))
+
+        def _observed(self, x, step):
+            observed = {}
+            for kind in kinds:
+                lhs, rhs = DATA[kind]
+                strict = lhs @ x - rhs
+                viol = (lhs + SURROGATE_NOISE[kind]) @ x - rhs if surrogate else strict
+                if indexed:
+                    idx = features(kind, step)
+                    state = pm.ConstraintState(violation=viol[idx], constraint_features=idx,
+                                               strict_violation=strict[idx].detach(), strict_constraint_features=idx)
+                else:
+                    state = pm.ConstraintState(violation=viol, strict_violation=strict.detach())
+                observed[getattr(self, kind)] = state
+            return observed
+
+        def compute_cmp_state(self, x, step=0):
+            return pm.CMPState(loss=((x - DATA["a"]) ** 2).sum(), observed_constraints=self._observed(x, step))
+
+        if has_compute_violations:
+            def compute_violations(self, x, step=0):
+                return pm.CMPState(observed_constraints=self._observed(x, step))
+
+    return CMP()
+
+
+def dual_params(cmp):
+    """The multipliers' parameters in registration order (cooper's dual_parameters() iterates a set)."""
+    return [p for _, m in cmp.named_multipliers() for p in m.parameters()]
+
+
+def multipliers(cmp):
+    return {kind: m.weight.detach().reshape(-1).clone() for kind, m in cmp.named_multipliers()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-computed rolls: SGD on both sides, plain tensor arithmetic (no autograd, no cooper).
+# ---------------------------------------------------------------------------------------------
+class Manual:
+    """The oracle of one problem: x, the multipliers and fixed penalty coefficients as tensors."""
+
+    def __init__(self, formulation, kinds, indexed, surrogate, primal_lr, dual_lr):
+        self.form, self.kinds, self.indexed, self.surrogate = formulation, kinds, indexed, surrogate
+        self.plr, self.dlr = primal_lr, dual_lr
+        self.x = X0.clone()
+        self.lam = {k: INIT[k].clone() for k in kinds} if formulation != "QuadraticPenalty" else None
+
+    def idx(self, kind, step):
+        return features(kind, step) if self.indexed else torch.arange(len(INIT[kind]))
+
+    def viol(self, kind, x, step, strict):
+        lhs, rhs = DATA[kind]
+        if self.surrogate and not strict:
+            lhs = lhs + SURROGATE_NOISE[kind]
+        return (lhs @ x - rhs)[self.idx(kind, step)]
+
+    def primal(self, x, lam, step):
+        """(primal Lagrangian, its gradient in x)."""
+        value, grad = ((x - DATA["a"]) ** 2).sum(), 2 * (x - DATA["a"])
+        for kind in self.kinds:
+            i = self.idx(kind, step)
+            lhs = DATA[kind][0] + (SURROGATE_NOISE[kind] if self.surrogate else 0)
+            g = self.viol(kind, x, step, strict=False)
+            if self.form == "Lagrangian":
+                value, w = value + lam[kind][i] @ g, lam[kind][i]
+            elif self.form == "QuadraticPenalty":
+                c = PENALTY[kind][i]
+                gp = g.clamp(min=0) if kind == "ineq" else g
+                value, w = value + 0.5 * (c * gp ** 2).sum(), c * gp
+            elif kind == "ineq":  # augmented Lagrangian
+                c, l = PENALTY[kind][i], lam[kind][i]
+                r = (l + c * g).clamp(min=0)
+                value, w = value + 0.5 * ((r ** 2 - l ** 2) / c).sum(), r
+            else:
+                c, l = PENALTY[kind][i], lam[kind][i]
+                value, w = value + l @ g + 0.5 * (c * g ** 2).sum(), l + c * g
+            grad = grad + lhs[i].T @ w
+        return value, grad
+
+    def dual(self, x, lam, step):
+        """(dual Lagrangian, the multipliers after one projected SGD ascent step)."""
+        value, new = torch.zeros((), dtype=F64), {}
+        for kind in self.kinds:
+            i, g = self.idx(kind, step), self.viol(kind, x, step, strict=True)
+            value = value + lam[kind][i] @ g
+            m = lam[kind].clone()
+            m[i] = m[i] + self.dlr * g
+            new[kind] = m.clamp(min=0) if kind == "ineq" else m
+        return value, new
+
+    def observed(self, lam, step):
+        return torch.cat([lam[k][self.idx(k, step)] for k in self.kinds])
+
+    def roll(self, scheme, step):
+        """One roll; returns (primal L, dual L, primal-store multipliers, dual-store multipliers, loss)."""
+        x, lam = self.x, self.lam
+        loss = ((x - DATA["a"]) ** 2).sum()
+        if scheme == "Unconstrained":
+            lp, gx = self.primal(x, lam, step)
+            self.x = x - self.plr * gx
+            return lp, None, None, None, loss
+        if scheme == "Simultaneous":
+            lp, gx = self.primal(x, lam, step)
+            ld, self.lam = self.dual(x, lam, step)
+            self.x = x - self.plr * gx
+            return lp, ld, self.observed(lam, step), self.observed(lam, step), loss
+        if scheme == "AlternatingDualPrimal":
+            ld, new = self.dual(x, lam, step)
+            lp, gx = self.primal(x, new, step)
+            self.x, self.lam = x - self.plr * gx, new
+            return lp, ld, self.observed(new, step), self.observed(lam, step), loss
+        if scheme == "AlternatingPrimalDual":
+            lp, gx = self.primal(x, lam, step)
+            self.x = x - self.plr * gx
+            ld, self.lam = self.dual(self.x, lam, step)
+            return lp, ld, self.observed(lam, step), self.observed(lam, step), ((self.x - DATA["a"]) ** 2).sum()
+        if scheme == "Extrapolation":
+            lp, gx = self.primal(x, lam, step)
+            ld, lam_half = self.dual(x, lam, step)
+            x_half = x - self.plr * gx
+            _, gx_half = self.primal(x_half, lam_half, step)
+            g_half = {}
+            for kind in self.kinds:  # the update step: lam_t + lr * g(x_half), projected
+                i, g = self.idx(kind, step), self.viol(kind, x_half, step, strict=True)
+                m = lam[kind].clone()
+                m[i] = m[i] + self.dlr * g
+                g_half[kind] = m.clamp(min=0) if kind == "ineq" else m
+            self.x, self.lam = x - self.plr * gx_half, g_half
+            return lp, ld, self.observed(lam, step), self.observed(lam, step), loss
+        raise AssertionError(scheme)
+
+
+SCHEMES = {
+    "Simultaneous": "SimultaneousOptimizer",
+    "AlternatingPrimalDual": "AlternatingPrimalDualOptimizer",
+    "AlternatingDualPrimal": "AlternatingDualPrimalOptimizer",
+    "Extrapolation": "ExtrapolationConstrainedOptimizer",
+}
+PRIMAL_LR, DUAL_LR = 0.07, 0.45
+
+
+def close(actual, expected, **tol):
+    torch.testing.assert_close(actual, expected, **(tol or TOL))
+
+
+def check_roll(roll_out, manual_out, manual, x, cmp, step, with_multipliers):
+    lp, ld, mp, md, loss = manual_out
+    close(x.detach(), manual.x)
+    close(roll_out.primal_lagrangian_store.lagrangian.detach(), lp)
+    close(roll_out.loss.detach(), loss)
+    if with_multipliers:
+        close(roll_out.dual_lagrangian_store.lagrangian.detach(), ld)
+        close(torch.cat([v.detach() for v in roll_out.primal_lagrangian_store.observed_multiplier_values()]), mp)
+        close(torch.cat([v.detach() for v in roll_out.dual_lagrangian_store.observed_multiplier_values()]), md)
+        now = multipliers(cmp)
+        for kind in manual.kinds:
+            close(now[kind], manual.lam[kind])
+    else:
+        assert roll_out.dual_lagrangian_store.lagrangian is None
+        assert list(roll_out.dual_lagrangian_store.observed_multiplier_values()) == []
+
+
+@pytest.mark.parametrize("surrogate", [False, True], ids=["plain", "proxy"])
+@pytest.mark.parametrize("indexed", [False, True], ids=["dense", "indexed"])
+@pytest.mark.parametrize("kinds", [("ineq",), ("eq",), ("ineq", "eq")], ids=["ineq", "eq", "both"])
+@pytest.mark.parametrize("formulation", ["Lagrangian", "AugmentedLagrangian"])
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_two_manual_rolls(pm, scheme, formulation, kinds, indexed, surrogate):
+    """Cooper's test_manual, our port: two rolls of every constrained optimizer against
+    hand-computed projected SGD descent-ascent (params, multipliers, both Lagrangians, the
+    multiplier values each store observed, the RollOut's loss)."""
+    cmp = build_cmp(pm, formulation, kinds=kinds, indexed=indexed, surrogate=surrogate)
+    x = torch.nn.Parameter(X0.clone())
+    extra = scheme == "Extrapolation"
+    sgd = uoptim.ExtraSGD if extra else torch.optim.SGD
+    opt = getattr(uoptim, SCHEMES[scheme])(cmp, sgd([x], lr=PRIMAL_LR),
+                                           sgd(dual_params(cmp), lr=DUAL_LR, maximize=True))
+    manual = Manual(formulation, kinds, indexed, surrogate, PRIMAL_LR, DUAL_LR)
+    for step in range(2):
+        kwargs = {"compute_cmp_state_kwargs": {"x": x, "step": step}}
+        roll_out = opt.roll(**kwargs)
+        check_roll(roll_out, manual.roll(scheme, step), manual, x, cmp, step, True)
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["dense", "indexed"])
+@pytest.mark.parametrize("kinds", [("ineq",), ("eq",), ("ineq", "eq")], ids=["ineq", "eq", "both"])
+def test_two_manual_rolls_quadratic_penalty(pm, kinds, indexed):
+    """QuadraticPenalty with UnconstrainedOptimizer: primal SGD on f + 1/2 sum c [g]_+^2, an
+    empty dual store."""
+    cmp = build_cmp(pm, "QuadraticPenalty", kinds=kinds, indexed=indexed)
+    x = torch.nn.Parameter(X0.clone())
+    opt = uoptim.UnconstrainedOptimizer(cmp, torch.optim.SGD([x], lr=PRIMAL_LR))
+    manual = Manual("QuadraticPenalty", kinds, indexed, False, PRIMAL_LR, DUAL_LR)
+    for step in range(2):
+        roll_out = opt.roll(compute_cmp_state_kwargs={"x": x, "step": step})
+        check_roll(roll_out, manual.roll("Unconstrained", step), manual, x, cmp, step, False)
+        assert type(roll_out.dual_lagrangian_store) is type(roll_out.primal_lagrangian_store)
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["dense", "indexed"])
+def test_alternating_primal_dual_with_compute_violations(pm, indexed):
+    """With compute_violations the dual step uses the violations at x_{t+1}; the RollOut's
+    loss is f(x_t) and its state has no loss."""
+    cmp = build_cmp(pm, "Lagrangian", indexed=indexed, has_compute_violations=True)
+    x = torch.nn.Parameter(X0.clone())
+    opt = uoptim.AlternatingPrimalDualOptimizer(cmp, torch.optim.SGD([x], lr=PRIMAL_LR),
+                                                torch.optim.SGD(dual_params(cmp), lr=DUAL_LR, maximize=True))
+    manual = Manual("Lagrangian", ("ineq", "eq"), indexed, False, PRIMAL_LR, DUAL_LR)
+    for step in range(2):
+        f_t = ((x.detach() - DATA["a"]) ** 2).sum()
+        kw = {"x": x, "step": step}
+        roll_out = opt.roll(compute_cmp_state_kwargs=kw, compute_violations_kwargs=kw)
+        lp, ld, mp, md, _ = manual.roll("AlternatingPrimalDual", step)
+        check_roll(roll_out, (lp, ld, mp, md, f_t), manual, x, cmp, step, True)
+        assert roll_out.cmp_state.loss is None

@@ -413,3 +413,171 @@ def test_trajectory_matches_cooper(pm, scheme, formulation, indexed):
             torch.testing.assert_close(a[key], b[key], **TOL, msg=lambda m, k=key, s=step: f"step {s} {k}: {m}")
         moved |= not torch.equal(a["x"], X0)
     assert moved and not torch.equal(ours[-1]["x"], ours[-2]["x"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Error cases, with Cooper's messages (its own tests' regexes)
+# ---------------------------------------------------------------------------------------------
+CONSTRAINED = ["SimultaneousOptimizer", "AlternatingPrimalDualOptimizer", "AlternatingDualPrimalOptimizer",
+               "ExtrapolationConstrainedOptimizer"]
+
+
+def _sgd(params, **kw):
+    return torch.optim.SGD(params, lr=0.1, **kw)
+
+
+@pytest.mark.parametrize("name", CONSTRAINED)
+def test_missing_optimizers(pm, name):
+    cmp = build_cmp(pm, "Lagrangian")
+    x = torch.nn.Parameter(X0.clone())
+    with pytest.raises(TypeError, match=r"No primal optimizer\(s\) was provided for building a ConstrainedOptimizer."):
+        getattr(uoptim, name)(cmp, None, _sgd(dual_params(cmp), maximize=True))
+    with pytest.raises(TypeError, match=r"No dual optimizer\(s\) was provided for building a ConstrainedOptimizer."):
+        getattr(uoptim, name)(cmp, _sgd([x]), None)
+
+
+@pytest.mark.parametrize("name", CONSTRAINED)
+def test_dual_optimizer_must_maximize(pm, name):
+    cmp = build_cmp(pm, "Lagrangian")
+    x = torch.nn.Parameter(X0.clone())
+    ineq, eq = dual_params(cmp)
+    mixed = torch.optim.SGD([{"params": [ineq], "maximize": True}, {"params": [eq]}], lr=0.1)
+    with pytest.raises(ValueError, match=r"Dual optimizers must be set to carry out maximization steps\."
+                                         r" \(dual optimizer 0 \(SGD\), param group 1: maximize=False\)"):
+        getattr(uoptim, name)(cmp, _sgd([x]), mixed)
+    # an optimizer without a "maximize" setting: cooper fails with KeyError, ours names it
+    with pytest.raises(ValueError, match=r"maximization steps\. .*LBFGS.*maximize=<missing>"):
+        getattr(uoptim, name)(cmp, _sgd([x]), [_sgd([ineq], maximize=True), torch.optim.LBFGS([eq])])
+    with pytest.raises(KeyError):
+        getattr(cooper.optim, name)(cmp, _sgd([x]), [_sgd([ineq], maximize=True), torch.optim.LBFGS([eq])])
+
+
+def test_extrapolation_needs_extrapolation_capable_optimizers(pm):
+    cmp = build_cmp(pm, "Lagrangian")
+    x = torch.nn.Parameter(X0.clone())
+    with pytest.raises(RuntimeError, match=r"Some of the provided optimizers do not have an extrapolation method\."
+                                           r".*\(primal optimizer 0 \(SGD\)\)"):
+        uoptim.ExtrapolationConstrainedOptimizer(cmp, _sgd([x]), uoptim.ExtraSGD(dual_params(cmp), maximize=True))
+    with pytest.raises(RuntimeError, match=r"do not have an extrapolation method\..*\(dual optimizer 0 \(SGD\)\)"):
+        uoptim.ExtrapolationConstrainedOptimizer(cmp, uoptim.ExtraSGD([x]), _sgd(dual_params(cmp), maximize=True))
+    opt = uoptim.ExtrapolationConstrainedOptimizer(cmp, uoptim.ExtraSGD([x]),
+                                                   cooper.optim.ExtraSGD(dual_params(cmp), maximize=True))
+    assert len(opt.dual_optimizers) == 1  # any optimizer with extrapolation() is accepted
+
+
+def test_compute_violations_with_a_loss_raises_and_changes_nothing(pm):
+    cmp = build_cmp(pm, "Lagrangian", has_compute_violations=True)
+    cmp.compute_violations = lambda x, step=0: cmp.compute_cmp_state(x, step)  # populates the loss
+    x = torch.nn.Parameter(X0.clone())
+    primal = torch.optim.SGD([x], lr=0.1, momentum=0.9)
+    opt = uoptim.AlternatingPrimalDualOptimizer(cmp, primal, _sgd(dual_params(cmp), maximize=True))
+    before = multipliers(cmp)
+    kw = {"x": x}
+    with pytest.raises(RuntimeError, match=r"Expected `compute_violations` to not populate the loss\. "
+                                           r"Please provide this value for the `compute_cmp_state` instead\."):
+        opt.roll(compute_cmp_state_kwargs=kw, compute_violations_kwargs=kw)
+    assert torch.equal(x.detach(), X0) and len(primal.state) == 0
+    assert all(torch.equal(before[k], v) for k, v in multipliers(cmp).items())
+    # cooper raises after its primal step
+    x_ref = torch.nn.Parameter(X0.clone())
+    ref = cooper.optim.AlternatingPrimalDualOptimizer(cmp, _sgd([x_ref]), _sgd(dual_params(cmp), maximize=True))
+    with pytest.raises(RuntimeError, match="to not populate the loss"):
+        ref.roll(compute_cmp_state_kwargs={"x": x_ref}, compute_violations_kwargs={"x": x_ref})
+    assert not torch.equal(x_ref.detach(), X0)
+
+
+def test_compute_violations_not_implemented_falls_back(pm):
+    cmp = build_cmp(pm, "Lagrangian")  # no compute_violations: the base class raises NotImplementedError
+    x = torch.nn.Parameter(X0.clone())
+    opt = uoptim.AlternatingPrimalDualOptimizer(cmp, _sgd([x]), _sgd(dual_params(cmp), maximize=True))
+    roll_out = opt.roll(compute_cmp_state_kwargs={"x": x}, compute_violations_kwargs={"unused": 1})
+    close(roll_out.loss.detach(), ((x.detach() - DATA["a"]) ** 2).sum())  # the loss at x_{t+1}
+    close(roll_out.cmp_state.loss.detach(), roll_out.loss.detach())
+
+
+@pytest.mark.parametrize("name", ["UnconstrainedOptimizer"] + CONSTRAINED[:3])
+def test_state_dict_count_mismatches(pm, name):
+    cmp = build_cmp(pm, "Lagrangian")
+    x = torch.nn.Parameter(X0.clone())
+    cls = getattr(uoptim, name)
+    constrained = name != "UnconstrainedOptimizer"
+    dual = _sgd(dual_params(cmp), maximize=True) if constrained else None
+    opt = cls(cmp, _sgd([x]), dual)
+    state = opt.state_dict()
+    assert set(state) == {"primal_optimizer_states", "dual_optimizer_states"}
+    assert (state["dual_optimizer_states"] is None) is (not constrained)
+    with pytest.raises(ValueError, match=r"The number of primal optimizers does not match the number of primal "
+                                         r"optimizer states\. \(got 1 states for 2 optimizers\)"):
+        cls(cmp, [_sgd([x]), _sgd([x])], dual).load_state_dict(state)
+    if constrained:
+        with pytest.raises(ValueError, match=r"Optimizer state dict contains ``dual_optimizer_states`` but "
+                                             r"``dual_optimizers`` is None\."):
+            uoptim.UnconstrainedOptimizer(cmp, _sgd([x])).load_state_dict(state)
+        with pytest.raises(ValueError, match=r"The number of dual optimizers does not match the number of dual "
+                                             r"optimizer states\. \(got 1 states for 2 optimizers\)"):
+            cls(cmp, _sgd([x]), [dual, _sgd([torch.ones(1, requires_grad=True)], maximize=True)]).load_state_dict(state)
+        with pytest.raises(ValueError, match=r"number of dual optimizers .* \(got no states for 1 optimizers\)"):
+            opt.load_state_dict({**state, "dual_optimizer_states": None})
+
+
+def test_failed_load_changes_nothing(pm):
+    """The primal state loads, the dual one fails (wrong group count in torch): the primal
+    optimizer gets its state back."""
+    cmp = build_cmp(pm, "Lagrangian")
+    x = torch.nn.Parameter(X0.clone())
+    primal = torch.optim.SGD([x], lr=0.1, momentum=0.9)
+    opt = uoptim.SimultaneousOptimizer(cmp, primal, _sgd(dual_params(cmp), maximize=True))
+    opt.roll(compute_cmp_state_kwargs={"x": x})
+    before = copy.deepcopy(primal.state_dict())
+    bad = copy.deepcopy(opt.state_dict())
+    bad["primal_optimizer_states"][0]["state"][0]["momentum_buffer"] += 1.0
+    bad["dual_optimizer_states"][0]["param_groups"].append(bad["dual_optimizer_states"][0]["param_groups"][0])
+    with pytest.raises(ValueError):
+        opt.load_state_dict(bad)
+    assert torch.equal(primal.state[x]["momentum_buffer"], before["state"][0]["momentum_buffer"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: N rolls, state dicts through torch.save, fresh objects, M more rolls
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("scheme,formulation", [("Simultaneous", "AugmentedLagrangian"),
+                                                ("AlternatingPrimalDual", "Lagrangian"),
+                                                ("Extrapolation", "AugmentedLagrangian"),
+                                                ("Extrapolation-sgd-adam", "Lagrangian"),
+                                                ("Unconstrained", "QuadraticPenalty")])
+def test_checkpoint_resume_is_identical(pm, scheme, formulation, tmp_path):
+    n, m = 5, 6
+    x, cmp, opt, updater = build_run("ours", pm, scheme, formulation, False)
+
+    def roll(x, cmp, opt, updater, step):
+        roll_out = opt.roll(compute_cmp_state_kwargs={"x": x, "step": step})
+        if updater is not None:
+            updater.step(roll_out.cmp_state.observed_constraints)
+        return {"x": x.detach().clone(), **roll_fields(roll_out), **multipliers(cmp),
+                **{f"pen_{k}": pc.value.clone() for k, pc in cmp.named_penalty_coefficients()}}
+
+    full = [roll(x, cmp, opt, updater, s) for s in range(n + m)]
+    x, cmp, opt, updater = build_run("ours", pm, scheme, formulation, False)
+    for s in range(n):
+        roll(x, cmp, opt, updater, s)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"x": x.detach(), "opt": opt.state_dict(), "cmp": cmp.state_dict()}, path)
+    del x, cmp, opt
+    ckpt = torch.load(path, weights_only=True)
+    x2, cmp2, opt2, updater2 = build_run("ours", pm, scheme, formulation, False)
+    with torch.no_grad():
+        x2.copy_(ckpt["x"])
+    cmp2.load_state_dict(ckpt["cmp"])
+    opt2.load_state_dict(ckpt["opt"])
+    resumed = [roll(x2, cmp2, opt2, updater2, s) for s in range(n, n + m)]
+    for a, b in zip(full[n:], resumed):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    # the check can fail: without the optimizer state the resumed run differs (all setups are stateful)
+    x3, cmp3, opt3, updater3 = build_run("ours", pm, scheme, formulation, False)
+    with torch.no_grad():
+        x3.copy_(ckpt["x"])
+    cmp3.load_state_dict(ckpt["cmp"])
+    assert not torch.equal(roll(x3, cmp3, opt3, updater3, n)["x"], full[n]["x"])

@@ -581,3 +581,199 @@ def test_checkpoint_resume_is_identical(pm, scheme, formulation, tmp_path):
         x3.copy_(ckpt["x"])
     cmp3.load_state_dict(ckpt["cmp"])
     assert not torch.equal(roll(x3, cmp3, opt3, updater3, n)["x"], full[n]["x"])
+
+
+# ---------------------------------------------------------------------------------------------
+# ExtraSGD / ExtraAdam directly against cooper's, and their deviations
+# ---------------------------------------------------------------------------------------------
+Q = torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=F64)
+R = torch.tensor([0.3, -1.0, 0.2, 0.5], dtype=F64)
+
+
+def set_quadratic_grads(params):
+    """grad of sum(Q p^2 + R p) on every parameter (dense)."""
+    for p in params:
+        p.grad = 2 * Q[: p.numel()] * p.detach() + R[: p.numel()]
+
+
+EXTRA_SETTINGS = [
+    ("ExtraSGD", {"lr": 0.1}), ("ExtraSGD", {"lr": 0.1, "momentum": 0.9}),
+    ("ExtraSGD", {"lr": 0.05, "momentum": 0.8, "dampening": 0.3, "weight_decay": 0.1}),
+    ("ExtraSGD", {"lr": 0.05, "momentum": 0.8, "nesterov": True, "weight_decay": 0.1}),
+    ("ExtraSGD", {"lr": 0.05, "momentum": 0.5, "maximize": True}),
+    ("ExtraAdam", {"lr": 0.1}), ("ExtraAdam", {"lr": 0.1, "amsgrad": True, "weight_decay": 0.05}),
+    ("ExtraAdam", {"lr": 0.05, "betas": (0.5, 0.8), "eps": 1e-3, "maximize": True}),
+]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name,kwargs", EXTRA_SETTINGS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(EXTRA_SETTINGS)])
+def test_extragradient_matches_cooper(name, kwargs):
+    """10 (extrapolation, step) pairs on a quadratic, two param groups (one with its own lr),
+    float64: parameters and optimizer state equal cooper's to 1e-12."""
+    runs = {}
+    for lib in ("ours", "cooper"):
+        p1 = torch.nn.Parameter(X0.clone())
+        p2 = torch.nn.Parameter(X0[:2].clone() * 2)
+        opt = _extra(lib, name)([{"params": [p1]}, {"params": [p2], "lr": kwargs["lr"] / 2}], **kwargs)
+        for _ in range(10):
+            set_quadratic_grads([p1, p2])
+            opt.extrapolation()
+            set_quadratic_grads([p1, p2])
+            opt.step()
+        runs[lib] = ([p1.detach(), p2.detach()], opt)
+    (ours, opt), (ref, ref_opt) = runs["ours"], runs["cooper"]
+    for a, b in zip(ours, ref):
+        close(a, b)
+    assert not torch.equal(ours[0], X0)
+    for pa, pb in zip(opt.param_groups[0]["params"] + opt.param_groups[1]["params"],
+                      ref_opt.param_groups[0]["params"] + ref_opt.param_groups[1]["params"]):
+        sa, sb = opt.state[pa], ref_opt.state[pb]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            close(torch.as_tensor(sa[key], dtype=F64), torch.as_tensor(sb[key], dtype=F64))
+
+
+def test_extra_sgd_sparse_gradients():
+    """Sparse gradients (IndexedMultiplier's) give what the same gradients densified give, with
+    momentum, Nesterov and weight decay (cooper's Nesterov ExtraSGD raises on sparse ones)."""
+    idx = torch.tensor([[0, 2]])
+    results = []
+    for sparse in (True, False):
+        p = torch.nn.Parameter(X0.clone())
+        opt = uoptim.ExtraSGD([p], lr=0.1, momentum=0.5, nesterov=True, weight_decay=0.1, maximize=True)
+        for k in range(4):
+            g = torch.sparse_coo_tensor(idx, torch.tensor([1.0 + k, -0.5], dtype=F64), (N,), check_invariants=True)
+            for _ in range(2):
+                p.grad = g if sparse else g.to_dense()
+                (opt.extrapolation if _ == 0 else opt.step)()
+        results.append(p.detach().clone())
+    close(results[0], results[1])
+    assert results[0][1] != X0[1]  # weight decay moves the unobserved rows too
+    q = torch.nn.Parameter(X0.clone())
+    ref = cooper.optim.ExtraSGD([q], lr=0.1, momentum=0.5, nesterov=True, maximize=True)
+    q.grad = torch.sparse_coo_tensor(idx, torch.tensor([1.0, -0.5], dtype=F64), (N,), check_invariants=True)
+    with pytest.raises(RuntimeError, match="add\\(sparse, dense\\) is not supported"):
+        ref.extrapolation()
+
+
+def test_extra_adam_rejects_sparse_gradients_and_changes_nothing():
+    p1, p2 = torch.nn.Parameter(X0.clone()), torch.nn.Parameter(X0.clone())
+    opt = uoptim.ExtraAdam([p1, p2], lr=0.1)
+    p1.grad = torch.ones_like(p1)
+    p2.grad = torch.ones_like(p2).to_sparse()
+    for call in (opt.extrapolation,):
+        with pytest.raises(RuntimeError, match="Adam does not support sparse gradients, please consider SparseAdam"):
+            call()
+    assert torch.equal(p1.detach(), X0) and len(opt.state) == 0 and opt.params_copy == []
+    p2.grad = torch.ones_like(p2)
+    opt.extrapolation()
+    p2.grad = p2.grad.to_sparse()
+    with pytest.raises(RuntimeError, match="Adam does not support sparse gradients"):
+        opt.step()
+    assert opt.state[p1]["step"] == 1 and len(opt.params_copy) == 2
+
+
+def test_extragradient_step_needs_extrapolation():
+    p = torch.nn.Parameter(X0.clone())
+    for opt in (uoptim.ExtraSGD([p], lr=0.1), uoptim.ExtraAdam([p])):
+        p.grad = torch.ones_like(p)
+        with pytest.raises(RuntimeError, match="Need to call extrapolation before calling step."):
+            opt.step()
+        assert torch.equal(p.detach(), X0)
+
+
+def test_extragradient_closure_and_in_place_update():
+    p = torch.nn.Parameter(X0.clone())
+    storage = p.data_ptr()
+    opt = uoptim.ExtraSGD([p], lr=0.1)
+    set_quadratic_grads([p])
+    opt.extrapolation()
+    x_half = p.detach().clone()
+    close(x_half, X0 - 0.1 * (2 * Q * X0 + R))
+
+    def closure():
+        opt.zero_grad()
+        loss = (Q * p ** 2 + R * p).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    close(loss.detach(), (Q * x_half ** 2 + R * x_half).sum())
+    close(p.detach(), X0 - 0.1 * (2 * Q * x_half + R))
+    assert p.data_ptr() == storage and opt.params_copy == []  # updated in place (cooper rebinds p.data)
+
+
+def test_extra_sgd_leaves_gradients_alone():
+    """Deviation: cooper's ExtraSGD adds the weight decay into p.grad (maximize=False); ours does not."""
+    grads = {}
+    for lib in ("ours", "cooper"):
+        p = torch.nn.Parameter(X0.clone())
+        opt = _extra(lib, "ExtraSGD")([p], lr=0.1, weight_decay=0.5)
+        p.grad = torch.ones_like(p)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.extrapolation()
+        grads[lib] = p.grad.clone()
+    assert torch.equal(grads["ours"], torch.ones(N, dtype=F64))
+    close(grads["cooper"], 1 + 0.5 * X0)
+
+
+def test_parameter_without_gradient_at_step_returns_to_saved_value():
+    """Deviation: x_{t+1} = x_t + u with u = 0 when there is no gradient at x_{t+1/2}
+    (cooper leaves such a parameter at x_{t+1/2})."""
+    ends = {}
+    for lib in ("ours", "cooper"):
+        p, q = torch.nn.Parameter(X0.clone()), torch.nn.Parameter(X0.clone())
+        opt = _extra(lib, "ExtraSGD")([p, q], lr=0.1)
+        p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+        opt.extrapolation()
+        p.grad, q.grad = 2 * torch.ones_like(p), None
+        opt.step()
+        close(p.detach(), X0 - 0.2)
+        ends[lib] = q.detach().clone()
+    assert torch.equal(ends["ours"], X0)
+    close(ends["cooper"], X0 - 0.1)
+
+
+def test_extragradient_pickles_and_state_dict_round_trip():
+    p = torch.nn.Parameter(X0.clone())
+    opt = uoptim.ExtraAdam([p], lr=0.1, amsgrad=True)
+    set_quadratic_grads([p])
+    opt.extrapolation()
+    set_quadratic_grads([p])
+    opt.step()
+    clone = pickle.loads(pickle.dumps(opt))
+    assert clone.params_copy == [] and clone.state_dict()["state"][0]["step"] == 2
+    q = clone.param_groups[0]["params"][0]
+    set_quadratic_grads([q])
+    clone.extrapolation()  # works after unpickling
+    fresh = uoptim.ExtraAdam([torch.nn.Parameter(X0.clone())], lr=0.1, amsgrad=True)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert fresh.state_dict()["state"][0]["step"] == 2
+    close(fresh.state_dict()["state"][0]["max_exp_avg_sq"], opt.state_dict()["state"][0]["max_exp_avg_sq"])
+    with pytest.raises(TypeError):  # cooper's ExtraSGD.__setstate__ calls super(torch.optim.SGD, self)
+        pickle.loads(pickle.dumps(cooper.optim.ExtraSGD([torch.nn.Parameter(X0.clone())], lr=0.1)))
+    pickle.loads(pickle.dumps(uoptim.ExtraSGD([torch.nn.Parameter(X0.clone())], lr=0.1)))
+
+
+@pytest.mark.parametrize("name,kwargs,message", [
+    ("ExtraSGD", {"lr": -1.0}, "Invalid learning rate: -1.0"),
+    ("ExtraSGD", {"lr": float("nan")}, "Invalid learning rate: nan"),
+    ("ExtraSGD", {"momentum": -0.5}, "Invalid momentum value: -0.5"),
+    ("ExtraSGD", {"weight_decay": -0.1}, "Invalid weight_decay value: -0.1"),
+    ("ExtraSGD", {"nesterov": True}, "Nesterov momentum requires a momentum and zero dampening"),
+    ("ExtraSGD", {"nesterov": True, "momentum": 0.9, "dampening": 0.1},
+     "Nesterov momentum requires a momentum and zero dampening"),
+    ("ExtraAdam", {"lr": -0.1}, "Invalid learning rate: -0.1"),
+    ("ExtraAdam", {"eps": -1e-8}, "Invalid epsilon value: -1e-08"),
+    ("ExtraAdam", {"betas": (1.0, 0.9)}, "Invalid beta parameter at index 0: 1.0"),
+    ("ExtraAdam", {"betas": (0.9, -0.1)}, "Invalid beta parameter at index 1: -0.1"),
+    ("ExtraAdam", {"weight_decay": -1.0}, "Invalid weight_decay value: -1.0"),
+])
+def test_extragradient_bad_hyperparameters(name, kwargs, message):
+    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
+        getattr(uoptim, name)([torch.nn.Parameter(X0.clone())], **kwargs)

@@ -777,3 +777,63 @@ def test_extragradient_pickles_and_state_dict_round_trip():
 def test_extragradient_bad_hyperparameters(name, kwargs, message):
     with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
         getattr(uoptim, name)([torch.nn.Parameter(X0.clone())], **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Convergence to the closed-form optimum of min ||x - a||^2 s.t. w.x <= b
+# ---------------------------------------------------------------------------------------------
+def halfspace_cmp(pm, a, w, b):
+    class HalfSpace(pm.ConstrainedMinimizationProblem):
+        def __init__(self):
+            super().__init__()
+            self.c = pm.Constraint(constraint_type=pm.ConstraintType.INEQUALITY,
+                                   formulation_type=pm.formulations.Lagrangian,
+                                   multiplier=pm.multipliers.DenseMultiplier(num_constraints=1, dtype=F64))
+
+        def compute_cmp_state(self, x):
+            return pm.CMPState(loss=((x - a) ** 2).sum(),
+                               observed_constraints={self.c: pm.ConstraintState(violation=(w @ x - b).reshape(1))})
+
+    return HalfSpace()
+
+
+@pytest.mark.parametrize("name", ["SimultaneousOptimizer", "AlternatingDualPrimalOptimizer"])
+def test_convergence_to_closed_form(pm, name):
+    r"""KKT: 2(x - a) + lam w = 0, w.x = b (active since w.a > b), so
+    lam* = 2 (w.a - b) / ||w||^2 and x* = a - lam* w / 2. While the multiplier stays positive
+    (asserted along the run) the projected GDA error e_t = (x_t - x*, lam_t - lam*) follows
+    e_{t+1} = M e_t exactly, so ||e_T|| <= cond(V) rho(M)^T ||e_0|| (M = V D V^-1): that bound,
+    plus rounding, is the tolerance."""
+    a = torch.tensor([1.0, 2.0, -1.0], dtype=F64)
+    w = torch.tensor([1.0, 1.0, 2.0], dtype=F64)
+    b = -0.5
+    lam_star = 2 * (w @ a - b) / (w @ w)
+    x_star = a - lam_star * w / 2
+    eta, eta_d, steps = 0.1, 0.1, 300
+
+    n = len(a)
+    m = torch.zeros(n + 1, n + 1, dtype=F64)   # the linear map of the error
+    top = (1 - 2 * eta) * torch.eye(n, dtype=F64)
+    if name == "SimultaneousOptimizer":
+        m[:n, :n], m[:n, n] = top, -eta * w
+    else:  # lam_{t+1} = lam_t + eta_d w.e_x;  x_{t+1} = x_t - eta (2 e_x + lam_{t+1} w)
+        m[:n, :n], m[:n, n] = top - eta * eta_d * torch.outer(w, w), -eta * w
+    m[n, :n], m[n, n] = eta_d * w, 1.0
+    evals, vecs = torch.linalg.eig(m)
+    rho = evals.abs().max().item()
+    cond = torch.linalg.cond(vecs).item()
+
+    cmp = halfspace_cmp(pm, a, w, b)
+    x = torch.nn.Parameter(a.clone())  # infeasible start: the multiplier becomes positive at once
+    opt = getattr(uoptim, name)(cmp, torch.optim.SGD([x], lr=eta),
+                                torch.optim.SGD(dual_params(cmp), lr=eta_d, maximize=True))
+    e0 = torch.cat([a - x_star, -lam_star.reshape(1)]).norm().item()
+    lams = []
+    for _ in range(steps):
+        opt.roll(compute_cmp_state_kwargs={"x": x})
+        lams.append(cmp.c.multiplier.weight.item())
+    assert min(lams) > 0  # the projection never acted: the linear bound applies
+    bound = cond * rho ** steps * e0
+    assert rho < 1 and bound < 1e-9  # the step count makes the tolerance tight
+    err = torch.cat([x.detach() - x_star, (cmp.c.multiplier.weight.detach() - lam_star).reshape(1)]).norm().item()
+    assert err <= bound + 1e-13, (err, bound)

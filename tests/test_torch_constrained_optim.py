@@ -837,3 +837,59 @@ def test_convergence_to_closed_form(pm, name):
     assert rho < 1 and bound < 1e-9  # the step count makes the tolerance tight
     err = torch.cat([x.detach() - x_star, (cmp.c.multiplier.weight.detach() - lam_star).reshape(1)]).norm().item()
     assert err <= bound + 1e-13, (err, bound)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-family: uniopt's iALM (penalty 0, uncapped step) == Lagrangian + projected SGD ascent
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pairing", ["forward_update/AlternatingDualPrimal", "forward,update/Simultaneous"])
+def test_ialm_penalty_zero_equals_lagrangian_gda(pm, pairing):
+    r"""iALM's dual step is lam <- clamp(lam + min(beta, gamma/||c||) c, lo, hi); with
+    gamma = 1e300 the step is beta, with dual_range (None, None) the clamp is [lam]_+ for the
+    inequality group and nothing for the equality group, with sigma = 1 beta stays, and with
+    penalty 0 the surrogate is f + lam.c: projected SGD ascent with lr = beta on the Lagrangian.
+    ``forward_update`` (update, then L with the new multipliers) is AlternatingDualPrimal;
+    ``forward`` -> backward -> ``update`` is Simultaneous (humancompatible-train pins the
+    same pairing for its ALM in test_cooper_parity.py). 12 float64 steps."""
+    beta, lr = 0.4, 0.08
+    ialm = iALM(init_duals=INIT["ineq"].clone(), beta=beta, sigma=1.0, gamma=1e300, penalty=0.0,
+                dual_range=(None, None), is_ineq=True)
+    ialm.add_constraint_group(init_duals=INIT["eq"].clone(), beta=beta, sigma=1.0, gamma=1e300,
+                              dual_range=(None, None), is_ineq=False)
+    x_ref = torch.nn.Parameter(X0.clone())
+    primal_ref = torch.optim.SGD([x_ref], lr=lr)
+
+    cmp = build_cmp(pm, "Lagrangian")
+    x = torch.nn.Parameter(X0.clone())
+    scheme = "AlternatingDualPrimalOptimizer" if pairing.startswith("forward_update") else "SimultaneousOptimizer"
+    opt = getattr(uoptim, scheme)(cmp, torch.optim.SGD([x], lr=lr),
+                                  torch.optim.SGD(dual_params(cmp), lr=beta, maximize=True))
+    clamped = False
+    for step in range(12):
+        primal_ref.zero_grad()
+        loss = ((x_ref - DATA["a"]) ** 2).sum()
+        c = [DATA[k][0] @ x_ref - DATA[k][1] for k in ("ineq", "eq")]
+        if scheme == "AlternatingDualPrimalOptimizer":
+            lagrangian = ialm.forward_update(loss, c)
+            lagrangian.backward()
+        else:
+            lagrangian = ialm.forward(loss, c)
+            lagrangian.backward()
+            ialm.update([ci.detach() for ci in c])
+        primal_ref.step()
+
+        roll_out = opt.roll(compute_cmp_state_kwargs={"x": x, "step": step})
+        close(x.detach(), x_ref.detach())
+        close(roll_out.primal_lagrangian_store.lagrangian.detach(), lagrangian.detach())
+        lam = multipliers(cmp)
+        close(torch.cat([lam["ineq"], lam["eq"]]), ialm.duals)
+        clamped |= bool((lam["ineq"] == 0).any())
+    assert clamped  # the projection of the inequality multipliers acted during the run
+    # the other pairing differs: the correspondence is exact, not approximate
+    other = "SimultaneousOptimizer" if scheme == "AlternatingDualPrimalOptimizer" else "AlternatingDualPrimalOptimizer"
+    cmp2, x2 = build_cmp(pm, "Lagrangian"), torch.nn.Parameter(X0.clone())
+    opt2 = getattr(uoptim, other)(cmp2, torch.optim.SGD([x2], lr=lr),
+                                  torch.optim.SGD(dual_params(cmp2), lr=beta, maximize=True))
+    for step in range(12):
+        opt2.roll(compute_cmp_state_kwargs={"x": x2})
+    assert (x2.detach() - x_ref.detach()).abs().max() > 1e-4

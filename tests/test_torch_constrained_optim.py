@@ -893,3 +893,68 @@ def test_ialm_penalty_zero_equals_lagrangian_gda(pm, pairing):
     for step in range(12):
         opt2.roll(compute_cmp_state_kwargs={"x": x2})
     assert (x2.detach() - x_ref.detach()).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# uniopt's own optimizers on either side (QHM / QHAdam, maximize=True on the dual side)
+# ---------------------------------------------------------------------------------------------
+QH_SETUPS = {
+    "qhadam-primal/qhm-dual/Simultaneous": (
+        "SimultaneousOptimizer",
+        ("QHAdam", dict(lr=0.05, betas=(0.9, 0.99), nus=(0.7, 1.0))),
+        ("QHM", dict(lr=0.3, momentum=0.8, nu=0.7))),
+    "qhm-primal/qhadam-dual/AlternatingDualPrimal": (
+        "AlternatingDualPrimalOptimizer",
+        ("QHM", dict(lr=0.05, momentum=0.9, nu=0.7, weight_decay=0.01)),
+        ("QHAdam", dict(lr=0.05, betas=(0.8, 0.95), nus=(0.8, 1.0)))),
+}
+
+
+@pytest.mark.parametrize("setup", list(QH_SETUPS))
+def test_uniopt_qh_optimizers_on_both_sides(pm, setup):
+    """Our optimizer with uniopt's QHM/QHAdam (dual ones with maximize=True) against a
+    hand-written roll driving qhoptim's QHM/QHAdam (the reference), the dual one descending on
+    minus the violation, then [.]_+ on the inequality multipliers; 12 float64 rolls."""
+    import qhoptim.pyt as qh_ref
+
+    scheme, (pname, pkw), (dname, dkw) = QH_SETUPS[setup]
+    ours_cls = {"QHM": QHM, "QHAdam": QHAdam}
+    cmp = build_cmp(pm, "Lagrangian")
+    x = torch.nn.Parameter(X0.clone())
+    opt = getattr(uoptim, scheme)(cmp, ours_cls[pname]([x], **pkw),
+                                  ours_cls[dname](dual_params(cmp), **dkw, maximize=True))
+
+    x_ref = torch.nn.Parameter(X0.clone())
+    lam_ref = {k: torch.nn.Parameter(INIT[k].clone()) for k in ("ineq", "eq")}
+    primal_ref = getattr(qh_ref, pname)([x_ref], **pkw)
+    dual_ref = getattr(qh_ref, dname)([lam_ref["ineq"], lam_ref["eq"]], **dkw)
+
+    def viol(k, xv):
+        return DATA[k][0] @ xv - DATA[k][1]
+
+    def primal_ref_step():
+        xv = x_ref.detach()
+        x_ref.grad = 2 * (xv - DATA["a"]) + sum(DATA[k][0].T @ lam_ref[k].detach() for k in lam_ref)
+        primal_ref.step()
+
+    def dual_ref_step(xv):
+        for k in lam_ref:
+            lam_ref[k].grad = -viol(k, xv)
+        dual_ref.step()
+        with torch.no_grad():
+            lam_ref["ineq"].clamp_(min=0)
+
+    for step in range(12):
+        xv = x_ref.detach().clone()
+        if scheme == "SimultaneousOptimizer":
+            primal_ref_step()
+            dual_ref_step(xv)
+        else:
+            dual_ref_step(xv)
+            primal_ref_step()
+        opt.roll(compute_cmp_state_kwargs={"x": x, "step": step})
+        close(x.detach(), x_ref.detach())
+        lam = multipliers(cmp)
+        for k in lam_ref:
+            close(lam[k], lam_ref[k].detach())
+    assert not torch.equal(lam["eq"], INIT["eq"])

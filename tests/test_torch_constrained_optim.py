@@ -117,8 +117,13 @@ def build_cmp(pm, formulation, *, kinds=("ineq", "eq"), indexed=False, surrogate
 
 
 def dual_params(cmp):
-    """The multipliers' parameters in registration order (cooper's dual_parameters() iterates a set)."""
-    return [p for _, m in cmp.named_multipliers() for p in m.parameters()]
+    """The multipliers' parameters, each once, in registration order (cooper's dual_parameters()
+    iterates a set)."""
+    unique = {}
+    for _, m in cmp.named_multipliers():
+        for p in m.parameters():
+            unique.setdefault(id(p), p)
+    return list(unique.values())
 
 
 def multipliers(cmp):
@@ -634,6 +639,7 @@ def test_extragradient_matches_cooper(name, kwargs):
             close(torch.as_tensor(sa[key], dtype=F64), torch.as_tensor(sb[key], dtype=F64))
 
 
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 def test_extra_sgd_sparse_gradients():
     """Sparse gradients (IndexedMultiplier's) give what the same gradients densified give, with
     momentum, Nesterov and weight decay (cooper's Nesterov ExtraSGD raises on sparse ones)."""
@@ -657,6 +663,7 @@ def test_extra_sgd_sparse_gradients():
         ref.extrapolation()
 
 
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 def test_extra_adam_rejects_sparse_gradients_and_changes_nothing():
     p1, p2 = torch.nn.Parameter(X0.clone()), torch.nn.Parameter(X0.clone())
     opt = uoptim.ExtraAdam([p1, p2], lr=0.1)
@@ -958,3 +965,33 @@ def test_uniopt_qh_optimizers_on_both_sides(pm, setup):
         for k in lam_ref:
             close(lam[k], lam_ref[k].detach())
     assert not torch.equal(lam["eq"], INIT["eq"])
+
+
+def test_zero_grad_primal_step_and_shared_multiplier_post_step(pm):
+    """zero_grad sets every primal and dual gradient to None; primal_step moves only the primal
+    variables; a multiplier shared by two constraints is projected once per dual step (cooper:
+    once per constraint)."""
+    cmp = build_cmp(pm, "Lagrangian")
+    shared = cmp.ineq.multiplier
+    cmp.again = pm.Constraint(constraint_type=pm.ConstraintType.INEQUALITY,
+                              formulation_type=pm.formulations.Lagrangian, multiplier=shared)
+    x = torch.nn.Parameter(X0.clone())
+    opt = uoptim.SimultaneousOptimizer(cmp, _sgd([x]), _sgd(dual_params(cmp), maximize=True))
+    for p in [x] + dual_params(cmp):
+        p.grad = torch.ones_like(p)
+    opt.zero_grad()
+    assert all(p.grad is None for p in [x] + dual_params(cmp))
+    x.grad = torch.ones_like(x)
+    before = multipliers(cmp)
+    opt.primal_step()
+    close(x.detach(), X0 - 0.1)
+    assert all(torch.equal(before[k], v) for k, v in multipliers(cmp).items())
+    calls = []
+    original = shared.post_step_
+    shared.post_step_ = lambda: (calls.append(1), original())
+    opt.dual_step()
+    assert len(calls) == 1
+    calls.clear()
+    ref = cooper.optim.SimultaneousOptimizer(cmp, _sgd([x]), _sgd(dual_params(cmp), maximize=True))
+    ref.dual_step()
+    assert len(calls) == 2

@@ -359,8 +359,8 @@ def build_run(lib, pm, scheme, formulation, indexed):
     # (restart with indexed coefficients: cooper's updater compares the observed rows with all
     # the initial values and raises, a problem-side matter)
     if formulation == "AugmentedLagrangian":
-        updater = pm.penalty_coefficients.MultiplicativePenaltyCoefficientUpdater(growth_factor=1.1,
-                                                                                  violation_tolerance=1e-4, has_restart=not indexed)
+        updater = pm.penalty_coefficients.MultiplicativePenaltyCoefficientUpdater(
+            growth_factor=1.1, violation_tolerance=1e-4, has_restart=not indexed)
     elif formulation == "QuadraticPenalty":
         updater = pm.penalty_coefficients.AdditivePenaltyCoefficientUpdater(increment=0.5, violation_tolerance=1e-4,
                                                                             has_restart=not indexed)
@@ -976,7 +976,10 @@ def test_zero_grad_primal_step_and_shared_multiplier_post_step(pm):
     cmp.again = pm.Constraint(constraint_type=pm.ConstraintType.INEQUALITY,
                               formulation_type=pm.formulations.Lagrangian, multiplier=shared)
     x = torch.nn.Parameter(X0.clone())
-    opt = uoptim.SimultaneousOptimizer(cmp, _sgd([x]), _sgd(dual_params(cmp), maximize=True))
+    primal_list = [_sgd([x])]
+    opt = uoptim.SimultaneousOptimizer(cmp, primal_list, _sgd(dual_params(cmp), maximize=True))
+    primal_list.append(_sgd([x]))
+    assert len(opt.primal_optimizers) == 1  # kept as a new list (cooper keeps the caller's)
     for p in [x] + dual_params(cmp):
         p.grad = torch.ones_like(p)
     opt.zero_grad()
@@ -995,3 +998,17 @@ def test_zero_grad_primal_step_and_shared_multiplier_post_step(pm):
     ref = cooper.optim.SimultaneousOptimizer(cmp, _sgd([x]), _sgd(dual_params(cmp), maximize=True))
     ref.dual_step()
     assert len(calls) == 2
+
+
+def test_exports_match_cooper_optim():
+    """Every public name of cooper.optim except nuPI/nuPIInitType (written in
+    torch_optimizers.py by another engineer) and cooper's submodule names."""
+    public = {n for n in dir(cooper.optim) if not n.startswith("_")}
+    modules = {n for n in public if type(getattr(cooper.optim, n)).__name__ == "module"}
+    assert public - modules - {"nuPI", "nuPIInitType"} == set(uoptim.__all__)
+    assert all(hasattr(uoptim, n) for n in uoptim.__all__)
+    assert issubclass(uoptim.ExtraSGD, torch.optim.Optimizer)
+    assert issubclass(uoptim.ExtraAdam, uoptim.ExtragradientOptimizer)
+    assert uoptim.RollOut._fields == cooper.optim.RollOut._fields
+    ours, ref = uoptim.CooperOptimizerState, cooper.optim.CooperOptimizerState
+    assert ours.__annotations__.keys() == ref.__annotations__.keys()

@@ -30,5 +30,6 @@ __all__ = [
     "ExtragradientOptimizer",
     "ExtrapolationConstrainedOptimizer",
     "RollOut",
+    "SimultaneousOptimizer",
     "UnconstrainedOptimizer",
 ]

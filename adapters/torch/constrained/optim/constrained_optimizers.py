@@ -241,7 +241,8 @@ class AlternatingDualPrimalOptimizer(ConstrainedOptimizer):
     r"""Alternating updates, dual first; the primal step uses the new multipliers.
 
     .. math::
-       \lambda_{t+1} = \big[\mathrm{dual\_update}\big(\lambda_t, \nabla_\lambda L_{dual}(x_t, \lambda)\big)\big]_+,\qquad
+       \lambda_{t+1} = \big[\mathrm{dual\_update}\big(\lambda_t,
+       \nabla_\lambda L_{dual}(x_t, \lambda)\big)\big]_+,\qquad
        x_{t+1} = \mathrm{primal\_update}\big(x_t, \nabla_x L_{primal}(x_t, \lambda_{t+1})\big)
 
     One evaluation of the problem (at :math:`x_t`) serves both steps, so it costs what

@@ -37,7 +37,7 @@ Example:
   ([0.5, 0.5], 1.0)
 """
 
-from . import formulations, multipliers, penalty_coefficients
+from . import formulations, multipliers, optim, penalty_coefficients
 from .cmp import CMPState, ConstrainedMinimizationProblem, LagrangianStore
 from .constraints import Constraint, ConstraintState
 from .utils import ConstraintType
@@ -54,5 +54,6 @@ __all__ = [
     "LagrangianStore",
     "formulations",
     "multipliers",
+    "optim",
     "penalty_coefficients",
 ]

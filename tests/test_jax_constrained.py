@@ -136,7 +136,7 @@ def cooper_trajectory(kind, ctype, formulation, roll, steps=STEPS, dual=("sgd", 
         elif name == "sgd":
             dual_opt = torch.optim.SGD(duals, lr=LR_DUAL, maximize=True)
         else:
-            dual_opt = cooper.optim.nuPI(duals, lr=LR_DUAL, maximize=True, **kw)
+            dual_opt = cooper.optim.nuPI(duals, lr=LR_DUAL, maximize=True, **_f64_gains(kw))
         cls = {"simultaneous": cooper.optim.SimultaneousOptimizer,
                "alternating_primal_dual": cooper.optim.AlternatingPrimalDualOptimizer,
                "alternating_dual_primal": cooper.optim.AlternatingDualPrimalOptimizer,
@@ -234,4 +234,162 @@ def test_trajectory_matches_cooper(roll, formulation, kind, ctype, x64):
 def test_quadratic_penalty_matches_cooper_unconstrained_optimizer(kind, ctype, x64):
     ref = cooper_trajectory(kind, ctype, "quadratic_penalty", "simultaneous")
     ours = ours_trajectory(kind, ctype, "quadratic_penalty", "simultaneous")
+    _assert_same(ours, ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# nuPI
+# ----------------------------------------------------------------------------------------------
+_nrng = np.random.default_rng(11)
+N_NUPI = 4
+ERRORS = _nrng.normal(size=(STEPS, N_NUPI))
+X_NUPI = _nrng.normal(size=N_NUPI)
+#: rows observed at each step (the sparse / indexed case); every row is seen at least twice
+MASKS = np.array([[1, 0, 1, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1], [1, 1, 1, 1],
+                  [0, 1, 0, 1], [1, 0, 0, 1], [0, 0, 1, 0], [1, 1, 0, 1], [0, 1, 1, 1],
+                  [1, 0, 1, 0], [0, 0, 0, 1]], dtype=bool)
+NUPI_CASES = [
+    dict(Kp=0.0, Ki=1.0, ema_nu=0.0, weight_decay=0.0, maximize=False),
+    dict(Kp=1.0, Ki=1.0, ema_nu=0.0, weight_decay=0.0, maximize=True),
+    dict(Kp=2.0, Ki=0.5, ema_nu=0.3, weight_decay=0.1, maximize=True),
+    dict(Kp=0.7, Ki=1.3, ema_nu=-0.4, weight_decay=0.05, maximize=False),
+]
+LR_NUPI = 0.3
+
+
+def naive_nupi(masks, init_type, Kp, Ki, ema_nu, weight_decay, maximize, lr=LR_NUPI):
+    """nuPI's documented recursion, entry by entry: xi_t - xi_{t-1} in the proportional
+    term, xi_{-1} = e_0 (SGD) or 0 (ZEROS) at an entry's first observation."""
+    x, xi = X_NUPI.copy(), np.zeros(N_NUPI)
+    seen = np.zeros(N_NUPI, bool)
+    sign = 1.0 if maximize else -1.0
+    out = []
+    for e, m in zip(ERRORS, masks):
+        for i in np.flatnonzero(m):
+            prev = e[i] if (init_type == "sgd" and not seen[i]) else xi[i]
+            new_xi = ema_nu * prev + (1 - ema_nu) * e[i]
+            u = Ki * e[i] + Kp * (new_xi - prev)
+            x[i] = x[i] + sign * lr * u - lr * weight_decay * x[i]
+            xi[i], seen[i] = new_xi, True
+        out.append(x.copy())
+    return np.array(out)
+
+
+def ours_nupi(masks, init_type, **kw):
+    opt = nupi(LR_NUPI, init_type=init_type, **kw)
+    x = jnp.asarray(X_NUPI)
+    state = opt.init(x)
+    update = jax.jit(opt.update)
+    out = []
+    for e, m in zip(ERRORS, masks):
+        observed = None if masks is None else jnp.asarray(m)
+        u, state = update(jnp.asarray(np.where(m, e, 0.0)), state, x, observed=observed)
+        x = optax.apply_updates(x, u)
+        out.append(np.asarray(x))
+    return np.array(out)
+
+
+def _f64_gains(kw):
+    """Cooper keeps python-float gains as float32 tensors (K_P (1 - nu) then rounds to
+    float32); give them as float64 tensors for a float64 comparison."""
+    return {k: (torch.tensor(v, dtype=torch.float64) if k in ("Kp", "Ki") else v)
+            for k, v in kw.items()}
+
+
+def cooper_nupi(masks, init_type, sparse, **kw):
+    kw = _f64_gains(kw)
+    p = torch.nn.Parameter(torch.tensor(X_NUPI))
+    it = (cooper.optim.nuPIInitType.SGD if init_type == "sgd" else cooper.optim.nuPIInitType.ZEROS)
+    opt = cooper.optim.nuPI([p], lr=LR_NUPI, init_type=it, **kw)
+    out = []
+    for e, m in zip(ERRORS, masks):
+        if sparse:
+            rows = np.flatnonzero(m)
+            p.grad = torch.sparse_coo_tensor(torch.tensor(rows)[None], torch.tensor(e[rows]),
+                                             size=(N_NUPI,))
+        else:
+            p.grad = torch.tensor(e)
+        opt.step()
+        out.append(p.detach().numpy().copy())
+    return np.array(out)
+
+
+DENSE_MASKS = np.ones((STEPS, N_NUPI), bool)
+
+
+@pytest.mark.parametrize("kw", NUPI_CASES)
+def test_nupi_zeros_init_matches_cooper_dense_and_sparse(kw, x64):
+    ours_dense = ours_nupi(DENSE_MASKS, "zeros", **kw)
+    np.testing.assert_allclose(ours_dense, cooper_nupi(DENSE_MASKS, "zeros", False, **kw), **TOL)
+    np.testing.assert_allclose(ours_dense, naive_nupi(DENSE_MASKS, "zeros", **kw), **TOL)
+    ours_sparse = ours_nupi(MASKS, "zeros", **kw)
+    np.testing.assert_allclose(ours_sparse, cooper_nupi(MASKS, "zeros", True, **kw), **TOL)
+    np.testing.assert_allclose(ours_sparse, naive_nupi(MASKS, "zeros", **kw), **TOL)
+
+
+@pytest.mark.parametrize("kw", NUPI_CASES)
+def test_nupi_sgd_init_follows_the_docstring_on_dense_and_sparse(kw, x64):
+    """xi_{-1} = e_0: step 1 is K_I e_0 and xi_0 = e_0. Cooper's sparse path agrees when
+    nu = 0 (it stores (1 - nu) e_0); its dense path sets xi_0 = 0 and is wrong from step 2
+    whenever K_P (1 - nu) != 0 (a documented deviation)."""
+    for masks in (DENSE_MASKS, MASKS):
+        ours = ours_nupi(masks, "sgd", **kw)
+        np.testing.assert_allclose(ours, naive_nupi(masks, "sgd", **kw), **TOL)
+        sparse_ref = cooper_nupi(masks, "sgd", True, **kw)
+        if kw["ema_nu"] == 0:
+            np.testing.assert_allclose(ours, sparse_ref, **TOL)
+        elif kw["Kp"] != 0:
+            assert np.abs(ours - sparse_ref).max() > 1e-6
+    dense_ref = cooper_nupi(DENSE_MASKS, "sgd", False, **kw)
+    ours = ours_nupi(DENSE_MASKS, "sgd", **kw)
+    np.testing.assert_allclose(ours[0], dense_ref[0], **TOL)  # step 1 agrees: K_I e_0
+    if kw["Kp"] != 0:
+        assert np.abs(ours[1] - dense_ref[1]).max() > 1e-6  # Cooper's dense bug from step 2
+    else:
+        np.testing.assert_allclose(ours, dense_ref, **TOL)
+
+
+def test_nupi_notes_example_dense_sgd_bug(x64):
+    """The reference notes' case: Kp = Ki = 1, nu = 0, errors 1 then 2: 0.4 in total is right
+    (lr 0.1: 0.1 * 1 + 0.1 * (2 + (2 - 1))), Cooper's dense path gives 0.5."""
+    opt = nupi(0.1, Kp=1.0, Ki=1.0, maximize=True)
+    x = jnp.zeros(1)
+    state = opt.init(x)
+    for e in (1.0, 2.0):
+        u, state = opt.update(jnp.array([e]), state, x)
+        x = optax.apply_updates(x, u)
+    np.testing.assert_allclose(np.asarray(x), [0.4], rtol=1e-15)
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    ref = cooper.optim.nuPI([p], lr=0.1, Kp=1.0, Ki=1.0, maximize=True)
+    for e in (1.0, 2.0):
+        p.grad = torch.tensor([e], dtype=torch.float64)
+        ref.step()
+    np.testing.assert_allclose(p.detach().numpy(), [0.5], rtol=1e-15)
+
+
+def test_nupi_scalar_gains_with_several_leaves(x64):
+    """Cooper refuses a scalar Kp with several param groups; ours applies it to every leaf."""
+    kw = dict(Kp=0.8, Ki=1.2, ema_nu=0.2, weight_decay=0.0, maximize=True)
+    with pytest.raises(NotImplementedError):
+        cooper.optim.nuPI([{"params": [torch.nn.Parameter(torch.zeros(2))]},
+                           {"params": [torch.nn.Parameter(torch.zeros(2))]}], lr=0.1, Kp=0.8)
+    opt = nupi(LR_NUPI, init_type="zeros", **kw)
+    params = {"a": jnp.asarray(X_NUPI[:2]), "b": jnp.asarray(X_NUPI[2:])}
+    state = opt.init(params)
+    for e in ERRORS:
+        u, state = opt.update({"a": jnp.asarray(e[:2]), "b": jnp.asarray(e[2:])}, state, params)
+        params = optax.apply_updates(params, u)
+    ref = naive_nupi(DENSE_MASKS, "zeros", **kw)[-1]
+    np.testing.assert_allclose(np.concatenate([params["a"], params["b"]]), ref, **TOL)
+
+
+@pytest.mark.parametrize("case", ["dense-zeros", "indexed-sgd"])
+def test_nupi_dual_optimizer_trajectory_matches_cooper(case, x64):
+    kind, init = case.split("-")
+    kw = dict(Kp=0.5, Ki=1.0, ema_nu=0.3 if init == "zeros" else 0.0, weight_decay=0.02)
+    it = cooper.optim.nuPIInitType.ZEROS if init == "zeros" else cooper.optim.nuPIInitType.SGD
+    ref = cooper_trajectory(kind, "ineq", "lagrangian", "simultaneous",
+                            dual=("nupi", dict(kw, init_type=it)))
+    ours = ours_trajectory(kind, "ineq", "lagrangian", "simultaneous",
+                           dual=nupi(LR_DUAL, init_type=init, maximize=True, **kw))
     _assert_same(ours, ref)

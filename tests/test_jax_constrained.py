@@ -393,3 +393,123 @@ def test_nupi_dual_optimizer_trajectory_matches_cooper(case, x64):
     ours = ours_trajectory(kind, "ineq", "lagrangian", "simultaneous",
                            dual=nupi(LR_DUAL, init_type=init, maximize=True, **kw))
     _assert_same(ours, ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# Penalty coefficient updaters
+# ----------------------------------------------------------------------------------------------
+_prng = np.random.default_rng(5)
+#: 8 rounds of violations for 3 constraints: some above the tolerance 0.1, some within it,
+#: some exactly 0 or negative (restart for inequalities)
+PEN_VIOL = _prng.choice([-0.5, -0.05, 0.0, 0.05, 0.3, 1.2], size=(8, 3))
+PEN_INIT = np.array([1.0, 2.0, 0.5])
+UPDATERS = {
+    "mult": (dict(growth_factor=1.5, violation_tolerance=0.1),
+             cooper.penalty_coefficients.MultiplicativePenaltyCoefficientUpdater,
+             C.MultiplicativePenaltyCoefficientUpdater),
+    "add": (dict(increment=0.25, violation_tolerance=0.1),
+            cooper.penalty_coefficients.AdditivePenaltyCoefficientUpdater,
+            C.AdditivePenaltyCoefficientUpdater),
+}
+
+
+def _penalty_runs(updater, ctype, coefficient, has_restart, formulation="augmented_lagrangian"):
+    kw, cooper_cls, ours_cls = UPDATERS[updater]
+    ct = (cooper.ConstraintType.INEQUALITY if ctype == "ineq" else cooper.ConstraintType.EQUALITY)
+    init = PEN_INIT if coefficient != "scalar" else PEN_INIT[1]
+    pcls = (cooper.penalty_coefficients.IndexedPenaltyCoefficient if coefficient == "indexed"
+            else cooper.penalty_coefficients.DensePenaltyCoefficient)
+    mult = None
+    if formulation == "augmented_lagrangian":
+        mcls = (cooper.multipliers.IndexedMultiplier if coefficient == "indexed"
+                else cooper.multipliers.DenseMultiplier)
+        mult = mcls(num_constraints=3, dtype=torch.float64)
+    ref_c = cooper.Constraint(ct, _cooper_formulation(formulation), mult,
+                              pcls(init=torch.tensor(init, dtype=torch.float64)))
+    ref_up = cooper_cls(has_restart=has_restart, **kw)
+    ours_c = _ours_constraint("indexed" if coefficient == "indexed" else "dense", ctype,
+                              formulation)["c"]
+    ours_pen = (IndexedPenaltyCoefficient if coefficient == "indexed"
+                else DensePenaltyCoefficient)(jnp.asarray(init))
+    cons = {"c": ours_c.replace(penalty_coefficient=ours_pen,
+                                multiplier=None if mult is None else
+                                (IndexedMultiplier if coefficient == "indexed"
+                                 else DenseMultiplier)(3, dtype=jnp.float64).with_constraint_type(
+                                    ours_c.constraint_type))}
+    up = ours_cls(has_restart=has_restart, **kw)
+    step = jax.jit(up.step)
+    ours, ref = [], []
+    for v in PEN_VIOL:
+        rows = np.arange(3)
+        ref_up.step({ref_c: cooper.ConstraintState(
+            violation=torch.tensor(v), constraint_features=torch.tensor(rows)
+            if coefficient == "indexed" else None)})
+        cons = step(cons, {"c": ConstraintState(
+            jnp.asarray(v), constraint_features=jnp.asarray(rows)
+            if coefficient == "indexed" else None)})
+        ref.append(ref_c.penalty_coefficient.value.numpy().copy())
+        ours.append(np.asarray(cons["c"].penalty_coefficient.value))
+    return np.array(ours), np.array(ref)
+
+
+@pytest.mark.parametrize("has_restart", [True, False])
+@pytest.mark.parametrize("coefficient", ["vector", "scalar", "indexed"])
+@pytest.mark.parametrize("ctype", ["eq", "ineq"])
+@pytest.mark.parametrize("updater", ["mult", "add"])
+def test_penalty_updaters_match_cooper(updater, ctype, coefficient, has_restart, x64):
+    ours, ref = _penalty_runs(updater, ctype, coefficient, has_restart)
+    np.testing.assert_allclose(ours, ref, **TOL)
+    assert not np.allclose(ref[-1], PEN_INIT if coefficient != "scalar" else PEN_INIT[1])
+
+
+@pytest.mark.parametrize("ctype", ["eq", "ineq"])
+def test_penalty_updater_quadratic_penalty_matches_cooper(ctype, x64):
+    ours, ref = _penalty_runs("mult", ctype, "vector", True, formulation="quadratic_penalty")
+    np.testing.assert_allclose(ours, ref, **TOL)
+
+
+def test_indexed_penalty_restart_updates_only_observed_rows(x64):
+    """Cooper crashes here (restart compares the observed rows with the whole init table, a
+    shape mismatch); ours restarts the observed rows to their own initial values."""
+    init = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    kw = dict(growth_factor=2.0, violation_tolerance=0.1, has_restart=True)
+    pen = cooper.penalty_coefficients.IndexedPenaltyCoefficient(init=torch.tensor(init))
+    ref_c = cooper.Constraint(cooper.ConstraintType.INEQUALITY,
+                              cooper.formulations.AugmentedLagrangian,
+                              cooper.multipliers.IndexedMultiplier(5, dtype=torch.float64), pen)
+    with pytest.raises(RuntimeError):
+        cooper.penalty_coefficients.MultiplicativePenaltyCoefficientUpdater(**kw).step(
+            {ref_c: cooper.ConstraintState(violation=torch.tensor([0.5, -1.0]),
+                                           constraint_features=torch.tensor([1, 3]))})
+    cons = {"c": Constraint(ConstraintType.INEQUALITY, augmented_lagrangian,
+                            IndexedMultiplier(5, dtype=jnp.float64),
+                            IndexedPenaltyCoefficient(jnp.asarray(init)))}
+    up = C.MultiplicativePenaltyCoefficientUpdater(**kw)
+    cons = up.step(cons, {"c": ConstraintState(jnp.array([0.5, 0.5]), jnp.array([1, 3]))})
+    np.testing.assert_array_equal(cons["c"].penalty_coefficient.value, [1, 4, 3, 8, 5])
+    cons = up.step(cons, {"c": ConstraintState(jnp.array([-1.0, 0.05]), jnp.array([3, 4]))})
+    np.testing.assert_array_equal(cons["c"].penalty_coefficient.value, [1, 4, 3, 4, 5])
+
+
+def test_penalty_update_routing(x64):
+    """Cooper's routing: multiplier formulations update on a dual contribution, or a primal
+    one with a strict violation; quadratic penalties on a primal contribution."""
+    up = C.AdditivePenaltyCoefficientUpdater(increment=1.0, violation_tolerance=0.0)
+    v = jnp.array([1.0, 1.0, 1.0])
+    al = _ours_constraint("dense", "eq", "augmented_lagrangian")
+    qp = _ours_constraint("dense", "eq", "quadratic_penalty")
+
+    def value(cons, state):
+        return np.asarray(up.step(cons, {"c": state})["c"].penalty_coefficient.value)
+
+    base = PENALTY["dense"]
+    v2 = v[:2]
+    np.testing.assert_array_equal(value(al, ConstraintState(v2)), base + 1)
+    np.testing.assert_array_equal(
+        value(al, ConstraintState(v2, contributes_to_dual_update=False)), base)
+    np.testing.assert_array_equal(
+        value(al, ConstraintState(v2, strict_violation=v2, contributes_to_dual_update=False)),
+        base + 1)
+    np.testing.assert_array_equal(value(qp, ConstraintState(v2)), base + 1)
+    np.testing.assert_array_equal(
+        value(qp, ConstraintState(v2, contributes_to_primal_update=False)), base)

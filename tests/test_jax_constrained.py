@@ -513,3 +513,124 @@ def test_penalty_update_routing(x64):
     np.testing.assert_array_equal(value(qp, ConstraintState(v2)), base + 1)
     np.testing.assert_array_equal(
         value(qp, ConstraintState(v2, contributes_to_primal_update=False)), base)
+
+
+# ----------------------------------------------------------------------------------------------
+# Formulations: values and gradients against Cooper and closed forms
+# ----------------------------------------------------------------------------------------------
+LAM = np.array([0.0, 0.8, 0.3, 1.5])
+VIOL = np.array([0.4, -2.0, -0.1, 0.7])  # AL ineq: entries 0, 3 active, 1 inactive, 2 active
+PEN4 = np.array([1.0, 0.5, 2.0, 0.0])
+
+
+@pytest.mark.parametrize("ctype", ["eq", "ineq"])
+@pytest.mark.parametrize("formulation", ["lagrangian", "augmented_lagrangian", "quadratic_penalty"])
+def test_contributions_and_gradients_match_cooper(formulation, ctype, x64):
+    pen = PEN4 if ctype == "eq" or formulation != "augmented_lagrangian" else PEN4 + 0.25
+    ct = cooper.ConstraintType.INEQUALITY if ctype == "ineq" else cooper.ConstraintType.EQUALITY
+    mult = pcoef = None
+    if formulation != "quadratic_penalty":
+        mult = cooper.multipliers.DenseMultiplier(init=torch.tensor(LAM), dtype=torch.float64)
+    if formulation != "lagrangian":
+        pcoef = cooper.penalty_coefficients.DensePenaltyCoefficient(init=torch.tensor(pen))
+    ref_c = cooper.Constraint(ct, _cooper_formulation(formulation), mult, pcoef)
+    v_t = torch.tensor(VIOL, requires_grad=True)
+    cmp_state = cooper.CMPState(loss=None, observed_constraints={
+        ref_c: cooper.ConstraintState(violation=v_t)})
+    ref_p = cmp_state.compute_primal_lagrangian().lagrangian
+    (ref_gv,) = torch.autograd.grad(ref_p, v_t)
+    ref_d = cmp_state.compute_dual_lagrangian().lagrangian
+
+    form = {"lagrangian": lagrangian, "augmented_lagrangian": augmented_lagrangian,
+            "quadratic_penalty": quadratic_penalty}[formulation]
+    cons = Constraint(ConstraintType.INEQUALITY if ctype == "ineq" else ConstraintType.EQUALITY,
+                      form, None if mult is None else DenseMultiplier(init=jnp.asarray(LAM)),
+                      None if pcoef is None else DensePenaltyCoefficient(jnp.asarray(pen)))
+
+    def primal(v):
+        return cons.contributions(ConstraintState(v))[0]
+
+    p, gv = jax.value_and_grad(primal)(jnp.asarray(VIOL))
+    np.testing.assert_allclose(float(p), float(ref_p.detach()), **TOL)
+    np.testing.assert_allclose(np.asarray(gv), ref_gv.numpy(), **TOL)
+    if formulation == "quadratic_penalty":
+        assert cons.contributions(ConstraintState(jnp.asarray(VIOL)))[1] is None
+        assert ref_d is None or float(ref_d) == 0.0
+    else:
+        ref_d.backward()
+        def dual(m):
+            return cons.replace(multiplier=m).contributions(ConstraintState(jnp.asarray(VIOL)))[1]
+        d, gm = jax.value_and_grad(dual)(cons.multiplier)
+        np.testing.assert_allclose(float(d), float(ref_d), **TOL)
+        # the dual gradient is the raw violation (no penalty factor), as Cooper's code
+        np.testing.assert_array_equal(np.asarray(gm.weight), VIOL)
+        np.testing.assert_array_equal(mult.weight.grad.numpy(), VIOL)
+        # the violation gets no gradient through the dual term, the multiplier none through
+        # the primal term
+        gdv = jax.grad(lambda v: cons.contributions(ConstraintState(v))[1])(jnp.asarray(VIOL))
+        np.testing.assert_array_equal(np.asarray(gdv), 0.0)
+        gpm = jax.grad(lambda m: cons.replace(multiplier=m).contributions(
+            ConstraintState(jnp.asarray(VIOL)))[0])(cons.multiplier)
+        np.testing.assert_array_equal(np.asarray(gpm.weight), 0.0)
+
+
+def test_augmented_lagrangian_zero_penalty_is_the_lagrangian_term(x64):
+    """Cooper's AL with a zero penalty (inequality) is NaN; ours is the c -> 0 limit."""
+    lam = np.array([0.0, 0.8, 0.3])
+    viol = np.array([0.4, -2.0, 0.7])
+    mult = cooper.multipliers.DenseMultiplier(init=torch.tensor(lam), dtype=torch.float64)
+    ref_c = cooper.Constraint(cooper.ConstraintType.INEQUALITY,
+                              cooper.formulations.AugmentedLagrangian, mult,
+                              cooper.penalty_coefficients.DensePenaltyCoefficient(
+                                  init=torch.zeros(3, dtype=torch.float64)))
+    ref = cooper.CMPState(observed_constraints={ref_c: cooper.ConstraintState(
+        violation=torch.tensor(viol))}).compute_primal_lagrangian().lagrangian
+    assert torch.isnan(ref)
+    cons = Constraint(ConstraintType.INEQUALITY, augmented_lagrangian,
+                      DenseMultiplier(init=jnp.asarray(lam)), DensePenaltyCoefficient(jnp.zeros(3)))
+    f = lambda v: cons.contributions(ConstraintState(v))[0]  # noqa: E731
+    value, grad = jax.value_and_grad(f)(jnp.asarray(viol))
+    np.testing.assert_allclose(float(value), lam @ viol, rtol=1e-15)
+    np.testing.assert_array_equal(np.asarray(grad), lam)
+    # and it is the limit: a tiny penalty is within O(c) of it
+    tiny = cons.replace(penalty_coefficient=DensePenaltyCoefficient(jnp.full(3, 1e-9)))
+    np.testing.assert_allclose(float(tiny.contributions(ConstraintState(jnp.asarray(viol)))[0]),
+                               lam @ viol, atol=1e-8)
+
+
+def test_primal_gradient_closed_form_and_indexed_dual_scatter_add(x64):
+    """grad_x of the AL primal Lagrangian (equality) is grad f + R^T (mu + c h); the dual
+    gradient of an indexed multiplier sums duplicated rows (np.add.at)."""
+    mu = np.array([0.3, -0.2, 0.5, 1.0, 0.1])
+    c = PENALTY["indexed"]
+    idx = np.array([4, 1, 4, 0])
+    cons = {"c": Constraint(ConstraintType.EQUALITY, augmented_lagrangian,
+                            IndexedMultiplier(init=jnp.asarray(mu)),
+                            IndexedPenaltyCoefficient(jnp.asarray(c)))}
+    cmp = _ours_cmp("indexed")
+    x = jnp.asarray(X0)
+    g = jax.grad(lambda x: C.primal_lagrangian(cmp(x, jnp.asarray(idx)), cons))(x)
+    h = R_INDEXED[idx] @ X0 - r_INDEXED[idx]
+    grad_f = 2 * (X0 - A) + 0.4 * X0 ** 3
+    np.testing.assert_allclose(np.asarray(g), grad_f + R_INDEXED[idx].T @ (mu[idx] + c[idx] * h),
+                               **TOL)
+    state = cmp(x, jnp.asarray(idx))
+    gm = jax.grad(lambda m: C.dual_lagrangian(state, {"c": cons["c"].replace(multiplier=m)}))(
+        cons["c"].multiplier)
+    expected = np.zeros(5)
+    np.add.at(expected, idx, h)
+    np.testing.assert_allclose(np.asarray(gm.weight), expected, **TOL)
+    obs = C.observed_rows(state, cons)["c"].weight
+    np.testing.assert_array_equal(np.asarray(obs), [True, True, False, False, True])
+
+
+def test_multiplier_keeps_init_dtype(x64):
+    """Cooper's DenseMultiplier(init=float64) silently becomes float32; ours keeps the dtype
+    unless dtype is given."""
+    init = np.array([0.1, 0.2])
+    assert cooper.multipliers.DenseMultiplier(init=torch.tensor(init)).weight.dtype == torch.float32
+    assert DenseMultiplier(init=jnp.asarray(init)).weight.dtype == jnp.float64
+    assert IndexedMultiplier(init=jnp.asarray(init)).weight.dtype == jnp.float64
+    assert DenseMultiplier(init=jnp.asarray(init), dtype=jnp.float32).weight.dtype == jnp.float32
+    assert DenseMultiplier(init=jnp.asarray(init, jnp.float32)).weight.dtype == jnp.float32
+    np.testing.assert_array_equal(DenseMultiplier(init=jnp.asarray(init)).value(), init)

@@ -634,3 +634,167 @@ def test_multiplier_keeps_init_dtype(x64):
     assert DenseMultiplier(init=jnp.asarray(init), dtype=jnp.float32).weight.dtype == jnp.float32
     assert DenseMultiplier(init=jnp.asarray(init, jnp.float32)).weight.dtype == jnp.float32
     np.testing.assert_array_equal(DenseMultiplier(init=jnp.asarray(init)).value(), init)
+
+
+# ----------------------------------------------------------------------------------------------
+# A whole step under jit (no retracing), fori_loop, vmap; convergence to a closed form
+# ----------------------------------------------------------------------------------------------
+N_VEC = np.array([1.0, 1.0, 0.0])
+M_VEC = np.array([0.0, 1.0, -1.0])
+B, D = 0.5, 0.2
+
+
+def _kkt(a):
+    """min 1/2 ||x - a||^2 s.t. n.x <= b, m.x = d, both active: x = a - N^T nu."""
+    N = np.stack([N_VEC, M_VEC])
+    nu = np.linalg.solve(N @ N.T, N @ a - np.array([B, D]))
+    assert nu[0] > 0  # the inequality is active at the optimum
+    return a - N.T @ nu, nu
+
+
+def _kkt_problem():
+    def compute_cmp_state(x, a):
+        return CMPState(0.5 * jnp.sum((x - a) ** 2), {
+            "g": ConstraintState(jnp.dot(jnp.asarray(N_VEC), x) - B),
+            "h": ConstraintState(jnp.dot(jnp.asarray(M_VEC), x) - D)})
+
+    return compute_cmp_state
+
+
+def _kkt_constraints(formulation=lagrangian, penalty=None):
+    pen = None if penalty is None else DensePenaltyCoefficient(penalty)
+    return {"g": Constraint(ConstraintType.INEQUALITY, formulation, DenseMultiplier(1), pen),
+            "h": Constraint(ConstraintType.EQUALITY, formulation, DenseMultiplier(1), pen)}
+
+
+@pytest.mark.parametrize("setting", ["gda", "alm", "extrapolation", "nupi"])
+def test_converges_to_the_kkt_point_in_one_fori_loop(setting, x64):
+    a = np.array([1.0, 0.5, -0.4])
+    x_star, nu_star = _kkt(a)
+    if setting == "alm":  # the classical method of multipliers: dual lr = penalty
+        cons = _kkt_constraints(augmented_lagrangian, 2.0)
+        solver = ConstrainedOptimizer(_kkt_problem(), optax.sgd(0.1), projected_ascent(2.0),
+                                      roll="alternating_primal_dual")
+    elif setting == "extrapolation":
+        cons = _kkt_constraints()
+        solver = ConstrainedOptimizer(_kkt_problem(), optax.sgd(0.2),
+                                      C.as_ascent(optax.sgd(0.2)), roll="extrapolation")
+    elif setting == "nupi":
+        cons = _kkt_constraints()
+        solver = ConstrainedOptimizer(_kkt_problem(), optax.sgd(0.1),
+                                      nupi(0.1, Kp=1.0, Ki=1.0, maximize=True))
+    else:
+        cons = _kkt_constraints()
+        solver = ConstrainedOptimizer(_kkt_problem(), optax.sgd(0.1), projected_ascent(0.1))
+    x = jnp.zeros(3)
+    state = solver.init(x, cons)
+
+    @jax.jit
+    def run(x, cons, state):
+        def body(_, carry):
+            return solver.step(*carry, jnp.asarray(a))[:3]
+        return jax.lax.fori_loop(0, 3000, body, (x, cons, state))
+
+    x, cons, _ = run(x, cons, state)
+    np.testing.assert_allclose(np.asarray(x), x_star, atol=1e-7)
+    np.testing.assert_allclose([float(cons["g"].multiplier.weight[0]),
+                                float(cons["h"].multiplier.weight[0])], nu_star, atol=1e-7)
+
+
+def test_jit_compiles_one_step_without_retracing(x64):
+    traces = []
+
+    def compute_cmp_state(x, idx):
+        traces.append(1)
+        return _ours_cmp("indexed")(x, idx)
+
+    cons = _ours_constraint("indexed", "ineq", "augmented_lagrangian")
+    solver = ConstrainedOptimizer(compute_cmp_state, optax.sgd(0.1),
+                                  nupi(0.2, Kp=0.5, maximize=True), roll="alternating_dual_primal")
+    x = jnp.asarray(X0)
+    state = solver.init(x, cons)
+    step = jax.jit(solver.step)
+    x, cons, state, _ = step(x, cons, state, jnp.asarray(IDX[0]))
+    n = len(traces)
+    assert n > 0
+    for t in range(1, 6):
+        x, cons, state, _ = step(x, cons, state, jnp.asarray(IDX[t]))
+    assert len(traces) == n
+    assert step._cache_size() == 1
+
+
+def test_vmap_over_a_batch_of_problems(x64):
+    targets = np.array([[1.0, 0.5, -0.4], [0.0, 2.0, 1.0], [-1.0, 1.0, 3.0]])
+    solver = ConstrainedOptimizer(_kkt_problem(), optax.sgd(0.1, momentum=0.3),
+                                  projected_ascent(0.2), roll="alternating_dual_primal")
+    cons = _kkt_constraints()
+    x = jnp.zeros(3)
+    state = solver.init(x, cons)
+    batch = jax.tree.map(lambda leaf: jnp.stack([leaf] * 3), (x, cons, state))
+    vstep = jax.jit(jax.vmap(solver.step))
+    step = jax.jit(solver.step)
+    singles = [(x, cons, state) for _ in targets]
+    for _ in range(15):
+        batch = vstep(*batch, jnp.asarray(targets))[:3]
+        singles = [step(*s, jnp.asarray(a))[:3] for s, a in zip(singles, targets)]
+    for k in range(3):
+        one = jax.tree.map(lambda leaf: leaf[k], batch)
+        for got, want in zip(jax.tree.leaves(one), jax.tree.leaves(singles[k])):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
+    assert len({float(w) for w in batch[1]["g"].multiplier.weight[:, 0]}) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# optax conventions: inject_hyperparams, schedules, chain
+# ----------------------------------------------------------------------------------------------
+def _ineq_multiplier(values):
+    return DenseMultiplier(init=jnp.asarray(values), constraint_type=ConstraintType.INEQUALITY)
+
+
+def test_inject_hyperparams_changes_the_learning_rate(x64):
+    lam = {"g": _ineq_multiplier([0.5, 0.2])}
+    grads = {"g": lam["g"].replace(weight=jnp.array([1.0, -1.0]))}
+    opt = optax.inject_hyperparams(projected_ascent)(learning_rate=0.5)
+    state = opt.init(lam)
+    update = jax.jit(opt.update)
+    u, state = update(grads, state, lam)
+    lam = optax.apply_updates(lam, u)
+    np.testing.assert_allclose(np.asarray(lam["g"].weight), [1.0, 0.0], rtol=1e-15)
+    state.hyperparams["learning_rate"] = jnp.asarray(0.25)
+    u, state = update(grads, state, lam)
+    lam = optax.apply_updates(lam, u)
+    np.testing.assert_allclose(np.asarray(lam["g"].weight), [1.25, 0.0], rtol=1e-15)
+
+    opt = optax.inject_hyperparams(nupi)(learning_rate=0.5, Kp=1.0, init_type="zeros",
+                                         maximize=True)
+    x = jnp.zeros(2)
+    state = opt.init(x)
+    update = jax.jit(opt.update)
+    u, state = update(jnp.array([1.0, 2.0]), state, x)
+    x = optax.apply_updates(x, u)  # ZEROS: 0.5 * (1 + 1) e
+    np.testing.assert_allclose(np.asarray(x), [1.0, 2.0], rtol=1e-15)
+    state.hyperparams["Kp"] = jnp.asarray(0.0)
+    state.hyperparams["learning_rate"] = jnp.asarray(1.0)
+    u, state = update(jnp.array([1.0, 1.0]), state, x)
+    np.testing.assert_allclose(np.asarray(optax.apply_updates(x, u)), [2.0, 3.0], rtol=1e-15)
+
+
+def test_learning_rate_schedule_and_chain(x64):
+    lam = {"g": _ineq_multiplier([0.0])}
+    grads = {"g": lam["g"].replace(weight=jnp.array([4.0]))}
+    opt = optax.chain(optax.clip(1.0), projected_ascent(optax.linear_schedule(1.0, 0.0, 4)))
+    state = opt.init(lam)
+    seen = []
+    for _ in range(5):
+        u, state = opt.update(grads, state, lam)
+        lam = optax.apply_updates(lam, u)
+        seen.append(float(lam["g"].weight[0]))
+    np.testing.assert_allclose(seen, np.cumsum([1.0, 0.75, 0.5, 0.25, 0.0]), rtol=1e-15)
+    # observed reaches the transformation through the chain: unobserved entries stay
+    lam = {"g": _ineq_multiplier([0.5, 0.5])}
+    g = {"g": lam["g"].replace(weight=jnp.array([1.0, -1.0]))}
+    for tx in (projected_ascent(1.0), nupi(1.0, maximize=True, weight_decay=0.5)):
+        chained = optax.chain(optax.identity(), tx)
+        u, _ = chained.update(g, chained.init(lam), lam,
+                              observed={"g": lam["g"].replace(weight=jnp.array([False, True]))})
+        assert float(u["g"].weight[0]) == 0.0 and float(u["g"].weight[1]) == -0.5

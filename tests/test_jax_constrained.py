@@ -798,3 +798,177 @@ def test_learning_rate_schedule_and_chain(x64):
         u, _ = chained.update(g, chained.init(lam), lam,
                               observed={"g": lam["g"].replace(weight=jnp.array([False, True]))})
         assert float(u["g"].weight[0]) == 0.0 and float(u["g"].weight[1]) == -0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad inputs: torch-style messages naming the argument and the value, at construction
+# ----------------------------------------------------------------------------------------------
+def _solver(**kw):
+    args = dict(compute_cmp_state=_kkt_problem(), primal_optimizer=optax.sgd(0.1),
+                dual_optimizer=projected_ascent(0.1))
+    args.update(kw)
+    return ConstrainedOptimizer(**args)
+
+
+BAD = [
+    # multipliers
+    (lambda: DenseMultiplier(), ValueError, r"At least one of `num_constraints` and `init`"),
+    (lambda: DenseMultiplier(0), ValueError, r"Invalid num_constraints: 0"),
+    (lambda: DenseMultiplier(2.5), TypeError, r"Invalid num_constraints: 2\.5"),
+    (lambda: DenseMultiplier(True), TypeError, r"Invalid num_constraints: True"),
+    (lambda: DenseMultiplier(init=np.zeros((2, 2))), ValueError, r"Invalid init: shape \(2, 2\)"),
+    (lambda: DenseMultiplier(3, init=np.zeros(2)), ValueError,
+     r"Invalid init: shape \(2,\) is inconsistent with num_constraints=3"),
+    (lambda: DenseMultiplier(init=np.array([1.0, np.nan])), ValueError, r"Invalid init: not every"),
+    (lambda: DenseMultiplier(init="abc"), TypeError, r"Invalid init: 'abc'"),
+    (lambda: DenseMultiplier(2, dtype=jnp.int32), TypeError, r"Invalid dtype: .*int32"),
+    (lambda: DenseMultiplier(init=np.array([-1.0, 0.0]),
+                             constraint_type=ConstraintType.INEQUALITY), ValueError,
+     r"Invalid init: an inequality multiplier must be non-negative, got minimum -1\.0"),
+    (lambda: DenseMultiplier(2, constraint_type="ineq"), TypeError,
+     r"Invalid constraint_type: 'ineq'"),
+    (lambda: IndexedMultiplier(3).value(jnp.array([0.0, 1.0])), TypeError,
+     r"Invalid indices: dtype float"),
+    (lambda: IndexedMultiplier(3).value(jnp.array([True, False, True])), TypeError,
+     r"Invalid indices: dtype bool"),
+    (lambda: IndexedMultiplier(3).value(), ValueError, r"needs constraint features"),
+    (lambda: DenseMultiplier(3).value(jnp.array([0])), ValueError, r"takes no constraint"),
+    # penalty coefficients
+    (lambda: DensePenaltyCoefficient(np.ones((2, 2))), ValueError, r"Invalid init: shape \(2, 2\)"),
+    (lambda: DensePenaltyCoefficient(np.array([1.0, -1.0])), ValueError,
+     r"Invalid init: .*non-negative"),
+    (lambda: DensePenaltyCoefficient(None), TypeError, r"Invalid init: None"),
+    (lambda: IndexedPenaltyCoefficient(np.ones(3))(jnp.array([0.5])), TypeError,
+     r"Invalid indices"),
+    # states and constraints
+    (lambda: ConstraintState(jnp.zeros(2), strict_constraint_features=jnp.array([0])), ValueError,
+     r"`strict_violation` must be provided"),
+    (lambda: ConstraintState(jnp.zeros(2), contributes_to_dual_update=1), TypeError,
+     r"Invalid contributes_to_dual_update: 1"),
+    (lambda: ConstraintState(None), TypeError, r"Invalid violation: None"),
+    (lambda: CMPState(observed_constraints=[1]), TypeError, r"Invalid observed_constraints"),
+    (lambda: CMPState(observed_constraints={"g": jnp.zeros(2)}), TypeError,
+     r"Invalid observed_constraints\['g'\]"),
+    (lambda: Constraint("ineq", multiplier=DenseMultiplier(1)), TypeError,
+     r"Invalid constraint_type: 'ineq'"),
+    (lambda: Constraint(ConstraintType.INEQUALITY, "lagrangian", DenseMultiplier(1)), TypeError,
+     r"Invalid formulation: 'lagrangian'"),
+    (lambda: Constraint(ConstraintType.INEQUALITY), ValueError,
+     r"Lagrangian expects a multiplier but none was provided"),
+    (lambda: Constraint(ConstraintType.INEQUALITY, quadratic_penalty, DenseMultiplier(1),
+                        DensePenaltyCoefficient(1.0)), ValueError,
+     r"Received unexpected multiplier for QuadraticPenalty"),
+    (lambda: Constraint(ConstraintType.INEQUALITY, augmented_lagrangian, DenseMultiplier(1)),
+     ValueError, r"AugmentedLagrangian expects a penalty coefficient but none was provided"),
+    (lambda: Constraint(ConstraintType.INEQUALITY, lagrangian, DenseMultiplier(1),
+                        DensePenaltyCoefficient(1.0)), ValueError,
+     r"Received unexpected penalty coefficient for Lagrangian"),
+    (lambda: Constraint(ConstraintType.EQUALITY, multiplier=DenseMultiplier(
+        1, constraint_type=ConstraintType.INEQUALITY)), ValueError, r"Invalid multiplier: typed"),
+    (lambda: Constraint(ConstraintType.INEQUALITY, multiplier=DenseMultiplier(
+        init=np.array([-0.5]))), ValueError, r"must be non-negative, got minimum -0\.5"),
+    (lambda: Constraint(ConstraintType.INEQUALITY, multiplier=np.zeros(2)), TypeError,
+     r"Invalid multiplier"),
+    (lambda: quadratic_penalty(ConstraintState(jnp.zeros(1)),
+                               penalty_coefficient=DensePenaltyCoefficient(1.0)),
+     TypeError, r"Invalid constraint_type: None"),
+    (lambda: lagrangian(jnp.zeros(1), DenseMultiplier(1)), TypeError, r"Invalid constraint_state"),
+    # dual optimizers
+    (lambda: projected_ascent(-1.0), ValueError, r"^Invalid learning rate: -1\.0$"),
+    (lambda: projected_ascent(np.nan), ValueError, r"Invalid learning rate: nan"),
+    (lambda: projected_ascent("0.1"), TypeError, r"Invalid learning rate: '0\.1'"),
+    (lambda: projected_ascent(0.1).update(jnp.zeros(1), projected_ascent(0.1).init(None)),
+     ValueError, r"projected_ascent: params .* are required"),
+    (lambda: nupi(-0.1), ValueError, r"^Invalid learning rate: -0\.1$"),
+    (lambda: nupi(0.1, weight_decay=-1.0), ValueError, r"^Invalid weight_decay value: -1\.0$"),
+    (lambda: nupi(0.1, ema_nu=1.0), ValueError, r"^Invalid ema_nu value: 1\.0$"),
+    (lambda: nupi(0.1, ema_nu=-1.0), ValueError, r"^Invalid ema_nu value: -1\.0$"),
+    (lambda: nupi(0.1, Kp=np.inf), ValueError, r"^Invalid Kp value: inf$"),
+    (lambda: nupi(0.1, Ki="1"), TypeError, r"Invalid Ki value: '1'"),
+    (lambda: nupi(0.1, init_type="adam"), ValueError, r"Invalid init_type: 'adam'"),
+    (lambda: nupi(0.1, maximize=1), TypeError, r"Invalid maximize value: 1"),
+    (lambda: C.as_ascent(0.1), TypeError, r"Invalid transformation: 0\.1"),
+    # penalty updaters
+    (lambda: C.MultiplicativePenaltyCoefficientUpdater(growth_factor=0.0), ValueError,
+     r"^Invalid growth_factor value: 0\.0$"),
+    (lambda: C.MultiplicativePenaltyCoefficientUpdater(violation_tolerance=-1.0), ValueError,
+     r"^Invalid violation_tolerance value: -1\.0$"),
+    (lambda: C.AdditivePenaltyCoefficientUpdater(increment=-1.0), ValueError,
+     r"^Invalid increment value: -1\.0$"),
+    (lambda: C.AdditivePenaltyCoefficientUpdater(has_restart="yes"), TypeError,
+     r"Invalid has_restart value: 'yes'"),
+    # the solver
+    (lambda: _solver(roll="gda"), ValueError, r"Invalid roll: 'gda'"),
+    (lambda: _solver(compute_cmp_state=1), TypeError, r"Invalid compute_cmp_state: 1"),
+    (lambda: _solver(primal_optimizer=0.1), TypeError, r"Invalid primal_optimizer: 0\.1"),
+    (lambda: _solver(dual_optimizer="sgd"), TypeError, r"Invalid dual_optimizer: 'sgd'"),
+    (lambda: _solver(compute_violations=3), TypeError, r"Invalid compute_violations: 3"),
+    (lambda: _solver(dual_optimizer=None).init(jnp.zeros(3), _kkt_constraints()), ValueError,
+     r"Invalid dual_optimizer: None, but the constraints \['g', 'h'\] have multipliers"),
+    (lambda: _solver().init(jnp.zeros(3), {"g": DenseMultiplier(1)}), TypeError,
+     r"Invalid constraints"),
+]
+
+
+@pytest.mark.parametrize("build, error, message", BAD,
+                         ids=[f"{i}-{m[:30]}" for i, (_, _, m) in enumerate(BAD)])
+def test_bad_inputs(build, error, message, x64):
+    with pytest.raises(error, match=message):
+        build()
+
+
+def test_bad_observed_name_and_compute_violations_with_loss(x64):
+    solver = _solver()
+    cons = {"g": _kkt_constraints()["g"]}
+    state = solver.init(jnp.zeros(3), cons)
+    with pytest.raises(ValueError, match=r"Invalid observed_constraints: 'h' is not among"):
+        solver.step(jnp.zeros(3), cons, state, jnp.ones(3))
+    cons = _kkt_constraints()
+    solver = _solver(roll="alternating_primal_dual", compute_violations=_kkt_problem())
+    state = solver.init(jnp.zeros(3), cons)
+    with pytest.raises(ValueError, match=r"Expected `compute_violations` to not populate the loss"):
+        solver.step(jnp.zeros(3), cons, state, jnp.ones(3))
+
+
+def test_compute_violations_is_used_for_the_alternating_dual_step(x64):
+    """With compute_violations the dual step of the alternating primal-dual roll uses its
+    (strict) measurements at x_{t+1}, and the roll-out loss is f(x_t)."""
+    a = jnp.array([1.0, 0.5, -0.4])
+
+    def violations(x, a):
+        state = _kkt_problem()(x, a)
+        return CMPState(None, {k: v.replace(violation=2 * v.violation)
+                               for k, v in state.observed_constraints.items()})
+
+    cons = _kkt_constraints()
+    solver = _solver(roll="alternating_primal_dual", compute_violations=violations)
+    x0 = jnp.zeros(3)
+    x1, cons1, _, rollout = solver.step(x0, cons, solver.init(x0, cons), a)
+    expected = 0.1 * 2 * (float(jnp.dot(jnp.asarray(N_VEC), x1)) - B)
+    np.testing.assert_allclose(float(cons1["g"].multiplier.weight[0]), max(expected, 0.0),
+                               rtol=1e-14)
+    np.testing.assert_allclose(float(rollout.loss), float(0.5 * jnp.sum((x0 - a) ** 2)),
+                               rtol=1e-15)
+    assert rollout.cmp_state.loss is None
+
+
+def test_pytrees_are_immutable_and_flatten(x64):
+    m = DenseMultiplier(2)
+    with pytest.raises(AttributeError, match="immutable"):
+        m.weight = jnp.ones(2)
+    cons = _kkt_constraints(augmented_lagrangian, 1.0)
+    leaves, treedef = jax.tree.flatten(cons)
+    assert len(leaves) == 2 * 3  # multiplier weight, penalty value and init, per constraint
+    back = jax.tree.unflatten(treedef, leaves)
+    assert back["g"].constraint_type is ConstraintType.INEQUALITY
+    assert back["g"].formulation is augmented_lagrangian
+    assert repr(m) == "DenseMultiplier(num_constraints=2)"
+
+
+def test_docstring_examples():
+    import doctest
+
+    with jax.enable_x64(False):
+        result = doctest.testmod(C, raise_on_error=False, report=True)
+    assert result.attempted > 40
+    assert result.failed == 0

@@ -853,6 +853,8 @@ BAD = [
      r"Invalid constraint_type: 'ineq'"),
     (lambda: Constraint(ConstraintType.INEQUALITY, "lagrangian", DenseMultiplier(1)), TypeError,
      r"Invalid formulation: 'lagrangian'"),
+    (lambda: Constraint(ConstraintType.INEQUALITY, ["lagrangian"], DenseMultiplier(1)),
+     TypeError, r"Invalid formulation: \['lagrangian'\]"),
     (lambda: Constraint(ConstraintType.INEQUALITY), ValueError,
      r"Lagrangian expects a multiplier but none was provided"),
     (lambda: Constraint(ConstraintType.INEQUALITY, quadratic_penalty, DenseMultiplier(1),
@@ -972,3 +974,93 @@ def test_docstring_examples():
         result = doctest.testmod(C, raise_on_error=False, report=True)
     assert result.attempted > 40
     assert result.failed == 0
+
+
+@pytest.mark.parametrize("roll", C.ROLLS)
+def test_several_constraints_at_once_match_cooper(roll, x64):
+    """A dense inequality (Lagrangian), an indexed equality (augmented Lagrangian) and a dense
+    equality (quadratic penalty, no multiplier) in one problem; penalties grow after each roll."""
+    extra = roll == "extrapolation"
+
+    class Problem(cooper.ConstrainedMinimizationProblem):
+        def __init__(self):
+            super().__init__()
+            self.g = cooper.Constraint(
+                cooper.ConstraintType.INEQUALITY, cooper.formulations.Lagrangian,
+                cooper.multipliers.DenseMultiplier(2, dtype=torch.float64))
+            self.h = cooper.Constraint(
+                cooper.ConstraintType.EQUALITY, cooper.formulations.AugmentedLagrangian,
+                cooper.multipliers.IndexedMultiplier(5, dtype=torch.float64),
+                cooper.penalty_coefficients.IndexedPenaltyCoefficient(
+                    torch.tensor(PENALTY["indexed"])))
+            self.q = cooper.Constraint(
+                cooper.ConstraintType.EQUALITY, cooper.formulations.QuadraticPenalty,
+                penalty_coefficient=cooper.penalty_coefficients.DensePenaltyCoefficient(
+                    torch.tensor(0.5, dtype=torch.float64)))
+
+        def compute_cmp_state(self, x, idx):
+            return cooper.CMPState(loss=_loss(torch, x), observed_constraints={
+                self.g: cooper.ConstraintState(_violation(torch, x, "dense", idx)),
+                self.h: cooper.ConstraintState(_violation(torch, x, "indexed", idx),
+                                               torch.as_tensor(idx)),
+                self.q: cooper.ConstraintState(x.sum() - 0.3)})
+
+    cmp = Problem()
+    x_t = torch.nn.Parameter(torch.tensor(X0))
+    if extra:
+        primal = cooper.optim.ExtraSGD([x_t], lr=LR_PRIMAL, momentum=MOMENTUM)
+        dual = cooper.optim.ExtraSGD(list(cmp.dual_parameters()), lr=LR_DUAL, maximize=True)
+    else:
+        primal = torch.optim.SGD([x_t], lr=LR_PRIMAL, momentum=MOMENTUM)
+        dual = torch.optim.SGD(list(cmp.dual_parameters()), lr=LR_DUAL, maximize=True)
+    cls = {"simultaneous": cooper.optim.SimultaneousOptimizer,
+           "alternating_primal_dual": cooper.optim.AlternatingPrimalDualOptimizer,
+           "alternating_dual_primal": cooper.optim.AlternatingDualPrimalOptimizer,
+           "extrapolation": cooper.optim.ExtrapolationConstrainedOptimizer}[roll]
+    ref_opt = cls(cmp, primal_optimizers=primal, dual_optimizers=dual)
+    ref_up = cooper.penalty_coefficients.AdditivePenaltyCoefficientUpdater(
+        increment=0.1, violation_tolerance=0.05)
+
+    def compute_cmp_state(x, idx):
+        return CMPState(_loss(jnp, x), {
+            "g": ConstraintState(_violation(jnp, x, "dense", idx)),
+            "h": ConstraintState(_violation(jnp, x, "indexed", idx), idx),
+            "q": ConstraintState(jnp.sum(x) - 0.3)})
+
+    cons = {"g": Constraint(ConstraintType.INEQUALITY, lagrangian, DenseMultiplier(2)),
+            "h": Constraint(ConstraintType.EQUALITY, augmented_lagrangian, IndexedMultiplier(5),
+                            IndexedPenaltyCoefficient(jnp.asarray(PENALTY["indexed"]))),
+            "q": Constraint(ConstraintType.EQUALITY, quadratic_penalty,
+                            penalty_coefficient=DensePenaltyCoefficient(jnp.asarray(0.5)))}
+    solver = ConstrainedOptimizer(
+        compute_cmp_state, optax.sgd(LR_PRIMAL, momentum=MOMENTUM),
+        C.as_ascent(optax.sgd(LR_DUAL)) if extra else projected_ascent(LR_DUAL), roll=roll)
+    up = C.AdditivePenaltyCoefficientUpdater(increment=0.1, violation_tolerance=0.05)
+
+    @jax.jit
+    def step(x, cons, state, idx):
+        x, cons, state, rollout = solver.step(x, cons, state, idx)
+        return x, up.step(cons, rollout.cmp_state.observed_constraints), state, rollout
+
+    x = jnp.asarray(X0)
+    state = solver.init(x, cons)
+    for t in range(STEPS):
+        rollout = ref_opt.roll(compute_cmp_state_kwargs={"x": x_t, "idx": IDX[t]})
+        ref_up.step(rollout.cmp_state.observed_constraints)
+        x, cons, state, ours = step(x, cons, state, jnp.asarray(IDX[t]))
+        np.testing.assert_allclose(np.asarray(x), x_t.detach().numpy(), **TOL)
+        for name in ("g", "h"):
+            np.testing.assert_allclose(np.asarray(cons[name].multiplier.weight),
+                                       getattr(cmp, name).multiplier.weight.detach().numpy()
+                                       .reshape(-1), **TOL)
+        for name in ("h", "q"):
+            np.testing.assert_allclose(np.asarray(cons[name].penalty_coefficient.value),
+                                       getattr(cmp, name).penalty_coefficient.value.numpy(),
+                                       **TOL)
+        np.testing.assert_allclose(float(ours.primal_lagrangian),
+                                   float(rollout.primal_lagrangian_store.lagrangian.detach()),
+                                   **TOL)
+        np.testing.assert_allclose(float(ours.dual_lagrangian),
+                                   float(rollout.dual_lagrangian_store.lagrangian.detach()),
+                                   **TOL)
+    assert float(cons["q"].penalty_coefficient.value) > 0.5

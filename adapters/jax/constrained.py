@@ -771,7 +771,7 @@ class Constraint(_Node):
                  multiplier: Optional[Multiplier] = None,
                  penalty_coefficient: Optional[PenaltyCoefficient] = None) -> None:
         _check_constraint_type(constraint_type)
-        if formulation not in _FORMULATIONS:
+        if not callable(formulation) or formulation not in _FORMULATIONS:
             raise TypeError(f"Invalid formulation: {formulation!r} (expected lagrangian, "
                             f"augmented_lagrangian or quadratic_penalty)")
         name = _FORMULATIONS[formulation]

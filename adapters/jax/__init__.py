@@ -1,5 +1,6 @@
 """uniopt's JAX face: optax gradient transformations (``scale_by_*`` blocks and recipes) and
-jaxopt-style solvers (:class:`PolyakSGD`), and iALM's functional dual optimizer (:func:`ialm`).
+jaxopt-style solvers (:class:`PolyakSGD`), iALM's functional dual optimizer (:func:`ialm`), and
+constrained learning with Lagrange multipliers in functional form (:mod:`.constrained`).
 
 This package imports jax and optax; ``import uniopt`` never does.
 
@@ -9,6 +10,7 @@ Example:
   >>> solver = optax.chain(optax.clip_by_global_norm(1.0), qhadam(1e-3, nus=(0.7, 1.0)))
 """
 
+from . import constrained
 from .ialm import IALMState, IALMTransformation, ialm
 from .polyak import (
     OptStep,
@@ -45,4 +47,5 @@ __all__ = [
     "IALMState",
     "IALMTransformation",
     "ialm",
+    "constrained",
 ]

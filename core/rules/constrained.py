@@ -20,6 +20,9 @@ multipliers, so one code path serves both):
   :math:`w`). Initialisation ``ZEROS``: :math:`\xi_{-1} = 0`. Initialisation ``SGD``:
   :math:`\xi_{-1} = e_0`, so the first step is :math:`K_I e_0` (SGD's) and :math:`\xi_0 = e_0`
   (:func:`nupi_direction`, :func:`nupi_average` with ``fresh`` true on an entry's first step);
+* the augmented-Lagrangian term of an inequality constraint (:func:`augmented_ineq_term`),
+  :math:`\frac{1}{2c}(\max(\lambda + c g, 0)^2 - \lambda^2)`, written without the division
+  where the shift is active and with its :math:`c \to 0` limit :math:`\lambda g`;
 * feasibility-driven penalty coefficients: where the violation measure exceeds the tolerance
   the coefficient grows, :math:`c \leftarrow c\,\kappa + \delta` (multiplicative updater:
   :math:`\kappa` = growth factor, :math:`\delta = 0`; additive: :math:`\kappa = 1`,
@@ -50,6 +53,7 @@ RULES = (
     "nupi_param",
     "penalty_measure",
     "penalty_update",
+    "augmented_ineq_term",
 )
 
 
@@ -107,3 +111,23 @@ def penalty_update(value, init, measure, tolerance, factor, increment, restart):
     """
     grown = where(measure > tolerance, value * factor + increment, value)
     return where(restart & (measure == 0), init, grown)
+
+
+def augmented_ineq_term(multiplier, penalty, violation):
+    r"""An inequality constraint's augmented-Lagrangian term, entry by entry (Nocedal & Wright,
+    eqs. 17.64-17.65, in the :math:`g \le 0` convention):
+
+    .. math::
+       \frac{1}{2c}\left(\max(\lambda + c g, 0)^2 - \lambda^2\right) =
+       \begin{cases} \lambda g + \tfrac{c}{2} g^2 & \lambda + c g > 0 \\
+       -\lambda^2 / (2c) & \text{otherwise} \end{cases}
+
+    and, at a zero penalty :math:`c = 0`, its limit :math:`\lambda g` (for :math:`\lambda \ge
+    0`): the Lagrangian term, never ``0/0``. Its derivative in :math:`g` is
+    :math:`\max(\lambda + c g, 0)` (:math:`\lambda` at :math:`c = 0`).
+    """
+    shifted = multiplier + penalty * violation
+    safe = where(penalty > 0, penalty, penalty * 0 + 1)
+    term = where(shifted > 0, multiplier * violation + 0.5 * penalty * (violation * violation),
+                 -(multiplier * multiplier) / (2 * safe))
+    return where(penalty > 0, term, multiplier * violation)

@@ -115,7 +115,7 @@ def _rows_view(a: np.ndarray) -> np.ndarray:
     """``a`` of shape ``(m, ...)`` as the 2-D ``(m, width)`` view the indexed kernels take."""
     if a.ndim == 0:
         raise ValueError("Invalid multipliers: a 0-d array has no rows")
-    return a.reshape(a.shape[0], -1)
+    return a.reshape(a.shape[0], int(np.prod(a.shape[1:], dtype=np.int64)))
 
 
 def _indices(indices: Any, m: int) -> np.ndarray:
@@ -134,7 +134,8 @@ def _sparse(what: str, p: np.ndarray, indices: Any, values: Any):
     """``(rows, values2d)`` of a sparse gradient ``(indices, values)`` of ``p``."""
     rows = _indices(indices, p.shape[0] if p.ndim else 0)
     values = _like(what, values, (rows.size, *p.shape[1:]), p.dtype)
-    return rows, values.reshape(rows.size, -1)
+    width = int(np.prod(p.shape[1:], dtype=np.int64))
+    return rows, values.reshape(rows.size, width)
 
 
 def _parallel(n: int) -> bool:

@@ -1,0 +1,1 @@
+"""Constrained learning in PyTorch (Cooper's API): multipliers, formulations, optimizers."""

@@ -1,0 +1,1 @@
+"""Optimizers of constrained learning (Cooper's ``cooper.optim``)."""

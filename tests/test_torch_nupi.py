@@ -19,6 +19,8 @@ from uniopt.adapters.torch.constrained.optim.torch_optimizers import nuPI, nuPII
 
 F64 = dict(rtol=1e-12, atol=1e-14)
 M = 8
+# Cooper builds sparse tensors without choosing invariant checks; torch warns about that
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
 
 
 def _errors(sparse, steps=12, seed=1, m=M, width=1, k=5):

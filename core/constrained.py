@@ -34,6 +34,7 @@ References:
 from __future__ import annotations
 
 import enum
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -115,7 +116,7 @@ def _rows_view(a: np.ndarray) -> np.ndarray:
     """``a`` of shape ``(m, ...)`` as the 2-D ``(m, width)`` view the indexed kernels take."""
     if a.ndim == 0:
         raise ValueError("Invalid multipliers: a 0-d array has no rows")
-    return a.reshape(a.shape[0], int(np.prod(a.shape[1:], dtype=np.int64)))
+    return a.reshape(a.shape[0], math.prod(a.shape[1:]))
 
 
 def _indices(indices: Any, m: int) -> np.ndarray:
@@ -124,17 +125,18 @@ def _indices(indices: Any, m: int) -> np.ndarray:
     if rows.dtype.kind not in "iu" or rows.ndim != 1:
         raise TypeError(f"Invalid indices: expected a 1-D integer array, got {rows.dtype} of "
                         f"shape {rows.shape}")
-    if rows.size and (rows.min() < 0 or rows.max() >= m):
-        bad = rows[(rows < 0) | (rows >= m)][0]
-        raise ValueError(f"Invalid indices: {bad} is out of range for {m} rows")
-    return np.ascontiguousarray(rows, dtype=np.int64)
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    bad = _kernels.first_out_of_range(rows, m) if rows.size else -1
+    if bad >= 0:
+        raise ValueError(f"Invalid indices: {rows[bad]} is out of range for {m} rows")
+    return rows
 
 
 def _sparse(what: str, p: np.ndarray, indices: Any, values: Any):
     """``(rows, values2d)`` of a sparse gradient ``(indices, values)`` of ``p``."""
     rows = _indices(indices, p.shape[0] if p.ndim else 0)
     values = _like(what, values, (rows.size, *p.shape[1:]), p.dtype)
-    width = int(np.prod(p.shape[1:], dtype=np.int64))
+    width = math.prod(p.shape[1:])
     return rows, values.reshape(rows.size, width)
 
 
@@ -187,7 +189,7 @@ def indexed_projected_ascent_(multipliers: np.ndarray, indices: Any, violations:
     ``multipliers[r] = max(multipliers[r] + lr * v_r, lo)`` for every row ``r`` in ``indices``,
     where :math:`v_r` is the sum of the ``violations`` given for ``r`` (a repeated index adds
     up, as the sparse gradient of Cooper's ``IndexedMultiplier`` -- an embedding lookup --
-    coalesces). Only the sampled rows are read or written: the cost is ``O(k log k)`` for
+    coalesces). Only the sampled rows are read or written: the cost is ``O(k)`` for
     ``k`` indices, whatever the number of rows (Cooper's ``post_step_`` relu passes over every
     row).
 

@@ -492,3 +492,17 @@ def test_init_type_enum_compares_with_cooper_names():
 
     assert uc.nuPIInitType.SGD == Other.SGD and uc.nuPIInitType.ZEROS != Other.SGD
     assert hash(uc.nuPIInitType.SGD) == hash("SGD")
+
+
+def test_coalesce_sums_repeats_in_first_appearance_order(rng):
+    rows = rng.integers(0, 300, size=5000)  # many repeats and hash collisions
+    rows[:3] = [2**40, 7, 2**40]  # large row numbers hash too
+    values = rng.standard_normal((5000, 2))
+    urows, uvalues = K.coalesce(rows.astype(np.int64), values)
+    expected = naive.coalesce(rows, values)
+    assert urows.tolist() == list(expected)  # dicts keep first-appearance order
+    np.testing.assert_allclose(uvalues, np.array(list(expected.values())), **F64)
+    inc = np.array([1, 4, 9], dtype=np.int64)
+    vals = np.ones((3, 1))
+    same_rows, same_values = K.coalesce(inc, vals)
+    assert same_rows.ctypes.data == inc.ctypes.data and same_values.ctypes.data == vals.ctypes.data

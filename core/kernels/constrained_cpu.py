@@ -21,11 +21,11 @@ Memory contract (every kernel here):
 * ``coef`` holds the step's scalars already cast to that dtype on the host (no float64
   promotion inside float32 kernels); ``flags`` is int64.
 * ``rows`` is int64 ``(k,)`` with ``0 <= rows[j] < m`` (the faces check the range; the kernels
-  do not). The indexed kernels read and write only the rows listed, so their cost is
-  ``O(k log k)`` whatever ``m`` (unsampled rows are never read: NaN there does not matter).
-  Rows may repeat: as the sparse gradient of an embedding lookup, a row's values are summed
-  (in the order given) and the row is then updated once. Strictly increasing rows (a coalesced
-  sparse gradient) skip that stable sort. :func:`indexed_penalty_update_` is the exception: a
+  do not). The indexed kernels read and write only the rows listed, so their cost is ``O(k)``
+  whatever ``m`` (unsampled rows are never read: NaN there does not matter). Rows may repeat:
+  as the sparse gradient of an embedding lookup, a row's values are summed (in the order
+  given) and the row is then updated once (found with a hash table of ``2k`` slots, no sort;
+  strictly increasing rows -- a coalesced sparse gradient -- skip even that). :func:`indexed_penalty_update_` is the exception: a
   repeated row gets the update computed from its last occurrence (Cooper's indexed
   assignment), each from the coefficient as it was before the call.
 * nuPI's gains ``ki`` and ``kpn`` (:math:`K_I` and :math:`K_P(1-\\nu)`) are arrays of the
@@ -60,6 +60,7 @@ __all__ = [
     "penalty_update_parallel_",
     "indexed_penalty_update_",
     "coalesce",
+    "first_out_of_range",
 ]
 
 _rules = bind(_constrained, wrap=_jit.elementwise)
@@ -75,8 +76,10 @@ _penalty_update = _rules.penalty_update
 # Coalescing sampled rows (duplicates summed, as a sparse COO gradient's coalesce())
 # ----------------------------------------------------------------------------------------------
 def _coalesce(rows, values):
-    """``(unique_rows, summed_values)``: ``rows`` as is when strictly increasing, else sorted
-    (stable) with each repeated row's values added in their given order. ``O(k log k)``."""
+    """``(unique_rows, summed_values)``: ``rows`` and ``values`` themselves when the rows are
+    strictly increasing (a coalesced sparse gradient), else the distinct rows in order of first
+    appearance with each one's values added in their given order. ``O(k)``: an open-addressing
+    hash table of ``>= 2k`` slots (Fibonacci hashing) finds repeats, with no sort."""
     k = rows.size
     increasing = True
     for j in range(1, k):
@@ -85,25 +88,34 @@ def _coalesce(rows, values):
             break
     if increasing:
         return rows, values
-    order = np.argsort(rows, kind="mergesort")
+    bits = 1
+    while (1 << bits) < 2 * k:
+        bits += 1
+    mask = (1 << bits) - 1
+    shift = np.uint64(64 - bits)
+    slots = np.full(1 << bits, -1, dtype=np.int64)
     width = values.shape[1]
     out_rows = np.empty(k, dtype=np.int64)
     out_values = np.empty((k, width), dtype=values.dtype)
-    n = -1
-    previous = np.int64(-1)
+    n = 0
     for j in range(k):
-        src = order[j]
-        r = rows[src]
-        if n < 0 or r != previous:
-            n += 1
-            out_rows[n] = r
-            for c in range(width):
-                out_values[n, c] = values[src, c]
-            previous = r
-        else:
-            for c in range(width):
-                out_values[n, c] += values[src, c]
-    return out_rows[:n + 1], out_values[:n + 1]
+        r = rows[j]
+        h = np.int64((np.uint64(r) * np.uint64(11400714819323198485)) >> shift)
+        while True:
+            slot = slots[h]
+            if slot < 0:
+                slots[h] = n
+                out_rows[n] = r
+                for c in range(width):
+                    out_values[n, c] = values[j, c]
+                n += 1
+                break
+            if out_rows[slot] == r:
+                for c in range(width):
+                    out_values[slot, c] += values[j, c]
+                break
+            h = (h + 1) & mask
+    return out_rows[:n], out_values[:n]
 
 
 _coalesce = _jit.elementwise(_coalesce)
@@ -111,9 +123,18 @@ _coalesce = _jit.elementwise(_coalesce)
 
 @_jit.cpu_kernel
 def coalesce(rows, values):
-    """The unique rows and their summed values (a copy only when ``rows`` is not strictly
-    increasing); ``values`` is ``(k, width)``."""
+    """The distinct rows (in order of first appearance) and their summed values; ``rows`` and
+    ``values`` ``(k, width)`` themselves when the rows are strictly increasing."""
     return _coalesce(rows, values)
+
+
+@_jit.cpu_kernel
+def first_out_of_range(rows, m):
+    """The position of the first row outside ``[0, m)``, or -1 (the faces' O(k) check)."""
+    for j in range(rows.size):
+        if rows[j] < 0 or rows[j] >= m:
+            return j
+    return -1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -79,7 +79,8 @@ def _coalesce(rows, values):
     """``(unique_rows, summed_values)``: ``rows`` and ``values`` themselves when the rows are
     strictly increasing (a coalesced sparse gradient), else the distinct rows in order of first
     appearance with each one's values added in their given order. ``O(k)``: an open-addressing
-    hash table of ``>= 2k`` slots (Fibonacci hashing) finds repeats, with no sort."""
+    hash table of ``>= 2k`` slots (xor-folded row numbers, linear probing) finds repeats, with
+    no sort."""
     k = rows.size
     increasing = True
     for j in range(1, k):
@@ -92,7 +93,6 @@ def _coalesce(rows, values):
     while (1 << bits) < 2 * k:
         bits += 1
     mask = (1 << bits) - 1
-    shift = np.uint64(64 - bits)
     slots = np.full(1 << bits, -1, dtype=np.int64)
     width = values.shape[1]
     out_rows = np.empty(k, dtype=np.int64)
@@ -100,7 +100,7 @@ def _coalesce(rows, values):
     n = 0
     for j in range(k):
         r = rows[j]
-        h = np.int64((np.uint64(r) * np.uint64(11400714819323198485)) >> shift)
+        h = (r ^ (r >> bits) ^ (r >> (2 * bits)) ^ (r >> (3 * bits))) & mask  # xor-folded
         while True:
             slot = slots[h]
             if slot < 0:

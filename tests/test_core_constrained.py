@@ -43,6 +43,8 @@ def test_sgd_projected_kernel_matches_oracle_and_parallel(dtype, lower, rng):
     K.sgd_projected_parallel_(b, g, coef)
     np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(a, expected, **_tol(dtype))
+    # the same two roundings in the array's dtype: bit for bit, float32 included
+    np.testing.assert_array_equal(a, np.maximum(p + coef[0] * g, coef[1]))
     if lower == 0.0:
         assert np.all(a >= 0) and np.any(a == 0)
     else:

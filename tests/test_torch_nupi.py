@@ -204,6 +204,12 @@ def test_kp0_ki1_nu0_is_torch_sgd():
     torch.testing.assert_close(ours, w.detach(), rtol=1e-15, atol=1e-16)
 
 
+def test_group_params_may_be_a_generator():
+    ws = [torch.nn.Parameter(torch.zeros(2)) for _ in range(2)]
+    opt = nuPI([{"params": (w for w in ws)}], lr=0.1)
+    assert len(opt.param_groups[0]["params"]) == 2
+
+
 def test_scalar_kp_with_two_param_groups():
     a = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
     b = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))

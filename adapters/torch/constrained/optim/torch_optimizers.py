@@ -171,13 +171,18 @@ class _NuPIRule(Rule):
         p.copy_(new_p)
 
 
-def _rows_of(p: torch.Tensor, g: torch.Tensor):
-    """A coalesced sparse COO gradient of ``p`` as ``(rows, values, shape2d)``: linear row
-    indices over its sparse dimensions (int64 ``(k,)``, unique, increasing), values
-    ``(k, width)`` and the ``(m, width)`` view of ``p`` they index."""
-    g = g.coalesce()
+def _rows_of(p: torch.Tensor, g: torch.Tensor, coalesce: bool):
+    """A sparse COO gradient of ``p`` as ``(rows, values, shape2d)``: linear row indices over
+    its sparse dimensions (int64 ``(k,)``), values ``(k, width)`` and the ``(m, width)`` view
+    of ``p`` they index. ``coalesce``: unique rows (``torch.Tensor.coalesce()``, which sorts);
+    otherwise the entries as stored, repeats included (the CPU kernel sums them itself, in
+    O(k): torch's coalesce costs more than the whole kernel step)."""
+    if coalesce or g.is_coalesced():
+        g = g.coalesce()
+        indices, values = g.indices(), g.values()
+    else:
+        indices, values = g._indices(), g._values()
     sparse_dims = g.sparse_dim()
-    indices = g.indices()
     rows = indices[0]
     for d in range(1, sparse_dims):
         rows = rows * p.shape[d] + indices[d]
@@ -185,7 +190,7 @@ def _rows_of(p: torch.Tensor, g: torch.Tensor):
     for size in p.shape[:sparse_dims]:
         m *= size
     width = p.numel() // m if m else 1
-    return rows.contiguous(), g.values().reshape(rows.numel(), width), (m, width)
+    return rows.contiguous(), values.reshape(rows.numel(), width), (m, width)
 
 
 class nuPI(Optimizer):
@@ -272,6 +277,9 @@ class nuPI(Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         if isinstance(param_group, dict):
+            params = param_group.get("params")
+            if params is not None and not isinstance(params, torch.Tensor):
+                param_group = {**param_group, "params": list(params)}  # a generator: once
             self._check_group({**self.defaults, **param_group})
             for key in ("Kp", "Ki"):
                 if key in param_group:
@@ -388,27 +396,29 @@ class nuPI(Optimizer):
         """One step of the rows of a sparse gradient (or every row, for a dense gradient on a
         parameter with the per-entry mask): the indexed kernel or torch ops on those rows."""
         g = p.grad
+        state = self.state[p]
+        xi, mask = state.get("xi"), state.get(MASK_KEY)
+        kernel = (self._dispatcher.backend != "torch" and p.device.type == "cpu"
+                  and p.dtype in _NUMPY_DTYPES and is_plain(p) and p.is_contiguous()
+                  and (xi is None or (is_plain(xi) and xi.is_contiguous()
+                                      and xi.dtype == p.dtype))
+                  and (mask is None or (mask.is_contiguous() and mask.dtype == torch.bool)))
         if g.layout == torch.strided:
             m = p.shape[0]
             rows = torch.arange(m, device=p.device)
             values = g.reshape(m, -1)
             shape2d = (m, values.shape[1])
         else:
-            rows, values, shape2d = _rows_of(p, g)
+            rows, values, shape2d = _rows_of(p, g, coalesce=not kernel)
         if rows.numel() == 0:  # an empty gradient: no state, no step (as Cooper)
             return
-        state = self.state[p]
-        if "xi" not in state:
-            state["xi"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        if xi is None:
+            xi = state["xi"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             if c.sgd:
-                state[MASK_KEY] = torch.ones_like(p, dtype=torch.bool,
-                                                  memory_format=torch.contiguous_format)
-        xi, mask = state["xi"], state.get(MASK_KEY)
+                mask = state[MASK_KEY] = torch.ones_like(p, dtype=torch.bool,
+                                                         memory_format=torch.contiguous_format)
         values = values.to(p.dtype)
-        if (self._dispatcher.backend != "torch" and p.device.type == "cpu"
-                and p.dtype in _NUMPY_DTYPES and is_plain(p, xi)
-                and p.is_contiguous() and xi.is_contiguous() and xi.dtype == p.dtype
-                and (mask is None or (mask.is_contiguous() and mask.dtype == torch.bool))):
+        if kernel:
             self._rows_kernel(c, p, rows, values, xi, mask, shape2d)
         else:
             self._rows_torch(c, p, rows, values, xi, mask, shape2d)

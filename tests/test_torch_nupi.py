@@ -364,3 +364,23 @@ def test_warnings_as_cooper_and_tensor_gains():
         warnings.simplefilter("error")
         opt = nuPI(p, lr=0.1, Kp=torch.tensor([0.5]), Ki=1.0)
     assert opt.param_groups[0]["Ki"].dtype == torch.float64  # exact, not rounded to float32
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_sparse_gradient_with_two_sparse_dims(backend):
+    # entries (i, j) of a (4, 3) parameter, some repeated: the recursion entry by entry
+    theta = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(4, 3)
+    w = torch.nn.Parameter(theta.clone())
+    opt = nuPI([w], lr=0.1, Kp=1.0, Ki=0.5, ema_nu=0.2,
+               **({"_backend": backend} if backend else {}))
+    ref = naive.NaiveNuPI(theta.numpy().reshape(12), 0.1, kp=1.0, ki=0.5, nu=0.2)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(6):
+        ij = torch.stack([torch.randint(0, 4, (5,), generator=g),
+                          torch.randint(0, 3, (5,), generator=g)])
+        ij[:, 1] = ij[:, 0]  # a repeated entry
+        vals = torch.randn(5, dtype=torch.float64, generator=g)
+        w.grad = torch.sparse_coo_tensor(ij, vals, (4, 3), check_invariants=True)
+        opt.step()
+        ref.sparse_step((ij[0] * 3 + ij[1]).numpy(), vals.numpy())
+    torch.testing.assert_close(w.detach(), torch.from_numpy(ref.theta).reshape(4, 3), **F64)

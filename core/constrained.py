@@ -46,7 +46,6 @@ from ._validation import (
     check_nupi,
     check_penalty_updater,
     check_projected_ascent,
-    nupi_init_type,
 )
 from .kernels import constrained_cpu as _kernels
 from .kernels._pointers import addresses
@@ -269,7 +268,8 @@ def update_penalty_coefficients_(coefficients: np.ndarray, violations: Any, *, i
     init_full = np.ascontiguousarray(np.broadcast_to(init_array, c.shape))
     if indices is not None:
         if c.ndim != 1:
-            raise ValueError(f"Invalid coefficients: shape {c.shape} (indexed coefficients are 1-D)")
+            raise ValueError(f"Invalid coefficients: shape {c.shape} (indexed coefficients "
+                             f"are 1-D)")
         rows = _indices(indices, c.shape[0])
         v = _like("violations", violations, rows.shape, dtype)
         if rows.size:

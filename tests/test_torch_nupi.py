@@ -39,7 +39,8 @@ def _errors(sparse, steps=12, seed=1, m=M, width=1, k=5):
 def _set_grad(w, e):
     if isinstance(e, tuple):
         idx, vals = e
-        w.grad = torch.sparse_coo_tensor(idx[None], vals.to(w.dtype), w.shape, check_invariants=True)
+        w.grad = torch.sparse_coo_tensor(idx[None], vals.to(w.dtype), w.shape,
+                                         check_invariants=True)
     else:
         w.grad = e.to(w.dtype).reshape(w.shape).clone()
 

@@ -25,9 +25,10 @@ Memory contract (every kernel here):
   whatever ``m`` (unsampled rows are never read: NaN there does not matter). Rows may repeat:
   as the sparse gradient of an embedding lookup, a row's values are summed (in the order
   given) and the row is then updated once (found with a hash table of ``2k`` slots, no sort;
-  strictly increasing rows -- a coalesced sparse gradient -- skip even that). :func:`indexed_penalty_update_` is the exception: a
-  repeated row gets the update computed from its last occurrence (Cooper's indexed
-  assignment), each from the coefficient as it was before the call.
+  strictly increasing rows -- a coalesced sparse gradient -- skip even that).
+  :func:`indexed_penalty_update_` is the exception: a repeated row gets the update computed
+  from its last occurrence (Cooper's indexed assignment), each from the coefficient as it was
+  before the call.
 * nuPI's gains ``ki`` and ``kpn`` (:math:`K_I` and :math:`K_P(1-\\nu)`) are arrays of the
   dtype with one element (one gain for every entry) or one per entry (shape of ``param``).
 

@@ -334,6 +334,24 @@ def test_failing_step_changes_nothing():
     assert torch.equal(a.detach(), snapshot[0]) and torch.equal(b.detach(), snapshot[1])
 
 
+def test_out_of_range_sparse_indices_raise_before_any_write():
+    a = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.ones(4, 1, dtype=torch.float64))
+    opt = nuPI([a, b], lr=0.1)
+    a.grad = torch.ones(3, dtype=torch.float64)
+    b.grad = torch.sparse_coo_tensor(torch.tensor([[1, 9]]), torch.ones(2, 1, dtype=torch.float64),
+                                     (4, 1), check_invariants=False)
+    with pytest.raises(RuntimeError, match="index 9 out of range for dimension 0 of size 4"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.ones(3, dtype=torch.float64)) and not opt.state
+
+
+def test_per_entry_gains_on_complex_parameters_are_rejected():
+    with pytest.raises(ValueError, match="per-entry gains for the complex parameter 0"):
+        nuPI([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex128))], lr=0.1,
+             Kp=torch.ones(3))
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(lr=-1.0), ValueError, "Invalid learning rate: -1.0"),
     (dict(lr=0.1, weight_decay=-0.5), ValueError, "Invalid weight_decay value: -0.5"),
@@ -385,3 +403,17 @@ def test_sparse_gradient_with_two_sparse_dims(backend):
         opt.step()
         ref.sparse_step((ij[0] * 3 + ij[1]).numpy(), vals.numpy())
     torch.testing.assert_close(w.detach(), torch.from_numpy(ref.theta).reshape(4, 3), **F64)
+
+
+def test_complex_parameter_as_real_pairs():
+    z0 = torch.tensor([1 + 2j, -1j, 0.5], dtype=torch.complex128)
+    w, v = torch.nn.Parameter(z0.clone()), torch.nn.Parameter(torch.view_as_real(z0).clone())
+    a, b = nuPI([w], lr=0.1, Kp=1.0, ema_nu=0.3), nuPI([v], lr=0.1, Kp=1.0, ema_nu=0.3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        e = torch.randn(3, 2, dtype=torch.float64, generator=g)
+        w.grad, v.grad = torch.view_as_complex(e.clone()), e.clone()
+        a.step()
+        b.step()
+    torch.testing.assert_close(torch.view_as_real(w.detach()), v.detach(), **F64)
+    assert a.state[w]["xi"].is_complex()

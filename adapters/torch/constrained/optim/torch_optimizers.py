@@ -274,6 +274,9 @@ class nuPI(Optimizer):
                 if n != 1 and n != p.numel():
                     raise ValueError(f"Invalid {key} value: {n} per-entry gains for parameter "
                                      f"{i} of {p.numel()} entries")
+                if n != 1 and p.is_complex():
+                    raise ValueError(f"Invalid {key} value: per-entry gains for the complex "
+                                     f"parameter {i} (use one gain)")
 
     def add_param_group(self, param_group: dict) -> None:
         if isinstance(param_group, dict):
@@ -355,6 +358,17 @@ class nuPI(Optimizer):
                                f"{tuple(p.shape)}, {p.dtype}, {p.device})")
         if p.dim() == 0 or p.is_complex():
             raise RuntimeError(f"nuPI: parameter {i} cannot take a sparse step (0-d or complex)")
+        if g.layout == torch.sparse_coo and g.device.type == "cpu":
+            # the kernel trusts its rows: a tensor built without invariant checks may hold
+            # indices out of range (an O(k) check, before anything is written)
+            indices = g._indices()
+            for d in range(g.sparse_dim()):
+                column = indices[d].contiguous().numpy()
+                bad = constrained_cpu.first_out_of_range(column, p.shape[d]) if column.size else -1
+                if bad >= 0:
+                    raise RuntimeError(f"nuPI: sparse gradient of parameter {i} has index "
+                                       f"{int(column[bad])} out of range for dimension {d} of "
+                                       f"size {p.shape[d]}")
         s = self.state.get(p)
         if s:
             for key in ("xi", MASK_KEY):

@@ -508,3 +508,55 @@ def test_coalesce_sums_repeats_in_first_appearance_order(rng):
     vals = np.ones((3, 1))
     same_rows, same_values = K.coalesce(inc, vals)
     assert same_rows.ctypes.data == inc.ctypes.data and same_values.ctypes.data == vals.ctypes.data
+
+
+# ----------------------------------------------------------------------------------------------
+# against cooper-optim 1.0.1 itself (test-only reference; a missing one fails)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("is_ineq", [True, False])
+@pytest.mark.parametrize("kind", ["multiplicative", "additive"])
+@pytest.mark.parametrize("scalar", [False, True])
+def test_penalty_updates_match_cooper(is_ineq, kind, scalar, rng):
+    import cooper
+    import torch
+
+    init = np.array([1.5]) if scalar else np.abs(rng.standard_normal(12)) + 0.5
+    ctype = cooper.ConstraintType.INEQUALITY if is_ineq else cooper.ConstraintType.EQUALITY
+    pc = cooper.penalty_coefficients.DensePenaltyCoefficient(
+        init=torch.tensor(init[0] if scalar else init))
+    constraint = cooper.Constraint(ctype, cooper.formulations.QuadraticPenalty,
+                                   penalty_coefficient=pc)
+    updater = (cooper.penalty_coefficients.MultiplicativePenaltyCoefficientUpdater(
+                   growth_factor=1.25, violation_tolerance=0.1) if kind == "multiplicative" else
+               cooper.penalty_coefficients.AdditivePenaltyCoefficientUpdater(
+                   increment=0.5, violation_tolerance=0.1))
+    ours = init.copy()
+    for step in range(10):
+        v = rng.standard_normal(12) * (0.05 if step % 3 == 0 else 1.0)
+        if step % 4 == 1:
+            v = -np.abs(v)  # all satisfied: the restart
+        updater.step({constraint: cooper.ConstraintState(violation=torch.tensor(v))})
+        uc.update_penalty_coefficients_(ours, v, init=init, is_ineq=is_ineq, kind=kind,
+                                        growth_factor=1.25, increment=0.5,
+                                        violation_tolerance=0.1)
+        np.testing.assert_allclose(ours, pc.value.numpy().reshape(ours.shape), **F64)
+
+
+def test_numpy_nupi_matches_cooper_zeros_init(rng):
+    import cooper
+    import torch
+
+    theta = rng.standard_normal(7)
+    w = torch.nn.Parameter(torch.tensor(theta))
+    theirs = cooper.optim.nuPI([w], lr=0.05, Kp=torch.tensor(1.5, dtype=torch.float64),
+                               Ki=torch.tensor(0.7, dtype=torch.float64), ema_nu=0.4,
+                               weight_decay=0.3, maximize=True,
+                               init_type=cooper.optim.nuPIInitType.ZEROS)
+    ours = uc.nuPI([theta], lr=0.05, Kp=1.5, Ki=0.7, ema_nu=0.4, weight_decay=0.3,
+                   maximize=True, init_type=cooper.optim.nuPIInitType.ZEROS)
+    for _ in range(12):
+        g = rng.standard_normal(7)
+        w.grad = torch.tensor(g)
+        theirs.step()
+        ours.step([g])
+    np.testing.assert_allclose(theta, w.detach().numpy(), **F64)

@@ -10,6 +10,8 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import tolerance
 from refimpl import naive_constrained as naive
@@ -560,3 +562,54 @@ def test_numpy_nupi_matches_cooper_zeros_init(rng):
         theirs.step()
         ours.step([g])
     np.testing.assert_allclose(theta, w.detach().numpy(), **F64)
+
+
+# ----------------------------------------------------------------------------------------------
+# properties over random shapes, samples and hyper-parameters
+# ----------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(1, 60), width=st.integers(1, 3), k=st.integers(0, 80),
+       lr=st.floats(0.0, 2.0), nonnegative=st.booleans(), seed=st.integers(0, 2**16))
+def test_indexed_step_property_matches_naive(m, width, k, lr, nonnegative, seed):
+    rng = np.random.default_rng(seed)
+    lam = rng.standard_normal((m, width))
+    lam = np.abs(lam) if nonnegative else lam
+    rows = rng.integers(0, m, size=k)
+    values = rng.standard_normal((k, width))
+    lower = 0.0 if nonnegative else -np.inf
+    expected = naive.indexed_projected_step(lam, rows, values, lr, lower)
+    uc.indexed_projected_ascent_(lam, rows, values, lr, nonnegative=nonnegative)
+    np.testing.assert_allclose(lam, expected, **F64)
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 12), min_size=1, max_size=3), lr=st.floats(0.0, 0.5),
+       kp=st.floats(0.0, 3.0), ki=st.floats(0.0, 3.0), nu=st.floats(-0.9, 0.9),
+       wd=st.floats(0.0, 0.5), sgd=st.booleans(), maximize=st.booleans(),
+       sparse=st.booleans(), seed=st.integers(0, 2**16))
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_numpy_nupi_property_matches_naive(sizes, lr, kp, ki, nu, wd, sgd, maximize, sparse,
+                                           seed):
+    rng = np.random.default_rng(seed)
+    init = "SGD" if sgd else "ZEROS"
+    params = [rng.standard_normal(n) for n in sizes]
+    refs = [naive.NaiveNuPI(p, lr, wd, kp, ki, nu, init, maximize) for p in params]
+    opt = uc.nuPI(params, lr=lr, weight_decay=wd, Kp=kp, Ki=ki, ema_nu=nu, init_type=init,
+                  maximize=maximize)
+    for _ in range(4):
+        grads = []
+        for p, ref in zip(params, refs):
+            if sparse:
+                rows = rng.integers(0, p.size, size=3)
+                vals = rng.standard_normal(3)
+                grads.append((rows, vals))
+                ref.sparse_step(rows, vals)
+            else:
+                g = rng.standard_normal(p.size)
+                grads.append(g)
+                ref.step(g)
+        opt.step(grads)
+    for p, ref in zip(params, refs):
+        np.testing.assert_allclose(p, ref.theta, rtol=1e-12, atol=1e-13)

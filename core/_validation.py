@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -52,6 +53,11 @@ __all__ = [
     "check_ialm_init_array",
     "check_penalty",
     "nonfinite_constraints_error",
+    "NUPI_INIT_TYPES",
+    "nupi_init_type",
+    "check_nupi",
+    "check_projected_ascent",
+    "check_penalty_updater",
 ]
 
 WEIGHT_DECAY_TYPES = ("grad", "direct")
@@ -358,3 +364,92 @@ def nonfinite_constraints_error(name: Any) -> ValueError:
     by the torch and NumPy faces before anything changes)."""
     return ValueError(f"constraints: the values of group {name!r} are not finite (inf or NaN); "
                       f"nothing was updated")
+
+
+# ----------------------------------------------------------------------------------------------
+# Constrained learning (Cooper 1.0.1's checks and warnings, plus the uniform type/finite policy)
+# ----------------------------------------------------------------------------------------------
+NUPI_INIT_TYPES = ("ZEROS", "SGD")
+
+
+def nupi_init_type(value: Any) -> str:
+    """nuPI's ``init_type`` as ``"ZEROS"`` or ``"SGD"``.
+
+    Accepts an enum member named ``ZEROS``/``SGD`` (uniopt's ``nuPIInitType`` or Cooper's) or
+    the strings ``"zeros"``/``"sgd"`` (any case); anything else raises
+    ``ValueError("Invalid init_type: ...")`` (Cooper's message).
+    """
+    name = getattr(value, "name", value)
+    if isinstance(name, str) and name.upper() in NUPI_INIT_TYPES:
+        return name.upper()
+    raise ValueError(f"Invalid init_type: {value}")
+
+
+def _gain(what: str, value: Any) -> np.ndarray:
+    """A nuPI gain as a float64 array (a number, or an array of per-entry gains), all finite."""
+    if isinstance(value, (str, bytes)) or value is None or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"Invalid {what}: {value!r} (expected a real number or an array of them)")
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"Invalid {what}: {value!r} (expected a real number or an array of "
+                        f"them)") from None
+    if array.size == 0 or not np.all(np.isfinite(array)):
+        raise ValueError(f"Invalid {what}: {value}")
+    return array
+
+
+def check_nupi(lr, weight_decay=0.0, Kp=0.0, Ki=1.0, ema_nu=0.0, init_type="SGD",
+               maximize=False) -> str:
+    """nuPI's checks (Cooper's order and messages), for every backend; returns the init type.
+
+    ``lr`` and ``weight_decay`` finite and >= 0 (``Invalid learning rate: -1.0``, ``Invalid
+    weight_decay value: ...``); ``ema_nu`` in (-1, 1) (``Invalid nu value: ...``);
+    ``init_type`` as :func:`nupi_init_type`; ``Kp``/``Ki`` finite numbers or arrays (NumPy or
+    anything ``np.asarray`` reads: the torch face passes CPU copies); ``maximize`` a bool.
+    Warns (``UserWarning``, as Cooper) on a negative gain entry, on all-zero gains and on a
+    negative ``ema_nu``.
+    """
+    nonnegative_finite("learning rate", lr)
+    nonnegative_finite("weight_decay value", weight_decay)
+    nu = real("nu value", ema_nu)
+    if not -1.0 < nu < 1.0:
+        raise ValueError(f"Invalid nu value: {ema_nu}")
+    kind = nupi_init_type(init_type)
+    kp, ki = _gain("Kp value", Kp), _gain("Ki value", Ki)
+    boolean("maximize value", maximize)
+    if np.any(kp < 0.0):
+        warnings.warn(f"Using a negative Kp coefficient: {Kp}", stacklevel=3)
+    if np.any(ki < 0.0):
+        warnings.warn(f"Using a negative Ki coefficient: {Ki}", stacklevel=3)
+    if np.all(kp == 0.0) and np.all(ki == 0.0):
+        warnings.warn("All PI coefficients are zero", stacklevel=3)
+    if nu < 0:
+        warnings.warn("nuPI optimizer instantiated with negative EMA coefficient", stacklevel=3)
+    return kind
+
+
+def check_projected_ascent(lr: Any, nonnegative: Any) -> float:
+    """A projected dual step's ``lr`` (finite, >= 0) and ``nonnegative`` flag (a bool)."""
+    boolean("nonnegative value", nonnegative)
+    return nonnegative_finite("learning rate", lr)
+
+
+def check_penalty_updater(kind: Any, growth_factor: Any, increment: Any,
+                          violation_tolerance: Any, has_restart: Any) -> tuple:
+    """A feasibility-driven penalty updater's settings as ``(factor, increment)`` of
+    :func:`uniopt.rules.constrained.penalty_update`.
+
+    ``kind`` ``"multiplicative"`` (``growth_factor`` finite) or ``"additive"`` (``increment``
+    finite); ``violation_tolerance`` finite and >= 0 (Cooper: "Violation tolerance must be
+    non-negative."); ``has_restart`` a bool.
+    """
+    choice("kind", kind, ("multiplicative", "additive"))
+    tolerance = real("violation_tolerance value", violation_tolerance)
+    if not (tolerance >= 0.0 and math.isfinite(tolerance)):
+        raise ValueError(f"Invalid violation_tolerance value: {violation_tolerance} (Violation "
+                         f"tolerance must be non-negative.)")
+    boolean("has_restart value", has_restart)
+    if kind == "multiplicative":
+        return finite("growth_factor value", growth_factor), 0.0
+    return 1.0, finite("increment value", increment)

@@ -40,6 +40,7 @@ SELECTED = [
     "penalty_coefficients/test_penalty_updater.py",
     "optim/test_optimizer.py",
     "optim/test_constrained_optimizers.py",
+    "optim/torch_optimizers/test_nupi.py",
     "pipeline/test_manual.py",
     "pipeline/test_checkpoint.py",
 ]

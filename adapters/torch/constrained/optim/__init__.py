@@ -3,7 +3,8 @@
 The names of ``cooper.optim`` (cooper-optim 1.0.1): the constrained optimizers (simultaneous,
 alternating, extrapolation), :class:`UnconstrainedOptimizer`, their base
 :class:`CooperOptimizer` with :class:`CooperOptimizerState` and :class:`RollOut`, and the
-extragradient torch optimizers :class:`ExtraSGD` and :class:`ExtraAdam`. Any
+extragradient torch optimizers :class:`ExtraSGD` and :class:`ExtraAdam`, and the PI-controller
+optimizer :class:`nuPI` (kernel paths through the shared dispatcher). Any
 :class:`torch.optim.Optimizer` works on either side (uniopt's ``QHM``/``QHAdam`` included; on
 the dual side with ``maximize=True``).
 """
@@ -17,6 +18,7 @@ from .constrained_optimizers import (
 )
 from .extragradient import ExtraAdam, ExtragradientOptimizer, ExtraSGD
 from .optimizer import CooperOptimizer, CooperOptimizerState, RollOut
+from .torch_optimizers import nuPI, nuPIInitType
 from .unconstrained_optimizer import UnconstrainedOptimizer
 
 __all__ = [
@@ -32,4 +34,6 @@ __all__ = [
     "RollOut",
     "SimultaneousOptimizer",
     "UnconstrainedOptimizer",
+    "nuPI",
+    "nuPIInitType",
 ]

@@ -58,9 +58,53 @@ def _jax_logreg_claims(result):
     assert result["majority_rate"] < result["accuracy"] <= 1.0
 
 
+def _torch_fairness_claims(result):
+    # The constrained optimum, independently: the example's seeded data rebuilt in NumPy and
+    # the KKT system of min 0.5 mean((a w - y)^2) s.t. c^T w = 0 (c: the difference of the
+    # groups' mean feature rows) solved directly; Cooper's Lagrangian is f + lambda c^T w.
+    rng = np.random.default_rng(0)
+    group = rng.random(400) < 0.4
+    a = np.hstack([rng.standard_normal((400, 4)) + 0.8 * group[:, None], np.ones((400, 1))])
+    y = a @ np.array([1.0, -0.5, 0.3, 0.8, 0.2]) + 0.1 * rng.standard_normal(400) + 0.5 * group
+    c = a[group].mean(axis=0) - a[~group].mean(axis=0)
+    kkt = np.block([[a.T @ a / 400, c[:, None]], [c[None, :], np.zeros((1, 1))]])
+    solution = np.linalg.solve(kkt, np.r_[a.T @ y / 400, 0.0])
+    w, lam = solution[:5], solution[5]
+    assert result["loss"] == pytest.approx(0.5 * np.mean((a @ w - y) ** 2), rel=1e-9)
+    assert result["multiplier"] == pytest.approx(lam, rel=1e-9)
+    assert abs(result["gap"]) <= 1e-10
+    # The constraint costs something: the unconstrained fit is far better and unfair.
+    unconstrained = np.linalg.lstsq(a, y, rcond=None)[0]
+    assert 0.5 * np.mean((a @ unconstrained - y) ** 2) < 0.5 * result["loss"]
+    assert abs(c @ unconstrained) > 0.1
+
+
+def _jax_norm_ball_claims(result):
+    # The KKT conditions, independently: (H + 2 lambda I) w = g with |w|^2 = r^2 = 1 (active,
+    # since the unconstrained solution is outside the ball): a 1-D root in lambda > 0.
+    from scipy.optimize import brentq
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((200, 6))
+    b = a @ rng.standard_normal(6) + 0.1 * rng.standard_normal(200)
+    h, g = a.T @ a / len(b), a.T @ b / len(b)
+
+    def solution(lam):
+        return np.linalg.solve(h + 2 * lam * np.eye(6), g)
+
+    assert np.sum(solution(0.0) ** 2) > 1.0  # the constraint is active
+    lam = brentq(lambda t: np.sum(solution(t) ** 2) - 1.0, 0.0, 1e3, xtol=1e-15, rtol=1e-15)
+    w = solution(lam)
+    assert result["loss"] == pytest.approx(0.5 * np.mean((a @ w - b) ** 2), rel=1e-9)
+    assert result["multiplier"] == pytest.approx(lam, rel=1e-9)
+    assert abs(result["constraint"]) <= 1e-10
+
+
 _CLAIMS = {"numpy_qhm_least_squares.py": _numpy_qhm_claims,
            "torch_qhadam_regression.py": _torch_regression_claims,
-           "jax_qhadam_logreg.py": _jax_logreg_claims}
+           "jax_qhadam_logreg.py": _jax_logreg_claims,
+           "torch_constrained_fairness.py": _torch_fairness_claims,
+           "jax_constrained_norm_ball.py": _jax_norm_ball_claims}
 
 
 @pytest.mark.parametrize("name", sorted(_CLAIMS))

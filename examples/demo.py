@@ -24,6 +24,7 @@ backends disagree, else 0 (``--steps`` too small to reach a goal is not a fault)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import sys
 import time
@@ -59,6 +60,28 @@ def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, axis=1) == y))
 
 
+def _one_torch_thread(train: Callable) -> Callable:
+    """Run a torch backend with one intra-op thread (the previous count restored after).
+
+    The demo's tensors are small: extra threads only add synchronisation, and on a busy
+    2-core machine they made 50 full-batch QHAdam steps 4 to 30 times slower (measured:
+    1.5-10.3 s with 2 threads, 0.3 s with 1).
+    """
+
+    @functools.wraps(train)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return train(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
+
+
 # -- one training loop per backend; each returns (final params, final train loss, test logits) --
 def _train_numpy(params, x, y, x_test, steps, hyper=QHADAM):
     import uniopt
@@ -86,6 +109,7 @@ def _train_numpy(params, x, y, x_test, steps, hyper=QHADAM):
     return params, float(loss), np.tanh(x_test @ w1 + b1) @ w2 + b2
 
 
+@_one_torch_thread
 def _train_torch(params, x, y, x_test, steps, hyper=QHADAM):
     import torch
 
@@ -228,6 +252,7 @@ def _polyak_numpy_map(x, t, points, fun_min=0.0):
     return np.array([solver.update(w, solver.init_state(w))[0] for w in points])
 
 
+@_one_torch_thread
 def _polyak_torch(x, t, steps, fun_min=0.0):
     import torch
 
@@ -249,6 +274,7 @@ def _polyak_torch(x, t, steps, fun_min=0.0):
         return w.numpy().copy(), float(0.5 * torch.mean((xt @ w - tt) ** 2))
 
 
+@_one_torch_thread
 def _polyak_torch_map(x, t, points, fun_min=0.0):
     """torch's one-step map: one ``PolyakSGD.step`` from each row of ``points``."""
     import torch
@@ -431,6 +457,7 @@ def _np_numpy(x, y, steps, settings=IALM):
     return w, float(dual.duals[0])
 
 
+@_one_torch_thread
 def _np_torch(x, y, steps, settings=IALM):
     import torch
 
@@ -588,6 +615,7 @@ def _recall_numpy(x, y, batches, init, dual_lr):
     return [w, b, lam]
 
 
+@_one_torch_thread
 def _recall_torch(x, y, batches, init, dual_lr):
     """Our Cooper package: one ``IndexedMultiplier``, proxy and strict violations,
     ``SimultaneousOptimizer``."""
@@ -625,13 +653,8 @@ def _recall_torch(x, y, batches, init, dual_lr):
         cmp, torch.optim.SGD([w, b], lr=RF["lr"]),
         torch.optim.SGD(cmp.dual_parameters(), lr=dual_lr, maximize=True))
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 64 x 10 tensors: intra-op threads only add synchronisation
-    try:
-        for idx in torch.from_numpy(batches):
-            optimizer.roll(compute_cmp_state_kwargs={"inputs": xt[idx], "targets": yt[idx]})
-    finally:
-        torch.set_num_threads(threads)
+    for idx in torch.from_numpy(batches):
+        optimizer.roll(compute_cmp_state_kwargs={"inputs": xt[idx], "targets": yt[idx]})
     return [w.detach().numpy().copy(), b.detach().numpy().copy(),
             cmp.floor.multiplier.weight.detach().numpy().reshape(-1).copy()]
 
@@ -833,6 +856,18 @@ SECTIONS: dict[str, Callable[..., tuple[bool, bool]]] = {
 }
 
 
+def _one_blas_thread():
+    """A context with NumPy's BLAS on one thread (threadpoolctl, which scikit-learn -- the
+    demo extra -- depends on; a no-op without it). The demo's matrices are small: on a busy
+    2-core machine two OpenBLAS threads made 50 full-batch QHAdam steps of the core 3 times
+    slower (measured: 1.7-2.0 s against 0.6 s)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (``2.5``, ``0`` and ``-3`` are usage errors)."""
     try:
@@ -865,7 +900,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and name not in args.only:
             continue
         print(f"== {name} ==")
-        agree, reached = section(steps=args.steps, bug=args.bug)
+        with _one_blas_thread():
+            agree, reached = section(steps=args.steps, bug=args.bug)
         print(f"  {name}: backends {'agree' if agree else 'DISAGREE'}; "
               f"goal {'reached' if reached else 'NOT REACHED'}")
         print()

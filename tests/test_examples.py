@@ -58,9 +58,53 @@ def _jax_logreg_claims(result):
     assert result["majority_rate"] < result["accuracy"] <= 1.0
 
 
+def _torch_fairness_claims(result):
+    # The constrained optimum, independently: the example's seeded data rebuilt in NumPy and
+    # the KKT system of min 0.5 mean((a w - y)^2) s.t. c^T w = 0 (c: the difference of the
+    # groups' mean feature rows) solved directly; Cooper's Lagrangian is f + lambda c^T w.
+    rng = np.random.default_rng(0)
+    group = rng.random(400) < 0.4
+    a = np.hstack([rng.standard_normal((400, 4)) + 0.8 * group[:, None], np.ones((400, 1))])
+    y = a @ np.array([1.0, -0.5, 0.3, 0.8, 0.2]) + 0.1 * rng.standard_normal(400) + 0.5 * group
+    c = a[group].mean(axis=0) - a[~group].mean(axis=0)
+    kkt = np.block([[a.T @ a / 400, c[:, None]], [c[None, :], np.zeros((1, 1))]])
+    solution = np.linalg.solve(kkt, np.r_[a.T @ y / 400, 0.0])
+    w, lam = solution[:5], solution[5]
+    assert result["loss"] == pytest.approx(0.5 * np.mean((a @ w - y) ** 2), rel=1e-9)
+    assert result["multiplier"] == pytest.approx(lam, rel=1e-9)
+    assert abs(result["gap"]) <= 1e-10
+    # The constraint costs something: the unconstrained fit is far better and unfair.
+    unconstrained = np.linalg.lstsq(a, y, rcond=None)[0]
+    assert 0.5 * np.mean((a @ unconstrained - y) ** 2) < 0.5 * result["loss"]
+    assert abs(c @ unconstrained) > 0.1
+
+
+def _jax_norm_ball_claims(result):
+    # The KKT conditions, independently: (H + 2 lambda I) w = g with |w|^2 = r^2 = 1 (active,
+    # since the unconstrained solution is outside the ball): a 1-D root in lambda > 0.
+    from scipy.optimize import brentq
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((200, 6))
+    b = a @ rng.standard_normal(6) + 0.1 * rng.standard_normal(200)
+    h, g = a.T @ a / len(b), a.T @ b / len(b)
+
+    def solution(lam):
+        return np.linalg.solve(h + 2 * lam * np.eye(6), g)
+
+    assert np.sum(solution(0.0) ** 2) > 1.0  # the constraint is active
+    lam = brentq(lambda t: np.sum(solution(t) ** 2) - 1.0, 0.0, 1e3, xtol=1e-15, rtol=1e-15)
+    w = solution(lam)
+    assert result["loss"] == pytest.approx(0.5 * np.mean((a @ w - b) ** 2), rel=1e-9)
+    assert result["multiplier"] == pytest.approx(lam, rel=1e-9)
+    assert abs(result["constraint"]) <= 1e-10
+
+
 _CLAIMS = {"numpy_qhm_least_squares.py": _numpy_qhm_claims,
            "torch_qhadam_regression.py": _torch_regression_claims,
-           "jax_qhadam_logreg.py": _jax_logreg_claims}
+           "jax_qhadam_logreg.py": _jax_logreg_claims,
+           "torch_constrained_fairness.py": _torch_fairness_claims,
+           "jax_constrained_norm_ball.py": _jax_norm_ball_claims}
 
 
 @pytest.mark.parametrize("name", sorted(_CLAIMS))
@@ -89,7 +133,7 @@ def test_readme_opens_with_the_two_commands():
     assert text.index("```bash") < text.index("## ")
 
 
-_SECTIONS = ("qhadam-digits", "polyak-interpolation", "neyman-pearson")
+_SECTIONS = ("qhadam-digits", "polyak-interpolation", "neyman-pearson", "recall-floor")
 _BACKENDS = ("numpy (core)", "torch", "jax")
 
 
@@ -139,6 +183,31 @@ def test_demo_default_run_agrees_and_reaches_its_goals():
         constraint, dual = float(cells[0]), float(cells[1])
         assert constraint <= 1e-3 and cells[-1] == "satisfied"
         assert dual >= 0  # an inequality's multiplier
+    _check_recall_floor(_section(out.stdout, "recall-floor"))
+
+
+def _check_recall_floor(section: str) -> None:
+    """What the recall-floor section claims: the unconstrained model misses the floor for some
+    class, the constrained one reaches it (within the slack) for every class, on every backend;
+    the per-class table matches the rows."""
+    floor, slack = 0.9, 0.02
+    rows = _rows(section)
+    for cells in rows.values():
+        free_min, free_below, bound_min, bound_below, multiplier = (
+            float(cells[0]), int(cells[1]), float(cells[2]), int(cells[3]), float(cells[4]))
+        assert free_min < floor and free_below >= 1  # the constraint is not vacuous
+        assert bound_min >= floor - slack
+        assert cells[-4:] == ["all", "recalls", ">=", f"{floor - slack:.2f}"]
+        assert 0 <= bound_below < free_below
+        assert multiplier > 0  # an active inequality's multiplier
+    table = {label: [float(v) for v in values.split()] for label, values in re.findall(
+        r"^    (unconstrained|constrained)\s+((?:[\d.]+ *)+)$", section, flags=re.M)}
+    assert set(table) == {"unconstrained", "constrained"} and len(table["constrained"]) == 10
+    first = rows["numpy (core)"]
+    assert min(table["unconstrained"]) == pytest.approx(float(first[0]), abs=1e-3)
+    assert sum(r < floor for r in table["unconstrained"]) == int(first[1])
+    assert min(table["constrained"]) == pytest.approx(float(first[2]), abs=1e-3)
+    assert sum(r < floor for r in table["constrained"]) == int(first[3])
 
 
 @pytest.mark.parametrize("steps", [100, 150])
@@ -151,19 +220,34 @@ def test_demo_polyak_agreement_holds_at_any_step_count(steps):
     assert "verdict: all backends agree" in out.stdout
 
 
-def test_demo_catches_a_backend_with_a_bug():
+@pytest.mark.parametrize("bug, sections", [
+    ("torch", ("polyak-interpolation", "neyman-pearson", "recall-floor")),
+    ("jax", ("recall-floor",))])
+def test_demo_catches_a_backend_with_a_bug(bug, sections):
     """One backend run with a wrong hyper-parameter (hidden ``--bug``): the verdict is
     DISAGREE for that backend only, and the exit status is 1."""
-    out = _python(["examples/demo.py", "--only", "polyak-interpolation", "--only",
-                   "neyman-pearson", "--steps", "100", "--bug", "torch"])
+    only = [arg for name in sections for arg in ("--only", name)]
+    out = _python(["examples/demo.py", *only, "--steps", "100", "--bug", bug])
     assert out.returncode == 1, out.stdout + out.stderr[-3000:]
     assert "verdict: BACKENDS DISAGREE" in out.stdout
-    for name in ("polyak-interpolation", "neyman-pearson"):
+    for name in sections:
         section = _section(out.stdout, name)
         assert f"{name}: backends DISAGREE" in section
         verdicts = dict(re.findall(r"^  (\S.*?)\s+vs numpy \(core\).*-> (\w+)$", section,
                                    flags=re.M))
-        assert verdicts == {"numpy (core)": "agree", "torch": "DISAGREE", "jax": "agree"}
+        expected = {"numpy (core)": "agree", "torch": "agree", "jax": "agree", bug: "DISAGREE"}
+        assert verdicts == expected
+
+
+def test_demo_runs_only_the_recall_floor_section():
+    """``--only recall-floor`` runs that section alone; at another step count its backends
+    still agree, and it still reaches its goal."""
+    out = _python(["examples/demo.py", "--only", "recall-floor", "--steps", "600"])
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert re.findall(r"^== (\S+) ==$", out.stdout, flags=re.M) == ["recall-floor"]
+    assert "recall-floor: backends agree; goal reached" in out.stdout
+    assert "verdict: all backends agree" in out.stdout
+    _check_recall_floor(_section(out.stdout, "recall-floor"))
 
 
 @pytest.mark.parametrize("steps", ["0", "-3", "2.5", "ten"])

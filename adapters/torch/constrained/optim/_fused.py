@@ -136,11 +136,13 @@ class _Entry(NamedTuple):
     sparse: Any  # (rows, values, shape2d) of an indexed step, else None
 
 
-def _check_rows(p: torch.Tensor, g: torch.Tensor) -> None:
-    """Raise (before anything is written) if a sparse gradient holds an index out of range."""
+def _check_rows(p: torch.Tensor, g: torch.Tensor, sparse) -> None:
+    """Raise (before anything is written) if a sparse gradient holds an index out of range
+    (``sparse``: its ``(rows, values, shape2d)``; with one sparse dimension the rows are the
+    indices themselves)."""
     indices = g._indices()
     for d in range(g.sparse_dim()):
-        column = indices[d]
+        column = sparse[0] if g.sparse_dim() == 1 else indices[d]
         if column.numel() == 0:
             continue
         if column.device.type == "cpu":
@@ -182,9 +184,9 @@ def _plan_sgd(opt: torch.optim.Optimizer, counts: Counter, owners: dict) -> Opti
             elif g.layout == torch.sparse_coo:
                 if g.dtype != p.dtype:
                     return None
-                _check_rows(p, g)
-                entries.append(_Entry(p, device + "_indexed", _lower(m), float(lr),
-                                      _rows_of(p, g, coalesce=device == "cuda")))
+                sparse = _rows_of(p, g, coalesce=device == "cuda")
+                _check_rows(p, g, sparse)
+                entries.append(_Entry(p, device + "_indexed", _lower(m), float(lr), sparse))
             else:
                 return None
     return entries
@@ -222,9 +224,10 @@ def _run_cpu(e: _Entry) -> None:
         return
     rows, values, shape2d = e.sparse
     if rows.numel():
-        constrained_cpu.indexed_sgd_projected_(
-            p.detach().view(shape2d).numpy(), rows.numpy(),
-            values.detach().to(p.dtype).contiguous().numpy(), coef)
+        if values.dtype != p.dtype or not values.is_contiguous():
+            values = values.to(p.dtype).contiguous()
+        constrained_cpu.indexed_sgd_projected_(p.detach().view(shape2d).numpy(), rows.numpy(),
+                                               values.numpy(), coef)
 
 
 @contextlib.contextmanager
@@ -288,9 +291,9 @@ class DualStep:
         w = m.weight
         self._trusted[id(m)] = (w, w.data_ptr(), w._version)
 
-    @torch.no_grad()
     def step(self, dual_optimizers, multipliers: list) -> None:
-        """Step every dual optimizer and project every multiplier (each once).
+        """Step every dual optimizer and project every multiplier (each once), under
+        ``torch.no_grad()`` (the caller's).
 
         Args:
           dual_optimizers: the constrained optimizer's dual optimizers, in order.

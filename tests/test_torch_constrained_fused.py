@@ -456,13 +456,36 @@ def test_weight_conditions_take_the_ordinary_path(case):
 
     (cmp, copt), (ref_cmp, ref_copt) = build(), build()
     _OwnProjection.calls = 0
+    grads = [m.weight.grad for m in cmp.multipliers()]
     copt.dual_step()
     if case == "own_post_step":
         assert _OwnProjection.calls == 1  # the user's projection, once
     _ordinary(ref_copt)
     for fa, fb in zip(_weights(cmp), _weights(ref_cmp)):
-        assert torch.equal(fa, fb)
-    assert set(_routes(copt, cmp)) == {"ordinary"}
+        torch.testing.assert_close(fa, fb, rtol=0, atol=4e-16)
+    assert [m.weight.grad for m in cmp.multipliers()] == grads  # the same objects, restored
+    # per parameter: the weight that does not qualify is stepped by SGD.step() and projected
+    # by its post_step_(); the other one still takes the kernel (unless the group is fused=True)
+    assert _routes(copt, cmp) == ["ordinary", "ordinary" if case == "sgd_fused" else "cpu_dense"]
+
+
+def test_groups_are_routed_separately():
+    """An SGD group with momentum takes SGD.step() (the other group's gradients hidden from
+    it), the plain group the kernels; the momentum buffer is exactly the ordinary one."""
+    def make(cmp):
+        a, b = cmp.dual_parameters()
+        return torch.optim.SGD([{"params": [a], "momentum": 0.9}, {"params": [b]}], lr=0.3,
+                               maximize=True)
+
+    def specs():
+        return [(INEQ, _dense(12, seed=30)), (INEQ, _indexed(40, seed=31))]
+
+    (ca, oa), (cb, ob) = _pair(specs, make)
+    _steps_agree(ca, oa, cb, ob, 3, 0.3)
+    assert _routes(oa, ca) == ["ordinary", "cpu_indexed"]
+    sa, sb = oa.dual_optimizers[0].state_dict(), ob.dual_optimizers[0].state_dict()
+    assert list(sa["state"]) == list(sb["state"]) == [0]
+    assert torch.equal(sa["state"][0]["momentum_buffer"], sb["state"][0]["momentum_buffer"])
 
 
 # ---------------------------------------------------------------------------------------------

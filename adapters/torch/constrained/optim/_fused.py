@@ -7,10 +7,11 @@ its rows, a second pass over memory, and for an
 of rows of which a thousand moved. :class:`DualStep` routes each dual parameter to the core
 kernels where that is exactly the ordinary step, and leaves everything else on the ordinary path:
 
-* **SGD** -- a ``torch.optim.SGD`` (exact type) whose groups all have ``maximize=True``,
+* **SGD** -- a ``torch.optim.SGD`` (exact type, no step hooks), per parameter: a weight of
+  one of the problem's explicit multipliers (Dense or Indexed, whose ``post_step_`` is the
+  library's own), in no other dual optimizer, in a group with ``maximize=True``,
   ``momentum == 0``, ``weight_decay == 0``, a Python-number ``lr`` and neither ``fused`` nor
-  ``differentiable``, stepping only weights of the problem's explicit multipliers (Dense or
-  Indexed, whose ``post_step_`` is the library's own), each in no other dual optimizer: a dense
+  ``differentiable``: a dense
   gradient goes to :func:`uniopt.kernels.constrained_cpu.sgd_projected_` (``max(lambda + lr g,
   lo)``, ``lo`` = 0 for an inequality multiplier and ``-inf`` for an equality one: step and
   projection in one pass); a sparse COO gradient (an IndexedMultiplier's) to
@@ -18,9 +19,10 @@ kernels where that is exactly the ordinary step, and leaves everything else on t
   read and written; a repeated row's values are summed first, then added). On
   CUDA tensors, the numba.cuda kernels of :mod:`uniopt.kernels.constrained_cuda` when
   :func:`~uniopt.adapters.torch._dispatch.cuda_kernels_usable` (the rows coalesced by torch
-  first), else the ordinary step. Every weight, gradient and parameter must be a plain,
-  contiguous float32/float64 tensor; one that is not sends the whole optimizer to the ordinary
-  path.
+  first), else the ordinary step. The weight and its gradient must be plain, contiguous
+  float32/float64 tensors. The parameters that do not qualify are stepped by ``SGD.step()``
+  itself, with the fused parameters' gradients hidden from it (the same gradient objects are
+  put back), and then ``post_step_()``-ed.
 * **nuPI** -- uniopt's :class:`~uniopt.adapters.torch.constrained.optim.nuPI` (exact type, not
   ``_backend="torch"``) runs its own ``step()`` with the projection's bound fused into its
   kernels (the rule's ``lower``), per parameter: a weight that does not qualify (as above) or a
@@ -156,40 +158,57 @@ def _check_rows(p: torch.Tensor, g: torch.Tensor, sparse) -> None:
                                f"dimension {d} of size {p.shape[d]}")
 
 
-def _plan_sgd(opt: torch.optim.Optimizer, counts: Counter, owners: dict) -> Optional[list]:
-    """The fused steps of an SGD dual optimizer, or None when it must take the ordinary path."""
+def _plan_sgd(opt: torch.optim.Optimizer, counts: Counter, owners: dict):
+    """``(entries, rest, idle)`` of an SGD dual optimizer, or None when all of it must take
+    the ordinary path: the fused steps planned (nothing changed yet), the parameters with a
+    gradient that ``opt.step()`` must step (their group or their weight does not qualify),
+    and the qualifying parameters without a gradient."""
     if type(opt) is not torch.optim.SGD or not _no_hooks(opt):
         return None
-    entries = []
+    entries, rest, idle = [], [], []
     for group in opt.param_groups:
         lr = group["lr"]
-        if (not group.get("maximize", False) or group.get("momentum", 0) != 0
-                or group.get("weight_decay", 0) != 0 or group.get("fused") or group.get("differentiable")
-                or isinstance(lr, torch.Tensor) or not isinstance(lr, (int, float))):
-            return None
+        plain_group = not (
+            not group.get("maximize", False) or group.get("momentum", 0) != 0
+            or group.get("weight_decay", 0) != 0 or group.get("fused") or group.get("differentiable")
+            or isinstance(lr, torch.Tensor) or not isinstance(lr, (int, float)))
         for p in group["params"]:
-            m = owners.get(id(p))
-            if m is None or counts[id(p)] != 1:
-                return None
-            g = p.grad
-            if g is None:
-                continue
-            device = _plain_weight(p)
-            if device is None or g.device != p.device or g.shape != p.shape:
-                return None
-            if g.layout == torch.strided:
-                if not is_plain(g) or g.dtype != p.dtype or not g.is_contiguous():
-                    return None
-                entries.append(_Entry(p, device + "_dense", _lower(m), float(lr), None))
-            elif g.layout == torch.sparse_coo:
-                if g.dtype != p.dtype:
-                    return None
-                sparse = _rows_of(p, g, coalesce=device == "cuda")
-                _check_rows(p, g, sparse)
-                entries.append(_Entry(p, device + "_indexed", _lower(m), float(lr), sparse))
+            entry = _sgd_entry(p, owners, counts, float(lr)) if plain_group else None
+            if entry is None:
+                if p.grad is not None:
+                    rest.append(p)
+            elif entry is _IDLE:
+                idle.append(p)
             else:
-                return None
-    return entries
+                entries.append(entry)
+    return entries, rest, idle
+
+
+_IDLE = object()  # a qualifying parameter without a gradient
+
+
+def _sgd_entry(p: torch.Tensor, owners: dict, counts: Counter, lr: float):
+    """The fused SGD step of ``p`` (an :class:`_Entry`), ``_IDLE``, or None (ordinary)."""
+    m = owners.get(id(p))
+    if m is None or counts[id(p)] != 1:
+        return None
+    g = p.grad
+    device = _plain_weight(p)
+    if device is None:
+        return None
+    if g is None:
+        return _IDLE
+    if g.device != p.device or g.shape != p.shape or g.dtype != p.dtype:
+        return None
+    if g.layout == torch.strided:
+        if not is_plain(g) or not g.is_contiguous():
+            return None
+        return _Entry(p, device + "_dense", _lower(m), lr, None)
+    if g.layout != torch.sparse_coo:
+        return None
+    sparse = _rows_of(p, g, coalesce=device == "cuda")
+    _check_rows(p, g, sparse)
+    return _Entry(p, device + "_indexed", _lower(m), lr, sparse)
 
 
 def _plan_nupi(opt: torch.optim.Optimizer, counts: Counter, owners: dict) -> Optional[dict]:
@@ -281,6 +300,19 @@ class DualStep:
         self._trusted: dict = {}  # id(multiplier) -> (weight, data_ptr, version): all rows feasible
         self.last_routes: dict = {}
 
+    @staticmethod
+    def _step_rest(opt, entries: list, routes: dict, rest: list) -> None:
+        """``opt.step()`` with the fused parameters' gradients hidden (restored after)."""
+        hidden = [(e.p, e.p.grad) for e in entries]
+        try:
+            for p, _ in hidden:
+                p.grad = None
+            opt.step()
+        finally:
+            for p, g in hidden:
+                p.grad = g
+        routes.update((id(p), "ordinary") for p in rest)
+
     def _is_trusted(self, m: ExplicitMultiplier) -> bool:
         record = self._trusted.get(id(m))
         w = m.weight
@@ -310,11 +342,13 @@ class DualStep:
         trusted = {id(m): self._is_trusted(m) for m in multipliers if _owned_multiplier(m)}
         handled: dict = {}  # id(weight) -> "full" / "rows" / "none" / "idle" (fused, not stepped)
         routes: dict = {}
-        for opt, entries in zip(dual_optimizers, plans):
-            if entries is not None:
-                for group in opt.param_groups:
-                    for p in group["params"]:
-                        handled[id(p)] = "idle"
+        for opt, plan in zip(dual_optimizers, plans):
+            if plan is not None:
+                entries, rest, idle = plan
+                if rest:  # the parameters that do not qualify: opt.step() on them alone
+                    self._step_rest(opt, entries, routes, rest)
+                for p in idle:
+                    handled[id(p)] = "idle"
                 for e in entries:
                     (_run_cpu if e.kind.startswith("cpu") else _run_cuda)(e)
                     torch.autograd.graph.increment_version(e.p)  # as SGD's in-place add_

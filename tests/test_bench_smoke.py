@@ -263,6 +263,7 @@ def test_bench_constrained_table(capsys, tmp_path):
         for key, value in row["columns"].items():  # every cell has a value
             assert value is not None and value > 0, key
     assert rows[0]["columns"]["g_idx"] == 1.0  # the growth base is the smallest m
+    assert result["goals"] == []  # its goals are at 1e6 and 1e7; no other table's goal
     m = 2000
     stream = rows[1]["columns"]["stream_gbps"]
     assert rows[1]["columns"]["floor_dense"] == pytest.approx(12 * m / (stream * 1e9))

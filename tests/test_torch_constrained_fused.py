@@ -640,3 +640,19 @@ def test_cuda_route_on_the_simulator():
                          env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "CUDA-ROUTE-OK" in out.stdout
+
+
+def test_weight_shared_by_two_multipliers_takes_the_ordinary_path():
+    """Two multipliers (inequality and equality) on one Parameter: no single bound to fuse."""
+    def build():
+        a, b = _dense(6, seed=40), _dense(6, seed=41)
+        b.weight = a.weight
+        cmp = Problem([(INEQ, a), (EQ, b), (INEQ, _dense(3, seed=42))])
+        return cmp, _copt(cmp, _sgd())
+
+    (ca, oa), (cb, ob) = build(), build()
+    _steps_agree(ca, oa, cb, ob, 2, 0.3)
+    routes = oa._fused_dual.last_routes
+    assert routes[id(ca.c0.multiplier.weight)] == "ordinary"
+    assert routes[id(ca.c2.multiplier.weight)] == "cpu_dense"
+    assert torch.all(ca.c0.multiplier.weight >= 0)  # the inequality's post_step_ ran

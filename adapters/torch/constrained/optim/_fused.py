@@ -337,7 +337,10 @@ class DualStep:
         """
         counts = Counter(id(p) for opt in dual_optimizers for group in opt.param_groups
                          for p in group["params"])
-        owners = {id(m.weight): m for m in multipliers if _owned_multiplier(m)}
+        owners: dict = {}
+        for m in multipliers:
+            if _owned_multiplier(m):  # a weight shared by two multipliers: neither is fused
+                owners[id(m.weight)] = None if id(m.weight) in owners else m
         plans = [_plan_sgd(opt, counts, owners) for opt in dual_optimizers]  # checks; no writes
         trusted = {id(m): self._is_trusted(m) for m in multipliers if _owned_multiplier(m)}
         handled: dict = {}  # id(weight) -> "full" / "rows" / "none" / "idle" (fused, not stepped)

@@ -28,7 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the suite's fo
 from uniopt import _jit  # noqa: E402
 
 from benchmarks.contenders import (  # noqa: E402
-    Column, COLUMNS, compile_times, first_step_time, IALM, IALM_CASES, IALM_COLUMNS, IALM_SIZES,
+    Column, COLUMNS, compile_times, CONSTRAINED_CASES, CONSTRAINED_COLUMNS, CONSTRAINED_SAMPLED, CONSTRAINED_SGD,
+    CONSTRAINED_NUPI, CONSTRAINED_SIZES, ConstrainedRow, measure_constrained_rows,
+    QUICK_CONSTRAINED_SIZES, first_step_time, IALM, IALM_CASES, IALM_COLUMNS, IALM_SIZES,
     IALMRow, import_time, layout_sizes, LAYOUTS, machine_info, measure_ialm_row, measure_row,
     measure_solver_row, MODEL_TENSORS, pin_threads, POLYAK_SOLVER, QUICK_IALM_SIZES, QUICK_SIZES,
     QUICK_SOLVER_PROBLEMS, restore_threads, Row, SIZES, SOLVER_CASES, SOLVER_COLUMNS,
@@ -81,6 +83,13 @@ GOALS: tuple[Goal, ...] = (
     Goal("jit(uniopt jax PolyakSGD.run) / jaxopt", "r_jit", None, 1.0, metric="solver"),
     Goal("humancompatible iALM / uniopt torch iALM", "r_ialm", (100_000, 1_000_000), 5.0,
          at_most=False, metric="ialm"),
+    Goal("uniopt indexed dual step growth (m / smallest m)", "g_idx", (10_000_000,), 2.0,
+         metric="constrained"),
+    Goal("cooper / uniopt indexed dual step", "r_idx", (10_000_000,), 20.0, at_most=False,
+         metric="constrained"),
+    Goal("uniopt / cooper dense projected dual step", "r_dense", (1_000_000,), 0.5,
+         metric="constrained"),
+    Goal("uniopt / cooper nuPI dual step", "r_nupi", (1_000_000,), 0.5, metric="constrained"),
     Goal("kernel / stream bandwidth", "r_kernel_stream", (10_000_000,), 0.85, at_most=False),
     Goal("fixed cost per step, uniopt QHAdam", "uo_qhadam", None, 60e-6, metric="tiny", unit="us"),
     Goal("import uniopt", None, None, 0.5, metric="import_uniopt", unit="s"),
@@ -90,7 +99,8 @@ GOALS: tuple[Goal, ...] = (
 
 def evaluate_goals(rows: Sequence[Row], startup: dict,
                    solver_rows: Sequence[SolverRow] = (),
-                   ialm_rows: Sequence[IALMRow] = ()) -> list[dict]:
+                   ialm_rows: Sequence[IALMRow] = (),
+                   constrained_rows: Sequence[ConstrainedRow] = ()) -> list[dict]:
     """Every goal at every place it applies: value, target, "met" / "MISSED" / "n/a"."""
     out = []
     for goal in GOALS:
@@ -103,8 +113,9 @@ def evaluate_goals(rows: Sequence[Row], startup: dict,
                          for r in rows if r.layout == "tiny"]
         elif goal.metric == "solver":
             measured += [(r.problem.label, r.value(goal.column)) for r in solver_rows]
-        elif goal.metric == "ialm":
-            measured += [(f"m={_size_label(r.m)}", r.value(goal.column)) for r in ialm_rows
+        elif goal.metric in ("ialm", "constrained"):
+            measured += [(f"m={_size_label(r.m)}", r.value(goal.column))
+                         for r in (ialm_rows if goal.metric == "ialm" else constrained_rows)
                          if goal.sizes is None or r.m in goal.sizes]
         else:
             measured += [(_size_label(r.n) + (f" ({_layout_label(r)})" if len(goal.layouts) > 1
@@ -153,6 +164,8 @@ def _cell(row: Row, col: Column) -> str:
         return _fmt_ms(value)
     if col.kind == "gbps":
         return f"{value:.1f}"
+    if col.kind == "floor":
+        return _fmt_ms(value)
     return f"{value:.2f}"
 
 
@@ -177,6 +190,15 @@ def format_ialm_table(rows: Sequence[IALMRow], columns: Sequence[Column] = IALM_
     """The iALM table in Markdown: one line per constraint count, ms per dual step."""
     header = ["constraints", "groups"] + [c.label for c in columns]
     body = [[_size_label(r.m), "1"] + [_cell(r, c) for c in columns] for r in rows]
+    return _markdown(header, body)
+
+
+def format_constrained_table(rows: Sequence[ConstrainedRow],
+                             columns: Sequence[Column] = CONSTRAINED_COLUMNS) -> str:
+    """The constrained table in Markdown: one line per multiplier count, ms per dual step."""
+    header = ["multipliers", "sampled"] + [c.label for c in columns]
+    body = [[_size_label(r.m), str(min(r.m, CONSTRAINED_SAMPLED))] + [_cell(r, c) for c in columns]
+            for r in rows]
     return _markdown(header, body)
 
 
@@ -214,7 +236,8 @@ def _legend(rows, columns: Sequence[Column]) -> list[str]:
 
 
 def format_report(result: dict, rows: Sequence[Row], solver_rows: Sequence[SolverRow] = (),
-                  ialm_rows: Sequence[IALMRow] = ()) -> str:
+                  ialm_rows: Sequence[IALMRow] = (),
+                  constrained_rows: Sequence[ConstrainedRow] = ()) -> str:
     meta = result["meta"]
     m, v = meta["machine"], meta["versions"]
     lines = [
@@ -224,10 +247,10 @@ def format_report(result: dict, rows: Sequence[Row], solver_rows: Sequence[Solve
         "versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),
         f"settings: float32; {meta['threads']}; median of {meta['repeat']} interleaved repeats "
         f"(each >= {meta['min_time'] * 1e3:.0f} ms); times in ms per step (lower is better)",
-        "",
-        format_table(rows),
     ]
-    lines += _legend(rows, COLUMNS)
+    if rows:
+        lines += ["", format_table(rows)]
+        lines += _legend(rows, COLUMNS)
     if solver_rows:
         settings = ", ".join(f"{k}={val!r}" for k, val in POLYAK_SOLVER.items())
         lines += [
@@ -244,6 +267,15 @@ def format_report(result: dict, rows: Sequence[Row], solver_rows: Sequence[Solve
                       "update(c) or forward_update(loss, c) (lower is better)", "",
                   format_ialm_table(ialm_rows)]
         lines += _legend(ialm_rows, IALM_COLUMNS)
+    if constrained_rows:
+        sgd = ", ".join(f"{k}={val!r}" for k, val in CONSTRAINED_SGD.items())
+        nupi = ", ".join(f"{k}={val!r}" for k, val in CONSTRAINED_NUPI.items())
+        lines += ["", f"constrained dual step (torch, float32, one inequality multiplier, "
+                      f"ConstrainedOptimizer.dual_step() with the gradients in place; SGD({sgd}, "
+                      f"maximize=True), nuPI({nupi}, init_type=ZEROS, maximize=True)); ms per "
+                      "step (lower is "
+                      "better)", "", format_constrained_table(constrained_rows)]
+        lines += _legend(constrained_rows, CONSTRAINED_COLUMNS)
     startup = result.get("startup") or {}
     if startup:
         lines += ["", "start-up (fresh processes):"]
@@ -307,6 +339,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip the solver table (uniopt's JAX PolyakSGD.run against jaxopt's)")
     p.add_argument("--no-ialm", dest="ialm", action="store_false",
                    help="skip the iALM table (dual steps against humancompatible-train)")
+    p.add_argument("--no-constrained", dest="constrained", action="store_false",
+                   help="skip the constrained dual step table (against cooper-optim)")
+    p.add_argument("--only", choices=("constrained",), default=None,
+                   help="measure one table only: 'constrained' (the constrained dual steps, "
+                        "no start-up); --sizes then sets its multiplier counts")
     p.add_argument("--no-startup", dest="startup", action="store_false",
                    help="skip the start-up measurements in fresh processes (import time; "
                         "without --quick also first step with a warm cache and compile time)")
@@ -445,6 +482,11 @@ def main(argv: list[str] | None = None) -> int:
             _parser().error("the plot needs matplotlib (pip install -e '.[bench]'); "
                             "or pass --no-plot")
     sizes = args.sizes or list(QUICK_SIZES if args.quick else SIZES)
+    constrained_sizes = list(QUICK_CONSTRAINED_SIZES if args.quick else CONSTRAINED_SIZES)
+    if args.only == "constrained":
+        constrained_sizes = args.sizes or constrained_sizes
+        args.layouts, args.fixed_cost, args.solver, args.ialm = [], False, False, False
+        args.startup, args.plot, args.constrained = False, False, True
     repeat = args.repeat or (3 if args.quick else 7)
     min_time = args.min_time or (0.005 if args.quick else 0.05)
     if repeat < 1 or min_time <= 0:
@@ -465,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     solver_cases = len(SOLVER_CASES) * len(SOLVER_MODES)
     ialm_rows = ([IALMRow(m) for m in (QUICK_IALM_SIZES if args.quick else IALM_SIZES)]
                  if args.ialm else [])
+    constrained_rows = ([ConstrainedRow(m=m) for m in constrained_sizes] if args.constrained
+                        else [])
 
     saved = pin_threads(args.pin)
     try:
@@ -482,7 +526,9 @@ def main(argv: list[str] | None = None) -> int:
             "parallel_min_size": _jit.PARALLEL_MIN_SIZE,
         }
         bar = _progress_bar((len(rows) * len(cases) + len(solver_rows) * solver_cases
-                             + len(ialm_rows) * len(IALM_CASES)) * (1 + repeat), args.progress)
+                             + len(ialm_rows) * len(IALM_CASES)
+                             + len(constrained_rows) * len(CONSTRAINED_CASES)) * (1 + repeat),
+                            args.progress)
         try:
             for row in rows:
                 measure_row(row, cases, repeat, min_time, seed=args.seed, progress=bar)
@@ -494,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
                 measure_solver_row(solver_row, repeat, min_time, seed=args.seed, progress=bar)
             for ialm_row in ialm_rows:
                 measure_ialm_row(ialm_row, repeat, min_time, seed=args.seed, progress=bar)
+            measure_constrained_rows(constrained_rows, repeat, min_time, seed=args.seed,
+                                     progress=bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -509,8 +557,16 @@ def main(argv: list[str] | None = None) -> int:
                                      "help": c.help} for c in SOLVER_COLUMNS],
                         "settings": dict(POLYAK_SOLVER)}
     result["ialm"] = {"rows": [r.to_json() for r in ialm_rows], "settings": dict(IALM)}
-    result["goals"] = evaluate_goals(rows, startup, solver_rows, ialm_rows)
-    report = format_report(result, rows, solver_rows, ialm_rows)
+    result["constrained"] = {"rows": [r.to_json() for r in constrained_rows],
+                             "settings": {"sgd": dict(CONSTRAINED_SGD), "nupi": dict(CONSTRAINED_NUPI),
+                                          "sampled": CONSTRAINED_SAMPLED},
+                             "columns": [{"key": c.key, "label": c.label, "kind": c.kind,
+                                          "help": c.help} for c in CONSTRAINED_COLUMNS]}
+    result["goals"] = evaluate_goals(rows, startup, solver_rows, ialm_rows, constrained_rows)
+    if args.only == "constrained":  # the other tables' goals were not measured
+        texts = {g.text for g in GOALS if g.metric == "constrained"}
+        result["goals"] = [g for g in result["goals"] if g["goal"] in texts]
+    report = format_report(result, rows, solver_rows, ialm_rows, constrained_rows)
     print(report, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(report + "\n")

@@ -245,3 +245,67 @@ def test_table_script_runs_from_the_repository_root():
     assert out.returncode == 0, out.stderr
     for option in ("--quick", "--out", "--no-plot", "--sizes", "--no-progress"):
         assert option in out.stdout
+
+
+def test_bench_constrained_table(capsys, tmp_path):
+    """``--only constrained``: the constrained dual step table alone, every cell measured."""
+    out, result = _run(capsys, tmp_path, "--only", "constrained", "--sizes", "1e3,2e3")
+    assert _header(out, "multipliers") == ["multipliers", "sampled"] + [
+        c.label for c in bench.CONSTRAINED_COLUMNS]
+    assert [row[:2] for row in _table_rows(out, "multipliers")] == [["1e3", "1000"], ["2,000", "1000"]]
+    assert result["rows"] == [] and result["ialm"]["rows"] == [] and result["solver"]["rows"] == []
+    rows = result["constrained"]["rows"]
+    assert [r["m"] for r in rows] == [1000, 2000]
+    for row in rows:
+        assert row["unavailable"] == {}  # cooper-optim is installed with the test extra
+        for name in bench.CONSTRAINED_CASES:  # every contender measured
+            assert len(row["samples"][name]) == 1 and row["samples"][name][0] > 0
+        for key, value in row["columns"].items():  # every cell has a value
+            assert value is not None and value > 0, key
+    assert rows[0]["columns"]["g_idx"] == 1.0  # the growth base is the smallest m
+    assert result["goals"] == []  # its goals are at 1e6 and 1e7; no other table's goal
+    m = 2000
+    stream = rows[1]["columns"]["stream_gbps"]
+    assert rows[1]["columns"]["floor_dense"] == pytest.approx(12 * m / (stream * 1e9))
+    assert rows[1]["columns"]["floor_nupi"] == pytest.approx(20 * m / (stream * 1e9))
+    for label in ("uniopt indexed", "cooper indexed", "cooper/uniopt idx", "uniopt/cooper dense",
+                  "uniopt/cooper nuPI", "dense floor"):
+        assert label in out
+
+
+def test_constrained_goals_are_evaluated_on_their_sizes():
+    rows = []
+    for m, t in ((10_000, 1.0), (1_000_000, 1.2), (10_000_000, 1.5)):
+        row = bench.ConstrainedRow(m=m)
+        row.samples = {"uniopt_indexed": [t * 1e-4], "cooper_indexed": [m * 1e-9],
+                       "uniopt_dense": [1.0], "cooper_dense": [3.0],
+                       "uniopt_nupi": [1.0], "cooper_nupi": [1.5]}
+        rows.append(row)
+    bench.measure_constrained_rows([], 1, 1e-4)  # no rows: nothing to do
+    for row in rows:
+        row.base = 1e-4
+    goals = [g for g in table.evaluate_goals([], {}, constrained_rows=rows)
+             if g["at"].startswith("m=")]
+    by_goal = {(g["goal"], g["at"]): g for g in goals}
+    growth = by_goal[("uniopt indexed dual step growth (m / smallest m)", "m=1e7")]
+    assert growth["value"] == pytest.approx(1.5) and growth["status"] == "met"
+    speedup = by_goal[("cooper / uniopt indexed dual step", "m=1e7")]
+    assert speedup["value"] == pytest.approx(1e-2 / 1.5e-4) and speedup["status"] == "met"
+    assert by_goal[("uniopt / cooper dense projected dual step", "m=1e6")]["status"] == "met"
+    assert by_goal[("uniopt / cooper nuPI dual step", "m=1e6")]["status"] == "MISSED"
+    assert len(goals) == 4  # each goal at its own size only
+
+
+@pytest.mark.parametrize("kind", ["indexed", "dense", "nupi"])
+def test_constrained_contenders_do_the_same_update(kind):
+    """uniopt's and cooper's contenders of each kind compute the same multipliers."""
+    import torch
+
+    ours = bench.build_constrained(f"uniopt_{kind}", 3000)
+    theirs = bench.build_constrained(f"cooper_{kind}", 3000)
+    for _ in range(3):
+        ours()
+        theirs()
+    assert ours.weight.dtype == theirs.weight.dtype == torch.float32
+    assert torch.count_nonzero(ours.weight) == (1000 if kind == "indexed" else 3000)
+    torch.testing.assert_close(ours.weight, theirs.weight, rtol=1e-6, atol=1e-7)

@@ -597,6 +597,110 @@ def build_ialm(name: str, m: int, seed: int = 0):
 
 
 # ----------------------------------------------------------------------------------------------
+# Constrained dual steps: uniopt's ConstrainedOptimizer.dual_step against cooper-optim's
+# ----------------------------------------------------------------------------------------------
+#: Multiplier counts of the constrained table (one multiplier per problem).
+CONSTRAINED_SIZES = (10_000, 100_000, 1_000_000, 10_000_000)
+QUICK_CONSTRAINED_SIZES = (10_000,)
+#: Rows sampled per step by the indexed contenders (unique rows, in random order).
+CONSTRAINED_SAMPLED = 1_000
+#: The dual optimizers' settings (both libraries). Violations are positive, so the multipliers
+#: only grow: every repetition of a step is in the same state (no entry at the bound).
+CONSTRAINED_SGD = dict(lr=1e-3)
+CONSTRAINED_NUPI = dict(lr=1e-3, Kp=1.0, Ki=1.0, ema_nu=0.5)
+#: Bytes per multiplier of a float32 step at the memory floor: projected SGD reads the
+#: multiplier and its gradient and writes the multiplier; nuPI also reads and writes xi.
+CONSTRAINED_BYTES = {"dense": 12, "nupi": 20}
+
+
+def _constrained_lib(lib: str):
+    """``uniopt.adapters.torch.constrained`` (``"uniopt"``) or ``cooper`` (``"cooper"``)."""
+    _import_torch()
+    if lib == "cooper":
+        try:
+            import cooper
+        except ImportError as exc:
+            raise Unavailable("cooper-optim not installed") from exc
+        return cooper
+    try:
+        import uniopt.adapters.torch.constrained as ours
+    except ImportError as exc:
+        raise Unavailable(f"uniopt.adapters.torch.constrained not available ({exc})") from exc
+    return ours
+
+
+def _build_constrained(lib: str, kind: str, m: int, seed: int = 0):
+    """A warmed-up ``ConstrainedOptimizer.dual_step`` of ``lib`` with the gradients in place.
+
+    ``kind``: ``"indexed"`` (an IndexedMultiplier of ``m`` rows, :data:`CONSTRAINED_SAMPLED`
+    of them observed, projected SGD), ``"dense"`` (a DenseMultiplier, projected SGD) or
+    ``"nupi"`` (a DenseMultiplier, nuPI). One inequality constraint, float32, zero initial
+    multipliers, positive violations (seeded).
+    """
+    torch = _import_torch()
+    c = _constrained_lib(lib)
+    rng = np.random.default_rng(seed)
+    dtype = torch.float32
+
+    class Problem(c.ConstrainedMinimizationProblem):
+        def __init__(self):
+            super().__init__()
+            cls = c.multipliers.IndexedMultiplier if kind == "indexed" else c.multipliers.DenseMultiplier
+            multiplier = cls(num_constraints=m, dtype=dtype)
+            self.constraint = c.Constraint(c.ConstraintType.INEQUALITY, multiplier=multiplier)
+
+        def compute_cmp_state(self):  # the gradients are put in place directly
+            raise NotImplementedError
+
+    cmp = Problem()
+    weight = cmp.constraint.multiplier.weight
+    if kind == "indexed":
+        rows = torch.from_numpy(rng.choice(m, size=min(m, CONSTRAINED_SAMPLED), replace=False))
+        violation = torch.from_numpy(rng.random(rows.numel(), dtype=DTYPE) + 0.5)
+        (cmp.constraint.multiplier(rows) * violation).sum().backward()
+    else:
+        weight.grad = torch.from_numpy(rng.random(m, dtype=DTYPE) + 0.5)
+    if kind == "nupi":  # ZEROS: the two libraries' SGD initialisations differ (deviations.md)
+        dual = c.optim.nuPI(cmp.dual_parameters(), maximize=True,
+                            init_type=c.optim.nuPIInitType.ZEROS, **CONSTRAINED_NUPI)
+    else:
+        dual = torch.optim.SGD(cmp.dual_parameters(), maximize=True, **CONSTRAINED_SGD)
+    x = torch.zeros(1, requires_grad=True)
+    opt = c.optim.SimultaneousOptimizer(cmp, torch.optim.SGD([x], lr=1e-3), dual)
+    opt.dual_step()
+
+    def step(cmp=cmp):  # the default keeps the problem alive
+        opt.dual_step()
+
+    step()
+    step.weight = weight  # for the tests: the multipliers this step updates
+    return step
+
+
+#: Constrained contenders: name -> builder(m, seed) -> warmed-up ``dual_step`` callable.
+CONSTRAINED_CASES: dict[str, Callable[..., Callable[[], object]]] = {
+    f"{lib}_{kind}": functools.partial(_build_constrained, lib, kind)
+    for kind in ("indexed", "dense", "nupi") for lib in ("uniopt", "cooper")
+}
+
+
+def _build_constrained_stream(m: int, seed: int = 0):
+    """The bandwidth yardstick (:func:`uniopt.kernels.bandwidth.stream_table_`) on ``m``
+    float32 elements: the reachable bandwidth at that size."""
+    data = Data.make([m], seed)
+    return _build_stream(data)
+
+
+CONSTRAINED_CASES["stream"] = _build_constrained_stream
+
+
+def build_constrained(name: str, m: int, seed: int = 0):
+    """A warmed-up dual step of constrained contender ``name`` (a key of
+    ``CONSTRAINED_CASES``) with ``m`` multipliers."""
+    return CONSTRAINED_CASES[name](m, seed)
+
+
+# ----------------------------------------------------------------------------------------------
 # The table
 # ----------------------------------------------------------------------------------------------
 def _size_label(n: int) -> str:
@@ -798,6 +902,75 @@ class IALMRow(_TimedRow):
                 "unavailable": self.unavailable}
 
 
+#: The constrained table's columns (milliseconds per dual step, ratios, the memory floor).
+CONSTRAINED_COLUMNS: tuple[Column, ...] = (
+    Column("uo_idx", "uniopt indexed", "ms", "uniopt_indexed",
+           help=f"uniopt SimultaneousOptimizer.dual_step(), IndexedMultiplier, "
+                f"{CONSTRAINED_SAMPLED} rows sampled, SGD(maximize=True)"),
+    Column("cooper_idx", "cooper indexed", "ms", "cooper_indexed",
+           help="cooper-optim 1.0.1's dual_step() on the same problem"),
+    Column("r_idx", "cooper/uniopt idx", "ratio", ratio=("cooper_idx", "uo_idx"),
+           help="cooper time / uniopt time, indexed (speed-up; higher is better)"),
+    Column("g_idx", "idx growth", "growth", "uniopt_indexed",
+           help="uniopt indexed time / its time at the smallest m of the run (flat is O(k))"),
+    Column("uo_dense", "uniopt dense", "ms", "uniopt_dense",
+           help="uniopt dual_step(), DenseMultiplier, SGD(maximize=True): fused step+projection"),
+    Column("cooper_dense", "cooper dense", "ms", "cooper_dense",
+           help="cooper dual_step(): SGD step, then relu over every entry"),
+    Column("r_dense", "uniopt/cooper dense", "ratio", ratio=("uo_dense", "cooper_dense"),
+           help="uniopt time / cooper time, dense projected SGD (lower is better)"),
+    Column("uo_nupi", "uniopt nuPI", "ms", "uniopt_nupi",
+           help="uniopt dual_step() with uniopt's nuPI (projection fused into its kernel)"),
+    Column("cooper_nupi", "cooper nuPI", "ms", "cooper_nupi",
+           help="cooper dual_step() with cooper.optim.nuPI, then relu"),
+    Column("r_nupi", "uniopt/cooper nuPI", "ratio", ratio=("uo_nupi", "cooper_nupi"),
+           help="uniopt time / cooper time, nuPI (lower is better)"),
+    Column("stream_gbps", "stream GB/s", "gbps", "stream",
+           help=f"uniopt.kernels.bandwidth.stream_table_ on m float32 elements "
+                f"({BYTES_PER_PARAM} B each): the bandwidth reachable at that size"),
+    Column("floor_dense", "dense floor", "floor", "stream",
+           help=f"{CONSTRAINED_BYTES['dense']} B/multiplier (read lambda, g; write lambda) at "
+                "the stream bandwidth: the least time of a dense projected step"),
+    Column("floor_nupi", "nuPI floor", "floor", "stream",
+           help=f"{CONSTRAINED_BYTES['nupi']} B/multiplier (also read and write xi) at the "
+                "stream bandwidth"),
+)
+_CONSTRAINED_BY_KEY = {c.key: c for c in CONSTRAINED_COLUMNS}
+
+
+@dataclass
+class ConstrainedRow(_TimedRow):
+    """One multiplier count of the constrained table: seconds per dual step of each contender.
+
+    ``base``: the uniopt indexed time of the run's smallest ``m`` (for the growth column).
+    """
+
+    COLUMNS = _CONSTRAINED_BY_KEY
+    m: int
+    base: float | None = None
+
+    def value(self, key: str) -> float | None:
+        """As :meth:`_TimedRow.value`, plus the growth, GB/s and floor columns."""
+        col = self.COLUMNS[key]
+        if col.kind in ("ms", "ratio"):
+            return super().value(key)
+        s = self.samples.get(col.case)
+        t = statistics.median(s) if s else None
+        if t is None:
+            return None
+        if col.kind == "growth":
+            return None if not self.base else t / self.base
+        gbps = BYTES_PER_PARAM * self.m / t / 1e9
+        if col.kind == "gbps":
+            return gbps
+        return CONSTRAINED_BYTES[key.removeprefix("floor_")] * self.m / (gbps * 1e9)
+
+    def to_json(self) -> dict:
+        return {"m": self.m, "samples": self.samples, "steps_per_sample": self.numbers,
+                "columns": {c.key: self.value(c.key) for c in CONSTRAINED_COLUMNS},
+                "unavailable": self.unavailable}
+
+
 def _time(step: Callable[[], object], number: int) -> float:
     t0 = time.perf_counter()
     for _ in range(number):
@@ -923,6 +1096,24 @@ def measure_ialm_row(row: IALMRow, repeat: int, min_time: float, seed: int = 0,
     row.samples, row.numbers = _measure(f"iALM m={_size_label(row.m)}", builders,
                                         row.unavailable, repeat, min_time, progress)
     return row
+
+
+def measure_constrained_rows(rows: Sequence[ConstrainedRow], repeat: int, min_time: float,
+                             seed: int = 0, progress=None) -> Sequence[ConstrainedRow]:
+    """Build every constrained contender of each row, time their dual steps interleaved, then
+    set each row's growth base (the uniopt indexed time at the smallest ``m``)."""
+    for row in rows:
+        builders = {name: functools.partial(make, row.m, seed)
+                    for name, make in CONSTRAINED_CASES.items()}
+        row.samples, row.numbers = _measure(f"constrained m={_size_label(row.m)}", builders,
+                                            row.unavailable, repeat, min_time, progress)
+    if rows:
+        smallest = min(rows, key=lambda r: r.m)
+        s = smallest.samples.get("uniopt_indexed")
+        base = statistics.median(s) if s else None
+        for row in rows:
+            row.base = base
+    return rows
 
 
 #: The folder that holds the ``benchmarks`` package: the start-up subprocesses import this

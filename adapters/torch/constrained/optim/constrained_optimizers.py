@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import torch
 
+from . import _fused
 from .optimizer import CooperOptimizer, RollOut
 
 __all__ = [
@@ -98,10 +99,22 @@ class ConstrainedOptimizer(CooperOptimizer, abc.ABC):
     def dual_step(self) -> None:
         """Step every dual optimizer, then ``post_step_()`` every multiplier (the projection
         of inequality multipliers onto :math:`\\lambda \\ge 0`). Multipliers of constraints that
-        were not observed have no gradient, and the step leaves them alone."""
-        for dual_optimizer in self.dual_optimizers:
-            dual_optimizer.step()
-        self._post_step()
+        were not observed have no gradient, and the step leaves them alone.
+
+        Where that is exactly this step, a dual parameter takes uniopt's fused kernels instead
+        (:mod:`uniopt.adapters.torch.constrained.optim._fused`): ``torch.optim.SGD`` without
+        momentum or weight decay on a Dense/Indexed multiplier is one pass of step and
+        projection (an IndexedMultiplier's: only the sampled rows, however many rows it has),
+        and uniopt's :class:`~uniopt.adapters.torch.constrained.optim.nuPI` fuses the
+        projection into its own kernels. Every other optimizer (Adam, momentum, step hooks,
+        subclasses, implicit multipliers...) runs its ordinary ``step()`` followed by the
+        multipliers' ``post_step_()``. The route each parameter took is in
+        ``self._fused_dual.last_routes``.
+        """
+        stepper = self.__dict__.get("_fused_dual")
+        if stepper is None:
+            stepper = self._fused_dual = _fused.DualStep()
+        stepper.step(self.dual_optimizers, self._multipliers())
 
     @abc.abstractmethod
     def roll(self, *args: Any, **kwargs: Any) -> RollOut:

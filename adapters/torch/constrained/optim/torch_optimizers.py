@@ -7,6 +7,13 @@ same rules (:mod:`uniopt.rules.constrained`) with torch ops elsewhere. Sparse CO
 (:func:`uniopt.kernels.constrained_cpu.indexed_nupi_`) and to an ``index_select`` /
 ``index_copy_`` torch-ops path otherwise: only the sampled rows are read or written.
 
+As the dual optimizer of a ``ConstrainedOptimizer``, nuPI also takes the multipliers'
+projection onto :math:`\lambda \ge 0` into its kernels (the ``lower`` bound of
+:func:`uniopt.rules.constrained.nupi_param`, on every path): ``dual_step`` hands it the bounds
+of the weights it may project (:mod:`uniopt.adapters.torch.constrained.optim._fused`), so a
+multiplier is stepped and projected in one pass and an IndexedMultiplier's unsampled rows are
+not touched. A plain ``step()`` projects nothing.
+
 Deliberate differences from Cooper 1.0.1 (see ``docs/deviations.md``):
 
 * the ``SGD`` initialisation follows Cooper's docstring, :math:`\xi_{-1} = e_0`, on dense and
@@ -70,10 +77,11 @@ class _Constants(NamedTuple):
     sgd: bool
     ki_entries: Optional[torch.Tensor]  # per-entry gains (flat, float64) or None
     kpn_entries: Optional[torch.Tensor]
+    lower: float = -np.inf  # the projection fused into the step (-inf: none)
 
     def coef(self, dtype) -> np.ndarray:
         return np.array([self.ki, self.kpn, self.nu, 1.0 - self.nu, self.signed_lr,
-                         self.lr_decay, -np.inf], dtype=dtype)
+                         self.lr_decay, self.lower], dtype=dtype)
 
     def gains(self, like: torch.Tensor):
         """``(ki, kpn)`` for torch ops on ``like`` (numbers, or tensors shaped as ``like``)."""
@@ -93,7 +101,7 @@ class _Constants(NamedTuple):
         return tuple(out)
 
 
-def _constants(group: dict) -> _Constants:
+def _constants(group: dict, lower: float = -np.inf) -> _Constants:
     nu = float(group["ema_nu"])
     lr = float(group["lr"])
     kp, ki = _gain_tensor(group["Kp"]), _gain_tensor(group["Ki"])
@@ -109,7 +117,7 @@ def _constants(group: dict) -> _Constants:
         kpn_value, kpn_entries = 0.0, kp.detach().reshape(-1).to(torch.float64) * one_minus_nu
     return _Constants(ki_value, kpn_value, nu, lr if group["maximize"] else -lr,
                       lr * float(group["weight_decay"]), group["init_type"] == nuPIInitType.SGD,
-                      ki_entries, kpn_entries)
+                      ki_entries, kpn_entries, lower)
 
 
 def _fresh(c: _Constants, state: dict) -> bool:
@@ -121,11 +129,16 @@ class _NuPIRule(Rule):
     name = "nuPI"
     buffers = ("xi",)
 
+    def __init__(self):
+        # id(group) -> the lower bound fused into that group's step (set by nuPI.step for the
+        # duration of one step; ConstrainedOptimizer.dual_step's projection)
+        self.lowers: dict = {}
+
     def init_state(self, p):
         return {"xi": torch.zeros_like(p, memory_format=torch.contiguous_format), _FRESH: True}
 
     def constants(self, group):
-        return _constants(group)
+        return _constants(group, self.lowers.get(id(group), -np.inf))
 
     def run_table(self, c, table):
         rows = [row for row, a in enumerate(table.g_addrs) if a]
@@ -165,7 +178,7 @@ class _NuPIRule(Rule):
         ki, kpn = c.gains(p)
         e = g.to(p.dtype)
         direction = _torch_rules.nupi_direction(e, xi, fresh, ki, kpn)
-        lower = torch.tensor(-torch.inf, dtype=p.dtype, device=p.device)
+        lower = torch.tensor(c.lower, dtype=p.dtype, device=p.device)
         new_p = _torch_rules.nupi_param(p, direction, c.signed_lr, c.lr_decay, lower)
         xi.copy_(_torch_rules.nupi_average(xi, e, fresh, c.nu, 1.0 - c.nu))
         p.copy_(new_p)
@@ -390,21 +403,49 @@ class nuPI(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        lowers = self.__dict__.get("_fused_lowers")  # {id(p): lower} from dual_step, or None
+        report: dict = {}
+        rule_lowers = self._dispatcher.rule.lowers
         groups, owns = [], []
-        for group in self.param_groups:
-            sub, own = self._split(group)
-            groups.append(sub)
-            owns.append(own)
-            for i in own:
-                self._check_own(group, i)
-        work = self._dispatcher.collect(groups, self.state)  # checks; nothing changed yet
-        self._dispatcher.run(work)
+        try:
+            for group in self.param_groups:
+                sub, own = self._split(group)
+                groups.append(sub)
+                owns.append(own)
+                for i in own:
+                    self._check_own(group, i)
+                if lowers:
+                    self._fuse_group(sub, lowers, rule_lowers, report)
+            work = self._dispatcher.collect(groups, self.state)  # checks; nothing changed yet
+            self._dispatcher.run(work)
+        finally:
+            rule_lowers.clear()
         for group, own in zip(self.param_groups, owns):
             if own:
                 c = _constants(group)
                 for i in own:
-                    self._step_rows(group, c, group["params"][i])
+                    p = group["params"][i]
+                    lower = lowers.get(id(p)) if lowers else None
+                    if lowers:
+                        report[id(p)] = ("none" if lower is None else
+                                         "full" if p.grad.layout == torch.strided else "rows")
+                    self._step_rows(group, c if lower is None else c._replace(lower=lower), p)
+        if lowers:
+            self._fused_report = report
         return loss
+
+    @staticmethod
+    def _fuse_group(sub: dict, lowers: dict, rule_lowers: dict, report: dict) -> None:
+        """Fuse a projection into the dispatcher's step of ``sub`` (a group's dense gradients)
+        when every parameter stepped there has the same lower bound in ``lowers``; the report
+        says per parameter whether it was projected (``"full"``) or not (``"none"``)."""
+        dense = [p for p in sub["params"] if p.grad is not None]
+        bounds = {lowers.get(id(p)) for p in dense}
+        fused = len(bounds) == 1 and None not in bounds
+        if fused:
+            rule_lowers[id(sub)] = bounds.pop()
+        for p in dense:
+            report[id(p)] = "full" if fused else "none"
 
     def _step_rows(self, group: dict, c: _Constants, p: torch.Tensor) -> None:
         """One step of the rows of a sparse gradient (or every row, for a dense gradient on a
@@ -464,7 +505,7 @@ class nuPI(Optimizer):
         if c.kpn_entries is not None:
             kpn = c.kpn_entries.to(p).view(shape2d).index_select(0, rows)
         direction = _torch_rules.nupi_direction(values, xr, fresh, ki, kpn)
-        lower = torch.tensor(-torch.inf, dtype=p.dtype, device=p.device)
+        lower = torch.tensor(c.lower, dtype=p.dtype, device=p.device)
         new_p = _torch_rules.nupi_param(pr, direction, c.signed_lr, c.lr_decay, lower)
         new_xi = _torch_rules.nupi_average(xr, values, fresh, c.nu, 1.0 - c.nu)
         p2.index_copy_(0, rows, new_p)

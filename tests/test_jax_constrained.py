@@ -883,22 +883,48 @@ BAD = [
      ValueError, r"projected_ascent: params .* are required"),
     (lambda: nupi(-0.1), ValueError, r"^Invalid learning rate: -0\.1$"),
     (lambda: nupi(0.1, weight_decay=-1.0), ValueError, r"^Invalid weight_decay value: -1\.0$"),
-    (lambda: nupi(0.1, ema_nu=1.0), ValueError, r"^Invalid ema_nu value: 1\.0$"),
-    (lambda: nupi(0.1, ema_nu=-1.0), ValueError, r"^Invalid ema_nu value: -1\.0$"),
+    (lambda: nupi(0.1, ema_nu=1.0), ValueError, r"^Invalid nu value: 1\.0$"),
+    (lambda: nupi(0.1, ema_nu=-1.0), ValueError, r"^Invalid nu value: -1\.0$"),
     (lambda: nupi(0.1, Kp=np.inf), ValueError, r"^Invalid Kp value: inf$"),
-    (lambda: nupi(0.1, Ki="1"), TypeError, r"Invalid Ki value: '1'"),
-    (lambda: nupi(0.1, init_type="adam"), ValueError, r"Invalid init_type: 'adam'"),
+    (lambda: nupi(0.1, Ki="1"), TypeError,
+     r"^Invalid Ki value: '1' \(expected a real number or an array of them\)$"),
+    (lambda: nupi(0.1, init_type="adam"), ValueError, r"^Invalid init_type: adam$"),
     (lambda: nupi(0.1, maximize=1), TypeError, r"Invalid maximize value: 1"),
     (lambda: C.as_ascent(0.1), TypeError, r"Invalid transformation: 0\.1"),
     # penalty updaters
     (lambda: C.MultiplicativePenaltyCoefficientUpdater(growth_factor=0.0), ValueError,
      r"^Invalid growth_factor value: 0\.0$"),
     (lambda: C.MultiplicativePenaltyCoefficientUpdater(violation_tolerance=-1.0), ValueError,
-     r"^Invalid violation_tolerance value: -1\.0$"),
+     r"^Invalid violation_tolerance value: -1\.0 \(Violation tolerance must be non-negative\.\)$"),
     (lambda: C.AdditivePenaltyCoefficientUpdater(increment=-1.0), ValueError,
      r"^Invalid increment value: -1\.0$"),
     (lambda: C.AdditivePenaltyCoefficientUpdater(has_restart="yes"), TypeError,
      r"Invalid has_restart value: 'yes'"),
+    # the torch face's checks and messages, for the same bad input (tests/test_torch_constrained.py)
+    (lambda: IndexedMultiplier(init=np.array([np.inf])), ValueError,
+     r"^Invalid init: not every value is finite$"),
+    (lambda: DensePenaltyCoefficient(np.array(np.inf)), ValueError,
+     r"^Invalid init: .*inf.* \(penalty coefficients must be finite and non-negative\)$"),
+    (lambda: DenseMultiplier(2, dtype=jnp.int32), TypeError,
+     r"^Invalid dtype: .* \(expected a floating-point dtype\)$"),
+    (lambda: ConstraintState(jnp.zeros(2), contributes_to_primal_update="yes"), TypeError,
+     r"^Invalid contributes_to_primal_update: 'yes' \(expected True or False\)$"),
+    (lambda: C.MultiplicativePenaltyCoefficientUpdater(growth_factor=np.nan), ValueError,
+     r"^Invalid growth_factor value: nan$"),
+    (lambda: C.MultiplicativePenaltyCoefficientUpdater(growth_factor="2"), TypeError,
+     r"^Invalid growth_factor value: '2' \(expected a real number\)$"),
+    (lambda: C.AdditivePenaltyCoefficientUpdater(increment=np.inf), ValueError,
+     r"^Invalid increment value: inf$"),
+    (lambda: C.AdditivePenaltyCoefficientUpdater(violation_tolerance="a"), TypeError,
+     r"^Invalid violation_tolerance value: 'a' \(expected a real number\)$"),
+    (lambda: C.AdditivePenaltyCoefficientUpdater(violation_tolerance=np.inf), ValueError,
+     r"^Invalid violation_tolerance value: inf \(Violation tolerance"),
+    (lambda: C.AdditivePenaltyCoefficientUpdater(has_restart=1), TypeError,
+     r"^Invalid has_restart value: 1 \(expected True or False\)$"),
+    (lambda: nupi(0.1, Ki=True), TypeError,
+     r"^Invalid Ki value: True \(expected a real number or an array of them\)$"),
+    (lambda: nupi(0.1, ema_nu="0.1"), TypeError,
+     r"^Invalid nu value: '0\.1' \(expected a real number\)$"),
     # the solver
     (lambda: _solver(roll="gda"), ValueError, r"Invalid roll: 'gda'"),
     (lambda: _solver(compute_cmp_state=1), TypeError, r"Invalid compute_cmp_state: 1"),
@@ -928,7 +954,7 @@ def test_bad_observed_name_and_compute_violations_with_loss(x64):
     cons = _kkt_constraints()
     solver = _solver(roll="alternating_primal_dual", compute_violations=_kkt_problem())
     state = solver.init(jnp.zeros(3), cons)
-    with pytest.raises(ValueError, match=r"Expected `compute_violations` to not populate the loss"):
+    with pytest.raises(RuntimeError, match=r"Expected `compute_violations` to not populate the loss"):
         solver.step(jnp.zeros(3), cons, state, jnp.ones(3))
 
 

@@ -186,9 +186,9 @@ def _float_dtype(dtype: Any, what: str = "dtype"):
     try:
         d = jnp.dtype(dtype)
     except TypeError:
-        raise TypeError(f"Invalid {what}: {dtype!r} (expected a floating dtype)") from None
+        raise TypeError(f"Invalid {what}: {dtype!r} (expected a floating-point dtype)") from None
     if not jnp.issubdtype(d, jnp.floating):
-        raise TypeError(f"Invalid {what}: {dtype!r} (expected a floating dtype)")
+        raise TypeError(f"Invalid {what}: {dtype!r} (expected a floating-point dtype)")
     return d
 
 
@@ -623,8 +623,9 @@ lagrangian.expects_penalty_coefficient = False
 
 
 def _quadratic(c, violation, constraint_type):
-    v = jnp.maximum(violation, 0) if constraint_type is ConstraintType.INEQUALITY else violation
-    return 0.5 * jnp.sum(c * jnp.square(v))
+    """Half the penalty-weighted squared :func:`~uniopt.rules.constrained.penalty_measure`."""
+    measure = _rules.penalty_measure(violation, constraint_type is ConstraintType.INEQUALITY)
+    return 0.5 * jnp.sum(c * jnp.square(measure))
 
 
 def quadratic_penalty(constraint_state: ConstraintState, multiplier: None = None,
@@ -1017,12 +1018,9 @@ class NuPIInitType(enum.Enum):
 
 
 def _check_init_type(init_type):
-    if isinstance(init_type, NuPIInitType):
-        return init_type
-    if isinstance(init_type, str) and init_type.upper() in NuPIInitType.__members__:
-        return NuPIInitType[init_type.upper()]
-    raise ValueError(f"Invalid init_type: {init_type!r} (expected NuPIInitType.SGD, "
-                     f"NuPIInitType.ZEROS, 'sgd' or 'zeros')")
+    """``init_type`` as a :class:`NuPIInitType` (uniopt's policy: a member named ``SGD`` or
+    ``ZEROS`` of any nuPI enum, or the strings ``"sgd"``/``"zeros"``; Cooper's message)."""
+    return NuPIInitType[_validation.nupi_init_type(init_type)]
 
 
 class NuPIState(NamedTuple):
@@ -1040,13 +1038,21 @@ class NuPIState(NamedTuple):
     fresh: optax.Updates
 
 
-def _gain(what, value):
-    if _concrete(value):
-        a = np.asarray(value)
-        if a.dtype == bool or not np.issubdtype(a.dtype, np.number):
-            raise TypeError(f"Invalid {what}: {value!r} (expected a real number or array)")
-        if not np.all(np.isfinite(a)):
-            raise ValueError(f"Invalid {what}: {value}")
+def _check_nupi(weight_decay, Kp, Ki, ema_nu, init_type, maximize):
+    """nuPI's checks: uniopt's one policy (the torch and NumPy faces' messages and Cooper's
+    warnings) where the values are concrete; traced ones are checked where they are known."""
+    values = (weight_decay, Kp, Ki, ema_nu)
+    if all(_concrete(v) for v in values):
+        _validation.check_nupi(0.0, weight_decay, Kp, Ki, ema_nu, init_type, maximize)
+    else:  # e.g. traced by optax.inject_hyperparams: check the concrete ones
+        if _concrete(weight_decay):
+            _validation.nonnegative_finite("weight_decay value", weight_decay)
+        if _concrete(ema_nu) and not -1.0 < _validation.real("nu value", ema_nu) < 1.0:
+            raise ValueError(f"Invalid nu value: {ema_nu}")
+        for what, gain in (("Kp value", Kp), ("Ki value", Ki)):
+            if _concrete(gain):
+                _validation._gain(what, gain)
+    return _check_init_type(init_type), _validation.boolean("maximize value", maximize)
 
 
 def nupi(learning_rate: optax.ScalarOrSchedule, weight_decay: Any = 0.0, Kp: Any = 0.0,
@@ -1095,6 +1101,9 @@ def nupi(learning_rate: optax.ScalarOrSchedule, weight_decay: Any = 0.0, Kp: Any
         outside (-1, 1), non-finite gains, an unknown ``init_type``.
       TypeError: a value that is not a number, a ``maximize`` that is not a bool.
 
+    The checks, messages and warnings (negative gains, all-zero gains, a negative ``ema_nu``)
+    are the torch face's (``uniopt._validation.check_nupi``, Cooper's).
+
     Example:
       >>> import jax.numpy as jnp, optax
       >>> from uniopt.adapters.jax.constrained import nupi
@@ -1107,16 +1116,7 @@ def nupi(learning_rate: optax.ScalarOrSchedule, weight_decay: Any = 0.0, Kp: Any
       [4.0]
     """
     _check_lr(learning_rate)
-    if _concrete(weight_decay):
-        _validation.nonnegative_finite("weight_decay value", weight_decay)
-    if _concrete(ema_nu):
-        nu = _validation.real("ema_nu value", ema_nu)
-        if not -1.0 < nu < 1.0:
-            raise ValueError(f"Invalid ema_nu value: {ema_nu}")
-    _gain("Kp value", Kp)
-    _gain("Ki value", Ki)
-    init_type = _check_init_type(init_type)
-    maximize = _validation.boolean("maximize value", maximize)
+    init_type, maximize = _check_nupi(weight_decay, Kp, Ki, ema_nu, init_type, maximize)
     sgd_init = init_type is NuPIInitType.SGD
 
     def init_fn(params):
@@ -1196,8 +1196,9 @@ class _FeasibilityDrivenUpdater:
     has_restart: bool = True
 
     def _check(self):
-        _validation.nonnegative_finite("violation_tolerance value", self.violation_tolerance)
-        _validation.boolean("has_restart value", self.has_restart)
+        # uniopt's one policy (the torch and NumPy faces' messages; Cooper's sentence kept)
+        _validation.check_penalty_updater("additive", 0.0, 0.0, self.violation_tolerance,
+                                          self.has_restart)
 
     def _factor_increment(self) -> tuple:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -1325,7 +1326,9 @@ class RollOut(NamedTuple):
       loss: the loss (see each roll for the point).
       cmp_state: the :class:`CMPState` (see each roll for the point).
       primal_lagrangian: the primal Lagrangian that gave the primal gradient.
-      dual_lagrangian: the dual Lagrangian that gave the dual gradient (``None`` without one).
+      dual_lagrangian: the dual Lagrangian that gave the dual gradient (``None`` without one,
+        and always ``None`` without a dual optimizer, as the torch face's
+        ``UnconstrainedOptimizer``).
     """
 
     loss: Any
@@ -1402,6 +1405,8 @@ class ConstrainedOptimizer:
       TypeError: a non-callable ``compute_cmp_state``/``compute_violations``, optimizers that
         are not optax transformations.
       ValueError: an unknown ``roll``; at :meth:`init`, multipliers without a dual optimizer.
+      RuntimeError: at :meth:`step`, a ``compute_violations`` that returns a loss (Cooper's
+        error and message, as the torch face).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -1502,7 +1507,12 @@ class ConstrainedOptimizer:
         primal_state, dual_state = state
         roll = self.roll if self.dual_optimizer is not None else "simultaneous"
 
-        if roll == "simultaneous":
+        if self.dual_optimizer is None:  # Cooper's UnconstrainedOptimizer: no dual Lagrangian
+            cmp_state, lp, gp = self._primal(params, constraints, args, kwargs)
+            new_params, primal_state = self._primal_update(gp, primal_state, params, params)
+            new_cons = constraints
+            rollout = RollOut(cmp_state.loss, cmp_state, lp, None)
+        elif roll == "simultaneous":
             cmp_state, lp, gp = self._primal(params, constraints, args, kwargs)
             ld, gd, obs = self._dual_grads(cmp_state, constraints)
             new_params, primal_state = self._primal_update(gp, primal_state, params, params)
@@ -1517,7 +1527,7 @@ class ConstrainedOptimizer:
                     raise TypeError(f"compute_violations must return a CMPState, got "
                                     f"{new_state!r}")
                 if new_state.loss is not None:
-                    raise ValueError("Expected `compute_violations` to not populate the loss. "
+                    raise RuntimeError("Expected `compute_violations` to not populate the loss. "
                                      "Please provide this value for the `compute_cmp_state` "
                                      "instead.")
             else:

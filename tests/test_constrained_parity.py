@@ -99,6 +99,7 @@ def _measure(xp, x, idx):
 def _torch_problem(formulation):
     al = formulation.startswith("al")
     form = tc.formulations.AugmentedLagrangian if al else tc.formulations.Lagrangian
+    quadratic = tc.formulations.QuadraticPenalty
     pens = tc.penalty_coefficients
 
     def pen(cls, name):
@@ -108,13 +109,13 @@ def _torch_problem(formulation):
         def __init__(self):
             super().__init__()
             if formulation == "unconstrained":
-                self.g = tc.Constraint(tc.ConstraintType.INEQUALITY, tc.formulations.QuadraticPenalty,
+                self.g = tc.Constraint(tc.ConstraintType.INEQUALITY, quadratic,
                                        penalty_coefficient=pens.DensePenaltyCoefficient(
                                            torch.tensor(PENALTY["g"])))
-                self.h = tc.Constraint(tc.ConstraintType.EQUALITY, tc.formulations.QuadraticPenalty,
+                self.h = tc.Constraint(tc.ConstraintType.EQUALITY, quadratic,
                                        penalty_coefficient=pens.DensePenaltyCoefficient(
                                            torch.tensor(PENALTY["h"])))
-                self.k = tc.Constraint(tc.ConstraintType.INEQUALITY, tc.formulations.QuadraticPenalty,
+                self.k = tc.Constraint(tc.ConstraintType.INEQUALITY, quadratic,
                                        penalty_coefficient=pens.IndexedPenaltyCoefficient(
                                            torch.tensor(PENALTY["k"])))
             else:
@@ -125,7 +126,8 @@ def _torch_problem(formulation):
                                        tc.multipliers.DenseMultiplier(init=torch.tensor(INIT["h"])),
                                        pen("DensePenaltyCoefficient", "h"))
                 self.k = tc.Constraint(tc.ConstraintType.INEQUALITY, form,
-                                       tc.multipliers.IndexedMultiplier(init=torch.tensor(INIT["k"])),
+                                       tc.multipliers.IndexedMultiplier(
+                                           init=torch.tensor(INIT["k"])),
                                        pen("IndexedPenaltyCoefficient", "k"))
             self.q = tc.Constraint(tc.ConstraintType.EQUALITY, tc.formulations.QuadraticPenalty,
                                    penalty_coefficient=pens.DensePenaltyCoefficient(
@@ -189,8 +191,8 @@ def torch_trajectory(roll, formulation, dual, steps=STEPS, penalty_override=None
             "primal_lagrangian": float(rollout.primal_lagrangian_store.lagrangian.detach()),
             "dual_lagrangian": (None if dual_store is None or dual_store.lagrangian is None
                                 else float(dual_store.lagrangian.detach())),
-            **{f"multiplier_{n}": getattr(cmp, n).multiplier.weight.detach().numpy().reshape(-1).copy()
-               for n in "ghkq" if getattr(cmp, n).multiplier is not None},
+            **{f"multiplier_{n}": getattr(cmp, n).multiplier.weight.detach().numpy()
+               .reshape(-1).copy() for n in "ghkq" if getattr(cmp, n).multiplier is not None},
             **{f"penalty_{n}": getattr(cmp, n).penalty_coefficient.value.numpy().copy()
                for n in "ghkq" if getattr(cmp, n).penalty_coefficient is not None},
         })
@@ -375,8 +377,8 @@ def test_augmented_lagrangian_zero_penalty_is_the_lagrangian_limit_on_both_faces
                     stripped, [{k: v for k, v in s.items() if not k.startswith("penalty_")}
                                for s in lag])
     # a mix of zero and positive coefficients: still the same on both faces, finite
-    mixed = {"g": np.array([0.0, 1.3]), "h": np.array(0.0), "k": np.array([0.7, 0.0, 0.4, 0.0, 2.0]),
-             "q": np.array(0.5)}
+    mixed = {"g": np.array([0.0, 1.3]), "h": np.array(0.0),
+             "k": np.array([0.7, 0.0, 0.4, 0.0, 2.0]), "q": np.array(0.5)}
     ref, _ = torch_trajectory("simultaneous", "al_mult", "nupi_sgd", penalty_override=mixed)
     ours, _ = jax_trajectory("simultaneous", "al_mult", "nupi_sgd", penalty_override=mixed)
     assert_same_trajectory(ours, ref)
@@ -394,7 +396,8 @@ def test_float64_init_keeps_its_dtype_on_both_faces(x64):
         j32 = getattr(jc, cls)(init=jnp.asarray(init, dtype=jnp.float64), dtype=jnp.float32)
         assert t32.weight.dtype == torch.float32 and j32.weight.dtype == jnp.float32
     for cls in ("DensePenaltyCoefficient", "IndexedPenaltyCoefficient"):
-        assert getattr(tc.penalty_coefficients, cls)(torch.tensor(init, dtype=F64)).value.dtype == F64
+        t = getattr(tc.penalty_coefficients, cls)(torch.tensor(init, dtype=F64))
+        assert t.value.dtype == F64
         assert getattr(jc, cls)(jnp.asarray(init, dtype=jnp.float64)).value.dtype == jnp.float64
 
 
@@ -541,8 +544,9 @@ def test_same_bad_input_same_error_on_both_faces(name, x64):
 def test_penalty_coefficient_nonfinite_init_same_message_template(x64):
     """A non-finite penalty coefficient init: the same ValueError and message on both faces (up
     to each framework's repr of the value)."""
-    for make in (lambda: tc.penalty_coefficients.DensePenaltyCoefficient(torch.tensor([1.0, np.nan])),
-                 lambda: jc.DensePenaltyCoefficient(jnp.array([1.0, np.nan]))):
+    for make in (
+            lambda: tc.penalty_coefficients.DensePenaltyCoefficient(torch.tensor([1.0, np.nan])),
+            lambda: jc.DensePenaltyCoefficient(jnp.array([1.0, np.nan]))):
         with pytest.raises(ValueError, match=r"^Invalid init: .*nan.* \(penalty coefficients must "
                                              r"be finite and non-negative\)$"):
             make()

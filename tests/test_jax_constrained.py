@@ -959,7 +959,8 @@ def test_bad_observed_name_and_compute_violations_with_loss(x64):
     cons = _kkt_constraints()
     solver = _solver(roll="alternating_primal_dual", compute_violations=_kkt_problem())
     state = solver.init(jnp.zeros(3), cons)
-    with pytest.raises(RuntimeError, match=r"Expected `compute_violations` to not populate the loss"):
+    with pytest.raises(RuntimeError,
+                       match=r"Expected `compute_violations` to not populate the loss"):
         solver.step(jnp.zeros(3), cons, state, jnp.ones(3))
 
 

@@ -1501,12 +1501,12 @@ class ConstrainedOptimizer:
     Indexed multipliers under :func:`projected_ascent` or :func:`nupi` (scalar gains) take a
     row-wise step: their dual gradient (the strict violation at the strict features' rows) is
     read directly, repeated rows are summed (a sort of the k sampled rows), and the step and
-    the projection read and write only those rows (``update.update_rows``): no operation of
-    the step runs over the whole table but the scatters that write the rows, which XLA does
-    in place when the constraints and the state are donated
-    (``jax.jit(solver.step, donate_argnums=(1, 2))``; otherwise it copies the table once). Other
-    dual optimizers get the dense gradient and the ``observed`` masks (O(m)). Both paths give
-    the same values (up to the rounding of ``w + (v - w)``).
+    the projection read and write only those rows (``update.update_rows``): no computation of
+    the step runs over the whole table but the scatters that write the rows. (XLA may still
+    copy the table: on CPU it does, donated or not, when one step also reads the table
+    elsewhere, as the Lagrangians do; the copy is a memory pass, not arithmetic.) Other dual
+    optimizers get the dense gradient and the ``observed`` masks (O(m) arithmetic). Both paths
+    give the same values (up to the rounding of ``w + (v - w)``).
 
     ``step`` is pure: ``jax.jit(solver.step)`` compiles one whole step (no retracing while the
     shapes stay the same), and it can be vmapped over a batch of problems.

@@ -883,22 +883,53 @@ BAD = [
      ValueError, r"projected_ascent: params .* are required"),
     (lambda: nupi(-0.1), ValueError, r"^Invalid learning rate: -0\.1$"),
     (lambda: nupi(0.1, weight_decay=-1.0), ValueError, r"^Invalid weight_decay value: -1\.0$"),
-    (lambda: nupi(0.1, ema_nu=1.0), ValueError, r"^Invalid ema_nu value: 1\.0$"),
-    (lambda: nupi(0.1, ema_nu=-1.0), ValueError, r"^Invalid ema_nu value: -1\.0$"),
+    (lambda: nupi(0.1, ema_nu=1.0), ValueError, r"^Invalid nu value: 1\.0$"),
+    (lambda: nupi(0.1, ema_nu=-1.0), ValueError, r"^Invalid nu value: -1\.0$"),
     (lambda: nupi(0.1, Kp=np.inf), ValueError, r"^Invalid Kp value: inf$"),
-    (lambda: nupi(0.1, Ki="1"), TypeError, r"Invalid Ki value: '1'"),
-    (lambda: nupi(0.1, init_type="adam"), ValueError, r"Invalid init_type: 'adam'"),
+    (lambda: nupi(0.1, Ki="1"), TypeError,
+     r"^Invalid Ki value: '1' \(expected a real number or an array of them\)$"),
+    (lambda: nupi(0.1, init_type="adam"), ValueError, r"^Invalid init_type: adam$"),
     (lambda: nupi(0.1, maximize=1), TypeError, r"Invalid maximize value: 1"),
     (lambda: C.as_ascent(0.1), TypeError, r"Invalid transformation: 0\.1"),
+    (lambda: projected_ascent(0.1).update.update_rows(
+        {}, projected_ascent(0.1).init(None), {"g": DenseMultiplier(1)}, rows={"h": None}),
+     ValueError, r"rows for unknown multipliers \['h'\]"),
+    (lambda: nupi(0.1).update.update_rows({}, None, jnp.zeros(2), rows={}), TypeError,
+     r"nupi.update_rows: params must map names to multipliers"),
     # penalty updaters
     (lambda: C.MultiplicativePenaltyCoefficientUpdater(growth_factor=0.0), ValueError,
      r"^Invalid growth_factor value: 0\.0$"),
     (lambda: C.MultiplicativePenaltyCoefficientUpdater(violation_tolerance=-1.0), ValueError,
-     r"^Invalid violation_tolerance value: -1\.0$"),
+     r"^Invalid violation_tolerance value: -1\.0 \(Violation tolerance must be non-negative\.\)$"),
     (lambda: C.AdditivePenaltyCoefficientUpdater(increment=-1.0), ValueError,
      r"^Invalid increment value: -1\.0$"),
     (lambda: C.AdditivePenaltyCoefficientUpdater(has_restart="yes"), TypeError,
      r"Invalid has_restart value: 'yes'"),
+    # the torch face's checks and messages, for the same bad input (tests/test_torch_constrained.py)
+    (lambda: IndexedMultiplier(init=np.array([np.inf])), ValueError,
+     r"^Invalid init: not every value is finite$"),
+    (lambda: DensePenaltyCoefficient(np.array(np.inf)), ValueError,
+     r"^Invalid init: .*inf.* \(penalty coefficients must be finite and non-negative\)$"),
+    (lambda: DenseMultiplier(2, dtype=jnp.int32), TypeError,
+     r"^Invalid dtype: .* \(expected a floating-point dtype\)$"),
+    (lambda: ConstraintState(jnp.zeros(2), contributes_to_primal_update="yes"), TypeError,
+     r"^Invalid contributes_to_primal_update: 'yes' \(expected True or False\)$"),
+    (lambda: C.MultiplicativePenaltyCoefficientUpdater(growth_factor=np.nan), ValueError,
+     r"^Invalid growth_factor value: nan$"),
+    (lambda: C.MultiplicativePenaltyCoefficientUpdater(growth_factor="2"), TypeError,
+     r"^Invalid growth_factor value: '2' \(expected a real number\)$"),
+    (lambda: C.AdditivePenaltyCoefficientUpdater(increment=np.inf), ValueError,
+     r"^Invalid increment value: inf$"),
+    (lambda: C.AdditivePenaltyCoefficientUpdater(violation_tolerance="a"), TypeError,
+     r"^Invalid violation_tolerance value: 'a' \(expected a real number\)$"),
+    (lambda: C.AdditivePenaltyCoefficientUpdater(violation_tolerance=np.inf), ValueError,
+     r"^Invalid violation_tolerance value: inf \(Violation tolerance"),
+    (lambda: C.AdditivePenaltyCoefficientUpdater(has_restart=1), TypeError,
+     r"^Invalid has_restart value: 1 \(expected True or False\)$"),
+    (lambda: nupi(0.1, Ki=True), TypeError,
+     r"^Invalid Ki value: True \(expected a real number or an array of them\)$"),
+    (lambda: nupi(0.1, ema_nu="0.1"), TypeError,
+     r"^Invalid nu value: '0\.1' \(expected a real number\)$"),
     # the solver
     (lambda: _solver(roll="gda"), ValueError, r"Invalid roll: 'gda'"),
     (lambda: _solver(compute_cmp_state=1), TypeError, r"Invalid compute_cmp_state: 1"),
@@ -928,7 +959,8 @@ def test_bad_observed_name_and_compute_violations_with_loss(x64):
     cons = _kkt_constraints()
     solver = _solver(roll="alternating_primal_dual", compute_violations=_kkt_problem())
     state = solver.init(jnp.zeros(3), cons)
-    with pytest.raises(ValueError, match=r"Expected `compute_violations` to not populate the loss"):
+    with pytest.raises(RuntimeError,
+                       match=r"Expected `compute_violations` to not populate the loss"):
         solver.step(jnp.zeros(3), cons, state, jnp.ones(3))
 
 
@@ -1064,3 +1096,118 @@ def test_several_constraints_at_once_match_cooper(roll, x64):
                                    float(rollout.dual_lagrangian_store.lagrangian.detach()),
                                    **TOL)
     assert float(cons["q"].penalty_coefficient.value) > 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# Indexed multipliers: the row-wise dual step (O(k)) equals the dense-mask step
+# ----------------------------------------------------------------------------------------------
+M_ROWS = 7
+#: rows sampled per step: repeats, a row given twice as r and r - M (negative indices wrap, as
+#: JAX indexing), all rows, and the same row only
+ROWS_PER_STEP = [np.array(r) for r in ([1, 4, 1], [0, 6, 3], [2, 2, 2], [5, -2, 0], [6, 5, 4],
+                                       [1, 3, 1], [0, 1, 2], [4, -3, 4])]
+
+
+def _dense_only(tx):
+    """The same transformation without its row-wise update: the dense-mask path."""
+    return optax.GradientTransformationExtraArgs(tx.init, lambda *a, **k: tx.update(*a, **k))
+
+
+def _rows_problem():
+    rng = np.random.default_rng(23)
+    K_rows, k_rows = rng.normal(size=(M_ROWS, 3)), rng.normal(size=M_ROWS) * 0.3
+    U_rows = rng.normal(size=(M_ROWS, 3))
+
+    def compute_cmp_state(x, idx, observe_u):
+        states = {"k": ConstraintState(jnp.asarray(K_rows)[idx] @ x - jnp.asarray(k_rows)[idx],
+                                       constraint_features=idx),
+                  "d": ConstraintState(x[:2] - 0.1)}
+        if observe_u:  # an indexed constraint observed every other step only
+            states["u"] = ConstraintState(jnp.asarray(U_rows)[idx] @ x, constraint_features=idx)
+        return CMPState(_loss(jnp, x), states)
+
+    cons = {"k": Constraint(ConstraintType.INEQUALITY, augmented_lagrangian,
+                            IndexedMultiplier(init=jnp.linspace(0.0, 0.3, M_ROWS)),
+                            IndexedPenaltyCoefficient(jnp.full(M_ROWS, 0.5))),
+            "d": Constraint(ConstraintType.EQUALITY, lagrangian, DenseMultiplier(2)),
+            "u": Constraint(ConstraintType.EQUALITY, lagrangian, IndexedMultiplier(M_ROWS))}
+    return compute_cmp_state, cons
+
+
+ROWS_DUALS = {
+    "projected_ascent": lambda: projected_ascent(0.4),
+    "nupi_sgd": lambda: nupi(0.4, Kp=0.7, Ki=1.1, ema_nu=0.3, weight_decay=0.05, maximize=True),
+    "nupi_zeros": lambda: nupi(0.4, Kp=1.0, ema_nu=0.5, init_type="zeros", maximize=True),
+}
+
+
+@pytest.mark.parametrize("dual", list(ROWS_DUALS))
+@pytest.mark.parametrize("roll", C.ROLLS)
+def test_indexed_row_wise_dual_step_equals_the_dense_mask_step(roll, dual, x64):
+    """Under ConstrainedOptimizer, projected_ascent and nupi update an indexed multiplier at the
+    sampled rows only (repeats summed first); multipliers and the dual state equal the dense-mask
+    path's at every step."""
+    compute_cmp_state, cons = _rows_problem()
+    tx = ROWS_DUALS[dual]()
+    assert callable(getattr(tx.update, "update_rows", None))
+    runs = []
+    for t_x in (tx, _dense_only(tx)):
+        solver = ConstrainedOptimizer(compute_cmp_state, optax.sgd(0.1, momentum=0.5), t_x,
+                                      roll=roll)
+        step = jax.jit(solver.step, static_argnums=(4,))
+        x, c = jnp.asarray(X0), cons
+        state = solver.init(x, c)
+        trajectory = []
+        for t, idx in enumerate(ROWS_PER_STEP):
+            x, c, state, _ = step(x, c, state, jnp.asarray(idx), t % 2 == 0)
+            trajectory.append((x, {n: v.multiplier.weight for n, v in c.items()}, state.dual))
+        runs.append(trajectory)
+    # the dense path lands on a value v as w + (v - w) (optax.apply_updates), the row-wise path
+    # writes v itself: they differ by the rounding of that round trip (a few ulps of w)
+    for t, (a, b) in enumerate(zip(*runs)):
+        for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_allclose(np.asarray(leaf_a, float), np.asarray(leaf_b, float),
+                                       rtol=1e-13, atol=1e-16, err_msg=f"step {t}")
+    final = runs[0][-1][1]
+    assert not np.allclose(final["u"], 0) and not np.allclose(final["k"],
+                                                               np.linspace(0.0, 0.3, M_ROWS))
+    # per-entry gains keep the dense path only
+    assert not hasattr(nupi(0.1, Kp=jnp.ones(M_ROWS)).update, "update_rows")
+
+
+def _outputs_of_size(jaxpr, size, out):
+    """Primitives (inside every sub-jaxpr) with an output of at least ``size`` elements."""
+    from jax.extend import core as jex_core
+
+    for eqn in jaxpr.eqns:
+        subs = list(jex_core.jaxprs_in_params(eqn.params))
+        for sub in subs:
+            _outputs_of_size(sub, size, out)
+        if not subs and any(getattr(v.aval, "size", 0) >= size for v in eqn.outvars):
+            out.add(eqn.primitive.name)
+    return out
+
+
+@pytest.mark.parametrize("dual", list(ROWS_DUALS))
+def test_indexed_row_wise_step_never_computes_over_the_whole_table(dual, x64):
+    """With a large indexed multiplier, the only operations of a whole jitted step whose output
+    has the table's size are the scatters that write the sampled rows; the dense-mask path
+    computes over the table. (XLA may add copies of the table when compiling: not checked.)"""
+    m = 10_000
+
+    def compute_cmp_state(x, idx):
+        return CMPState(_loss(jnp, x), {
+            "k": ConstraintState(x[0] * jnp.ones(idx.shape[0]) - 0.01 * idx, idx),
+            "d": ConstraintState(x[:2] - 0.1)})
+
+    cons = {"k": Constraint(ConstraintType.INEQUALITY, multiplier=IndexedMultiplier(m)),
+            "d": Constraint(ConstraintType.EQUALITY, multiplier=DenseMultiplier(2))}
+    idx = jnp.array([3, 17, 3, m - 1])
+    found = []
+    for tx in (ROWS_DUALS[dual](), _dense_only(ROWS_DUALS[dual]())):
+        solver = ConstrainedOptimizer(compute_cmp_state, optax.sgd(0.1), tx)
+        x = jnp.asarray(X0)
+        jaxpr = jax.make_jaxpr(solver.step)(x, cons, solver.init(x, cons), idx)
+        found.append(_outputs_of_size(jaxpr.jaxpr, m, set()))
+    assert found[0] == {"scatter"}
+    assert found[1] - {"scatter"}  # the dense path: elementwise passes over all m rows

@@ -426,7 +426,7 @@ BAD_INPUT = [
     (lambda: ours.penalty_coefficients.IndexedPenaltyCoefficient(torch.ones(3))(torch.tensor([0.0])),
      ValueError, r"Indices must be of type torch.long."),
     (lambda: ours.penalty_coefficients.MultiplicativePenaltyCoefficientUpdater(violation_tolerance=-1.0),
-     ValueError, r"Violation tolerance must be non-negative. Invalid violation_tolerance: -1.0"),
+     ValueError, r"^Invalid violation_tolerance value: -1.0 \(Violation tolerance must be non-negative.\)$"),
     (lambda: ours.ConstraintState(violation=torch.ones(1), strict_constraint_features=torch.tensor([0])),
      ValueError, r"`strict_violation` must be provided if `strict_constraint_features` is provided."),
     # torch-style checks where Cooper has none
@@ -437,20 +437,39 @@ BAD_INPUT = [
     (lambda: ours.multipliers.DenseMultiplier(2).set_constraint_type("ineq"), TypeError, r"Invalid constraint_type: 'ineq'"),
     (lambda: _pc([1.0]), TypeError, r"Invalid init: \[1.0\]"),
     (lambda: ours.penalty_coefficients.MultiplicativePenaltyCoefficientUpdater(growth_factor=-2.0),
-     ValueError, r"Invalid growth_factor: -2.0"),
+     ValueError, r"^Invalid growth_factor value: -2.0$"),
     (lambda: ours.penalty_coefficients.MultiplicativePenaltyCoefficientUpdater(growth_factor=float("nan")),
-     ValueError, r"Invalid growth_factor: nan"),
+     ValueError, r"^Invalid growth_factor value: nan$"),
     (lambda: ours.penalty_coefficients.MultiplicativePenaltyCoefficientUpdater(growth_factor="2"),
-     TypeError, r"Invalid growth_factor: '2'"),
-    (lambda: ours.penalty_coefficients.AdditivePenaltyCoefficientUpdater(increment=-1.0), ValueError, r"Invalid increment: -1.0"),
+     TypeError, r"^Invalid growth_factor value: '2' \(expected a real number\)$"),
+    (lambda: ours.penalty_coefficients.AdditivePenaltyCoefficientUpdater(increment=-1.0), ValueError, r"^Invalid increment value: -1.0$"),
     (lambda: ours.penalty_coefficients.AdditivePenaltyCoefficientUpdater(violation_tolerance=float("inf")),
-     ValueError, r"Invalid violation_tolerance: inf"),
-    (lambda: ours.penalty_coefficients.AdditivePenaltyCoefficientUpdater(has_restart=1), TypeError, r"Invalid has_restart: 1"),
+     ValueError, r"^Invalid violation_tolerance value: inf \(Violation tolerance"),
+    (lambda: ours.penalty_coefficients.AdditivePenaltyCoefficientUpdater(has_restart=1), TypeError, r"^Invalid has_restart value: 1 \(expected True or False\)$"),
     (lambda: ours.Constraint(ours.ConstraintType.EQUALITY, formulation_type="Lagrangian"),
      TypeError, r"Invalid formulation_type: 'Lagrangian'"),
     (lambda: ours.Constraint(ours.ConstraintType.EQUALITY, multiplier=torch.zeros(2)), TypeError, r"Invalid multiplier"),
     (lambda: ours.Constraint(ours.ConstraintType.EQUALITY, ours.formulations.QuadraticPenalty, penalty_coefficient=1.0),
      TypeError, r"Invalid penalty_coefficient: 1.0"),
+    # the JAX face's checks and messages, for the same bad input (tests/test_jax_constrained.py)
+    (lambda: ours.multipliers.DenseMultiplier(init=torch.tensor([1.0, float("nan")])), ValueError,
+     r"^Invalid init: not every value is finite$"),
+    (lambda: ours.multipliers.IndexedMultiplier(init=torch.tensor([float("inf")])), ValueError,
+     r"^Invalid init: not every value is finite$"),
+    (lambda: _pc(torch.tensor([1.0, float("nan")])), ValueError,
+     r"^Invalid init: .*nan.* \(penalty coefficients must be finite and non-negative\)$"),
+    (lambda: _pc(torch.tensor(float("inf"))), ValueError,
+     r"^Invalid init: .*inf.* \(penalty coefficients must be finite and non-negative\)$"),
+    (lambda: ours.ConstraintState(torch.zeros(2), contributes_to_dual_update=1), TypeError,
+     r"^Invalid contributes_to_dual_update: 1 \(expected True or False\)$"),
+    (lambda: ours.ConstraintState(torch.zeros(2), contributes_to_primal_update="yes"), TypeError,
+     r"^Invalid contributes_to_primal_update: 'yes' \(expected True or False\)$"),
+    (lambda: ours.penalty_coefficients.MultiplicativePenaltyCoefficientUpdater(growth_factor=0.0),
+     ValueError, r"^Invalid growth_factor value: 0.0$"),
+    (lambda: ours.penalty_coefficients.AdditivePenaltyCoefficientUpdater(increment=float("inf")),
+     ValueError, r"^Invalid increment value: inf$"),
+    (lambda: ours.penalty_coefficients.AdditivePenaltyCoefficientUpdater(violation_tolerance="a"),
+     TypeError, r"^Invalid violation_tolerance value: 'a' \(expected a real number\)$"),
 ]
 
 
@@ -538,9 +557,19 @@ def test_augmented_lagrangian_zero_penalty_is_the_lagrangian_limit():
     # continuity: a tiny positive coefficient is within O(c) of the limit
     small, _ = _al_ineq(ours, lam, torch.where(rho == 0, 1e-9, rho), g)
     assert abs(small.item() - value.item()) < 1e-6  # (the formula cancels: ~1e-16 / c)
-    # no zero coefficient: bit-identical to Cooper
+    # no zero coefficient: Cooper's value to rounding, and the closed form (uniopt.rules'
+    # augmented_ineq_term, shared with the JAX face): lam g + c g^2 / 2 where lam + c g > 0,
+    # -lam^2 / (2c) elsewhere
     rho_pos = torch.tensor([0.3, 1.0, 2.0, 0.5], dtype=F64)
-    assert torch.equal(_al_ineq(ours, lam, rho_pos, g)[0], _al_ineq(ref, lam, rho_pos, g)[0])
+    value, gv = _al_ineq(ours, lam, rho_pos, g)
+    value.backward()
+    closed = sum(lv * gi + c * gi * gi / 2 if lv + c * gi > 0 else -lv * lv / (2 * c)
+                 for lv, c, gi in zip(lam.tolist(), rho_pos.tolist(), g.tolist()))
+    assert abs(value.item() - closed) <= 1e-15
+    theirs, gt = _al_ineq(ref, lam, rho_pos, g)
+    theirs.backward()
+    torch.testing.assert_close(value, theirs.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(gv.grad, gt.grad, rtol=1e-12, atol=1e-15)
 
 
 def test_augmented_lagrangian_dual_gradient_is_the_raw_violation():

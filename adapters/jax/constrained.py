@@ -23,7 +23,9 @@ pytrees and pure functions, so that a whole constrained training step is one ``j
   violation) and project: :func:`projected_ascent`, :func:`nupi` (``maximize=True``), or any
   optax optimizer turned into an ascent by :func:`as_ascent`. They take the multipliers as
   ``params`` (where the constraint types live) and an optional ``observed`` extra argument
-  (which rows of an indexed multiplier were sampled).
+  (which rows of an indexed multiplier were sampled); :func:`projected_ascent` and
+  :func:`nupi` also have a row-wise update that :class:`ConstrainedOptimizer` uses for indexed
+  multipliers (only the sampled rows are read and written).
 * :class:`ConstrainedOptimizer` runs one roll (simultaneous, alternating primal-dual,
   alternating dual-primal, extrapolation) as a pure ``step``; penalty coefficient updaters
   (:class:`MultiplicativePenaltyCoefficientUpdater`,
@@ -186,9 +188,9 @@ def _float_dtype(dtype: Any, what: str = "dtype"):
     try:
         d = jnp.dtype(dtype)
     except TypeError:
-        raise TypeError(f"Invalid {what}: {dtype!r} (expected a floating dtype)") from None
+        raise TypeError(f"Invalid {what}: {dtype!r} (expected a floating-point dtype)") from None
     if not jnp.issubdtype(d, jnp.floating):
-        raise TypeError(f"Invalid {what}: {dtype!r} (expected a floating dtype)")
+        raise TypeError(f"Invalid {what}: {dtype!r} (expected a floating-point dtype)")
     return d
 
 
@@ -623,8 +625,9 @@ lagrangian.expects_penalty_coefficient = False
 
 
 def _quadratic(c, violation, constraint_type):
-    v = jnp.maximum(violation, 0) if constraint_type is ConstraintType.INEQUALITY else violation
-    return 0.5 * jnp.sum(c * jnp.square(v))
+    """Half the penalty-weighted squared :func:`~uniopt.rules.constrained.penalty_measure`."""
+    measure = _rules.penalty_measure(violation, constraint_type is ConstraintType.INEQUALITY)
+    return 0.5 * jnp.sum(c * jnp.square(measure))
 
 
 def quadratic_penalty(constraint_state: ConstraintState, multiplier: None = None,
@@ -941,6 +944,41 @@ def _leaves(updates, *trees):
     return treedef, leaves, [None if t is None else treedef.flatten_up_to(t) for t in trees]
 
 
+def _coalesce(rows, values, m):
+    """The distinct entries of ``rows`` (negative ones wrapped, as JAX indexing does; padded
+    with ``m``, out of range) and the sum of ``values`` at each: O(k log k) for k rows, whatever
+    the table size ``m``. Repeated rows are summed before any step, as a coalesced sparse
+    gradient."""
+    rows = jnp.reshape(rows, (-1,))
+    values = jnp.reshape(values, (-1,))
+    rows = jnp.where(rows < 0, rows + m, rows)
+    k = rows.shape[0]
+    unique, inverse = jnp.unique(rows, size=k, fill_value=m, return_inverse=True)
+    summed = jnp.zeros((k,), values.dtype).at[jnp.reshape(inverse, (-1,))].add(values)
+    return unique, summed
+
+
+def _at_rows(a, rows, fill=0):
+    """``a[rows]``, ``fill`` for out-of-range rows (the padding of :func:`_coalesce`)."""
+    return a.at[rows].get(mode="fill", fill_value=fill)
+
+
+def _set_rows(a, rows, values):
+    """``a`` with ``a[rows] = values``; out-of-range rows dropped."""
+    return a.at[rows].set(values, mode="drop")
+
+
+def _split_rows(params, rows, who):
+    """Check the row-wise call and return the multipliers left to the dense path."""
+    _need_params(params, who)
+    if not isinstance(params, Mapping) or not all(_is_multiplier(m) for m in params.values()):
+        raise TypeError(f"{who}.update_rows: params must map names to multipliers")
+    unknown = set(rows) - set(params)
+    if unknown:
+        raise ValueError(f"{who}.update_rows: rows for unknown multipliers {sorted(unknown)}")
+    return {n: m for n, m in params.items() if n not in rows}
+
+
 class ProjectedAscentState(NamedTuple):
     """State of :func:`projected_ascent`: the number of updates (for schedules)."""
 
@@ -966,6 +1004,11 @@ def projected_ascent(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTra
       An :class:`optax.GradientTransformationExtraArgs`; ``update(grads, state, params, *,
       observed=None)`` needs ``params`` (the multipliers); ``observed`` (boolean pytree like
       ``params``, see :func:`observed_rows`) limits the step to the observed entries.
+      ``update.update_rows(grads, state, params, *, observed=None, rows)`` is the row-wise
+      form :class:`ConstrainedOptimizer` uses: ``params`` maps names to multipliers, ``rows``
+      maps some of them to ``(row indices, gradient values)`` (or ``None``: unchanged), which
+      change at those rows only (repeats summed first, O(k log k)); it returns the new
+      multipliers (not updates) and state.
 
     Raises:
       ValueError: a negative or non-finite ``learning_rate``; ``update`` without ``params``.
@@ -996,15 +1039,43 @@ def projected_ascent(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTra
         lowers = _lowers(params)
         out = []
         for k, (g, w, lo) in enumerate(zip(grads, ws, lowers)):
-            new = _rules.sgd_projected(w, g.astype(w.dtype), jnp.asarray(lr, w.dtype),
-                                       jnp.asarray(lo, w.dtype))
+            new = _ascent(w, g, lr, lo)
             if obs is not None:
                 new = jnp.where(obs[k], new, w)
             out.append(new - w)
         return (treedef.unflatten(out),
                 ProjectedAscentState(count=optax.safe_int32_increment(state.count)))
 
+    def update_rows(updates, state, params, *, observed=None, rows):
+        """The step on ``params`` (``{name: Multiplier}``) with the multipliers named in
+        ``rows`` (``{name: (row indices, gradient values)}``, or ``None``: not observed)
+        changed at those rows only, in O(k log k) (repeated rows summed first); the others as
+        :func:`update_fn` (``updates``/``observed`` hold those). Returns ``(new params, new
+        state)``: new values, not updates, so that no pass over a whole table is needed."""
+        dense = _split_rows(params, rows, "projected_ascent")
+        new = {}
+        if dense:
+            u, _ = update_fn(updates, state, dense, observed=observed)
+            new.update(optax.apply_updates(dense, u))
+        lr = _lr_at(learning_rate, state.count)
+        for name, sampled in rows.items():
+            m = params[name]
+            if sampled is not None:
+                at, g = _coalesce(*sampled, m.weight.shape[0])
+                step = _ascent(_at_rows(m.weight, at), g, lr, m.lower)
+                m = m.replace(weight=_set_rows(m.weight, at, step))
+            new[name] = m
+        return ({n: new[n] for n in params},
+                ProjectedAscentState(count=optax.safe_int32_increment(state.count)))
+
+    update_fn.update_rows = update_rows
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _ascent(w, g, lr, lo):
+    """The fused projected step of one leaf (:func:`uniopt.rules.constrained.sgd_projected`)."""
+    return _rules.sgd_projected(w, g.astype(w.dtype), jnp.asarray(lr, w.dtype),
+                                jnp.asarray(lo, w.dtype))
 
 
 class NuPIInitType(enum.Enum):
@@ -1017,12 +1088,9 @@ class NuPIInitType(enum.Enum):
 
 
 def _check_init_type(init_type):
-    if isinstance(init_type, NuPIInitType):
-        return init_type
-    if isinstance(init_type, str) and init_type.upper() in NuPIInitType.__members__:
-        return NuPIInitType[init_type.upper()]
-    raise ValueError(f"Invalid init_type: {init_type!r} (expected NuPIInitType.SGD, "
-                     f"NuPIInitType.ZEROS, 'sgd' or 'zeros')")
+    """``init_type`` as a :class:`NuPIInitType` (uniopt's policy: a member named ``SGD`` or
+    ``ZEROS`` of any nuPI enum, or the strings ``"sgd"``/``"zeros"``; Cooper's message)."""
+    return NuPIInitType[_validation.nupi_init_type(init_type)]
 
 
 class NuPIState(NamedTuple):
@@ -1040,13 +1108,21 @@ class NuPIState(NamedTuple):
     fresh: optax.Updates
 
 
-def _gain(what, value):
-    if _concrete(value):
-        a = np.asarray(value)
-        if a.dtype == bool or not np.issubdtype(a.dtype, np.number):
-            raise TypeError(f"Invalid {what}: {value!r} (expected a real number or array)")
-        if not np.all(np.isfinite(a)):
-            raise ValueError(f"Invalid {what}: {value}")
+def _check_nupi(weight_decay, Kp, Ki, ema_nu, init_type, maximize):
+    """nuPI's checks: uniopt's one policy (the torch and NumPy faces' messages and Cooper's
+    warnings) where the values are concrete; traced ones are checked where they are known."""
+    values = (weight_decay, Kp, Ki, ema_nu)
+    if all(_concrete(v) for v in values):
+        _validation.check_nupi(0.0, weight_decay, Kp, Ki, ema_nu, init_type, maximize)
+    else:  # e.g. traced by optax.inject_hyperparams: check the concrete ones
+        if _concrete(weight_decay):
+            _validation.nonnegative_finite("weight_decay value", weight_decay)
+        if _concrete(ema_nu) and not -1.0 < _validation.real("nu value", ema_nu) < 1.0:
+            raise ValueError(f"Invalid nu value: {ema_nu}")
+        for what, gain in (("Kp value", Kp), ("Ki value", Ki)):
+            if _concrete(gain):
+                _validation._gain(what, gain)
+    return _check_init_type(init_type), _validation.boolean("maximize value", maximize)
 
 
 def nupi(learning_rate: optax.ScalarOrSchedule, weight_decay: Any = 0.0, Kp: Any = 0.0,
@@ -1073,7 +1149,10 @@ def nupi(learning_rate: optax.ScalarOrSchedule, weight_decay: Any = 0.0, Kp: Any
 
     The extra argument ``observed`` (booleans like ``params``, see :func:`observed_rows`)
     restricts the step to the observed entries, as Cooper's sparse path: the others keep their
-    value, :math:`\xi` and freshness, and are not decayed.
+    value, :math:`\xi` and freshness, and are not decayed. With scalar gains,
+    ``update.update_rows`` is the row-wise form (see :func:`projected_ascent`): the error of a
+    sampled row is the sum of its violations, and only those rows of the value, :math:`\xi`
+    and the freshness are read and written.
 
     Args:
       learning_rate: :math:`\eta` (finite, >= 0), a float or an optax schedule.
@@ -1095,6 +1174,9 @@ def nupi(learning_rate: optax.ScalarOrSchedule, weight_decay: Any = 0.0, Kp: Any
         outside (-1, 1), non-finite gains, an unknown ``init_type``.
       TypeError: a value that is not a number, a ``maximize`` that is not a bool.
 
+    The checks, messages and warnings (negative gains, all-zero gains, a negative ``ema_nu``)
+    are the torch face's (``uniopt._validation.check_nupi``, Cooper's).
+
     Example:
       >>> import jax.numpy as jnp, optax
       >>> from uniopt.adapters.jax.constrained import nupi
@@ -1107,17 +1189,21 @@ def nupi(learning_rate: optax.ScalarOrSchedule, weight_decay: Any = 0.0, Kp: Any
       [4.0]
     """
     _check_lr(learning_rate)
-    if _concrete(weight_decay):
-        _validation.nonnegative_finite("weight_decay value", weight_decay)
-    if _concrete(ema_nu):
-        nu = _validation.real("ema_nu value", ema_nu)
-        if not -1.0 < nu < 1.0:
-            raise ValueError(f"Invalid ema_nu value: {ema_nu}")
-    _gain("Kp value", Kp)
-    _gain("Ki value", Ki)
-    init_type = _check_init_type(init_type)
-    maximize = _validation.boolean("maximize value", maximize)
+    init_type, maximize = _check_nupi(weight_decay, Kp, Ki, ema_nu, init_type, maximize)
     sgd_init = init_type is NuPIInitType.SGD
+
+    def leaf(e, w, xi, fresh, lo, lr):
+        """``(new value, new xi)`` of one leaf (or of its sampled rows): the rules of
+        :mod:`uniopt.rules.constrained`, in the leaf's dtype."""
+        dt = w.dtype
+        e = e.astype(dt)
+        lr_k = jnp.asarray(lr, dt)
+        ki, kp, nu_k = (jnp.asarray(v, dt) for v in (Ki, Kp, ema_nu))
+        one_minus_nu = 1 - nu_k
+        direction = _rules.nupi_direction(e, xi, fresh, ki, kp * one_minus_nu)
+        new = _rules.nupi_param(w, direction, lr_k if maximize else -lr_k,
+                                lr_k * jnp.asarray(weight_decay, dt), jnp.asarray(lo, dt))
+        return new, _rules.nupi_average(xi, e, fresh, nu_k, one_minus_nu)
 
     def init_fn(params):
         return NuPIState(count=jnp.zeros([], jnp.int32), xi=optax.tree.zeros_like(params),
@@ -1132,15 +1218,7 @@ def nupi(learning_rate: optax.ScalarOrSchedule, weight_decay: Any = 0.0, Kp: Any
         lowers = _lowers(params)
         out, new_xis, new_fresh = [], [], []
         for k, (e, w, xi, fresh, lo) in enumerate(zip(errors, ws, xis, freshes, lowers)):
-            dt = w.dtype
-            e = e.astype(dt)
-            lr_k = jnp.asarray(lr, dt)
-            ki, kp, nu_k = (jnp.asarray(v, dt) for v in (Ki, Kp, ema_nu))
-            one_minus_nu = 1 - nu_k
-            direction = _rules.nupi_direction(e, xi, fresh, ki, kp * one_minus_nu)
-            new = _rules.nupi_param(w, direction, lr_k if maximize else -lr_k,
-                                    lr_k * jnp.asarray(weight_decay, dt), jnp.asarray(lo, dt))
-            new_xi = _rules.nupi_average(xi, e, fresh, nu_k, one_minus_nu)
+            new, new_xi = leaf(e, w, xi, fresh, lo, lr)
             now_fresh = jnp.zeros_like(fresh)
             if obs is not None:
                 new = jnp.where(obs[k], new, w)
@@ -1153,6 +1231,36 @@ def nupi(learning_rate: optax.ScalarOrSchedule, weight_decay: Any = 0.0, Kp: Any
                                                  xi=treedef.unflatten(new_xis),
                                                  fresh=treedef.unflatten(new_fresh))
 
+    def update_rows(updates, state, params, *, observed=None, rows):
+        """As ``projected_ascent(...).update.update_rows``: the multipliers named in ``rows``
+        (and their xi and freshness) change at the sampled rows only, in O(k log k), the error
+        of a repeated row being the sum of its violations; the others as :func:`update_fn`."""
+        dense = _split_rows(params, rows, "nupi")
+        new, xi, fresh = {}, dict(state.xi), dict(state.fresh)
+        if dense:
+            sub = NuPIState(state.count, {n: xi[n] for n in dense}, {n: fresh[n] for n in dense})
+            u, sub = update_fn(updates, sub, dense, observed=observed)
+            new.update(optax.apply_updates(dense, u))
+            xi.update(sub.xi)
+            fresh.update(sub.fresh)
+        lr = _lr_at(learning_rate, state.count)
+        for name, sampled in rows.items():
+            m = params[name]
+            if sampled is not None:
+                at, e = _coalesce(*sampled, m.weight.shape[0])
+                x, f = xi[name].weight, fresh[name].weight
+                value, x_rows = leaf(e, _at_rows(m.weight, at), _at_rows(x, at),
+                                     _at_rows(f, at, False), m.lower, lr)
+                m = m.replace(weight=_set_rows(m.weight, at, value))
+                xi[name] = xi[name].replace(weight=_set_rows(x, at, x_rows.astype(x.dtype)))
+                fresh[name] = fresh[name].replace(weight=_set_rows(f, at, False))
+            new[name] = m
+        return ({n: new[n] for n in params},
+                NuPIState(count=optax.safe_int32_increment(state.count),
+                          xi={n: xi[n] for n in params}, fresh={n: fresh[n] for n in params}))
+
+    if jnp.ndim(Kp) == 0 and jnp.ndim(Ki) == 0:  # per-entry gains: the dense path only
+        update_fn.update_rows = update_rows
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
@@ -1196,8 +1304,9 @@ class _FeasibilityDrivenUpdater:
     has_restart: bool = True
 
     def _check(self):
-        _validation.nonnegative_finite("violation_tolerance value", self.violation_tolerance)
-        _validation.boolean("has_restart value", self.has_restart)
+        # uniopt's one policy (the torch and NumPy faces' messages; Cooper's sentence kept)
+        _validation.check_penalty_updater("additive", 0.0, 0.0, self.violation_tolerance,
+                                          self.has_restart)
 
     def _factor_increment(self) -> tuple:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -1325,7 +1434,9 @@ class RollOut(NamedTuple):
       loss: the loss (see each roll for the point).
       cmp_state: the :class:`CMPState` (see each roll for the point).
       primal_lagrangian: the primal Lagrangian that gave the primal gradient.
-      dual_lagrangian: the dual Lagrangian that gave the dual gradient (``None`` without one).
+      dual_lagrangian: the dual Lagrangian that gave the dual gradient (``None`` without one,
+        and always ``None`` without a dual optimizer, as the torch face's
+        ``UnconstrainedOptimizer``).
     """
 
     loss: Any
@@ -1387,6 +1498,16 @@ class ConstrainedOptimizer:
     ``dual_optimizer=None`` (e.g. only :func:`quadratic_penalty` constraints) the step is
     primal only (Cooper's ``UnconstrainedOptimizer``).
 
+    Indexed multipliers under :func:`projected_ascent` or :func:`nupi` (scalar gains) take a
+    row-wise step: their dual gradient (the strict violation at the strict features' rows) is
+    read directly, repeated rows are summed (a sort of the k sampled rows), and the step and
+    the projection read and write only those rows (``update.update_rows``): no computation of
+    the step runs over the whole table but the scatters that write the rows. (XLA may still
+    copy the table: on CPU it does, donated or not, when one step also reads the table
+    elsewhere, as the Lagrangians do; the copy is a memory pass, not arithmetic.) Other dual
+    optimizers get the dense gradient and the ``observed`` masks (O(m) arithmetic). Both paths
+    give the same values (up to the rounding of ``w + (v - w)``).
+
     ``step`` is pure: ``jax.jit(solver.step)`` compiles one whole step (no retracing while the
     shapes stay the same), and it can be vmapped over a batch of problems.
 
@@ -1402,6 +1523,8 @@ class ConstrainedOptimizer:
       TypeError: a non-callable ``compute_cmp_state``/``compute_violations``, optimizers that
         are not optax transformations.
       ValueError: an unknown ``roll``; at :meth:`init`, multipliers without a dual optimizer.
+      RuntimeError: at :meth:`step`, a ``compute_violations`` that returns a loss (Cooper's
+        error and message, as the torch face).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -1461,32 +1584,76 @@ class ConstrainedOptimizer:
         (value, cmp_state), grads = jax.value_and_grad(f, has_aux=True)(params)
         return cmp_state, value, grads
 
+    def _update_rows(self):
+        """The dual optimizer's row-wise update (:func:`projected_ascent`, :func:`nupi` with
+        scalar gains), or ``None``."""
+        if self.dual_optimizer is None:
+            return None
+        return getattr(self.dual_optimizer.update, "update_rows", None)
+
+    def _sampled_rows(self, cmp_state, constraints) -> dict:
+        """``{name: (rows, strict violations) or None}`` for the indexed multipliers a
+        row-wise dual update can take: the dual gradient of an indexed multiplier under every
+        formulation is its strict violation scattered at the strict features' rows, so it is
+        read here directly, in O(k) (``None``: not observed or not contributing: unchanged)."""
+        if self._update_rows() is None:
+            return {}
+        states = cmp_state.observed_constraints
+        out = {}
+        for name, constraint in constraints.items():
+            if not isinstance(constraint.multiplier, IndexedMultiplier):
+                continue
+            state = states.get(name)
+            if state is None or not state.contributes_to_dual_update:
+                out[name] = None
+                continue
+            _, strict = state.extract_violations()
+            _, features = state.extract_constraint_features()
+            features = _check_indices(features, "IndexedMultiplier")
+            if features.size != strict.size:  # an unusual broadcast: the dense path decides
+                continue
+            out[name] = (features, strict)
+        return out
+
     def _dual_grads(self, cmp_state, constraints):
-        """``(dual_lagrangian, gradient, observed)`` in the multipliers at ``cmp_state``."""
-        multipliers = _multipliers(constraints)
+        """``(dual_lagrangian, gradient, observed, rows)`` at ``cmp_state``: the gradient and
+        observed masks of the multipliers on the dense path, and the sampled rows of those on
+        the row-wise path (:meth:`_sampled_rows`)."""
         cmp_state = jax.lax.stop_gradient(cmp_state)
+        rows = self._sampled_rows(cmp_state, constraints)
+        dense = {n: m for n, m in _multipliers(constraints).items() if n not in rows}
 
         def f(m):
             return dual_lagrangian(cmp_state, _with_multipliers(constraints, m))
 
-        if f(multipliers) is None:
-            return None, jax.tree.map(jnp.zeros_like, multipliers), observed_rows(
-                CMPState(), constraints)
-        value, grads = jax.value_and_grad(f)(multipliers)
-        return value, grads, observed_rows(cmp_state, constraints)
+        dense_constraints = {n: constraints[n] for n in dense}
+        if f(dense) is None:
+            return (None, jax.tree.map(jnp.zeros_like, dense),
+                    observed_rows(CMPState(), dense_constraints), {n: None for n in rows})
+        value, grads = jax.value_and_grad(f)(dense)
+        return value, grads, observed_rows(cmp_state, dense_constraints), rows
 
     def _primal_update(self, grads, opt_state, params, apply_to):
         updates, opt_state = self.primal_optimizer.update(grads, opt_state, params)
         return optax.apply_updates(apply_to, updates), opt_state
 
-    def _dual_update(self, grads, observed, opt_state, constraints, apply_to):
+    def _dual_update(self, dual, opt_state, constraints):
+        """The dual step of the multipliers of ``constraints`` from ``dual`` (the last three of
+        :meth:`_dual_grads`), then the projection (of the dense-path multipliers: the row-wise
+        path projects the rows it writes, and the other rows were feasible already)."""
+        grads, observed, rows = dual
         multipliers = _multipliers(constraints)
         if self.dual_optimizer is None or not multipliers:
-            return apply_to, opt_state
-        tx = optax.with_extra_args_support(self.dual_optimizer)
-        updates, opt_state = tx.update(grads, opt_state, multipliers, observed=observed)
-        new = project(optax.apply_updates(_multipliers(apply_to), updates))
-        return _with_multipliers(apply_to, new), opt_state
+            return constraints, opt_state
+        if rows:
+            new, opt_state = self._update_rows()(grads, opt_state, multipliers,
+                                                 observed=observed, rows=rows)
+            new = {n: (m if n in rows else m.project()) for n, m in new.items()}
+        else:
+            tx = optax.with_extra_args_support(self.dual_optimizer)
+            updates, opt_state = tx.update(grads, opt_state, multipliers, observed=observed)
+            new = project(optax.apply_updates(multipliers, updates))
+        return _with_multipliers(constraints, new), opt_state
 
     # -- the step -----------------------------------------------------------------------------
     def step(self, params: Any, constraints: Mapping[str, Constraint],
@@ -1502,11 +1669,16 @@ class ConstrainedOptimizer:
         primal_state, dual_state = state
         roll = self.roll if self.dual_optimizer is not None else "simultaneous"
 
-        if roll == "simultaneous":
+        if self.dual_optimizer is None:  # Cooper's UnconstrainedOptimizer: no dual Lagrangian
             cmp_state, lp, gp = self._primal(params, constraints, args, kwargs)
-            ld, gd, obs = self._dual_grads(cmp_state, constraints)
             new_params, primal_state = self._primal_update(gp, primal_state, params, params)
-            new_cons, dual_state = self._dual_update(gd, obs, dual_state, constraints, constraints)
+            new_cons = constraints
+            rollout = RollOut(cmp_state.loss, cmp_state, lp, None)
+        elif roll == "simultaneous":
+            cmp_state, lp, gp = self._primal(params, constraints, args, kwargs)
+            ld, *dual = self._dual_grads(cmp_state, constraints)
+            new_params, primal_state = self._primal_update(gp, primal_state, params, params)
+            new_cons, dual_state = self._dual_update(dual, dual_state, constraints)
             rollout = RollOut(cmp_state.loss, cmp_state, lp, ld)
         elif roll == "alternating_primal_dual":
             cmp_state, lp, gp = self._primal(params, constraints, args, kwargs)
@@ -1517,33 +1689,33 @@ class ConstrainedOptimizer:
                     raise TypeError(f"compute_violations must return a CMPState, got "
                                     f"{new_state!r}")
                 if new_state.loss is not None:
-                    raise ValueError("Expected `compute_violations` to not populate the loss. "
-                                     "Please provide this value for the `compute_cmp_state` "
-                                     "instead.")
+                    raise RuntimeError("Expected `compute_violations` to not populate the loss. "
+                                       "Please provide this value for the `compute_cmp_state` "
+                                       "instead.")
             else:
                 new_state = self.compute_cmp_state(new_params, *args, **kwargs)
             new_state = jax.lax.stop_gradient(new_state)
-            ld, gd, obs = self._dual_grads(new_state, constraints)
-            new_cons, dual_state = self._dual_update(gd, obs, dual_state, constraints, constraints)
+            ld, *dual = self._dual_grads(new_state, constraints)
+            new_cons, dual_state = self._dual_update(dual, dual_state, constraints)
             loss = new_state.loss if new_state.loss is not None else cmp_state.loss
             rollout = RollOut(loss, new_state, lp, ld)
         elif roll == "alternating_dual_primal":
             cmp_state = jax.lax.stop_gradient(self.compute_cmp_state(params, *args, **kwargs))
-            ld, gd, obs = self._dual_grads(cmp_state, constraints)
-            new_cons, dual_state = self._dual_update(gd, obs, dual_state, constraints, constraints)
+            ld, *dual = self._dual_grads(cmp_state, constraints)
+            new_cons, dual_state = self._dual_update(dual, dual_state, constraints)
             # the primal gradient at (x_t, lambda_{t+1}); under jit XLA shares the forward pass
             _, lp, gp = self._primal(params, new_cons, args, kwargs)
             new_params, primal_state = self._primal_update(gp, primal_state, params, params)
             rollout = RollOut(cmp_state.loss, cmp_state, lp, ld)
         else:  # extrapolation
             cmp_state, lp, gp = self._primal(params, constraints, args, kwargs)
-            ld, gd, obs = self._dual_grads(cmp_state, constraints)
+            ld, *dual = self._dual_grads(cmp_state, constraints)
             rollout = RollOut(cmp_state.loss, cmp_state, lp, ld)
             half_params, primal_state = self._primal_update(gp, primal_state, params, params)
-            half_cons, dual_state = self._dual_update(gd, obs, dual_state, constraints,
-                                                      constraints)
+            half_cons, dual_state = self._dual_update(dual, dual_state, constraints)
             half_state, _, gp = self._primal(half_params, half_cons, args, kwargs)
-            _, gd, obs = self._dual_grads(half_state, half_cons)
+            # both gradients at the half point, both updates applied to (x_t, lambda_t)
+            _, *dual = self._dual_grads(half_state, half_cons)
             new_params, primal_state = self._primal_update(gp, primal_state, params, params)
-            new_cons, dual_state = self._dual_update(gd, obs, dual_state, constraints, constraints)
+            new_cons, dual_state = self._dual_update(dual, dual_state, constraints)
         return new_params, new_cons, ConstrainedOptimizerState(primal_state, dual_state), rollout

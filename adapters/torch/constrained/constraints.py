@@ -17,6 +17,8 @@ from typing import Literal, Optional
 
 import torch
 
+from uniopt._validation import boolean
+
 from .formulations import ContributionStore, Formulation, Lagrangian
 from .multipliers import Multiplier
 from .penalty_coefficients import PenaltyCoefficient
@@ -45,6 +47,7 @@ class ConstraintState:
 
     Raises:
       ValueError: ``strict_constraint_features`` without ``strict_violation``.
+      TypeError: a ``contributes_to_*`` flag that is not a bool.
     """
 
     violation: torch.Tensor
@@ -57,6 +60,8 @@ class ConstraintState:
     def __post_init__(self) -> None:
         if self.strict_constraint_features is not None and self.strict_violation is None:
             raise ValueError("`strict_violation` must be provided if `strict_constraint_features` is provided.")
+        boolean("contributes_to_primal_update", self.contributes_to_primal_update)
+        boolean("contributes_to_dual_update", self.contributes_to_dual_update)
 
     def extract_violations(self, do_unsqueeze: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """``(violation, strict_violation)``, the latter falling back to ``violation``.

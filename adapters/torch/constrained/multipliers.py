@@ -92,8 +92,8 @@ class ExplicitMultiplier(Multiplier):
         also overrides a float64 ``init``; pass ``dtype=torch.float32`` to get that.)
 
     Raises:
-      ValueError: neither ``num_constraints`` nor ``init`` given, an ``init`` of the wrong shape,
-        ``num_constraints < 1``.
+      ValueError: neither ``num_constraints`` nor ``init`` given, an ``init`` of the wrong shape
+        or with a non-finite value, ``num_constraints < 1``.
       TypeError: ``num_constraints`` not an integer, ``init`` not a tensor, ``dtype`` not a
         floating-point ``torch.dtype``.
     """
@@ -130,6 +130,8 @@ class ExplicitMultiplier(Multiplier):
         if init is not None:
             if init.dim() != 1:
                 raise ValueError("`init` must be a 1D tensor of shape `(num_constraints,)`.")
+            if init.is_floating_point() and not bool(torch.all(torch.isfinite(init))):
+                raise ValueError("Invalid init: not every value is finite")
             if dtype is None:
                 dtype = init.dtype if init.dtype.is_floating_point else torch.float32
             # clone: the multiplier never shares memory with the caller's tensor

@@ -36,12 +36,11 @@ Example:
 from __future__ import annotations
 
 import abc
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from uniopt._validation import boolean, real
+from uniopt import _validation
 
 from .utils import ConstraintType, torch_rules
 
@@ -85,6 +84,9 @@ class PenaltyCoefficient(abc.ABC):
             raise TypeError(f"Invalid init: {init!r} (expected a 0-d or 1-D torch.Tensor)")
         if init.dim() > 1:
             raise ValueError("init must either be a scalar or a 1D tensor of shape `(num_constraints,)`.")
+        if init.is_floating_point() and not bool(torch.all(torch.isfinite(init))):
+            raise ValueError(f"Invalid init: {init!r} (penalty coefficients must be finite and "
+                             f"non-negative)")
         self.value = init
         self.init = init.clone()
 
@@ -214,12 +216,10 @@ class FeasibilityDrivenPenaltyCoefficientUpdater(PenaltyCoefficientUpdater, abc.
     _increment: float = 0.0
 
     def __init__(self, violation_tolerance: float, has_restart: bool) -> None:
-        tol = real("violation_tolerance", violation_tolerance)
-        if not tol >= 0.0 or not math.isfinite(tol):
-            raise ValueError("Violation tolerance must be non-negative. "
-                             f"Invalid violation_tolerance: {violation_tolerance}")
+        # uniopt's one policy (the JAX and NumPy faces' messages; Cooper's sentence kept)
+        _validation.check_penalty_updater("additive", 0.0, 0.0, violation_tolerance, has_restart)
         self.violation_tolerance = violation_tolerance
-        self.has_restart = boolean("has_restart", has_restart)
+        self.has_restart = bool(has_restart)
 
     def update_penalty_coefficient_(self, constraint: Constraint, constraint_state: ConstraintState) -> None:
         """Grow/restart the coefficient of ``constraint`` from its strict violation.
@@ -272,9 +272,8 @@ class MultiplicativePenaltyCoefficientUpdater(FeasibilityDrivenPenaltyCoefficien
 
     def __init__(self, growth_factor: float = 1.01, violation_tolerance: float = 1e-4,
                  has_restart: bool = True) -> None:
-        factor = real("growth_factor", growth_factor)
-        if not (factor > 0.0 and math.isfinite(factor)):
-            raise ValueError(f"Invalid growth_factor: {growth_factor}")
+        if not _validation.finite("growth_factor value", growth_factor) > 0.0:
+            raise ValueError(f"Invalid growth_factor value: {growth_factor}")
         super().__init__(violation_tolerance, has_restart)
         self.growth_factor = growth_factor
 
@@ -296,9 +295,7 @@ class AdditivePenaltyCoefficientUpdater(FeasibilityDrivenPenaltyCoefficientUpdat
     """
 
     def __init__(self, increment: float = 1.0, violation_tolerance: float = 1e-4, has_restart: bool = True) -> None:
-        inc = real("increment", increment)
-        if not (inc >= 0.0 and math.isfinite(inc)):
-            raise ValueError(f"Invalid increment: {increment}")
+        _validation.nonnegative_finite("increment value", increment)
         super().__init__(violation_tolerance, has_restart)
         self.increment = increment
 

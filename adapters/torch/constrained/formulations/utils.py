@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..utils import ConstraintType
+from ..utils import ConstraintType, torch_rules
 
 __all__ = [
     "evaluate_constraint_factor",
@@ -64,9 +64,10 @@ def compute_dual_weighted_violation(multiplier_value: torch.Tensor, violation: t
 def compute_quadratic_penalty(penalty_coefficient_value: torch.Tensor, violation: torch.Tensor,
                               constraint_type: ConstraintType) -> torch.Tensor:
     r""":math:`\tfrac12 c^\top \mathrm{relu}(g)^2` (inequality) or :math:`\tfrac12 c^\top h^2`
-    (equality)."""
-    clamped = torch.relu(violation) if constraint_type == ConstraintType.INEQUALITY else violation
-    return 0.5 * torch.einsum("i...,i...->", penalty_coefficient_value, clamped**2)
+    (equality): half the penalty-weighted squared :func:`uniopt.rules.constrained.penalty_measure`
+    (``relu(g)`` / ``|h|``, the measure the penalty updaters use)."""
+    measure = torch_rules.penalty_measure(violation, constraint_type == ConstraintType.INEQUALITY)
+    return 0.5 * torch.einsum("i...,i...->", penalty_coefficient_value, measure**2)
 
 
 def compute_primal_quadratic_augmented_contribution(
@@ -78,22 +79,15 @@ def compute_primal_quadratic_augmented_contribution(
     r"""The augmented-Lagrangian term of one constraint (multipliers detached).
 
     Inequality: :math:`\sum_i \frac{1}{2c_i}\left(\mathrm{relu}(\lambda_i + c_i g_i)^2 -
-    \lambda_i^2\right)`, whose limit at :math:`c_i \to 0` is the Lagrangian term
-    :math:`\lambda_i g_i`; entries with :math:`c_i = 0` use that limit (Cooper divides by zero
-    and returns NaN). Equality: :math:`\lambda^\top h + \tfrac12 c^\top h^2`.
+    \lambda_i^2\right)` (:func:`uniopt.rules.constrained.augmented_ineq_term`, the JAX face's
+    term too: :math:`\lambda_i g_i + \tfrac{c_i}{2} g_i^2` where :math:`\lambda_i + c_i g_i > 0`,
+    :math:`-\lambda_i^2 / (2c_i)` elsewhere), whose limit at :math:`c_i \to 0` is the Lagrangian
+    term :math:`\lambda_i g_i`; entries with :math:`c_i = 0` use that limit (Cooper divides by
+    zero and returns NaN). Equality: :math:`\lambda^\top h + \tfrac12 c^\top h^2`.
     """
     if constraint_type == ConstraintType.INEQUALITY:
         lam = multiplier_value.detach()
-        zero = penalty_coefficient_value == 0
-        if bool(zero.any()):
-            safe = torch.where(zero, torch.ones_like(penalty_coefficient_value), penalty_coefficient_value)
-            inverse = torch.where(zero, torch.zeros_like(safe), 1 / safe)
-            limit = torch.einsum("i...,i...->", torch.where(zero, lam, torch.zeros_like(lam)), violation)
-        else:
-            safe, inverse, limit = penalty_coefficient_value, 1 / penalty_coefficient_value, None
-        shifted = torch.relu(lam + torch.einsum("i...,i...->i...", safe, violation)) ** 2 - lam**2
-        value = 0.5 * torch.einsum("i...,i...->", inverse, shifted)
-        return value if limit is None else value + limit
+        return torch_rules.augmented_ineq_term(lam, penalty_coefficient_value, violation).sum()
     if constraint_type == ConstraintType.EQUALITY:
         return compute_primal_weighted_violation(multiplier_value, violation) + compute_quadratic_penalty(
             penalty_coefficient_value, violation, constraint_type

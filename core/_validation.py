@@ -440,8 +440,8 @@ def check_penalty_updater(kind: Any, growth_factor: Any, increment: Any,
     """A feasibility-driven penalty updater's settings as ``(factor, increment)`` of
     :func:`uniopt.rules.constrained.penalty_update`.
 
-    ``kind`` ``"multiplicative"`` (``growth_factor`` finite) or ``"additive"`` (``increment``
-    finite); ``violation_tolerance`` finite and >= 0 (Cooper: "Violation tolerance must be
+    ``kind`` ``"multiplicative"`` (``growth_factor`` finite and > 0) or ``"additive"``
+    (``increment`` finite and >= 0); ``violation_tolerance`` finite and >= 0 (Cooper: "Violation tolerance must be
     non-negative."); ``has_restart`` a bool.
     """
     choice("kind", kind, ("multiplicative", "additive"))
@@ -451,5 +451,7 @@ def check_penalty_updater(kind: Any, growth_factor: Any, increment: Any,
                          f"tolerance must be non-negative.)")
     boolean("has_restart value", has_restart)
     if kind == "multiplicative":
-        return finite("growth_factor value", growth_factor), 0.0
-    return 1.0, finite("increment value", increment)
+        if not finite("growth_factor value", growth_factor) > 0.0:
+            raise ValueError(f"Invalid growth_factor value: {growth_factor}")
+        return growth_factor, 0.0
+    return 1.0, nonnegative_finite("increment value", increment)

@@ -471,6 +471,12 @@ def test_nupi_warnings_as_cooper():
     (lambda: uc.update_penalty_coefficients_(np.ones(2), np.ones(2), init=1.0, is_ineq=True,
                                              kind="exp"),
      ValueError, "Invalid kind: 'exp'"),
+    (lambda: uc.update_penalty_coefficients_(np.ones(2), np.ones(2), init=1.0, is_ineq=True,
+                                             growth_factor=0.0),
+     ValueError, "Invalid growth_factor value: 0.0"),
+    (lambda: uc.update_penalty_coefficients_(np.ones(2), np.ones(2), init=1.0, is_ineq=True,
+                                             kind="additive", increment=-1.0),
+     ValueError, "Invalid increment value: -1.0"),
     (lambda: uc.update_penalty_coefficients_(np.ones(2), np.ones(2), init=1.0, is_ineq="yes"),
      TypeError, "Invalid is_ineq value: 'yes'"),
 ])

@@ -1303,9 +1303,9 @@ class _FeasibilityDrivenUpdater:
     violation_tolerance: float = 1e-4
     has_restart: bool = True
 
-    def _check(self):
+    def _check(self, kind="additive", growth_factor=1.0, increment=0.0):
         # uniopt's one policy (the torch and NumPy faces' messages; Cooper's sentence kept)
-        _validation.check_penalty_updater("additive", 0.0, 0.0, self.violation_tolerance,
+        _validation.check_penalty_updater(kind, growth_factor, increment, self.violation_tolerance,
                                           self.has_restart)
 
     def _factor_increment(self) -> tuple:  # pragma: no cover - abstract
@@ -1386,10 +1386,7 @@ class MultiplicativePenaltyCoefficientUpdater(_FeasibilityDrivenUpdater):
     has_restart: bool = True
 
     def __post_init__(self):
-        g = _validation.finite("growth_factor value", self.growth_factor)
-        if not g > 0:
-            raise ValueError(f"Invalid growth_factor value: {self.growth_factor}")
-        self._check()
+        self._check("multiplicative", growth_factor=self.growth_factor)
 
     def _factor_increment(self):
         return self.growth_factor, 0.0
@@ -1417,8 +1414,7 @@ class AdditivePenaltyCoefficientUpdater(_FeasibilityDrivenUpdater):
     has_restart: bool = True
 
     def __post_init__(self):
-        _validation.nonnegative_finite("increment value", self.increment)
-        self._check()
+        self._check("additive", increment=self.increment)
 
     def _factor_increment(self):
         return 1.0, self.increment

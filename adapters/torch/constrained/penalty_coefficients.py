@@ -272,8 +272,8 @@ class MultiplicativePenaltyCoefficientUpdater(FeasibilityDrivenPenaltyCoefficien
 
     def __init__(self, growth_factor: float = 1.01, violation_tolerance: float = 1e-4,
                  has_restart: bool = True) -> None:
-        if not _validation.finite("growth_factor value", growth_factor) > 0.0:
-            raise ValueError(f"Invalid growth_factor value: {growth_factor}")
+        _validation.check_penalty_updater("multiplicative", growth_factor, 0.0, violation_tolerance,
+                                          has_restart)
         super().__init__(violation_tolerance, has_restart)
         self.growth_factor = growth_factor
 
@@ -295,7 +295,7 @@ class AdditivePenaltyCoefficientUpdater(FeasibilityDrivenPenaltyCoefficientUpdat
     """
 
     def __init__(self, increment: float = 1.0, violation_tolerance: float = 1e-4, has_restart: bool = True) -> None:
-        _validation.nonnegative_finite("increment value", increment)
+        _validation.check_penalty_updater("additive", 0.0, increment, violation_tolerance, has_restart)
         super().__init__(violation_tolerance, has_restart)
         self.increment = increment
 

@@ -68,12 +68,6 @@ def _filter_block_(c, out, ctol, is_ineq):
             out[i] = _equality_filter(c[i], ctol)
 
 
-def _momentum_block_(buffer, d, momentum, keep):
-    """``buffer = momentum * buffer + (1 - dampening) * d`` in place."""
-    for i in range(buffer.size):
-        buffer[i] = _momentum_direction(buffer[i], d[i], momentum, keep)
-
-
 def _momentum_into_(buffer, d, out, momentum, keep):
     """``out = momentum * buffer + (1 - dampening) * d`` (``buffer`` only read; ``out`` is a
     work block distinct from both)."""
@@ -85,6 +79,15 @@ def _momentum_over_(d, buffer, momentum, keep):
     """``d = momentum * buffer + (1 - dampening) * d`` in place (``buffer`` only read)."""
     for i in range(d.size):
         d[i] = _momentum_direction(buffer[i], d[i], momentum, keep)
+
+
+def _momentum_update_block_(dual, buffer, d, momentum, keep, s, lower, upper):
+    """``buffer = momentum * buffer + (1 - dampening) * d``, then ``dual = clamp(dual + s *
+    buffer, lower, upper)``, in one loop (one read of each array)."""
+    for i in range(dual.size):
+        b = _momentum_direction(buffer[i], d[i], momentum, keep)
+        buffer[i] = b
+        dual[i] = _dual_update(dual[i], b, s, lower, upper)
 
 
 def _update_block_(dual, d, s, lower, upper):
@@ -111,10 +114,10 @@ def _scale_block_(d, out, scale):
 
 
 _filter_block_ = _jit.elementwise(_filter_block_)
-_momentum_block_ = _jit.elementwise(_momentum_block_)
 _momentum_into_ = _jit.elementwise(_momentum_into_)
 _momentum_over_ = _jit.elementwise(_momentum_over_)
 _update_block_ = _jit.elementwise(_update_block_)
+_momentum_update_block_ = _jit.elementwise(_momentum_update_block_)
 _amax_block = _jit.elementwise(_amax_block)
 _scale_block_ = _jit.elementwise(_scale_block_)
 
@@ -177,9 +180,9 @@ def _dual_step(dual, buffer, c, coef, hyper, flags):
 
     Pass 1 is read-only (:func:`_direction_block`: the direction into work blocks in L1, one
     array stored per loop, which keeps LLVM's vectoriser on). Pass 2 writes, block by block:
-    the filtered constraints into the work block, the momentum buffer in place from it (the
-    values pass 1 computed, bit for bit), then the multipliers from the buffer (or the work
-    block).
+    the filtered constraints into the work block, then in one loop the momentum buffer (the
+    values pass 1 computed, bit for bit) and the multipliers from it (measured: faster than
+    two loops, the buffer and constraints being read once).
     """
     n = dual.size
     momentum, keep, lower, upper, ctol = coef[0], coef[1], coef[2], coef[3], coef[4]
@@ -216,9 +219,10 @@ def _dual_step(dual, buffer, c, coef, hyper, flags):
             _filter_block_(d, work, ctol, is_ineq)
             d = work[:stop - start]
         if use_momentum:
-            _momentum_block_(buffer[start:stop], d, momentum, keep)
-            d = buffer[start:stop]
-        _update_block_(dual[start:stop], d, s, lower, upper)
+            _momentum_update_block_(dual[start:stop], buffer[start:stop], d, momentum, keep, s,
+                                    lower, upper)
+        else:
+            _update_block_(dual[start:stop], d, s, lower, upper)
     return sq_norm, stepsize, norm
 
 

@@ -491,8 +491,11 @@ class _GroupPlan:
     def current(self) -> bool:
         """:meth:`Table.current` of every table (state kept outside ``optimizer.state``)."""
         for table in self.tables:
-            if not table.current():
-                return False
+            for sources in table.sources:
+                for state, key, tensor, address in sources:
+                    b = state.get(key)
+                    if b is not tensor or b.data_ptr() != address:
+                        return False
         return True
 
     def matches(self, group: dict, state) -> bool:
@@ -600,7 +603,8 @@ class Dispatcher:
                 for i in slow:
                     _check_grad(rule, i, params[i], params[i].grad)
             else:
-                slow.extend(i for i in plan.others if given[i] is not None)
+                if plan.others:
+                    slow.extend(i for i in plan.others if given[i] is not None)
                 for i in slow:
                     _check_grad(rule, i, params[i], given[i])
             if tables or slow:

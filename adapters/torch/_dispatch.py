@@ -339,16 +339,6 @@ class Table:
                                            and gv.is_contiguous() and gv.nbytes == nb) else -1)
         return addrs
 
-    def current(self) -> bool:
-        """Whether every row's state dict still holds the buffer tensors the table points to
-        (for state kept outside ``optimizer.state``, see :meth:`Rule.state_of`)."""
-        for sources in self.sources:
-            for state, key, tensor, address in sources:
-                b = state.get(key)
-                if b is not tensor or b.data_ptr() != address:
-                    return False
-        return True
-
     def _scan_views(self) -> list | None:
         """:meth:`scan` for tables holding local or real views of their parameters."""
         addrs = []
@@ -489,7 +479,8 @@ class _GroupPlan:
                 self.meshes.append(p.device_mesh)
 
     def current(self) -> bool:
-        """:meth:`Table.current` of every table (state kept outside ``optimizer.state``)."""
+        """Whether every table row's state dict still holds the buffer tensors (at the addresses)
+        the table points to (state kept outside ``optimizer.state``, :meth:`Rule.state_of`)."""
         for table in self.tables:
             for sources in table.sources:
                 for state, key, tensor, address in sources:

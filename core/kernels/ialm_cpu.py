@@ -171,8 +171,34 @@ def _scaled_norm(buffer, c, work, spare, lanes, momentum, keep, ctol, use_moment
     return scale, total + compensation
 
 
+def _momentum_sq_sum(buffer, c, lanes, momentum, keep):
+    """:func:`uniopt.kernels._reduce._block_sq_sum` of the new momentum buffer values
+    ``momentum * buffer + (1 - dampening) * c`` (the same lanes, order and bits), read-only:
+    the values are squared where they are made, never stored."""
+    m = c.size
+    for j in range(LANES):
+        lanes[j] = 0
+    full = m - m % LANES
+    for start in range(0, full, LANES):
+        b = buffer[start:start + LANES]
+        row = c[start:start + LANES]
+        for j in range(LANES):
+            x = np.float64(_momentum_direction(b[j], row[j], momentum, keep))
+            lanes[j] += x * x
+    for j in range(m - full):
+        x = np.float64(_momentum_direction(buffer[full + j], c[full + j], momentum, keep))
+        lanes[j] += x * x
+    width = LANES // 2
+    while width >= 1:
+        for i in range(width):
+            lanes[i] += lanes[width + i]
+        width //= 2
+    return lanes[0]
+
+
 _direction_block = _jit.elementwise(_direction_block)
 _scaled_norm = _jit.elementwise(_scaled_norm)
+_momentum_sq_sum = _jit.elementwise(_momentum_sq_sum)
 
 
 def _dual_step(dual, buffer, c, coef, hyper, flags):
@@ -195,9 +221,13 @@ def _dual_step(dual, buffer, c, coef, hyper, flags):
     use_ctol = ctol >= 0  # coefficients() passes ctol = 0 as -1: no filter
     for start in range(0, n, BLOCK):
         stop = min(start + BLOCK, n)
-        d = _direction_block(buffer, c, work, spare, start, stop, momentum, keep, ctol,
-                             use_momentum, is_ineq, use_ctol)
-        total, compensation = _neumaier_add(total, compensation, _block_sq_sum(d, lanes))
+        if use_momentum and not use_ctol:  # the new buffer values squared as they are made
+            block_sum = _momentum_sq_sum(buffer[start:stop], c[start:stop], lanes, momentum, keep)
+        else:
+            d = _direction_block(buffer, c, work, spare, start, stop, momentum, keep, ctol,
+                                 use_momentum, is_ineq, use_ctol)
+            block_sum = _block_sq_sum(d, lanes)
+        total, compensation = _neumaier_add(total, compensation, block_sum)
     sq_norm = total + compensation
     if sq_norm >= SMALL_SQ and sq_norm < np.inf:  # the common case: no over/underflow
         stepsize = _dual_stepsize(hyper[0], hyper[1], sq_norm)

@@ -3,9 +3,10 @@
 :func:`ialm_dual_step_` makes two passes over the group's constraints, both in one call:
 
 1. read-only, block by block: the direction -- the ``ctol`` filter, and with momentum the new
-   buffer values :math:`\\mu b + (1 - \\delta) c` -- into work blocks in L1 (nothing is
-   written to ``buffer`` or ``dual``), whose float64 sum of squares is added to the running
-   total (:mod:`uniopt.kernels._reduce`: exactly ordered, compensated);
+   buffer values :math:`\\mu b + (1 - \\delta) c` -- into work blocks in L1 (with momentum and
+   no ``ctol``, squared where they are made instead; nothing is written to ``buffer`` or
+   ``dual``), whose float64 sum of squares is added to the running total
+   (:mod:`uniopt.kernels._reduce`: exactly ordered, compensated);
 2. the step size :math:`\\min(\\beta, \\gamma / \\|d\\|)` (0 for a zero direction) from that
    total, then block by block the same direction again (bit for bit), written to the
    momentum buffer, and :math:`\\lambda \\leftarrow \\operatorname{clamp}(\\lambda + s d, lo, hi)`.
@@ -204,8 +205,8 @@ _momentum_sq_sum = _jit.elementwise(_momentum_sq_sum)
 def _dual_step(dual, buffer, c, coef, hyper, flags):
     """The body of :func:`ialm_dual_step_`; returns ``(sq_norm, stepsize, norm)``.
 
-    Pass 1 is read-only (:func:`_direction_block`: the direction into work blocks in L1, one
-    array stored per loop, which keeps LLVM's vectoriser on). Pass 2 writes, block by block:
+    Pass 1 is read-only (:func:`_momentum_sq_sum`, or :func:`_direction_block`: the direction
+    into work blocks in L1, one array stored per loop, which keeps LLVM's vectoriser on). Pass 2 writes, block by block:
     the filtered constraints into the work block, then in one loop the momentum buffer (the
     values pass 1 computed, bit for bit) and the multipliers from it (measured: faster than
     two loops, the buffer and constraints being read once).

@@ -236,15 +236,14 @@ class iALM:  # noqa: N801 (the seed's name)
         """Raise :func:`uniopt._validation.nonfinite_constraints_error` naming the first group
         whose constraint values are not all finite, before anything changes.
 
-        The CPU kernel itself changes nothing for a non-finite direction of a group without
-        momentum (it returns a NaN step before pass 2), so a first group without momentum is
-        left to its kernel when its dtype is settled, and that single-group case pays no
-        extra pass over the constraints. The groups after the first are checked here (the
-        first one must not change when a later one fails), and so is a group with momentum
-        (the kernel updates its buffer before the norm tells).
+        The CPU kernel itself changes nothing for a non-finite direction (its first pass is
+        read-only; it returns a NaN step before writing), so the first group is left to its
+        kernel when its dtype is settled, and that single-group case pays no extra pass over
+        the constraints. The groups after the first are checked here (the first one must not
+        change when a later one fails).
         """
         first = self.param_groups[0]
-        skip_first = first["dtype_fixed"] and first["momentum"] == 0
+        skip_first = first["dtype_fixed"]
         if skip_first and len(parts) == 1:  # the common case: nothing to do here
             return
         for k, (group, c) in enumerate(zip(self.param_groups, parts)):
@@ -396,8 +395,8 @@ class iALM:  # noqa: N801 (the seed's name)
         return np.array(x, copy=True)
 
     def _dual_step_(self, group, c):
-        """:func:`uniopt.kernels.ialm_cpu.ialm_dual_step_` in place (a group with momentum had
-        its constraints checked first: the kernel writes its buffer before it knows)."""
+        """:func:`uniopt.kernels.ialm_cpu.ialm_dual_step_` in place (it writes nothing when the
+        direction is not finite)."""
         duals, buffer = group["duals"], group["momentum_buffer"]
         coef, hyper, flags = self._kernel_args(group, duals.dtype)
         out = ialm_cpu.ialm_dual_step_(duals, buffer, c, coef, hyper, flags)

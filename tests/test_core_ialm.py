@@ -498,3 +498,86 @@ def test_ialm_checks_live_in_the_validation_module():
                                         dampening=0.0, dual_range=(None, None),
                                         is_ineq=np.True_)["lower_bound"] == 0.0
     assert "group 'g'" in str(_validation.nonfinite_constraints_error("g"))
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernel's read-only first pass: a direction that is not finite writes nothing
+# ------------------------------------------------------------------------------------------------
+def _naive_dual_step(dual, buffer, c, momentum, dampening, lo, hi, beta, gamma, ctol, is_ineq):
+    """The dual step of one group in float64 NumPy, written from the rule's definition."""
+    c = np.asarray(c, dtype=np.float64)
+    if ctol > 0:
+        zero = ((c > 0) & (c <= ctol)) if is_ineq else (np.abs(c) <= ctol)
+        c = np.where(zero, 0.0, c)
+    if momentum != 0:
+        buffer = momentum * np.asarray(buffer, np.float64) + (1.0 - dampening) * c
+        d = buffer
+    else:
+        d = c
+    norm = float(np.sqrt(np.sum(d * d)))
+    step = 0.0 if norm == 0 else min(beta, gamma / norm)
+    return np.clip(np.asarray(dual, np.float64) + step * d, lo, hi), buffer, norm, step
+
+
+@pytest.mark.parametrize("momentum, ctol, is_ineq", [(0.5, 0.0, False), (0.9, 0.2, False),
+                                                     (0.5, 0.2, True), (0.0, 0.2, True)])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("n", [5, 1024 + 300])  # one block, and a later block holding the bad value
+def test_kernel_first_pass_is_read_only(dtype, momentum, ctol, is_ineq, bad, n):
+    """One non-finite constraint: NaN back, and dual, buffer and coef bit for bit unchanged;
+    the same arrays with that value made finite step as the naive NumPy oracle says."""
+    rng = np.random.default_rng(17)
+    c = rng.standard_normal(n).astype(dtype)
+    dual = rng.uniform(-1, 1, n).astype(dtype)
+    buffer = rng.standard_normal(n).astype(dtype)
+    coef = ialm_cpu.coefficients(dtype, momentum, 0.1, -5.0, 5.0, ctol)
+    hyper, flags = np.array([0.5, 2.0]), np.array([momentum != 0, is_ineq], dtype=np.int64)
+    bad_c = c.copy()
+    bad_c[n - 2] = bad
+    before = (dual.copy(), buffer.copy(), coef.copy())
+    out = ialm_cpu.ialm_dual_step_(dual, buffer, bad_c, coef, hyper, flags)
+    assert all(math.isnan(x) for x in out)
+    for now, then in zip((dual, buffer, coef), before):
+        assert now.tobytes() == then.tobytes()
+
+    want_dual, want_buffer, norm, step = _naive_dual_step(dual, buffer, c, momentum, 0.1, -5.0, 5.0,
+                                                          0.5, 2.0, ctol, is_ineq)
+    sq, stepsize, got_norm = ialm_cpu.ialm_dual_step_(dual, buffer, c, coef, hyper, flags)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(dual, want_dual, **tol)
+    if momentum != 0:
+        np.testing.assert_allclose(buffer, want_buffer, **tol)
+    else:
+        assert buffer.tobytes() == before[1].tobytes()  # no momentum: the buffer is not touched
+    assert got_norm == pytest.approx(norm, rel=tol["rtol"])
+    assert stepsize == pytest.approx(step, rel=tol["rtol"])
+
+
+def test_kernel_overflowing_momentum_buffer_writes_nothing():
+    """Finite constraints whose momentum direction overflows float32: NaN, nothing written."""
+    n = 4
+    c = np.full(n, 3e38, np.float32)
+    buffer = np.full(n, 3e38, np.float32)   # 0.9 * 3e38 + 3e38 > float32 max
+    dual = np.arange(n, dtype=np.float32)
+    coef = ialm_cpu.coefficients(np.float32, 0.9, 0.0, -np.inf, np.inf, 0.0)
+    before = (dual.copy(), buffer.copy(), coef.copy())
+    out = ialm_cpu.ialm_dual_step_(dual, buffer, c, coef, np.array([1.0, 1.0]),
+                                   np.array([1, 0], dtype=np.int64))
+    assert all(math.isnan(x) for x in out)
+    for now, then in zip((dual, buffer, coef), before):
+        assert now.tobytes() == then.tobytes()
+
+
+def test_numpy_face_momentum_group_raises_and_changes_nothing():
+    """The NumPy iALM leaves its first group to the kernel (no check of its own first)."""
+    opt = uniopt.iALM(3, momentum=0.5, init_duals=np.zeros(3), beta=0.7)
+    opt.add_constraint_group(2, momentum=0.5)
+    opt.update(np.array([0.1, -0.2, 0.3, 0.4, 0.5]))
+    before = [(g["duals"].copy(), g["momentum_buffer"].copy(), g["beta"]) for g in opt.param_groups]
+    for bad, name in (([np.nan, 0, 0, 0, 0], "group0"), ([0, 0, 0, 0, np.inf], "group1")):
+        with pytest.raises(ValueError, match=f"group '{name}' are not finite"):
+            opt.update(np.array(bad, dtype=np.float64))
+        for g, (d, b, beta) in zip(opt.param_groups, before):
+            assert g["duals"].tobytes() == d.tobytes()
+            assert g["momentum_buffer"].tobytes() == b.tobytes()
+            assert g["beta"] == beta

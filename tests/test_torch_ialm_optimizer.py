@@ -287,6 +287,81 @@ def test_non_finite_constraints_raise_naming_the_group(bad, where, backend):
         assert torch.equal(g["momentum_buffer"], h["momentum_buffer"]) and g["beta"] == h["beta"]
 
 
+def _snapshot(dual):
+    """Every group's multipliers, momentum buffer (bytes) and beta, and ``last_step``."""
+    return ([(g["params"][0].detach().clone(), g["momentum_buffer"].clone(), g["beta"])
+             for g in dual.param_groups], [dict(s) for s in dual.last_step])
+
+
+def _assert_unchanged(dual, snapshot):
+    groups, last = snapshot
+    for g, (duals, buffer, beta) in zip(dual.param_groups, groups):
+        p = g["params"][0].detach()
+        assert p.dtype == duals.dtype and p.numpy().tobytes() == duals.numpy().tobytes()
+        assert g["momentum_buffer"].numpy().tobytes() == buffer.numpy().tobytes()
+        assert g["beta"] == beta
+    assert dual.last_step == last
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("torch_dtype", [torch.float32, torch.float64])
+def test_momentum_group_with_non_finite_constraints_changes_nothing(bad, backend, torch_dtype,
+                                                                    monkeypatch):
+    """A single momentum group: on the kernel path its constraints are not checked first (the
+    kernel's first pass is read-only), on the torch path they are; both raise naming the group
+    and leave multipliers, buffer, beta and last_step bit for bit as they were."""
+    starts = []
+    check = iALM._check_finite
+
+    def spy(self, parts, start=0):
+        starts.append(start)
+        return check(self, parts, start)
+
+    monkeypatch.setattr(iALM, "_check_finite", spy)
+    dual = iALM(m=5, beta=0.6, sigma=1.5, momentum=0.7, dampening=0.1, _backend=backend,
+                init_duals=torch.zeros(5, dtype=torch_dtype))
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        dual.update(torch.randn(5, generator=gen, dtype=torch_dtype))
+    starts.clear()
+    snapshot = _snapshot(dual)
+    c = torch.randn(5, generator=gen, dtype=torch_dtype)
+    c[3] = bad
+    for method in (dual.update, dual.step, lambda v: dual.forward_update(torch.tensor(0.0), v)):
+        with pytest.raises(ValueError, match="group 'group0' has 1 non-finite value"):
+            method(c)
+        _assert_unchanged(dual, snapshot)
+    assert starts == ([] if backend == "auto" else [0, 0, 0])   # the kernel path: no pre-check
+    c[3] = 0.25
+    dual.update(c)                                            # and the next good step runs
+    assert not torch.equal(dual.param_groups[0]["momentum_buffer"], snapshot[0][0][1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_later_group_with_non_finite_constraints_changes_no_group(backend):
+    dual = _make(iALM, _backend=backend)
+    dual.update(torch.linspace(-1, 1, 6))
+    snapshot = _snapshot(dual)
+    c = torch.linspace(-1, 1, 6)
+    c[5] = math.nan                                           # group2 (momentum 0.9)
+    with pytest.raises(ValueError, match="group 'group2' has 1 non-finite"):
+        dual.update(c)
+    _assert_unchanged(dual, snapshot)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overflowing_momentum_buffer_raises_and_changes_nothing(backend):
+    """Finite constraints whose float32 momentum direction overflows: raised, nothing written."""
+    dual = iALM(m=3, momentum=0.9, init_duals=torch.zeros(3), dual_range=(None, None),
+                _backend=backend)
+    dual.update(torch.full((3,), 3e38))
+    snapshot = _snapshot(dual)
+    with pytest.raises(ValueError, match="group 'group0' is not finite .*momentum buffer overflowed"):
+        dual.update(torch.full((3,), 3e38))
+    _assert_unchanged(dual, snapshot)
+
+
 def test_huge_finite_constraints_are_not_mistaken_for_non_finite():
     dual = iALM(m=4, init_duals=torch.zeros(4), dual_range=(None, None))
     c = torch.full((4,), 3e38)                          # float32: the sum overflows, not the values

@@ -478,3 +478,116 @@ def test_cuda_tensors_match_cpu(cls, kwargs, dtype):
     assert _plan(opt).kinds == ["torch", expected, expected]
     for p, c in zip(params, cpu):
         torch.testing.assert_close(p.detach().cpu(), c.detach(), **tolerance(dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# The dispatcher's hooks for rules that are not torch's: given gradients, state kept by the face,
+# results returned (the iALM dual step is such a rule)
+# ------------------------------------------------------------------------------------------------
+def _ialm_group(n, dtype, momentum=0.6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    duals = torch.nn.Parameter(torch.rand(n, generator=gen, dtype=dtype) - 0.5, requires_grad=False)
+    return {"params": [duals], "name": "g", "beta": 0.4, "sigma": 1.0, "gamma": 0.7,
+            "momentum": momentum, "dampening": 0.25, "lower_bound": -0.3, "upper_bound": 0.35,
+            "is_ineq": False, "momentum_buffer": torch.randn(n, generator=gen, dtype=dtype)}
+
+
+def _naive_ialm_step(group, c):
+    """The dual step in float64 NumPy from the rule's definition: (duals, buffer, norm, step)."""
+    c = c.double().numpy()
+    buffer = group["momentum"] * group["momentum_buffer"].double().numpy() + (1 - group["dampening"]) * c
+    norm = float(np.sqrt(np.sum(buffer * buffer)))
+    step = min(group["beta"], group["gamma"] / norm)
+    duals = np.clip(group["params"][0].detach().double().numpy() + step * buffer,
+                    group["lower_bound"], group["upper_bound"])
+    return duals, buffer, norm, step
+
+
+def test_given_gradients_reach_every_kernel_path(dtype):
+    """A face-supplied gradient (not ``p.grad``) and state kept in the group reach the CPU table
+    kernel, the numba.cuda kernel (simulator: host arrays) and the torch ops, with equal results
+    and the values each path returns."""
+    import numba
+
+    from uniopt.adapters.torch._dispatch import Dispatcher
+    from uniopt.adapters.torch.ialm import _DualStepRule
+
+    torch_dtype = TORCH_DTYPES[dtype]
+    n = 37
+    c = torch.randn(n, generator=torch.Generator().manual_seed(5), dtype=torch_dtype)
+    want = _naive_ialm_step(_ialm_group(n, torch_dtype), c)
+    tol = tolerance(dtype)
+    results = {}
+    for backend in ("auto", "torch"):
+        group = _ialm_group(n, torch_dtype)
+        dispatcher = Dispatcher(_DualStepRule(), backend)
+        work = dispatcher.collect([group], {}, grads=[(c,)])
+        assert (len(work[0].tables), work[0].slow) == ((1, []) if backend == "auto" else (0, [0]))
+        out = dispatcher.run(work)
+        assert group["params"][0].grad is None               # the gradient was the given one
+        results[backend] = (group, out[0][0])
+    if numba.config.ENABLE_CUDASIM:                          # the cuda path's kernel, on host arrays
+        group = _ialm_group(n, torch_dtype)
+        rule = _DualStepRule()
+        value = rule.run_cuda(group, group["params"][0].detach().numpy(), c.numpy(),
+                              [group["momentum_buffer"].numpy()], group, 0)
+        results["cuda"] = (group, value)
+    assert len(results) == (3 if numba.config.ENABLE_CUDASIM else 2)
+    for name, (group, (norm, step)) in results.items():
+        torch.testing.assert_close(group["params"][0].detach().double(),
+                                   torch.from_numpy(want[0]), **tol)
+        torch.testing.assert_close(group["momentum_buffer"].double(), torch.from_numpy(want[1]), **tol)
+        assert norm == pytest.approx(want[2], rel=tol["rtol"]) and step == pytest.approx(want[3], rel=tol["rtol"])
+
+
+def test_given_gradients_the_kernel_cannot_read_take_the_torch_path():
+    """A non-contiguous gradient, or one of another dtype, never reaches the table kernel; one
+    of another shape (here of the same byte size) fails in collect, before anything changes."""
+    from uniopt.adapters.torch._dispatch import Dispatcher
+    from uniopt.adapters.torch.ialm import _DualStepRule
+
+    n = 8
+    group = _ialm_group(n, torch.float64)
+    dispatcher = Dispatcher(_DualStepRule())
+    for c in (torch.randn(2 * n)[::2], torch.randn(2 * n, dtype=torch.float64)[::2]):
+        work = dispatcher.collect([group], {}, grads=[(c,)])
+        assert not work[0].tables and work[0].slow == [0]
+    before = group["params"][0].detach().clone(), group["momentum_buffer"].clone()
+    with pytest.raises(RuntimeError, match="does not match the parameter"):
+        dispatcher.collect([group], {}, grads=[(torch.randn(2 * n, dtype=torch.float32),)])
+    work = dispatcher.collect([group], {}, grads=[(torch.ones(n, dtype=torch.float64),)])
+    assert len(work[0].tables) == 1                          # the same group, readable: the kernel
+    assert torch.equal(group["params"][0].detach(), before[0]) and torch.equal(group["momentum_buffer"], before[1])
+
+
+def test_state_kept_in_the_group_is_followed_when_replaced():
+    """Rule.state_of: a buffer replaced in the group between steps is the one stepped next
+    (the cached table is re-checked; no invalidate needed), the old one is left alone."""
+    from uniopt.adapters.torch._dispatch import Dispatcher
+    from uniopt.adapters.torch.ialm import _DualStepRule
+
+    n = 6
+    group, twin = _ialm_group(n, torch.float64), _ialm_group(n, torch.float64)
+    dispatcher, torch_ops = Dispatcher(_DualStepRule()), Dispatcher(_DualStepRule(), "torch")
+    c = torch.linspace(-1, 1, n, dtype=torch.float64)
+    dispatcher.step([group], {}, grads=[(c,)])
+    torch_ops.step([twin], {}, grads=[(c,)])
+    old = group["momentum_buffer"]
+    kept = old.clone()
+    group["momentum_buffer"] = torch.full((n,), 0.5, dtype=torch.float64)
+    twin["momentum_buffer"] = torch.full((n,), 0.5, dtype=torch.float64)
+    dispatcher.step([group], {}, grads=[(c,)])
+    torch_ops.step([twin], {}, grads=[(c,)])
+    assert torch.equal(old, kept)
+    torch.testing.assert_close(group["momentum_buffer"], twin["momentum_buffer"], rtol=1e-14, atol=0)
+    torch.testing.assert_close(group["params"][0], twin["params"][0], rtol=1e-14, atol=1e-16)
+
+
+def test_run_returns_values_only_for_rules_that_return():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = QHM([p], lr=0.1, momentum=0.9, nu=0.7)
+    p.grad = torch.ones(3)
+    work = opt._dispatcher.collect(opt.param_groups, opt.state)
+    assert opt._dispatcher.run(work) is None
+    # QHM from a zero buffer: buf = (1 - beta) g, p -= lr ((1 - nu) g + nu buf)
+    torch.testing.assert_close(p.detach(), torch.full((3,), 1 - 0.1 * ((1 - 0.7) + 0.7 * (1 - 0.9))))

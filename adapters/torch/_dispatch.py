@@ -25,6 +25,23 @@ kernel never writes to freed memory; replacing state tensors or scalars by hand 
 A step is all-or-nothing: every group is checked (sparse or mismatched gradients, state that
 does not fit its parameter) before the first tensor is touched.
 
+Three hooks make the dispatcher serve rules whose "gradient" or state is not torch's:
+
+* **given gradients** -- ``collect(..., grads=...)`` takes each parameter's gradient from the
+  caller instead of ``p.grad`` (iALM's constraint values; a dual optimizer's violation vector;
+  a bilevel solver's hypergradient). They are checked as ``p.grad`` would be, plus device and
+  dtype (torch guarantees those only for ``p.grad``); a tensor the kernel cannot read takes
+  the torch path. A table's rows' given gradients are in ``table.grads`` for its kernel call;
+* **state where the face keeps it** -- :meth:`Rule.state_of` says where a parameter's state
+  dict is (default ``optimizer.state[p]``; iALM: its one-tensor group, humancompatible-train's
+  layout) and :meth:`Rule.new_state` where a new one goes. For state outside
+  ``optimizer.state`` the cached tables are re-checked at every step against the buffer
+  tensors the dict holds then (replacing one by hand needs no :meth:`Dispatcher.invalidate`);
+* **results** -- a rule with ``returns = True`` has :meth:`Dispatcher.run` return what its
+  ``run_table``/``run_cuda``/``run_torch`` calls returned (a step size, a norm), one list per
+  group; an exception raised there stops the step at that group (a rule that must change
+  nothing on a failed step raises before it writes, as iALM's kernel does).
+
 Only the memory of *plain* tensors ever reaches a kernel (:func:`local_view`): a parameter,
 gradient or state buffer of exact type ``torch.Tensor`` or ``torch.nn.Parameter``. A DTensor
 (FSDP2's ``fully_shard``, tensor parallelism) with ``Shard``/``Replicate`` placements runs on
@@ -162,6 +179,29 @@ class Rule:
     name = "?"
     buffers: tuple = ()
     scalars: tuple = ()
+    #: whether the run methods return values that :meth:`Dispatcher.run` hands back
+    returns = False
+    #: whether a tensor subclass (a DTensor) may run on its local tensor; ``False`` for a rule
+    #: whose step reduces over the whole tensor (a norm) and has no cross-shard reduction
+    local_views = True
+    #: whether a table-kernel step bumps its parameters' autograd version counters, as an
+    #: in-place torch op would (``False``: a face whose parameters never enter a graph, or
+    #: that keeps a reference's behaviour, as iALM does)
+    bump_versions = True
+
+    def state_of(self, group: dict, index: int, p: torch.Tensor, state) -> dict | None:
+        """The state dict of parameter ``index`` of ``group``, or ``None`` when it has none yet.
+
+        The default is torch's ``state[p]`` (``state`` is the optimizer's). A face that keeps
+        the buffers elsewhere returns that dict (iALM: the group itself).
+        """
+        return state.get(p) or None
+
+    def new_state(self, group: dict, index: int, p: torch.Tensor, state) -> dict:
+        """Create (and store where :meth:`state_of` finds it) the state of a parameter at its
+        first gradient; the default stores :meth:`init_state` in ``state[p]``."""
+        s = state[p] = self.init_state(p)
+        return s
 
     def init_state(self, p: torch.Tensor) -> dict:
         """The state of a parameter at its first gradient."""
@@ -171,15 +211,15 @@ class Rule:
         """The host-side constants of one step of ``group`` (re-read at every step)."""
         raise NotImplementedError
 
-    def run_table(self, constants, table: "Table") -> None:
-        """Run the CPU table kernel over ``table``."""
+    def run_table(self, constants, table: "Table"):
+        """Run the CPU table kernel over ``table`` (returns a value if ``returns``)."""
         raise NotImplementedError
 
-    def run_cuda(self, constants, p, g, buffers, state, stream) -> None:
+    def run_cuda(self, constants, p, g, buffers, state, stream):
         """One numba.cuda step of one tensor; ``p, g, buffers`` are 1-D device arrays."""
         raise NotImplementedError
 
-    def run_torch(self, constants, p, g, buffers, state) -> None:
+    def run_torch(self, constants, p, g, buffers, state):
         """One step of one tensor with torch ops (any device, dtype and layout)."""
         raise NotImplementedError
 
@@ -189,7 +229,9 @@ class Table:
 
     ``p_addrs``, ``g_addrs``, ``buffer_addrs[k]`` (int64) and ``sizes`` are the kernel's pointer
     table; ``scalars[k]`` (float64) hold the rule's scalar state per tensor; ``scratch`` is a
-    small work array of the tensors' dtype.
+    small work array of the tensors' dtype; ``grads`` this step's given gradient tensors of the
+    rows (``collect(grads=...)``; ``None`` for ``p.grad``); ``cache`` is the rule's to keep
+    per-table values in (emptied when a row's state changes).
     """
 
     def __init__(self, dtype: torch.dtype, rule: Rule, rows: list, params: list, states: list,
@@ -208,6 +250,9 @@ class Table:
         self.buffer_addrs = [np.zeros(len(rows), dtype=np.int64) for _ in rule.buffers]
         self.scalars = [np.zeros(len(rows), dtype=np.float64) for _ in rule.scalars]
         self.scratch = np.zeros(16, dtype=self.np_dtype)
+        self.grads: list | None = None
+        self.cache: dict = {}
+        self.sources: list = [()] * len(rows)  # (state dict, key, tensor, address) per buffer
         self.states: list = [None] * len(rows)  # state dicts (a private dummy until created)
         self._held: list = [None] * len(rows)   # keeps the state tensors we point to alive
         self._rule = rule
@@ -238,6 +283,9 @@ class Table:
             for addrs, b in zip(self.buffer_addrs, held):
                 addrs[row] = b.data_ptr()
             self._held[row] = held
+            self.sources[row] = [(state, key, state[key], b.data_ptr())
+                                 for key, b in zip(rule.buffers, held)]
+        self.cache.clear()
         self.states[row] = state
         self.load_scalars(row)
 
@@ -267,6 +315,30 @@ class Table:
                      for p, pp, nb in zip(self.params, self.p_ptrs, self.nbytes)]
         return None if -2 in addrs else addrs
 
+    def scan_given(self, grads: list) -> list | None:
+        """:meth:`scan` of given gradients (``grads[i]`` for parameter ``i`` of the group):
+        also -1 for a gradient on another device or of another dtype (which ``p.grad`` cannot
+        be). Stores the rows' gradients in ``grads``."""
+        addrs = []
+        given = self.grads = [grads[i] for i in self.rows]
+        direct = self.direct
+        for owner, view, pp, nb, g in zip(self.owners, self.params, self.p_ptrs, self.nbytes, given):
+            if not direct:
+                view = local_view(owner)
+                if view is None:
+                    return None
+            if view.data_ptr() != pp:
+                return None
+            if g is None:
+                addrs.append(0)
+                continue
+            gv = (g if type(g) in _PLAIN else None) if direct else grad_view(owner, g)
+            # a table's tensors are on the CPU; the dtype and size checked, no sparse layout
+            addrs.append(gv.data_ptr() if (gv is not None and gv.layout is torch.strided
+                                           and gv.dtype is view.dtype and gv.is_cpu
+                                           and gv.is_contiguous() and gv.nbytes == nb) else -1)
+        return addrs
+
     def _scan_views(self) -> list | None:
         """:meth:`scan` for tables holding local or real views of their parameters."""
         addrs = []
@@ -282,6 +354,10 @@ class Table:
             addrs.append(gv.data_ptr() if (gv is not None and gv.layout == torch.strided
                                            and gv.is_contiguous() and gv.nbytes == nb) else -1)
         return addrs
+
+    def buffers(self, row: int) -> list:
+        """The (plain, local) state buffers of row ``row`` that the kernel's addresses point to."""
+        return self._held[row]
 
     def load_scalars(self, row: int) -> None:
         """Re-read one row's scalar state from its state dict."""
@@ -314,7 +390,10 @@ def cuda_kernels_usable() -> bool:
 
 def _views(p: torch.Tensor, state: dict | None, rule: Rule):
     """``(local_view(p), [local_view(buffer)...])``, or ``None`` when a step of ``p`` must run
-    on the tensors themselves (a subclass other than DTensor, state that does not pair)."""
+    on the tensors themselves (a subclass other than DTensor, state that does not pair; any
+    subclass for a rule without ``local_views``)."""
+    if not rule.local_views and not (type(p) is _Tensor or type(p) is _Parameter):
+        return None
     view = local_view(p)
     if view is None:
         return None
@@ -322,6 +401,8 @@ def _views(p: torch.Tensor, state: dict | None, rule: Rule):
     if state is not None:
         buffers = [local_view(state[key]) for key in rule.buffers]
         if any(b is None or b.shape != view.shape for b in buffers):
+            return None
+        if not rule.local_views and not is_plain(*(state[key] for key in rule.buffers)):
             return None
     return view, buffers
 
@@ -372,7 +453,7 @@ class _GroupPlan:
         params = group["params"]
         self.group, self.params_list, self.state_obj = group, params, state
         self.params = list(params)
-        states = [state.get(p) or None for p in params]
+        states = [rule.state_of(group, i, p, state) for i, p in enumerate(params)]
         for i, (p, s) in enumerate(zip(params, states)):
             if s is not None:
                 _check_state(rule, i, p, s)
@@ -390,17 +471,30 @@ class _GroupPlan:
         self.place = {i: (table, row) for table in self.tables for row, i in enumerate(table.rows)}
         self.others = [i for i, kind in enumerate(self.kinds) if kind != "table"]
         self.other_ptrs = [_address(params[i]) for i in self.others]
+        # state outside optimizer.state: the tables are re-checked against it at every step
+        self.external = type(rule).state_of is not Rule.state_of
         self.meshes: list = []  # the device meshes of the group's DTensor parameters, in order
         for p in params:
             if is_dtensor(p) and not any(p.device_mesh == m for m in self.meshes):
                 self.meshes.append(p.device_mesh)
+
+    def current(self) -> bool:
+        """Whether every table row's state dict still holds the buffer tensors (at the addresses)
+        the table points to (state kept outside ``optimizer.state``, :meth:`Rule.state_of`)."""
+        for table in self.tables:
+            for sources in table.sources:
+                for state, key, tensor, address in sources:
+                    b = state.get(key)
+                    if b is not tensor or b.data_ptr() != address:
+                        return False
+        return True
 
     def matches(self, group: dict, state) -> bool:
         """Whether the plan still describes ``group`` (table pointers are checked by ``scan``)."""
         params = group["params"]
         return (group is self.group and state is self.state_obj and params is self.params_list
                 and len(params) == len(self.params) and all(map(operator.is_, params, self.params))
-                and [_address(params[i]) for i in self.others] == self.other_ptrs)
+                and (not self.others or [_address(params[i]) for i in self.others] == self.other_ptrs))
 
 
 def _address(p: torch.Tensor) -> int:
@@ -415,7 +509,8 @@ class Work(NamedTuple):
     ``tables``: ``(table, addrs)`` for each table with a gradient, ``addrs`` this step's gradient
     addresses (0: no gradient, or a gradient on the torch path), already in ``table.g_addrs``;
     ``slow``: indices (in ``group["params"]``) of the checked gradients that take the cuda or
-    torch path; ``new``: indices of the parameters whose state is created by this step.
+    torch path; ``new``: indices of the parameters whose state is created by this step;
+    ``grads``: the given gradients (``collect(grads=...)``), ``None`` for ``p.grad``.
     """
 
     group: dict
@@ -423,6 +518,7 @@ class Work(NamedTuple):
     tables: list
     slow: list
     new: Any
+    grads: Any = None
 
 
 class Dispatcher:
@@ -445,32 +541,40 @@ class Dispatcher:
         """Forget every cached table (after parameters, state or scalars were changed by hand)."""
         self._plans = {}
 
-    def _plan(self, group: dict, state):
-        """The group's plan and this step's gradient addresses of each of its tables."""
+    def _plan(self, group: dict, state, grads=None):
+        """The group's plan and this step's gradient addresses of each of its tables
+        (``grads``: the group's given gradients, or ``None`` for ``p.grad``)."""
         plan = self._plans.get(id(group))
-        if plan is not None and plan.matches(group, state):
-            scans = [table.scan() for table in plan.tables]
+        if plan is not None and plan.matches(group, state) and (not plan.external or plan.current()):
+            scans = ([table.scan() for table in plan.tables] if grads is None
+                     else [table.scan_given(grads) for table in plan.tables])
             if None not in scans:
                 return plan, scans
         plan = self._plans[id(group)] = _GroupPlan(self.rule, group, state, self.backend)
-        return plan, [table.scan() for table in plan.tables]
+        return plan, ([table.scan() for table in plan.tables] if grads is None
+                      else [table.scan_given(grads) for table in plan.tables])
 
-    def step(self, param_groups: list, state) -> None:
-        """One step of every param group; raises before changing anything if a check fails."""
-        self.run(self.collect(param_groups, state))
+    def step(self, param_groups: list, state, grads: list | None = None):
+        """One step of every param group; raises before changing anything if a check fails.
+        Returns what :meth:`run` returns."""
+        return self.run(self.collect(param_groups, state, grads))
 
-    def collect(self, param_groups: list, state) -> list:
+    def collect(self, param_groups: list, state, grads: list | None = None) -> list:
         """Check every group and gather its step's work, changing nothing (phase 1 of ``step``).
 
         Returns one :class:`Work` per group that has a gradient, for :meth:`run`. In between,
         an optimizer may read each group's gradients from it (the CPU ones already checked and
         in their tables' ``g_addrs``: a reduction over the same scan, such as PolyakSGD's norm),
         and set what :meth:`Rule.constants` returns; an exception there still changes nothing.
+
+        ``grads``: ``None`` (each parameter's ``.grad``), or one sequence per group of the
+        gradient tensors of its parameters (``None`` entries: no gradient), given by the face.
         """
         rule = self.rule
         work = []
-        for group in param_groups:
-            plan, scans = self._plan(group, state)
+        for k, group in enumerate(param_groups):
+            given = None if grads is None else grads[k]
+            plan, scans = self._plan(group, state, given)
             params = plan.params
             tables, slow = [], []
             for table, addrs in zip(plan.tables, scans):
@@ -480,49 +584,79 @@ class Dispatcher:
                             addrs[row] = 0
                             slow.append(table.rows[row])
                 if any(addrs):
-                    table.g_addrs[:] = addrs
+                    if len(addrs) == 1:
+                        table.g_addrs[0] = addrs[0]
+                    else:
+                        table.g_addrs[:] = addrs
                     tables.append((table, addrs))
-            slow.extend(i for i in plan.others if params[i].grad is not None)
-            for i in slow:
-                _check_grad(rule, i, params[i], params[i].grad)
+            if given is None:
+                slow.extend(i for i in plan.others if params[i].grad is not None)
+                for i in slow:
+                    _check_grad(rule, i, params[i], params[i].grad)
+            else:
+                if plan.others:
+                    slow.extend(i for i in plan.others if given[i] is not None)
+                for i in slow:
+                    _check_grad(rule, i, params[i], given[i])
             if tables or slow:
-                new = [i for i in plan.missing if params[i].grad is not None] if plan.missing else ()
-                work.append(Work(group, plan, tables, slow, new))
+                if not plan.missing:
+                    new = ()
+                elif given is None:
+                    new = [i for i in plan.missing if params[i].grad is not None]
+                else:
+                    new = [i for i in plan.missing if given[i] is not None]
+                work.append(Work(group, plan, tables, slow, new, given))
         return work
 
-    def run(self, work: list) -> None:
-        """Run the work :meth:`collect` returned (phase 2 of ``step``), right after it."""
+    def run(self, work: list) -> list | None:
+        """Run the work :meth:`collect` returned (phase 2 of ``step``), right after it.
+
+        Returns ``None``, or for a rule with ``returns``, one list per :class:`Work` of what its
+        run calls returned (its tables' first, then the other tensors' in order).
+        """
         rule = self.rule
-        for group, plan, tables, slow, new in work:
+        results = [] if rule.returns else None
+        for group, plan, tables, slow, new, grads in work:
             for i in new:
                 self._create_state(plan, plan.state_obj, i)
             constants = rule.constants(group)
+            values = [] if results is not None else None
             for table, addrs in tables:  # collect put addrs in table.g_addrs
                 if table.parallel:
                     threads = torch.get_num_threads()  # numba's OpenMP pool may change it
-                    rule.run_table(constants, table)
-                    torch.set_num_threads(threads)
+                    try:
+                        value = rule.run_table(constants, table)
+                    finally:
+                        torch.set_num_threads(threads)
                 else:
-                    rule.run_table(constants, table)
+                    value = rule.run_table(constants, table)
+                if values is not None:
+                    values.append(value)
                 if rule.scalars:
                     table.store_scalars()
-                torch.autograd.graph.increment_version(
-                    table.owners if all(addrs) else [p for p, a in zip(table.owners, addrs) if a])
+                if rule.bump_versions:
+                    torch.autograd.graph.increment_version(
+                        table.owners if all(addrs) else [p for p, a in zip(table.owners, addrs) if a])
             for i in slow:
-                self._run_one(constants, plan, i)
+                value = self._run_one(constants, plan, i, grads)
+                if values is not None:
+                    values.append(value)
+            if results is not None:
+                results.append(values)
+        return results
 
     def _create_state(self, plan: _GroupPlan, state, i: int) -> None:
         p = plan.params[i]
-        s = state[p] = self.rule.init_state(p)
+        s = self.rule.new_state(plan.group, i, p, state)
         plan.states[i] = s
         plan.missing.discard(i)
         if i in plan.place:
             table, row = plan.place[i]
             table.set_state(row, s)
 
-    def _run_one(self, constants, plan: _GroupPlan, i: int) -> None:
+    def _run_one(self, constants, plan: _GroupPlan, i: int, grads=None):
         rule, p, s = self.rule, plan.params[i], plan.states[i]
-        g = p.grad
+        g = p.grad if grads is None else grads[i]
         views = plan.views[i]
         if views is not None:  # plain (real) local tensors, if the gradient and state pair up
             pv, gv = views[0], grad_view(p, g)
@@ -532,19 +666,22 @@ class Dispatcher:
                 views = None
         if views is None:  # a tensor subclass: its own ops (real pairs for complex tensors)
             with torch.no_grad():
-                rule.run_torch(constants, _real(p), _real(g), [_real(s[key]) for key in rule.buffers], s)
-        elif plan.kinds[i] == "cuda" and gv.dtype == pv.dtype and gv.is_contiguous():
+                value = rule.run_torch(constants, _real(p), _real(g),
+                                       [_real(s[key]) for key in rule.buffers], s)
+        elif (plan.kinds[i] == "cuda" and gv.dtype == pv.dtype and gv.device == pv.device
+              and gv.is_contiguous()):
             from numba import cuda
 
             with cuda.gpus[pv.device.index or 0]:
                 stream = cuda.external_stream(torch.cuda.current_stream(pv.device).cuda_stream)
                 arrays = [cuda.as_cuda_array(t.view(-1), sync=False) for t in (pv, gv, *buffers)]
-                rule.run_cuda(constants, arrays[0], arrays[1], arrays[2:], s, stream)
+                value = rule.run_cuda(constants, arrays[0], arrays[1], arrays[2:], s, stream)
         else:
             with torch.no_grad():
-                rule.run_torch(constants, pv, gv, buffers, s)
+                value = rule.run_torch(constants, pv, gv, buffers, s)
         if views is not None and is_dtensor(p):
             torch.autograd.graph.increment_version(p)  # the local tensor has its own counter
         if i in plan.place:  # a table row stepped on the torch path: refresh its scalars
             table, row = plan.place[i]
             table.load_scalars(row)
+        return value

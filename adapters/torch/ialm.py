@@ -5,19 +5,24 @@ r"""iALM for PyTorch: the augmented-Lagrangian dual optimizer with an adaptive d
 whose ``params`` is ``[multipliers]``, with its hyper-parameters beside it; ``zero_grad``,
 ``add_param_group``, step hooks, state-dict hooks, ``bounds`` and ``violation()`` are there,
 and state dicts load both ways between the two libraries. The arithmetic is
-:mod:`uniopt.rules.ialm`; each group's dual step runs one of three ways:
+:mod:`uniopt.rules.ialm`. The dual step runs through the shared
+:class:`uniopt.adapters.torch._dispatch.Dispatcher` as a rule (:class:`_DualStepRule`) whose
+parameter is a group's multipliers, whose "gradient" is the group's slice of the constraint
+values (handed to ``collect(..., grads=...)``) and whose state is the group itself
+(``momentum_buffer``, humancompatible-train's layout); each group's step goes one of three ways:
 
-* **kernel** -- CPU float32/float64 contiguous multipliers: the Numba kernel
-  :func:`uniopt.kernels.ialm_cpu.ialm_dual_step_` on zero-copy ``tensor.detach().numpy()``
-  views, one call per group and update;
+* **table** -- CPU float32/float64 contiguous multipliers and constraint values: the Numba
+  kernel :func:`uniopt.kernels.ialm_cpu.ialm_dual_step_` on zero-copy
+  ``tensor.detach().numpy()`` views, one call per group and update;
 * **cuda** -- CUDA float32/float64 contiguous multipliers (numba-cuda installed, not its
   simulator): ``uniopt.kernels.ialm_cuda.dual_step_``, same contract on device arrays;
-* **torch** -- anything else (bfloat16/float16, other devices, a forced ``_backend="torch"``):
-  the same rules executed with torch ops.
+* **torch** -- anything else (bfloat16/float16, other devices, tensor subclasses, a forced
+  ``_backend="torch"``): the same rules executed with torch ops.
 
-The dual step is driven by constraint values, not by gradients, so it does not go through
-:class:`uniopt.adapters.torch._dispatch.Dispatcher` (whose unit of work is a parameter and its
-gradient); it picks its path the same way (kernel where the memory allows, else torch ops).
+A step that raises changes nothing. The CPU kernel writes nothing for a direction that is not
+finite (its first pass is read-only), so the first group, on that path, needs no check of its
+own; the other groups (and a first group on the cuda or torch path, which write the momentum
+buffer before the norm tells) have their constraint values checked before anything changes.
 """
 
 from __future__ import annotations
@@ -35,12 +40,11 @@ from uniopt.kernels import ialm_cpu
 from uniopt.rules import bind
 from uniopt.rules import ialm as _rules
 
-from ._dispatch import cuda_kernels_usable, is_plain
+from ._dispatch import Dispatcher, Rule
 
 __all__ = ["iALM"]
 
 BACKENDS = ("auto", "torch")
-_KERNEL_DTYPES = (torch.float32, torch.float64)
 #: The per-group settings (besides ``params``, ``momentum_buffer``, ``bound`` and ``dtype_fixed``).
 _SETTINGS = ("beta", "sigma", "gamma", "momentum", "dampening", "dual_range", "is_ineq")
 
@@ -48,6 +52,113 @@ _SETTINGS = ("beta", "sigma", "gamma", "momentum", "dampening", "dual_range", "i
 # tensor first (a second pass over the constraints); same values, same zero-or-positive result
 _torch_rules = bind(_rules, where=torch.where, minimum=torch.minimum, maximum=torch.maximum,
                     sqrt=torch.sqrt, penalty_violation=lambda c: torch.clamp(c, min=0))
+
+
+class _NotFinite(Exception):
+    """A group's dual step met a direction that is not finite and wrote nothing."""
+
+    def __init__(self, group: dict):
+        super().__init__(group.get("name"))
+        self.group = group
+
+
+class _DualStepRule(Rule):
+    """iALM's dual step as :class:`uniopt.adapters.torch._dispatch.Dispatcher` runs it.
+
+    The parameter is a group's multipliers (its one tensor), the gradient the group's
+    constraint values (given to ``collect``, cast to the multipliers' dtype and device), the
+    state the group dict itself (``momentum_buffer``). Each run returns ``(direction_norm,
+    stepsize)``, or raises :class:`_NotFinite` having written nothing. ``ctol`` is the
+    optimizer's (set before each step); ``arguments`` caches the kernels' argument arrays
+    (:func:`uniopt.kernels.ialm_cpu.group_arguments`).
+    """
+
+    name = "iALM"
+    buffers = ("momentum_buffer",)
+    returns = True
+    local_views = False  # the norm is over the whole tensor: subclasses run their own ops
+    bump_versions = False  # as before the dispatcher: the kernel path leaves version counters
+
+    def __init__(self):
+        self.ctol = 0.0
+        self.arguments: dict = {}
+
+    def state_of(self, group, index, p, state):
+        return group
+
+    def new_state(self, group, index, p, state):  # every group has its buffer
+        raise RuntimeError(f"iALM group {group.get('name')!r} has no momentum buffer")
+
+    def constants(self, group):
+        return group
+
+    def run_table(self, group, table):
+        arrays = table.cache.get("arrays")
+        if arrays is None:  # zero-copy views, kept while the table lives
+            arrays = table.cache["arrays"] = (table.params[0].detach().numpy(),
+                                              table.buffers(0)[0].detach().numpy())
+        coef, hyper, flags = ialm_cpu.group_arguments(self.arguments, group, arrays[0].dtype,
+                                                      self.ctol)
+        _, stepsize, norm = ialm_cpu.ialm_dual_step_(arrays[0], arrays[1], table.grads[0].numpy(),
+                                                     coef, hyper, flags)
+        if stepsize != stepsize:  # NaN: nothing was written
+            raise _NotFinite(group)
+        return float(norm), float(stepsize)
+
+    def run_cuda(self, group, p, g, buffers, state, stream):
+        """``uniopt.kernels.ialm_cuda.dual_step_`` on the device arrays, on ``stream``.
+
+        ``coef``, ``hyper`` and ``flags`` are host arrays the kernel stages. Reading ``(norm,
+        stepsize)`` back for ``last_step`` synchronises with that stream. (The face checks
+        such a group's constraints first: this kernel writes the buffer before the norm.)
+        """
+        from uniopt.kernels import ialm_cuda
+
+        coef, hyper, flags = ialm_cpu.group_arguments(self.arguments, group, np.dtype(p.dtype),
+                                                      self.ctol)
+        out = ialm_cuda.dual_step_(p, buffers[0], g, coef, hyper, flags, stream=stream)
+        if hasattr(out, "copy_to_host"):
+            host = out.copy_to_host(stream=stream)
+            stream.synchronize()
+        else:  # the simulator: a host array
+            host = np.asarray(out)
+        if host[1] != host[1]:
+            raise _NotFinite(group)
+        return float(host[2]), float(host[1])  # out: (sq_norm, stepsize, norm, ...)
+
+    def run_torch(self, group, duals, c, buffers, state):
+        """The dual step with torch ops (any dtype, device and layout), in place.
+
+        The norm is that of the float64 direction; when its square over- or underflows (not
+        finite, or 0 for a non-zero direction) it is taken scaled by ``max|d|``. Nothing is
+        written when the direction is not finite.
+        """
+        buffer = buffers[0]
+        d = _torch_rules.filtered(c, self.ctol, group["is_ineq"])
+        if group["momentum"] != 0:
+            d = _torch_rules.momentum_direction(buffer, d, group["momentum"], 1.0 - group["dampening"])
+        d64 = d.to(torch.float64)
+        sq_norm = float(torch.sum(torch.square(d64)))
+        f64 = dict(dtype=torch.float64, device=duals.device)
+        beta, gamma = torch.tensor(group["beta"], **f64), torch.tensor(group["gamma"], **f64)
+        if math.isfinite(sq_norm) and (sq_norm > 0 or not bool((d64 != 0).any())):
+            step = _torch_rules.dual_stepsize(beta, gamma, torch.tensor(sq_norm, **f64))
+            norm = math.sqrt(sq_norm)
+        else:  # BLAS nrm2's scaling: ||d|| = scale * sqrt(sum((d / scale)^2))
+            scale = d64.abs().max()
+            if not math.isfinite(float(scale)):
+                raise _NotFinite(group)
+            sq_scaled = torch.sum(torch.square(d64 / scale)) if scale > 0 else scale * 0
+            norm = float(scale) * math.sqrt(float(sq_scaled))
+            step = _torch_rules.scaled_dual_stepsize(beta, gamma, scale, sq_scaled)
+        if group["momentum"] != 0:
+            buffer.copy_(d)
+        stepsize = float(step)
+        like = dict(dtype=duals.dtype, device=duals.device)
+        duals.copy_(_torch_rules.dual_update(duals, d, step.to(duals.dtype),
+                                             torch.tensor(group["lower_bound"], **like),
+                                             torch.tensor(group["upper_bound"], **like)))
+        return norm, stepsize
 
 
 class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
@@ -166,6 +277,8 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
                          dampening=dampening, dual_range=dual_range, is_ineq=is_ineq)
         self.last_step: list = []
         self._fills: dict = {}
+        self._rule = _DualStepRule()
+        self._dispatcher = Dispatcher(self._rule, _backend)
         first = self._make_group(m, beta, sigma, gamma, momentum, dampening, init_duals,
                                  dual_range, is_ineq, device)
         # what a group added without them gets: nothing is inherited from another group
@@ -296,18 +409,18 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
                                  f"{part.numel()} values")
         return parts
 
-    def _check_finite(self, parts) -> None:
-        """Raise, naming the group, if constraint values for an update are inf or NaN.
+    def _check_finite(self, parts, start: int = 0) -> None:
+        """Raise, naming the group, if constraint values for an update are inf or NaN (the
+        groups from ``start`` on).
 
         One reduction per group (a finite sum means finite values); the exact count only when
         the sum is not finite (which finite but huge values can also cause).
         """
-        for group, c in zip(self.param_groups, parts):
+        for group, c in zip(self.param_groups[start:], parts[start:]):
             if c.numel() and not math.isfinite(float(c.detach().sum())):
                 bad = int((~torch.isfinite(c.detach())).sum())
                 if bad:
-                    raise ValueError(f"constraints: group {group['name']!r} has {bad} non-finite "
-                                     f"value(s) (inf or nan) among {c.numel()}; nothing was updated")
+                    raise _nonfinite_error(group, bad, c.numel())
 
     def _adopt_dtypes(self, parts) -> None:
         """Multipliers whose dtype is not settled take that of the first constraints seen."""
@@ -342,25 +455,64 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
     # -- the step -------------------------------------------------------------------------
     def _walk(self, loss, constraints, *, update: bool):
         parts = self._gather(constraints)
-        if update:
+        if not update:
+            return None if loss is None else self._lagrangian(loss, parts, self._rhos())
+        groups = self.param_groups
+        settled = True
+        for group in groups:
+            if not group["dtype_fixed"]:
+                settled = False
+        if not settled:  # the first update: every group checked before the dtypes settle
             self._check_finite(parts)
             self._adopt_dtypes(parts)
         rhos = self._rhos()
-        if update:
-            last = []
-            for group, c, rho in zip(self.param_groups, parts, rhos):
-                duals = group["params"][0]
-                self._release(duals)
-                if c.dtype != duals.dtype:
-                    c = c.to(duals.dtype)
-                norm, stepsize = self._dual_step_(group, c.detach())
-                last.append({"direction_norm": norm, "stepsize": stepsize, "rho": rho})
-            for group in self.param_groups:
-                group["beta"] *= group["sigma"]
-            self.last_step = last
+        self._update(groups, parts, rhos, settled)
         if loss is None:
             return None
         return self._lagrangian(loss, parts, rhos)
+
+    def _update(self, groups, parts, rhos, checked_first) -> None:
+        """The dual update of every group through the dispatcher; ``last_step``; ``beta`` growth.
+
+        All or nothing: the CPU kernel writes nothing for a direction that is not finite, so the
+        first group (when its constraints were not checked yet) is left to it if it runs there;
+        every other group is checked before anything changes.
+        """
+        grads = []
+        for group, c in zip(groups, parts):
+            duals = group["params"][0]
+            if c.dtype is not duals.dtype or not (c.is_cpu and duals.is_cpu or c.device == duals.device):
+                c = c.to(device=duals.device, dtype=duals.dtype)
+            if c.requires_grad:
+                c = c.detach()
+            if not c.is_contiguous():
+                c = c.contiguous()
+            grads.append((c,))
+        work = self._dispatcher.collect(groups, self.state, grads)
+        if checked_first:
+            first = work[0]
+            start = 1 if first.tables and not first.slow else 0
+            if start < len(groups):
+                self._check_finite(parts, start)
+        aliases = self.__dict__.get("_aliases")
+        if aliases:
+            for group in groups:
+                self._release(group["params"][0])
+        self._rule.ctol = self.ctol
+        try:
+            results = self._dispatcher.run(work)
+        except _NotFinite as exc:
+            k = next(k for k, g in enumerate(groups) if g is exc.group)
+            c = grads[k][0]
+            bad = int((~torch.isfinite(c)).sum())
+            if bad:
+                raise _nonfinite_error(exc.group, bad, c.numel()) from None
+            raise ValueError(f"constraints: the direction of group {exc.group['name']!r} is not "
+                             f"finite (its momentum buffer overflowed); nothing was updated") from None
+        self.last_step = [{"direction_norm": r[0][0], "stepsize": r[0][1], "rho": rho}
+                          for r, rho in zip(results, rhos)]
+        for group in groups:
+            group["beta"] *= group["sigma"]
 
     def forward(self, loss, constraints) -> torch.Tensor:
         """The augmented Lagrangian at the current multipliers; changes nothing."""
@@ -428,114 +580,6 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
             value = value + 0.5 * rho * torch.dot(cp, cp)
         return value if value.dtype == out_dtype else value.to(out_dtype)
 
-    # -- the three ways of one group's dual step ------------------------------------------
-    def _dual_step_(self, group, c) -> tuple:
-        """One group's dual update in place, ``c`` of the multipliers' dtype; returns
-        ``(direction_norm, stepsize)``."""
-        duals, buffer = group["params"][0], group["momentum_buffer"]
-        views = self._host_views(group, duals, buffer) if is_plain(c) else None
-        if views is not None:
-            if c.device.type != "cpu" or not c.is_contiguous():
-                c = c.to(device="cpu", memory_format=torch.contiguous_format)
-            coef, hyper, flags = self._kernel_args(group, views[0].dtype)
-            _, stepsize, norm = ialm_cpu.ialm_dual_step_(views[0], views[1], c.numpy(), coef,
-                                                         hyper, flags)
-            return float(norm), float(stepsize)
-        c = c.to(device=duals.device)
-        if (self._backend == "auto" and duals.device.type == "cuda" and cuda_kernels_usable()
-                and is_plain(duals, buffer, c)
-                and duals.dtype in _KERNEL_DTYPES and buffer.dtype == duals.dtype
-                and duals.is_contiguous() and buffer.is_contiguous()):
-            return self._cuda_step_(group, duals, buffer, c.contiguous())
-        return self._torch_step_(group, c)
-
-    def _kernel_args(self, group, dtype) -> tuple:
-        """``(coef, hyper, flags)`` of the kernels for ``group``
-        (:func:`uniopt.kernels.ialm_cpu.group_arguments`, cached per optimizer)."""
-        return ialm_cpu.group_arguments(self.__dict__.setdefault("_kernel_cache", {}), group, dtype,
-                                        self.ctol)
-
-    def _host_views(self, group, duals, buffer):
-        """Zero-copy NumPy views of a group's multipliers and buffer for the CPU kernel (cached
-        while the group holds the same tensors at the same addresses), or ``None`` when the
-        kernel cannot take them (another device or dtype, non-contiguous, ``_backend="torch"``)."""
-        cache = self.__dict__.setdefault("_views", {})
-        hit = cache.get(id(group))
-        if (hit is not None and hit[0] is duals and hit[1] is buffer
-                and hit[2] == (duals.data_ptr(), buffer.data_ptr(), duals.dtype)):
-            return hit[3]
-        views = None
-        if (self._backend == "auto" and is_plain(duals, buffer)
-                and duals.device.type == "cpu" and buffer.device.type == "cpu"
-                and duals.dtype in _KERNEL_DTYPES and buffer.dtype == duals.dtype
-                and duals.is_contiguous() and buffer.is_contiguous()
-                and duals.numel() == buffer.numel()):
-            views = (duals.detach().numpy(), buffer.detach().numpy())
-        cache[id(group)] = (duals, buffer, (duals.data_ptr(), buffer.data_ptr(), duals.dtype), views)
-        return views
-
-    def _cuda_step_(self, group, duals, buffer, c):
-        """``uniopt.kernels.ialm_cuda.dual_step_`` on the tensors, on torch's current stream.
-
-        The tensors go to the kernel through ``__cuda_array_interface__`` (no copies); ``coef``,
-        ``hyper`` and ``flags`` are host arrays the kernel stages. Reading ``(norm, stepsize)``
-        back for ``last_step`` synchronises with that stream.
-        """
-        from numba import cuda
-
-        device = duals.device
-        with cuda.gpus[device.index or 0]:
-            stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
-            return self._cuda_launch_(group, duals.detach(), buffer.detach(), c, stream)
-
-    def _cuda_launch_(self, group, duals, buffer, c, stream):
-        """The kernel call of :meth:`_cuda_step_` on arrays it accepts (host ones on the simulator)."""
-        from uniopt.kernels import ialm_cuda
-
-        np_dtype = np.dtype(np.float32 if str(duals.dtype).endswith("float32") else np.float64)
-        coef, hyper, flags = self._kernel_args(group, np_dtype)
-        out = ialm_cuda.dual_step_(duals, buffer, c, coef, hyper, flags, stream=stream)
-        if hasattr(out, "copy_to_host"):
-            host = out.copy_to_host(stream=stream)
-            stream.synchronize()
-        else:  # the simulator: a host array
-            host = np.asarray(out)
-        return float(host[2]), float(host[1])  # out: (sq_norm, stepsize, norm, ...)
-
-    def _torch_step_(self, group, c) -> tuple:
-        """The dual step with torch ops (any dtype, device and layout), in place.
-
-        The norm is that of the float64 direction; when its square over- or underflows (not
-        finite, or 0 for a non-zero direction) it is taken scaled by ``max|d|``.
-        """
-        duals, buffer = group["params"][0], group["momentum_buffer"]
-        with torch.no_grad():
-            d = _torch_rules.filtered(c, self.ctol, group["is_ineq"])
-            if group["momentum"] != 0:
-                new = _torch_rules.momentum_direction(buffer, d, group["momentum"],
-                                                      1.0 - group["dampening"])
-                buffer.copy_(new)
-                d = new
-            d64 = d.to(torch.float64)
-            sq_norm = float(torch.sum(torch.square(d64)))
-            like = dict(dtype=duals.dtype, device=duals.device)
-            f64 = dict(dtype=torch.float64, device=duals.device)
-            beta, gamma = torch.tensor(group["beta"], **f64), torch.tensor(group["gamma"], **f64)
-            if math.isfinite(sq_norm) and (sq_norm > 0 or not bool((d64 != 0).any())):
-                step = _torch_rules.dual_stepsize(beta, gamma, torch.tensor(sq_norm, **f64))
-                norm = math.sqrt(sq_norm)
-            else:  # BLAS nrm2's scaling: ||d|| = scale * sqrt(sum((d / scale)^2))
-                scale = d64.abs().max()
-                sq_scaled = torch.sum(torch.square(d64 / scale)) if scale > 0 else scale * 0
-                norm = float(scale) * math.sqrt(float(sq_scaled))
-                step = _torch_rules.scaled_dual_stepsize(beta, gamma, scale, sq_scaled)
-            stepsize = float(step)
-            step = step.to(duals.dtype)
-            duals.copy_(_torch_rules.dual_update(duals, d, step,
-                                                 torch.tensor(group["lower_bound"], **like),
-                                                 torch.tensor(group["upper_bound"], **like)))
-        return norm, stepsize
-
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """torch's layout, readable by humancompatible-train 0.4.2 and by :meth:`load_state_dict`.
@@ -601,8 +645,9 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
         if len(set(names)) != len(names):
             raise ValueError(f"load_state_dict: group names repeat: {names}")
         self.penalty, self.ctol, self.param_groups = penalty, ctol, new
-        for cache in ("_kernel_cache", "_views", "_aliases"):
-            self.__dict__.pop(cache, None)
+        self.__dict__.pop("_aliases", None)
+        self._dispatcher.invalidate()
+        self._rule.arguments.clear()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -615,6 +660,9 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_fills", {})
+        if "_dispatcher" not in self.__dict__:  # unpickled or deep-copied
+            self._rule = _DualStepRule()
+            self._dispatcher = Dispatcher(self._rule, self.__dict__.get("_backend", "auto"))
 
     def __repr__(self) -> str:
         groups = ", ".join(f"{g['name']}(m={g['params'][0].numel()}, beta={g['beta']:g}, "
@@ -625,6 +673,11 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
 # ----------------------------------------------------------------------------------------------
 # Checks and conversions
 # ----------------------------------------------------------------------------------------------
+def _nonfinite_error(group: dict, bad: int, n: int) -> ValueError:
+    return ValueError(f"constraints: group {group['name']!r} has {bad} non-finite value(s) "
+                      f"(inf or nan) among {n}; nothing was updated")
+
+
 def _device(device):
     if device is None:
         return None
@@ -716,6 +769,8 @@ def _checked_group(source: Mapping, defaults: dict, *, copy: bool) -> dict:
 
 def _flat(x) -> torch.Tensor:
     """A constraint value as a 1-D real tensor (numbers and array-likes: torch's default dtype)."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point():  # the common case
+        return x if x.dim() == 1 else x.reshape(-1)
     if not isinstance(x, torch.Tensor):
         if isinstance(x, (str, bytes)):
             raise TypeError(f"constraints: expected tensors or real numbers, got {x!r}")

@@ -2,11 +2,14 @@
 
 :func:`ialm_dual_step_` makes two passes over the group's constraints, both in one call:
 
-1. block by block: the ``ctol`` filter, the momentum buffer update (when the group has
-   momentum) and the direction into a work block, whose float64 sum of squares is added to
-   the running total (:mod:`uniopt.kernels._reduce`: exactly ordered, compensated);
+1. read-only, block by block: the direction -- the ``ctol`` filter, and with momentum the new
+   buffer values :math:`\\mu b + (1 - \\delta) c` -- into work blocks in L1 (with momentum and
+   no ``ctol``, squared where they are made instead; nothing is written to ``buffer`` or
+   ``dual``), whose float64 sum of squares is added to the running total
+   (:mod:`uniopt.kernels._reduce`: exactly ordered, compensated);
 2. the step size :math:`\\min(\\beta, \\gamma / \\|d\\|)` (0 for a zero direction) from that
-   total, then :math:`\\lambda \\leftarrow \\operatorname{clamp}(\\lambda + s d, lo, hi)`.
+   total, then block by block the same direction again (bit for bit), written to the
+   momentum buffer, and :math:`\\lambda \\leftarrow \\operatorname{clamp}(\\lambda + s d, lo, hi)`.
 
 Only when that sum is not in ``[SMALL_SQ, inf)`` -- it overflowed (float64 entries beyond
 ~1e154), underflowed (entries below ~1e-146, or a zero direction), or the direction is not
@@ -17,9 +20,9 @@ for :math:`\\sum (d_i/s)^2` with :math:`s` = :func:`uniopt.rules.ialm.norm_scale
 of two, so the result is the one the plain sum would give without over/underflow. In float32
 the float64 sum cannot overflow or lose bits to underflow: only a zero direction takes the
 extra (max) pass. A direction that is not finite (constraints with inf/NaN, or a momentum
-buffer that overflowed) returns ``(nan, nan, nan)`` before pass 2: ``dual`` is left unchanged
-(the momentum buffer has already been updated in pass 1: a face that must change nothing on
-such a step checks the constraints of a group with momentum first).
+buffer that overflowed) returns ``(nan, nan, nan)`` before pass 2: nothing has been written
+(``dual``, ``buffer`` and ``coef[5]`` unchanged), so a face needs no check of its own before
+the call for a step that raises to change nothing.
 
 The arithmetic is :mod:`uniopt.rules.ialm`.
 
@@ -66,10 +69,26 @@ def _filter_block_(c, out, ctol, is_ineq):
             out[i] = _equality_filter(c[i], ctol)
 
 
-def _momentum_block_(buffer, d, momentum, keep):
-    """``buffer = momentum * buffer + (1 - dampening) * d`` in place."""
-    for i in range(buffer.size):
-        buffer[i] = _momentum_direction(buffer[i], d[i], momentum, keep)
+def _momentum_into_(buffer, d, out, momentum, keep):
+    """``out = momentum * buffer + (1 - dampening) * d`` (``buffer`` only read; ``out`` is a
+    work block distinct from both)."""
+    for i in range(out.size):
+        out[i] = _momentum_direction(buffer[i], d[i], momentum, keep)
+
+
+def _momentum_over_(d, buffer, momentum, keep):
+    """``d = momentum * buffer + (1 - dampening) * d`` in place (``buffer`` only read)."""
+    for i in range(d.size):
+        d[i] = _momentum_direction(buffer[i], d[i], momentum, keep)
+
+
+def _momentum_update_block_(dual, buffer, d, momentum, keep, s, lower, upper):
+    """``buffer = momentum * buffer + (1 - dampening) * d``, then ``dual = clamp(dual + s *
+    buffer, lower, upper)``, in one loop (one read of each array)."""
+    for i in range(dual.size):
+        b = _momentum_direction(buffer[i], d[i], momentum, keep)
+        buffer[i] = b
+        dual[i] = _dual_update(dual[i], b, s, lower, upper)
 
 
 def _update_block_(dual, d, s, lower, upper):
@@ -96,29 +115,44 @@ def _scale_block_(d, out, scale):
 
 
 _filter_block_ = _jit.elementwise(_filter_block_)
-_momentum_block_ = _jit.elementwise(_momentum_block_)
+_momentum_into_ = _jit.elementwise(_momentum_into_)
+_momentum_over_ = _jit.elementwise(_momentum_over_)
 _update_block_ = _jit.elementwise(_update_block_)
+_momentum_update_block_ = _jit.elementwise(_momentum_update_block_)
 _amax_block = _jit.elementwise(_amax_block)
 _scale_block_ = _jit.elementwise(_scale_block_)
 
 
-def _scaled_norm(buffer, c, work, lanes, ctol, is_ineq, use_momentum, use_ctol):
-    """The overflow-safe route: ``(scale, sum((d/scale)**2))`` of the direction (two passes),
-    ``scale`` = norm_scale(max |d|); ``(nan, nan)`` when some ``d`` is not finite, ``(1, 0)``
-    for a zero direction. The direction is the buffer (momentum, already updated) or the
-    filtered constraints."""
+def _direction_block(buffer, c, work, spare, start, stop, momentum, keep, ctol, use_momentum,
+                     is_ineq, use_ctol):
+    """The direction on ``[start, stop)``, read-only: ``c`` itself, its ``ctol`` filter (in
+    ``work``), or the new momentum buffer values (in ``work`` after the filter, else in
+    ``spare``); nothing else is written."""
+    if use_ctol:
+        block = work[:stop - start]
+        _filter_block_(c[start:stop], block, ctol, is_ineq)
+        if use_momentum:
+            _momentum_over_(block, buffer[start:stop], momentum, keep)
+        return block
+    if use_momentum:
+        block = spare[:stop - start]
+        _momentum_into_(buffer[start:stop], c[start:stop], block, momentum, keep)
+        return block
+    return c[start:stop]
+
+
+def _scaled_norm(buffer, c, work, spare, lanes, momentum, keep, ctol, use_momentum, is_ineq,
+                 use_ctol):
+    """The overflow-safe route: ``(scale, sum((d/scale)**2))`` of the direction (two passes,
+    read-only, :func:`_direction_block`), ``scale`` = norm_scale(max |d|); ``(nan, nan)`` when
+    some ``d`` is not finite, ``(scale, 0)`` for a zero direction."""
     n = c.size
     amax = np.float64(0)
     finite = True
     for start in range(0, n, BLOCK):
         stop = min(start + BLOCK, n)
-        if use_momentum:
-            d = buffer[start:stop]
-        elif use_ctol:
-            d = work[:stop - start]
-            _filter_block_(c[start:stop], d, ctol, is_ineq)
-        else:
-            d = c[start:stop]
+        d = _direction_block(buffer, c, work, spare, start, stop, momentum, keep, ctol,
+                             use_momentum, is_ineq, use_ctol)
         amax, finite = _amax_block(d, amax, finite)
     if not finite:
         return np.nan, np.nan
@@ -130,57 +164,79 @@ def _scaled_norm(buffer, c, work, lanes, ctol, is_ineq, use_momentum, use_ctol):
     scaled = np.empty(BLOCK, dtype=np.float64)
     for start in range(0, n, BLOCK):
         stop = min(start + BLOCK, n)
-        if use_momentum:
-            d = buffer[start:stop]
-        elif use_ctol:
-            d = work[:stop - start]
-            _filter_block_(c[start:stop], d, ctol, is_ineq)
-        else:
-            d = c[start:stop]
+        d = _direction_block(buffer, c, work, spare, start, stop, momentum, keep, ctol,
+                             use_momentum, is_ineq, use_ctol)
         block = scaled[:stop - start]
         _scale_block_(d, block, scale)
         total, compensation = _neumaier_add(total, compensation, _block_sq_sum(block, lanes))
     return scale, total + compensation
 
 
+def _momentum_sq_sum(buffer, c, lanes, momentum, keep):
+    """:func:`uniopt.kernels._reduce._block_sq_sum` of the new momentum buffer values
+    ``momentum * buffer + (1 - dampening) * c`` (the same lanes, order and bits), read-only:
+    the values are squared where they are made, never stored."""
+    m = c.size
+    for j in range(LANES):
+        lanes[j] = 0
+    full = m - m % LANES
+    for start in range(0, full, LANES):
+        b = buffer[start:start + LANES]
+        row = c[start:start + LANES]
+        for j in range(LANES):
+            x = np.float64(_momentum_direction(b[j], row[j], momentum, keep))
+            lanes[j] += x * x
+    for j in range(m - full):
+        x = np.float64(_momentum_direction(buffer[full + j], c[full + j], momentum, keep))
+        lanes[j] += x * x
+    width = LANES // 2
+    while width >= 1:
+        for i in range(width):
+            lanes[i] += lanes[width + i]
+        width //= 2
+    return lanes[0]
+
+
+_direction_block = _jit.elementwise(_direction_block)
 _scaled_norm = _jit.elementwise(_scaled_norm)
+_momentum_sq_sum = _jit.elementwise(_momentum_sq_sum)
 
 
 def _dual_step(dual, buffer, c, coef, hyper, flags):
     """The body of :func:`ialm_dual_step_`; returns ``(sq_norm, stepsize, norm)``.
 
-    Each pass goes block by block: with ``ctol`` the filtered constraints go to a work block
-    in L1 first, then (with momentum) the buffer is updated from them; the sum of squares is
-    taken of the block just written (or of the constraints themselves), so no loop stores to
-    two arrays (which keeps LLVM's vectoriser on).
+    Pass 1 is read-only (:func:`_momentum_sq_sum`, or :func:`_direction_block`: the direction
+    into work blocks in L1, one array stored per loop, which keeps LLVM's vectoriser on). Pass 2 writes, block by block:
+    the filtered constraints into the work block, then in one loop the momentum buffer (the
+    values pass 1 computed, bit for bit) and the multipliers from it (measured: faster than
+    two loops, the buffer and constraints being read once).
     """
     n = dual.size
     momentum, keep, lower, upper, ctol = coef[0], coef[1], coef[2], coef[3], coef[4]
     use_momentum, is_ineq = flags[0] != 0, flags[1] != 0
     lanes = np.empty(LANES, dtype=np.float64)
     work = np.empty(BLOCK, dtype=dual.dtype)
+    spare = np.empty(BLOCK if use_momentum else 0, dtype=dual.dtype)
     total = np.float64(0)
     compensation = np.float64(0)
     use_ctol = ctol >= 0  # coefficients() passes ctol = 0 as -1: no filter
     for start in range(0, n, BLOCK):
         stop = min(start + BLOCK, n)
-        d = c[start:stop]
-        if use_ctol:
-            _filter_block_(d, work, ctol, is_ineq)
-            d = work[:stop - start]
-        if use_momentum:
-            _momentum_block_(buffer[start:stop], d, momentum, keep)
-            d = buffer[start:stop]
-        total, compensation = _neumaier_add(total, compensation, _block_sq_sum(d, lanes))
+        if use_momentum and not use_ctol:  # the new buffer values squared as they are made
+            block_sum = _momentum_sq_sum(buffer[start:stop], c[start:stop], lanes, momentum, keep)
+        else:
+            d = _direction_block(buffer, c, work, spare, start, stop, momentum, keep, ctol,
+                                 use_momentum, is_ineq, use_ctol)
+            block_sum = _block_sq_sum(d, lanes)
+        total, compensation = _neumaier_add(total, compensation, block_sum)
     sq_norm = total + compensation
     if sq_norm >= SMALL_SQ and sq_norm < np.inf:  # the common case: no over/underflow
         stepsize = _dual_stepsize(hyper[0], hyper[1], sq_norm)
         norm = math.sqrt(sq_norm)
     else:  # overflow, underflow, a zero or a non-finite direction
-        scale, sq_scaled = _scaled_norm(buffer, c, work, lanes, ctol, is_ineq, use_momentum,
-                                        use_ctol)
-        if not sq_scaled < np.inf:  # NaN: a direction that is not finite; dual unchanged
-            coef[5] = np.nan
+        scale, sq_scaled = _scaled_norm(buffer, c, work, spare, lanes, momentum, keep, ctol,
+                                        use_momentum, is_ineq, use_ctol)
+        if not sq_scaled < np.inf:  # NaN: a direction that is not finite; nothing written
             return np.nan, np.nan, np.nan
         stepsize = _scaled_dual_stepsize(hyper[0], hyper[1], scale, sq_scaled)
         norm = scale * math.sqrt(sq_scaled)
@@ -189,14 +245,15 @@ def _dual_step(dual, buffer, c, coef, hyper, flags):
     s = coef[5]
     for start in range(0, n, BLOCK):
         stop = min(start + BLOCK, n)
-        if use_momentum:
-            d = buffer[start:stop]
-        elif use_ctol:
+        d = c[start:stop]
+        if use_ctol:
+            _filter_block_(d, work, ctol, is_ineq)
             d = work[:stop - start]
-            _filter_block_(c[start:stop], d, ctol, is_ineq)
+        if use_momentum:
+            _momentum_update_block_(dual[start:stop], buffer[start:stop], d, momentum, keep, s,
+                                    lower, upper)
         else:
-            d = c[start:stop]
-        _update_block_(dual[start:stop], d, s, lower, upper)
+            _update_block_(dual[start:stop], d, s, lower, upper)
     return sq_norm, stepsize, norm
 
 
@@ -207,8 +264,8 @@ _dual_step = _jit.elementwise(_dual_step)
 def ialm_dual_step_(dual, buffer, c, coef, hyper, flags):
     """One iALM dual update of one group, in place; returns ``(sq_norm, stepsize, norm)``.
 
-    For a direction that is not finite, ``dual`` is left unchanged but ``buffer`` (with
-    momentum) has been updated in pass 1.
+    For a direction that is not finite it returns ``(nan, nan, nan)`` having written nothing
+    (``dual``, ``buffer`` and ``coef`` unchanged).
     """
     return _dual_step(dual, buffer, c, coef, hyper, flags)
 

@@ -5,9 +5,10 @@ launches on one stream and with no host synchronisation:
 
 1. :func:`direction_kernel`: the ``ctol`` filter, the momentum buffer update (when
    ``flags[0]`` is set) and the float64 sum of squares of the direction -- a grid-stride loop
-   per thread, a tree in shared memory per block, and ``cuda.atomic.add`` of each block's
-   partial sum into ``out[0]`` (zeroed beforehand); in the same pass, :math:`\\max_i |d_i|`
-   (``cuda.atomic.max`` into ``out[3]``) and the count of non-finite :math:`d_i` (``out[5]``);
+   per thread, a tree in shared memory per block (:mod:`uniopt.kernels._cuda_reduce`), and
+   ``cuda.atomic.add`` of each block's partial sum into ``out[0]`` (zeroed beforehand); in
+   the same pass, :math:`\\max_i |d_i|` (``cuda.atomic.max`` into ``out[3]``) and the count
+   of non-finite :math:`d_i` (``out[5]``);
 2. :func:`scaled_kernel`: only where ``out[0]`` is not in ``[SMALL_SQ, inf)`` (it overflowed
    or underflowed; every thread reads ``out[0]`` and returns at once otherwise), the
    overflow-safe :math:`\\sum (d_i/s)^2` into ``out[4]``, :math:`s` =
@@ -52,6 +53,7 @@ from numba import cuda, float64
 
 from ..rules import bind
 from ..rules import ialm as _ialm
+from ._cuda_reduce import THREADS_PER_BLOCK, block_sum_, block_sum_max_
 from ._reduce import SMALL_SQ
 
 __all__ = [
@@ -65,7 +67,6 @@ __all__ = [
     "update_kernel",
 ]
 
-THREADS_PER_BLOCK = 256  # a power of 2 (the shared-memory tree halves it)
 MAX_BLOCKS = 1024  # the direction kernel's grid is at most this wide (grid-stride beyond)
 
 _rules = bind(_ialm, wrap=cuda.jit(device=True))
@@ -120,15 +121,7 @@ def _direction_kernel(c, buffer, coef, flags, out):
         i += stride
     partial[tid] = s
     largest[tid] = amax
-    cuda.syncthreads()
-    width = THREADS_PER_BLOCK // 2
-    while width > 0:
-        if tid < width:
-            partial[tid] += partial[tid + width]
-            if largest[tid + width] > largest[tid]:
-                largest[tid] = largest[tid + width]
-        cuda.syncthreads()
-        width //= 2
+    block_sum_max_(partial, largest, tid)
     if tid == 0:
         cuda.atomic.add(out, 0, partial[0])
         cuda.atomic.max(out, 3, largest[0])
@@ -157,13 +150,7 @@ def _scaled_kernel(c, buffer, coef, flags, out):
         s += x * x
         i += stride
     partial[tid] = s
-    cuda.syncthreads()
-    width = THREADS_PER_BLOCK // 2
-    while width > 0:
-        if tid < width:
-            partial[tid] += partial[tid + width]
-        cuda.syncthreads()
-        width //= 2
+    block_sum_(partial, tid)
     if tid == 0:
         cuda.atomic.add(out, 4, partial[0])
 

@@ -3,9 +3,9 @@
 One step, all on the device (no host synchronisation; the loss may stay a device scalar):
 
 1. :func:`sq_norm_accumulate_` once per gradient array: each block sums squares in float64
-   (a grid-stride loop per thread, then a tree in shared memory) and adds its partial sum to
-   a float64 accumulator ``acc[0]`` with ``cuda.atomic.add`` (zero it first,
-   :func:`zero_`);
+   (a grid-stride loop per thread, then a tree in shared memory:
+   :mod:`uniopt.kernels._cuda_reduce`) and adds its partial sum to a float64 accumulator
+   ``acc[0]`` with ``cuda.atomic.add`` (zero it first, :func:`zero_`);
 2. :func:`stepsize_` (one thread): the step size from ``value[0]``, ``acc[0]`` and the
    hyper-parameters, with the rule's device functions, written to ``coef[0]`` in the
    parameters' dtype;
@@ -32,6 +32,7 @@ from numba import cuda, float64
 
 from ..rules import bind
 from ..rules import polyak as _polyak
+from ._cuda_reduce import THREADS_PER_BLOCK, block_sum_
 
 __all__ = [
     "THREADS_PER_BLOCK",
@@ -50,7 +51,6 @@ __all__ = [
     "heavy_ball_kernel",
 ]
 
-THREADS_PER_BLOCK = 256  # a power of 2 (the shared-memory tree halves it)
 MAX_BLOCKS = 1024  # the reduction's grid is at most this wide (grid-stride beyond)
 VARIANT_CODES = {"SPS_max": 0, "SPS+": 1}
 
@@ -76,13 +76,7 @@ def _sq_norm_kernel(g, acc):
         s += x * x
         i += stride
     partial[tid] = s
-    cuda.syncthreads()
-    width = THREADS_PER_BLOCK // 2
-    while width > 0:
-        if tid < width:
-            partial[tid] += partial[tid + width]
-        cuda.syncthreads()
-        width //= 2
+    block_sum_(partial, tid)
     if tid == 0:
         cuda.atomic.add(acc, 0, partial[0])
 

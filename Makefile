@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
+# The suite runs on PYTEST_WORKERS processes (pytest-xdist), one test file per worker at a time
+# (module-scoped fixtures, such as the reference suites' subprocess runs, run once).
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python asv_bench/table.py

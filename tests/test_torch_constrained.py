@@ -715,3 +715,69 @@ def test_to_moves_multipliers_penalties_and_the_restart_value():
     expected = data["rho_ineq"].float().clone()
     expected[0] *= 2
     assert torch.equal(cmp.ineq.penalty_coefficient.value, expected)
+
+
+# -- penalty updates on the core kernels ------------------------------------------------------
+def _updaters():
+    pc = ours.penalty_coefficients
+    return [pc.MultiplicativePenaltyCoefficientUpdater(growth_factor=1.5, violation_tolerance=0.1),
+            pc.AdditivePenaltyCoefficientUpdater(increment=0.25, violation_tolerance=0.1,
+                                                 has_restart=False)]
+
+
+@pytest.mark.parametrize("updater", _updaters(), ids=["multiplicative", "additive"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("indexed", [False, True], ids=["dense", "indexed"])
+def test_penalty_update_on_the_kernels_equals_the_torch_ops_path(updater, dtype, indexed, monkeypatch):
+    pc, m = ours.penalty_coefficients, 12
+    gen = torch.Generator().manual_seed(3)
+    init = torch.rand(m, generator=gen, dtype=dtype) + 0.5
+    rows = torch.tensor([7, 2, 2, 11, 0])
+    violation = torch.randn(len(rows) if indexed else m, generator=gen, dtype=dtype)
+    violation[1] = 0.0  # a satisfied inequality: restarted by the multiplicative updater
+    calls = []
+    real = ours.penalty_coefficients._core.update_penalty_coefficients_
+    monkeypatch.setattr(ours.penalty_coefficients._core, "update_penalty_coefficients_",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(kernels: bool):
+        cls = pc.IndexedPenaltyCoefficient if indexed else pc.DensePenaltyCoefficient
+        coefficient = cls(init.clone())
+        constraint = ours.Constraint(ours.ConstraintType.INEQUALITY, formulation_type=ours.formulations.QuadraticPenalty,
+                                     penalty_coefficient=coefficient)
+        state = ours.ConstraintState(violation=violation, constraint_features=rows if indexed else None)
+        with monkeypatch.context() as patch:
+            if not kernels:  # the torch-ops path
+                patch.setattr(type(updater), "_kernel_update_", lambda *a: False)
+            for _ in range(3):
+                updater.step({constraint: state})
+        return coefficient.value
+
+    fused = run(kernels=True)
+    assert len(calls) == 3  # the kernel route ran at every step
+    plain = run(kernels=False)
+    assert len(calls) == 3
+    assert fused.dtype == dtype
+    assert torch.equal(fused, plain)
+    if indexed:  # only the observed rows changed
+        untouched = torch.ones(m, dtype=torch.bool)
+        untouched[rows] = False
+        assert torch.equal(fused[untouched], init[untouched])
+        assert not torch.equal(fused[rows], init[rows])
+
+
+def test_indexed_penalty_update_on_the_kernels_reads_only_the_observed_rows():
+    pc = ours.penalty_coefficients
+    init = torch.ones(1000, dtype=torch.float64)
+    coefficient = pc.IndexedPenaltyCoefficient(init)
+    coefficient.value[500:] = float("nan")  # rows never observed: never read (nor checked)
+    constraint = ours.Constraint(ours.ConstraintType.EQUALITY, formulation_type=ours.formulations.QuadraticPenalty,
+                                 penalty_coefficient=coefficient)
+    updater = pc.MultiplicativePenaltyCoefficientUpdater(growth_factor=2.0)
+    updater.step({constraint: ours.ConstraintState(violation=torch.tensor([1.0, -1.0], dtype=torch.float64),
+                                                   constraint_features=torch.tensor([3, 4]))})
+    assert coefficient.value[3].item() == 2.0 and coefficient.value[4].item() == 2.0
+    assert torch.isnan(coefficient.value[500:]).all()
+    with pytest.raises(ValueError, match="Indices must be of type torch.long."):
+        updater.step({constraint: ours.ConstraintState(violation=torch.tensor([1.0], dtype=torch.float64),
+                                                       constraint_features=torch.tensor([3], dtype=torch.int32))})

@@ -15,8 +15,10 @@ entry for a vector coefficient and its 2-norm for a scalar one,
 with :math:`(\kappa, \delta)` = ``(growth_factor, 0)`` for
 :class:`MultiplicativePenaltyCoefficientUpdater` and ``(1, increment)`` for
 :class:`AdditivePenaltyCoefficientUpdater`. The arithmetic is
-:func:`uniopt.rules.constrained.penalty_measure` and :func:`~uniopt.rules.constrained.penalty_update`,
-executed with torch ops.
+:func:`uniopt.rules.constrained.penalty_measure` and :func:`~uniopt.rules.constrained.penalty_update`:
+a vector coefficient held in a plain contiguous float32/float64 CPU tensor is updated by the core
+kernels (:func:`uniopt.constrained.update_penalty_coefficients_`; an indexed one reads and
+writes only the observed entries, in place, as Cooper does), anything else with torch ops.
 
 References:
   Nocedal & Wright, *Numerical Optimization* (2006), Algorithm 17.4.
@@ -41,7 +43,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from uniopt import _validation
+from uniopt import constrained as _core
 
+from .._dispatch import is_plain
 from .utils import ConstraintType, torch_rules
 
 if TYPE_CHECKING:
@@ -214,6 +218,7 @@ class FeasibilityDrivenPenaltyCoefficientUpdater(PenaltyCoefficientUpdater, abc.
     #: (factor, increment) of :func:`uniopt.rules.constrained.penalty_update`.
     _factor: float = 1.0
     _increment: float = 0.0
+    _kind = "additive"  # the updater kind of uniopt.constrained.update_penalty_coefficients_
 
     def __init__(self, violation_tolerance: float, has_restart: bool) -> None:
         # uniopt's one policy (the JAX and NumPy faces' messages; Cooper's sentence kept)
@@ -233,6 +238,9 @@ class FeasibilityDrivenPenaltyCoefficientUpdater(PenaltyCoefficientUpdater, abc.
         _, strict_violation = constraint_state.extract_violations()
         _, features = constraint_state.extract_constraint_features()
         coefficient = constraint.penalty_coefficient
+        is_ineq = constraint.constraint_type == ConstraintType.INEQUALITY
+        if self._kernel_update_(coefficient, strict_violation, features, is_ineq):
+            return
         if isinstance(coefficient, DensePenaltyCoefficient):
             current = coefficient()
             init = coefficient.init
@@ -242,7 +250,6 @@ class FeasibilityDrivenPenaltyCoefficientUpdater(PenaltyCoefficientUpdater, abc.
         else:
             raise TypeError(f"Unsupported penalty coefficient type: {type(coefficient)}")
 
-        is_ineq = constraint.constraint_type == ConstraintType.INEQUALITY
         with torch.no_grad():
             measure = torch_rules.penalty_measure(strict_violation.detach(), is_ineq)
             if current.dim() == 0:
@@ -256,6 +263,39 @@ class FeasibilityDrivenPenaltyCoefficientUpdater(PenaltyCoefficientUpdater, abc.
             coefficient.value = value
         else:
             coefficient.value = new
+
+    def _kernel_update_(self, coefficient, violation, features, is_ineq: bool) -> bool:
+        """The update on the core kernels when the tensors allow it (plain contiguous CPU
+        float32/float64 vectors of one dtype; an indexed coefficient with one initial value per
+        entry): a dense coefficient gets a new value tensor (as through the ``value`` setter), an
+        indexed one is changed in place at the observed entries only. Returns whether it ran."""
+        if not isinstance(coefficient, (DensePenaltyCoefficient, IndexedPenaltyCoefficient)):
+            return False
+        value, init = coefficient.value, coefficient.init
+        indexed = isinstance(coefficient, IndexedPenaltyCoefficient)
+        violation = violation.detach()
+        if not (value.dim() == 1 and value.dtype in (torch.float32, torch.float64)
+                and (indexed or violation.numel() == value.numel())
+                and is_plain(value, violation, init) and value.device.type == "cpu"
+                and violation.device.type == "cpu" and init.device.type == "cpu"
+                and violation.dtype == value.dtype and init.dtype == value.dtype
+                and value.is_contiguous() and init.is_contiguous() and init.shape == value.shape):
+            return False
+        if indexed:
+            _check_indices(features)  # Cooper's error for non-long indices, as the call would give
+            if not (is_plain(features) and features.device.type == "cpu"):
+                return False
+        target = value if indexed else value.clone()
+        with torch.no_grad():
+            _core.update_penalty_coefficients_(
+                target.numpy(), violation.contiguous().numpy().reshape(-1), init=init.numpy(),
+                is_ineq=is_ineq, kind=self._kind, growth_factor=self._factor,
+                increment=self._increment, violation_tolerance=self.violation_tolerance,
+                has_restart=self.has_restart,
+                indices=features.reshape(-1).numpy() if indexed else None)
+        if not indexed:  # the value setter's copy and check are not needed: c >= 0 stays so
+            coefficient._value = target
+        return True
 
 
 class MultiplicativePenaltyCoefficientUpdater(FeasibilityDrivenPenaltyCoefficientUpdater):
@@ -276,6 +316,8 @@ class MultiplicativePenaltyCoefficientUpdater(FeasibilityDrivenPenaltyCoefficien
                                           has_restart)
         super().__init__(violation_tolerance, has_restart)
         self.growth_factor = growth_factor
+
+    _kind = "multiplicative"
 
     @property
     def _factor(self) -> float:

@@ -261,6 +261,7 @@ def _supported_cases():
         ((x, torch.zeros(4).as_subclass(_Sub)), False),
         ((torch.zeros(4, device="meta"),), False),
         ((torch.zeros(4).to_sparse(),), False),
+        ((x, torch._neg_view(torch.ones(4))), False),  # memory holds the negated values
         ((np.zeros(4),), False),
     ]
 

@@ -45,7 +45,8 @@ def supported(*tensors) -> bool:
     """Whether the kernels may run on ``tensors``.
 
     True when every tensor is a plain ``torch.Tensor`` (or ``torch.nn.Parameter``; no other
-    subclass), strided, 1-D and contiguous, all of one dtype (float32 or float64) and one
+    subclass), strided, 1-D and contiguous, without a lazy negation bit (``torch._neg_view``),
+    all of one dtype (float32 or float64) and one
     device, which is the CPU, or a CUDA device when numba.cuda can run kernels on it.
     """
     if not tensors:
@@ -60,7 +61,7 @@ def supported(*tensors) -> bool:
         if type(t) is not _Tensor and type(t) is not _Parameter:
             return False
         if (t.layout is not torch.strided or t.dtype != dtype or t.device != device
-                or t.dim() != 1 or not t.is_contiguous()):
+                or t.dim() != 1 or not t.is_contiguous() or t.is_neg()):
             return False
     if device.type == "cpu":
         return True
@@ -86,7 +87,7 @@ def _contiguous(ct, like: torch.Tensor) -> torch.Tensor:
         ct = ct.to(like.dtype)
     if type(ct) is not _Tensor:  # never a subclass's memory
         ct = ct.as_subclass(_Tensor)
-    return ct.contiguous()
+    return ct.resolve_neg().contiguous()
 
 
 def _run(rule: str, kind: str, tensors: tuple, coefficients: tuple) -> None:

@@ -384,3 +384,29 @@ def test_exported_from_uniopt():
 
     assert uniopt.unroll is unroll and "unroll" in uniopt.__all__
     assert set(unroll.__all__) == {f"{r}_step{s}" for r in ("sgd", "qhm", "qhadam") for s in ("", "_vjp")}
+
+
+@pytest.mark.parametrize("rule,k", CASES)
+def test_numpy_binding_of_the_vjp_rules_matches_the_kernels(rule, k):
+    """The rules of uniopt.rules.qh_vjp run on NumPy arrays as they are (one definition)."""
+    from uniopt.rules import bind, qh_vjp
+
+    rules = bind(qh_vjp, sqrt=np.sqrt, where=np.where)
+    c = SETTINGS[rule][k]
+    inputs = make_inputs(rule, 301, seed=31)
+    if rule == "qhadam":
+        for a in inputs[1:]:
+            a[:50] = 0.0  # zero gradient and moments: the where() branch
+    cts = make_inputs(rule, 301, seed=32)[: len(NAIVE[rule](*inputs, c))]
+    if rule == "sgd":
+        want = rules.sgd_vjp(cts[0], c[0], c[1], c[2], c[7])
+        np.testing.assert_array_equal(rules.sgd_update(*inputs, c[0], c[1], c[2], c[7]),
+                                      unroll.sgd_step(*inputs, c))
+    elif rule == "qhm":
+        want = rules.qhm_vjp(*cts, *c)
+    else:
+        with np.errstate(all="raise"):  # no division by zero in either branch
+            want = rules.qhadam_vjp(*inputs, *cts, *c)
+    for got, w_ in zip(face_vjp(rule, inputs, c, cts), want):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, w_, rtol=1e-15, atol=1e-15)

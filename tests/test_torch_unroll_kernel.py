@@ -312,3 +312,25 @@ def test_cuda_tensors_match_cpu():
         for g_, w_ in zip(torch.autograd.grad(got, xs_cuda, [c.cuda() for c in cts]),
                           torch.autograd.grad(want, xs, cts)):
             torch.testing.assert_close(g_.cpu(), w_, rtol=1e-13, atol=1e-15)
+
+
+def test_torch_binding_of_the_vjp_rules_matches_the_kernels():
+    """uniopt.rules.qh_vjp bound to torch ops (torch.where) equals the kernels' backward to
+    rounding, zero moments included: one definition, two executions."""
+    from uniopt.rules import qh_vjp
+
+    V = bind(qh_vjp, sqrt=torch.sqrt, where=torch.where)
+    c = qhadam_coef()
+    xs = inputs("qhadam", 64, seed=6)
+    with torch.no_grad():
+        for x in xs[1:]:
+            x[:20] = 0.0
+    cts = [torch.randn(64, dtype=torch.float64) for _ in range(3)]
+    got = torch.autograd.grad(K.qhadam_step(*xs, c), xs, cts)
+    want = V.qhadam_vjp(*(x.detach() for x in xs), *cts, *c)
+    for g_, w_ in zip(got, want):
+        assert torch.isfinite(g_).all()
+        torch.testing.assert_close(g_, w_, rtol=1e-15, atol=1e-15)
+    got = torch.autograd.grad(K.qhm_step(*xs[:3], qhm_coef()), xs[:3], cts[:2])
+    for g_, w_ in zip(got, V.qhm_vjp(*cts[:2], *qhm_coef())):
+        torch.testing.assert_close(g_, w_, rtol=1e-15, atol=1e-15)

@@ -70,9 +70,12 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # The problem
 # ----------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class RidgeProblem:
-    """Per-feature ridge regression: LL least squares + ``sum exp(h_i) w_i^2 / 2``, UL validation."""
+    """Per-feature ridge regression: LL least squares + ``sum exp(h_i) w_i^2 / 2``, UL validation.
+
+    Frozen, compared and hashed by identity (``eq=False``), so it can be a static argument.
+    """
 
     X_tr: np.ndarray
     y_tr: np.ndarray

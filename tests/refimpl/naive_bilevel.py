@@ -194,8 +194,6 @@ def _sqrt_with_tangent(q, Q):
 class _SGD:
     """torch.optim.SGD (maximize=False)."""
 
-    defaults = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0)
-
     def __init__(self, lr, momentum, dampening, nesterov, weight_decay):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")

@@ -70,9 +70,12 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # The problem
 # ----------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class RidgeProblem:
-    """Per-feature ridge regression: LL least squares + ``sum exp(h_i) w_i^2 / 2``, UL validation."""
+    """Per-feature ridge regression: LL least squares + ``sum exp(h_i) w_i^2 / 2``, UL validation.
+
+    Frozen, compared and hashed by identity (``eq=False``), so it can be a static argument.
+    """
 
     X_tr: np.ndarray
     y_tr: np.ndarray
@@ -191,12 +194,11 @@ def _sqrt_with_tangent(q, Q):
 class _SGD:
     """torch.optim.SGD (maximize=False)."""
 
-    defaults = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0)
-
     def __init__(self, lr, momentum, dampening, nesterov, weight_decay):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        self.lr, self.mom, self.damp, self.nesterov, self.wd = lr, momentum, dampening, nesterov, weight_decay
+        self.lr, self.mom, self.damp, self.nesterov = lr, momentum, dampening, nesterov
+        self.wd = weight_decay
         self.buf = self.Buf = None
 
     def zero_state_tangents(self):
@@ -223,7 +225,8 @@ class _Adam:
     """torch.optim.Adam (decoupled=False) or torch.optim.AdamW (decoupled=True), amsgrad=False."""
 
     def __init__(self, lr, betas, eps, weight_decay, decoupled):
-        self.lr, (self.b1, self.b2), self.eps, self.wd, self.decoupled = lr, betas, eps, weight_decay, decoupled
+        self.lr, (self.b1, self.b2), self.eps = lr, betas, eps
+        self.wd, self.decoupled = weight_decay, decoupled
         self.k = 0
         self.m = self.M = self.v = self.V = None
 
@@ -258,7 +261,8 @@ class _QHM:
     def __init__(self, lr, momentum, nu, weight_decay, weight_decay_type):
         if weight_decay_type not in ("grad", "direct"):
             raise ValueError(f"Invalid weight_decay_type: {weight_decay_type!r}")
-        self.lr, self.beta, self.nu, self.wd, self.direct = lr, momentum, nu, weight_decay, weight_decay_type == "direct"
+        self.lr, self.beta, self.nu, self.wd = lr, momentum, nu, weight_decay
+        self.direct = weight_decay_type == "direct"
         self.buf = self.Buf = None
 
     def zero_state_tangents(self):

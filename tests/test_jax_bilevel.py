@@ -310,6 +310,24 @@ def test_vmap_over_a_batch_of_ul_params(problems, x64):
         assert_matches(jax.tree.map(lambda a: a[i], out), ref, init_aux=True)
 
 
+@pytest.mark.parametrize("opt", [optax.adam(0.1), qhadam(0.1, nus=(0.7, 0.9))],
+                         ids=["optax.adam", "uniopt.qhadam"])
+def test_exact_zero_gradient_entries_give_finite_hypergradients(opt, x64):
+    """w[1] never enters the LL loss: its gradient and Adam moments stay exactly 0, w[1] stays
+    put, so dF/dw0[1] = 2 w0[1] for F = w[0]^2 + w[1]^2 (no 0 * inf = NaN from the sqrt)."""
+    def ll(s):
+        return (s["lower_model"][0] - s["upper_model"]) ** 2
+
+    def ul(s):
+        return s["lower_model"][0] ** 2 + s["lower_model"][1] ** 2
+
+    out = Dynamic(ll, 3, ul, ll_opt=opt, init_aux=True).hypergrad(
+        jnp.asarray(0.5), jnp.array([0.0, 1.5]), None, None)
+    assert np.isfinite(float(out.ul_grad)) and float(out.ul_grad) != 0.0
+    assert np.all(np.isfinite(np.asarray(out.ll_init_grad)))
+    assert float(out.ll_init_grad[1]) == 3.0
+
+
 def test_pytree_params_and_float32(x64):
     """Dict pytrees for both levels; float32 parameters stay float32."""
     rng = np.random.default_rng(3)

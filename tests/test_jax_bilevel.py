@@ -313,8 +313,8 @@ def test_vmap_over_a_batch_of_ul_params(problems, x64):
 @pytest.mark.parametrize("opt", [optax.adam(0.1), qhadam(0.1, nus=(0.7, 0.9))],
                          ids=["optax.adam", "uniopt.qhadam"])
 def test_exact_zero_gradient_entries_give_finite_hypergradients(opt, x64):
-    """w[1] never enters the LL loss: its gradient and Adam moments stay exactly 0, w[1] stays
-    put, so dF/dw0[1] = 2 w0[1] for F = w[0]^2 + w[1]^2 (no 0 * inf = NaN from the sqrt)."""
+    """w[1] never enters the LL loss: its gradient (a constant 0) and Adam moments stay exactly
+    0, w[1] stays put, so dF/dw0[1] = 2 w0[1] for F = w[0]^2 + w[1]^2 (finite)."""
     def ll(s):
         return (s["lower_model"][0] - s["upper_model"]) ** 2
 
@@ -326,6 +326,25 @@ def test_exact_zero_gradient_entries_give_finite_hypergradients(opt, x64):
     assert np.isfinite(float(out.ul_grad)) and float(out.ul_grad) != 0.0
     assert np.all(np.isfinite(np.asarray(out.ll_init_grad)))
     assert float(out.ll_init_grad[1]) == 3.0
+
+
+@pytest.mark.xfail(strict=True, reason="adapters/jax/qh.py binds the QHAdam rule's sqrt to "
+                   "jnp.sqrt (infinite derivative at 0), not to a guarded sqrt: NaN where the "
+                   "project's convention (docs/bilevel.md) gives a finite hypergradient")
+def test_qhadam_sqrt_at_zero_nan(x64):
+    """w[1] is held at exactly 0 by the penalty h * w[1]^2: its gradient 2 h w[1] is 0 at every
+    step but depends on (h, w0). Adam-type steps divide by sqrt(v) + eps with v == 0 there."""
+    def ll(s):
+        w, h = s["lower_model"], s["upper_model"]
+        return (w[0] - h) ** 2 + h * w[1] ** 2
+
+    def ul(s):
+        return s["lower_model"][0] ** 2 + (s["lower_model"][1] - 1.0) ** 2
+
+    out = Dynamic(ll, 3, ul, ll_opt=qhadam(0.1, nus=(0.7, 0.9)), init_aux=True).hypergrad(
+        jnp.asarray(0.5), jnp.array([0.0, 0.0]), None, None)
+    assert np.isfinite(float(out.ul_grad))
+    assert np.all(np.isfinite(np.asarray(out.ll_init_grad)))
 
 
 def test_pytree_params_and_float32(x64):

@@ -161,7 +161,10 @@ class Dynamic:
         ``optax.add_decayed_weights``, :func:`uniopt.adapters.jax.qhm`/``qhadam``...). Its
         ``update`` is called with the LL parameters (``update(d, s, w)``), and its state
         starts fresh (``ll_opt.init(w_0)``) at each solve. Required (``None`` is an error; the
-        default only keeps the torch face's argument order).
+        default only keeps the torch face's argument order). Its jnp code is differentiated
+        as it is: Adam-type rules (``optax.adam``, uniopt's ``qhadam``) have an infinite
+        derivative of ``sqrt(v)`` at ``v == 0``, so an LL entry whose gradient has been exactly
+        zero but depends on the variables gives a NaN hypergradient (``docs/deviations.md``).
       alpha_decay: :math:`\gamma \in (0, 1]`, so that :math:`a_t = \alpha\gamma^t`.
       init_aux: also return the gradient with respect to the LL initial point.
       warm_start: :meth:`hypergrad` returns :math:`w_T` as the next LL initial point

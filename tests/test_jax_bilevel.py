@@ -208,6 +208,27 @@ def test_trad_with_adam_stops_the_optimizer_state_too(problems, x64):
                                   truncate_iters=3))
 
 
+def test_rad_approaches_the_implicit_hypergradient_as_T_grows(problems, x64):
+    """RAD's bias against the implicit-function hypergradient (closed form at the exact LL
+    minimiser) is of order T rho^T for this strongly convex quadratic LL problem, with
+    rho = 1 - lr * lambda_min(A + diag e^h): w_T's error is O(rho^T) and the tail of the
+    Neumann series of the adjoint is O(T rho^T)."""
+    p = problems["ridge"]
+    lr = 0.3
+    implicit, _ = nb.implicit_hypergradient(p)
+    A = p.X_tr.T @ p.X_tr / len(p.y_tr) + np.diag(np.exp(p.h))
+    rho = 1 - lr * np.linalg.eigvalsh(A).min()
+    assert 0 < rho < 1
+    errors = []
+    for T in (25, 50, 100):
+        out = jax.jit(dynamic(T=T, lr=lr).hypergrad)(*args(p))
+        err = np.abs(np.asarray(out.ul_grad) - implicit).max() / np.abs(implicit).max()
+        assert err <= T * rho ** T + 1e-12
+        errors.append(err)
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-12
+
+
 # ----------------------------------------------------------------------------------------------
 # Outer loops: reset and warm start
 # ----------------------------------------------------------------------------------------------

@@ -400,7 +400,7 @@ def test_pytree_params_and_float32(x64):
             return ul({"data": args[4], "target": args[5], "upper_model": {"lam": lam},
                        "lower_model": w})
 
-        g_lam, g_w0 = jax.grad(direct, (0, 1))(ulp["lam"], llp)
+        g_lam, g_w0 = jax.jit(jax.grad(direct, (0, 1)))(ulp["lam"], llp)
         tol = 1e-12 if dtype == np.float64 else 1e-5
         np.testing.assert_allclose(float(out.ul_grad["lam"]), float(g_lam), rtol=tol, atol=tol)
         _close_trees(out.ll_init_grad, g_w0, tol)

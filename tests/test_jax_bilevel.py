@@ -349,10 +349,7 @@ def test_exact_zero_gradient_entries_give_finite_hypergradients(opt, x64):
     assert float(out.ll_init_grad[1]) == 3.0
 
 
-@pytest.mark.xfail(strict=True, reason="adapters/jax/qh.py binds the QHAdam rule's sqrt to "
-                   "jnp.sqrt (infinite derivative at 0), not to a guarded sqrt: NaN where the "
-                   "project's convention (docs/bilevel.md) gives a finite hypergradient")
-def test_qhadam_sqrt_at_zero_nan(x64):
+def test_qhadam_sqrt_at_zero_is_finite(x64):
     """w[1] is held at exactly 0 by the penalty h * w[1]^2: its gradient 2 h w[1] is 0 at every
     step but depends on (h, w0). Adam-type steps divide by sqrt(v) + eps with v == 0 there."""
     def ll(s):

@@ -459,13 +459,15 @@ def test_checkpoint_same_results_less_memory(opt):
 # ----------------------------------------------------------------------------------------------
 # The Numba kernel path against the torch-ops path
 # ----------------------------------------------------------------------------------------------
-def test_kernels_true_without_kernels_is_an_error():
-    if _unroll.kernel_available():
-        pytest.skip("the kernels are available (covered by test_kernel_path_equals_torch_ops)")
+def test_kernels_true_without_kernels_is_an_error(monkeypatch):
+    monkeypatch.setattr(_unroll, "_unroll_kernel", None)  # as on a build without them
     P = Ridge(13)
     dyn, _, _ = make(P, "sgd", 3, kernels=True)
-    with pytest.raises(RuntimeError, match="kernels"):
+    with pytest.raises(RuntimeError, match="kernels are not available"):
         dyn.optimize(P.X, P.y)
+    dyn.kernels = None  # auto: torch ops
+    dyn.hypergrad(dyn.optimize(P.X, P.y), P.Xv, P.yv)
+    close(dyn.ul_model.h.grad, plain_hypergrad(P, 3, "sgd", OPTS["sgd"][1])[1])
 
 
 @pytest.mark.parametrize("opt", ["sgd", "sgd_nesterov", "qhm", "adam", "qhadamw"])

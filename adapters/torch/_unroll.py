@@ -206,9 +206,10 @@ def diff_step(kind: str, coefficients, w: torch.Tensor, g: torch.Tensor, buffers
       coefficients: this step's coefficients (:func:`advance`).
       w, g: the group's flat iterate and gradient.
       buffers: the state tensors (``()``, ``(buf,)`` or ``(exp_avg, exp_avg_sq)``).
-      kernel: run bcore's Numba kernels (the caller checked :func:`kernel_supported`) instead
-        of torch ops.
+      kernel: run bcore's Numba kernels instead of torch ops when they accept these tensors
+        (checked here, with the gradient: an unusual gradient layout falls back to torch ops).
     """
+    kernel = kernel and _unroll_kernel is not None and _unroll_kernel.supported(w, g, *buffers)
     if kind == "sgd":
         if kernel:
             return _unroll_kernel.sgd_step(w, g, coefficients), ()

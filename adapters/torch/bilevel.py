@@ -329,7 +329,10 @@ class Dynamic:
         if (self.alpha > 0.0 or self.acquire_max_loss) and val_data is None:
             method = "PTT (acquire_max_loss=True)" if self.acquire_max_loss else f"BDA (alpha={self.alpha})"
             raise ValueError(f"Invalid val_data: None ({method} needs validation data)")
-        if [list(g["params"]) for g in self.ll_opt.param_groups] != self._groups:
+        current = [list(g["params"]) for g in self.ll_opt.param_groups]
+        if len(current) != len(self._groups) or any(
+                len(a) != len(b) or any(x is not y for x, y in zip(a, b))
+                for a, b in zip(current, self._groups)):
             self._layout = self._check_layout()
         rules = _unroll.group_rules(self.ll_opt)
         kinds = [r.kind for r in rules]

@@ -59,6 +59,7 @@ __all__ = [
     "check_projected_ascent",
     "check_penalty_updater",
     "check_bilevel_dynamic",
+    "check_step_coefficients",
 ]
 
 WEIGHT_DECAY_TYPES = ("grad", "direct")
@@ -493,3 +494,23 @@ def check_bilevel_dynamic(ll_objective, ul_objective, lower_loop, acquire_max_lo
     flags = [boolean(f"{what} value", v) for what, v in
              (("init_aux", init_aux), ("warm_start", warm_start), ("checkpoint", checkpoint))]
     return (lower_loop, acquire_max_loss, alpha, truncate_iters, decay, *flags)
+
+
+# ----------------------------------------------------------------------------------------------
+# Differentiable unrolling (uniopt.unroll)
+# ----------------------------------------------------------------------------------------------
+def check_step_coefficients(value: Any, count: int, source: str) -> tuple:
+    """A rule's step coefficients as a tuple of ``count`` finite floats.
+
+    ``source`` names the function that makes them (for the message), e.g.
+    ``"uniopt.rules.qh.qhm_coefficients"``. TypeError unless ``value`` is a sequence of real
+    numbers; ValueError for a wrong length or a non-finite entry.
+    """
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
+        raise TypeError(f"Invalid coefficients: {value!r} (expected the {count} numbers of "
+                        f"{source})")
+    items = tuple(value)
+    if len(items) != count:
+        raise ValueError(f"Invalid coefficients: {value!r} (expected the {count} numbers of "
+                         f"{source}, got {len(items)})")
+    return tuple(finite(f"coefficient at index {i}", c) for i, c in enumerate(items))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import qhoptim.pyt as qhoptim_pyt
+from refimpl import naive_bilevel as nb
 from uniopt.adapters.torch import QHM, QHAdam, QHAdamW
 from uniopt.adapters.torch import _unroll
 from uniopt.adapters.torch.bilevel import Dynamic
@@ -29,6 +30,15 @@ DT = torch.float64
 # The per-feature ridge problem: f = |X w - y|^2/(2n) + 1/2 sum exp(h) w^2, F = |Xv w - yv|^2/(2nv)
 # ----------------------------------------------------------------------------------------------
 class Ridge:
+    @classmethod
+    def of(cls, problem: "nb.RidgeProblem") -> "Ridge":
+        """The oracle's problem as float64 tensors."""
+        P = cls.__new__(cls)
+        for name, field in (("X", "X_tr"), ("y", "y_tr"), ("Xv", "X_val"), ("yv", "y_val"),
+                            ("h", "h"), ("w0", "w0")):
+            setattr(P, name, torch.tensor(getattr(problem, field), dtype=DT))
+        return P
+
     def __init__(self, seed=0, n=40, n_val=30, dim=6):
         g = torch.Generator().manual_seed(seed)
         self.X = torch.randn(n, dim, generator=g, dtype=DT)
@@ -184,6 +194,168 @@ def close(a, b, tol=1e-10):
 
 
 # ----------------------------------------------------------------------------------------------
+# The exact oracle (tests/refimpl/naive_bilevel.py, forward-mode recursion), 1e-10
+# ----------------------------------------------------------------------------------------------
+# (our optimizer class and kwargs, the oracle's optimizer name and kwargs)
+ORACLE_OPTS = {
+    "sgd": (torch.optim.SGD, {}, "sgd", {}),
+    "sgd-momentum-wd": (torch.optim.SGD, {"momentum": 0.9, "weight_decay": 0.05}, "sgd",
+                        {"momentum": 0.9, "weight_decay": 0.05}),
+    "sgd-nesterov": (torch.optim.SGD, {"momentum": 0.8, "nesterov": True}, "sgd",
+                     {"momentum": 0.8, "nesterov": True}),
+    "adam": (torch.optim.Adam, {"betas": (0.8, 0.95), "weight_decay": 0.02}, "adam",
+             {"betas": (0.8, 0.95), "weight_decay": 0.02}),
+    "adamw": (torch.optim.AdamW, {"betas": (0.8, 0.99), "weight_decay": 0.05}, "adamw",
+              {"betas": (0.8, 0.99), "weight_decay": 0.05}),
+    "qhm": (QHM, {"momentum": 0.9, "nu": 0.7, "weight_decay": 0.02}, "qhm",
+            {"momentum": 0.9, "nu": 0.7, "weight_decay": 0.02}),
+    "qhm-direct": (QHM, {"momentum": 0.5, "nu": 1.3, "weight_decay": 0.1,
+                         "weight_decay_type": "direct"}, "qhm",
+                   {"momentum": 0.5, "nu": 1.3, "weight_decay": 0.1, "weight_decay_type": "direct"}),
+    "qhadam": (QHAdam, {"betas": (0.8, 0.99), "nus": (0.7, 0.9), "weight_decay": 0.02}, "qhadam",
+               {"betas": (0.8, 0.99), "nus": (0.7, 0.9), "weight_decay": 0.02}),
+    "qhadamw": (QHAdamW, {"nus": (0.6, 1.0), "weight_decay": 0.1}, "qhadam",
+                {"nus": (0.6, 1.0), "weight_decay": 0.1, "decouple_weight_decay": True}),
+}
+# Dynamic's options, the oracle's options
+METHODS = {
+    "rad": ({}, {}),
+    "trad-1": ({"truncate_iters": 1}, {"truncate_iters": 1}),
+    "trad-4": ({"truncate_iters": 4}, {"truncate_iters": 4}),
+    "trad-11": ({"truncate_iters": 11}, {"truncate_iters": 11}),
+    "bda": ({"alpha": 0.4, "alpha_decay": 0.85}, {"alpha": 0.4, "alpha_decay": 0.85}),
+    "bda-trad": ({"alpha": 0.4, "alpha_decay": 0.85, "truncate_iters": 3},
+                 {"alpha": 0.4, "alpha_decay": 0.85, "truncate_iters": 3}),
+    "ptt": ({"acquire_max_loss": True}, {"ptt": True}),
+    "bda-ptt": ({"acquire_max_loss": True, "alpha": 0.4, "alpha_decay": 0.85},
+                {"ptt": True, "alpha": 0.4, "alpha_decay": 0.85}),
+    "rad-init": ({"init_aux": True}, {}),
+    "iaptt": ({"init_aux": True, "acquire_max_loss": True}, {"ptt": True}),
+    "trad-init": ({"init_aux": True, "truncate_iters": 2}, {"truncate_iters": 2}),
+}
+
+
+def dynamic_for(P, opt, T, lr, kernels=None, **kwargs):
+    cls, kw, _, _ = ORACLE_OPTS[opt]
+    ul, ll = UL(P.h), LL(P.w0)
+    dyn = Dynamic(ll_objective, T, ul, ul_objective, ll, ll_opt=cls(ll.parameters(), lr=lr, **kw),
+                  kernels=kernels, **kwargs)
+    return dyn, ul, ll
+
+
+def check_exact(problem, T, lr, opt, method, kernels=None, tol=1e-10, **extra):
+    ours, theirs = METHODS[method]
+    P = Ridge.of(problem)
+    dyn, ul, ll = dynamic_for(P, opt, T, lr, kernels, **ours, **extra)
+    res = dyn.optimize(P.X, P.y, P.Xv, P.yv)
+    assert ul.h.grad is None and ll.w.grad is None  # the solve touches no .grad
+    L = dyn.hypergrad(res, P.Xv, P.yv)
+    _, _, name, okw = ORACLE_OPTS[opt]
+    ex = nb.exact(problem, T, lr, optimizer=name, opt_kwargs=okw, **theirs)
+    assert res.tstar == ex.tstar
+    close(res.ul_losses, ex.ul_losses, tol)
+    close(torch.stack([w[0].detach() for w in res.trajectory]), ex.trajectory, tol)
+    close(L, ex.ul_loss, tol)
+    close(ul.h.grad, ex.grad_h, tol)
+    if ours.get("init_aux"):
+        close(ll.w.grad, ex.grad_w0, tol)
+    else:
+        assert ll.w.grad is None
+    return res, ex
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_exact_methods(method):
+    if METHODS[method][1].get("ptt"):
+        problem, setting = nb.ptt_problem()
+        T, lr = setting["T"], setting["lr"]
+    else:
+        problem, T, lr = nb.ridge_problem(seed=1), 12, 0.3
+    res, ex = check_exact(problem, T, lr, "sgd", method)
+    if METHODS[method][1].get("ptt"):
+        assert 1 < res.tstar < T  # an interior t*
+        assert res.trajectory[T][0].grad_fn is None  # the graph after t* was dropped
+    if method == "trad-init":
+        close(ex.grad_w0, np.zeros(problem.dim), 0)
+    elif "init" in method or method == "iaptt":
+        assert np.abs(ex.grad_w0).max() > 1e-6
+
+
+@pytest.mark.parametrize("opt", sorted(ORACLE_OPTS))
+@pytest.mark.parametrize("method", ["rad", "trad-4", "rad-init"])
+def test_exact_inner_optimizers(opt, method):
+    check_exact(nb.ridge_problem(seed=2), 10, 0.05 if "adam" in opt else 0.2, opt, method)
+
+
+@pytest.mark.parametrize("opt", ["sgd-momentum-wd", "adam"])
+def test_exact_ptt_with_inner_optimizers(opt):
+    problem, setting = nb.ptt_problem()
+    res, _ = check_exact(problem, setting["T"], 0.1 if opt == "adam" else 0.2, opt, "bda-ptt")
+    assert res.tstar < setting["T"]
+
+
+@pytest.mark.parametrize("policy", ["reset", "warm"])
+@pytest.mark.parametrize("opt, method", [("sgd", "rad"), ("sgd-momentum-wd", "rad-init"),
+                                         ("adam", "iaptt"), ("qhm", "trad-4")])
+def test_exact_outer_loops(policy, opt, method):
+    """3 outer steps with real UL (and init) optimizers against the oracle's outer loop."""
+    problem, n_outer, T, lr, ul_lr, init_lr = nb.ridge_problem(seed=3), 3, 8, 0.2, 0.5, 0.3
+    if method == "iaptt":
+        problem, setting = nb.ptt_problem()
+        T, lr = setting["T"], 0.1
+    ours, theirs = METHODS[method]
+    init = ours.get("init_aux", False)
+    P = Ridge.of(problem)
+    dyn, ul, ll = dynamic_for(P, opt, T, lr, warm_start=policy == "warm", **ours)
+    ul_opt = torch.optim.SGD(ul.parameters(), lr=ul_lr)
+    init_opt = torch.optim.SGD(ll.parameters(), lr=init_lr)
+    _, _, name, okw = ORACLE_OPTS[opt]
+    exs = nb.exact_outer(problem, n_outer, T, lr, ul_lr, policy=policy,
+                         init_lr=init_lr if init else None, optimizer=name, opt_kwargs=okw, **theirs)
+    for ex in exs:
+        close(ll.w.detach(), ex.trajectory[0])
+        ul_opt.zero_grad()
+        init_opt.zero_grad()
+        res = dyn.optimize(P.X, P.y, P.Xv, P.yv)
+        L = dyn.hypergrad(res, P.Xv, P.yv)
+        assert res.tstar == ex.tstar
+        close(L, ex.ul_loss)
+        close(ul.h.grad, ex.grad_h)
+        ul_opt.step()
+        if init:
+            close(ll.w.grad, ex.grad_w0)
+            init_opt.step()
+    moved = (ll.w.detach() - P.w0).abs().max()
+    assert moved > 1e-6 if (policy == "warm" or init) else moved == 0
+
+
+def test_rad_approaches_the_implicit_hypergradient():
+    problem = nb.ridge_problem(seed=4)
+    implicit, w_star = nb.implicit_hypergradient(problem)
+    P = Ridge.of(problem)
+    errors = []
+    for T in (5, 20, 80):
+        dyn, ul, _ = dynamic_for(P, "sgd", T, 0.3)
+        res = dyn.optimize(P.X, P.y)
+        dyn.hypergrad(res, P.Xv, P.yv)
+        errors.append(float((ul.h.grad - torch.tensor(implicit)).abs().max()))
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-6, errors
+    close(res.params[0], w_star, 1e-4)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "sgd-nesterov", "qhm", "adam", "qhadamw"])
+@pytest.mark.parametrize("method", ["rad", "trad-4", "iaptt"])
+def test_exact_kernel_path(opt, method):
+    """The Numba forward + VJP kernels (kernels=True) against the oracle."""
+    if method == "iaptt":
+        problem, setting = nb.ptt_problem()
+        T, lr = setting["T"], 0.1 if "adam" in opt else 0.3
+    else:
+        problem, T, lr = nb.ridge_problem(seed=5), 10, 0.05 if "adam" in opt else 0.2
+    check_exact(problem, T, lr, opt, method, kernels=True)
+
+
+# ----------------------------------------------------------------------------------------------
 # Forward: the inner optimizers are the real ones
 # ----------------------------------------------------------------------------------------------
 REAL = {
@@ -226,22 +398,6 @@ def test_maximize_is_read():
     close(res.params[0], w.detach(), 1e-12)
 
 
-# ----------------------------------------------------------------------------------------------
-# Hypergradients against the plain unroll
-# ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("opt", sorted(OPTS))
-def test_rad_every_inner_optimizer(opt):
-    P, T = Ridge(3), 10
-    dyn, ul, ll = make(P, opt, T, kernels=False)
-    res = dyn.optimize(P.X, P.y, P.Xv, P.yv)
-    L = dyn.hypergrad(res, P.Xv, P.yv)
-    ref = plain_hypergrad(P, T, PLAIN_NAME[opt], OPTS[opt][1])
-    close(L, ref[0])
-    close(ul.h.grad, ref[1])
-    close(res.ul_losses, ref[4])
-    assert res.tstar == T and ll.w.grad is None
-
-
 @pytest.mark.parametrize("k_drop", [1, 4, 9])
 def test_trad_truncated_steps(k_drop):
     P, T = Ridge(4), 10
@@ -264,69 +420,6 @@ def test_trad_truncated_steps(k_drop):
     assert (ul.h.grad - polluted).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("opt", ["adam", "qhadam"])
-def test_trad_carries_adam_state(opt):
-    P, T = Ridge(5), 8
-    dyn, ul, _ = make(P, opt, T, truncate_iters=3)
-    dyn.hypergrad(dyn.optimize(P.X, P.y), P.Xv, P.yv)
-    ref = plain_hypergrad(P, T, PLAIN_NAME[opt], OPTS[opt][1], truncate_iters=3)
-    close(ul.h.grad, ref[1])
-
-
-def test_bda():
-    P, T = Ridge(6), 10
-    dyn, ul, _ = make(P, "sgd", T, alpha=0.6, alpha_decay=0.8)
-    res = dyn.optimize(P.X, P.y, P.Xv, P.yv)
-    L = dyn.hypergrad(res, P.Xv, P.yv)
-    ref = plain_hypergrad(P, T, "sgd", OPTS["sgd"][1], alpha=0.6, alpha_decay=0.8)
-    close(L, ref[0])
-    close(ul.h.grad, ref[1])
-    assert (ul.h.grad - plain_hypergrad(P, T, "sgd", OPTS["sgd"][1])[1]).abs().max() > 1e-6
-
-
-def ptt_setting():
-    """A problem where F(w_t) peaks inside the trajectory: w0 near the validation optimum."""
-    P = Ridge(7)
-    P.w0 = torch.linalg.lstsq(P.Xv, P.yv).solution + 0.05
-    return P
-
-
-@pytest.mark.parametrize("alpha", [0.0, 0.3])
-def test_ptt_interior(alpha):
-    P, T = ptt_setting(), 15
-    cls = torch.optim.SGD
-    ul, ll = UL(P.h), LL(P.w0)
-    kw = {"lr": 0.3, "momentum": 0.9}
-    dyn = Dynamic(ll_objective, T, ul, ul_objective, ll, True, alpha, ll_opt=cls(ll.parameters(), **kw),
-                  alpha_decay=0.9)
-    res = dyn.optimize(P.X, P.y, P.Xv, P.yv)
-    ref = plain_hypergrad(P, T, "sgd", kw, ptt=True, alpha=alpha, alpha_decay=0.9)
-    assert 1 < res.tstar < T, res.ul_losses
-    assert res.tstar == ref[3] == 1 + int(torch.argmax(res.ul_losses))
-    close(res.ul_losses, ref[4])
-    L = dyn.hypergrad(res, P.Xv, P.yv)
-    close(L, ref[0])
-    close(ul.h.grad, ref[1])
-    assert res.trajectory[T][0].grad_fn is None  # the graph after t* was dropped
-    close(L, res.ul_losses.max())
-
-
-def test_init_aux_and_iaptt():
-    P, T = ptt_setting(), 15
-    kw = {"lr": 0.3, "momentum": 0.9}
-    for ptt in (False, True):
-        ul, ll = UL(P.h), LL(P.w0)
-        dyn = Dynamic(ll_objective, T, ul, ul_objective, ll, ptt,
-                      ll_opt=torch.optim.SGD(ll.parameters(), **kw), init_aux=True)
-        res = dyn.optimize(P.X, P.y, P.Xv, P.yv)
-        dyn.hypergrad(res, P.Xv, P.yv)
-        ref = plain_hypergrad(P, T, "sgd", kw, ptt=ptt, init_aux=True)
-        assert res.tstar == ref[3]
-        close(ul.h.grad, ref[1])
-        close(ll.w.grad, ref[2])
-        assert ll.w.grad.abs().max() > 1e-6
-
-
 def test_init_aux_with_trad_gives_zero_w0_gradient():
     P = Ridge(8)
     dyn, ul, ll = make(P, "sgd", 6, truncate_iters=2, init_aux=True)
@@ -341,39 +434,6 @@ def test_hypergrad_adds_into_grad():
     ul.h.grad = torch.ones_like(ul.h)
     dyn.hypergrad(dyn.optimize(P.X, P.y), P.Xv, P.yv)
     close(ul.h.grad, 1 + plain_hypergrad(P, 5, "sgd", OPTS["sgd"][1])[1])
-
-
-# ----------------------------------------------------------------------------------------------
-# Outer loops: reset and warm start with a real UL optimizer
-# ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("policy", ["reset", "warm"])
-@pytest.mark.parametrize("init_aux", [False, True])
-def test_outer_loop(policy, init_aux):
-    P, T, n_outer, ul_lr, init_lr = Ridge(10), 6, 3, 0.5, 0.2
-    kw = OPTS["sgd_momentum"][1]
-    ul, ll = UL(P.h), LL(P.w0)
-    dyn = Dynamic(ll_objective, T, ul, ul_objective, ll, ll_opt=torch.optim.SGD(ll.parameters(), **kw),
-                  init_aux=init_aux, warm_start=policy == "warm")
-    ul_opt = torch.optim.SGD(ul.parameters(), lr=ul_lr)
-    init_opt = torch.optim.SGD(ll.parameters(), lr=init_lr)
-    h, w0 = P.h.clone(), P.w0.clone()
-    for _ in range(n_outer):
-        ul_opt.zero_grad()
-        init_opt.zero_grad()
-        L = dyn.hypergrad(dyn.optimize(P.X, P.y), P.Xv, P.yv)
-        ul_opt.step()
-        if init_aux:
-            init_opt.step()
-        ref = plain_hypergrad(P, T, "sgd", kw, h=h, w0=w0, init_aux=init_aux)
-        close(L, ref[0])
-        h = h - ul_lr * ref[1]
-        if policy == "warm":
-            w0 = ref[5][-1]
-        if init_aux:
-            w0 = w0 - init_lr * ref[2]
-        close(ul.h.detach(), h)
-        close(ll.w.detach(), w0)
-    assert (ll.w.detach() - P.w0).abs().max() > (1e-6 if policy == "warm" or init_aux else -1)
 
 
 def test_hyperparameters_read_at_each_solve():
@@ -442,11 +502,12 @@ def saved_bytes(fn):
 
 
 @pytest.mark.parametrize("opt", ["sgd_momentum", "adam"])
-def test_checkpoint_same_results_less_memory(opt):
+@pytest.mark.parametrize("kernels", [None, False])
+def test_checkpoint_same_results_less_memory(opt, kernels):
     P, T = Ridge(12, n=200, dim=50), 10
     grads, nbytes = [], []
     for ckpt in (False, True):
-        dyn, ul, _ = make(P, opt, T, checkpoint=ckpt, truncate_iters=2)
+        dyn, ul, _ = make(P, opt, T, checkpoint=ckpt, truncate_iters=2, kernels=kernels)
         res, n = saved_bytes(lambda: dyn.optimize(P.X, P.y))
         dyn.hypergrad(res, P.Xv, P.yv)
         grads.append(ul.h.grad)
@@ -454,6 +515,18 @@ def test_checkpoint_same_results_less_memory(opt):
     close(grads[1], grads[0], 1e-12)
     close(grads[0], plain_hypergrad(P, T, PLAIN_NAME[opt], OPTS[opt][1], truncate_iters=2)[1])
     assert nbytes[1] < 0.5 * nbytes[0], nbytes
+
+
+@pytest.mark.parametrize("method", ["iaptt", "bda-trad"])
+@pytest.mark.parametrize("kernels", [None, False])
+def test_exact_with_checkpoint(method, kernels):
+    if method == "iaptt":
+        problem, setting = nb.ptt_problem()
+        T, lr = setting["T"], setting["lr"]
+    else:
+        problem, T, lr = nb.ridge_problem(seed=6), 10, 0.2
+    check_exact(problem, T, lr, "sgd-momentum-wd" if method == "bda-trad" else "sgd", method,
+                kernels=kernels, checkpoint=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,8 +546,7 @@ def test_kernels_true_without_kernels_is_an_error(monkeypatch):
 @pytest.mark.parametrize("opt", ["sgd", "sgd_nesterov", "qhm", "adam", "qhadamw"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_kernel_path_equals_torch_ops(opt, dtype):
-    if not _unroll.kernel_available():
-        pytest.skip("engineer bcore's _unroll_kernel is not merged yet")
+    assert _unroll.kernel_available()  # bcore's kernels are part of the package
     P, T = Ridge(14), 8
     grads, trajs = [], []
     for kernels in (True, False):

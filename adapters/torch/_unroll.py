@@ -27,8 +27,9 @@ One step is executed either
   root of QHAdam's denominator is :func:`safe_sqrt`, whose derivative at exactly 0 is taken as 0
   (no NaN/Inf when a gradient entry and its moments are exactly zero; ``torch.sqrt`` would give
   ``inf * 0 = NaN`` there); or
-* with engineer bcore's Numba kernels (``_unroll_kernel.sgd_step/qhm_step/qhadam_step``: a
-  forward kernel plus a VJP kernel in a ``torch.autograd.Function``, first derivative only),
+* with the Numba kernels of :mod:`uniopt.adapters.torch._unroll_kernel` (``sgd_step``,
+  ``qhm_step``, ``qhadam_step``: a forward kernel plus a VJP kernel in a
+  ``torch.autograd.Function``, first derivative only),
   when the module is present and ``_unroll_kernel.supported(...)`` accepts the tensors (plain,
   1-D contiguous float32/float64 CPU or CUDA tensors).
 
@@ -50,10 +51,7 @@ from uniopt._validation import check_qhadam, check_qhm
 from uniopt.rules import bind
 from uniopt.rules import qh as _qh
 
-try:  # engineer bcore's Numba forward/VJP kernels (Contract 2); optional until merged
-    from . import _unroll_kernel
-except ImportError:  # pragma: no cover - depends on the merge state
-    _unroll_kernel = None
+from . import _unroll_kernel  # the Numba forward + VJP kernels (None: torch ops only, in tests)
 
 __all__ = ["safe_sqrt", "GroupRule", "group_rules", "initial_state", "diff_step", "kernel_available",
            "kernel_supported", "TruncatedRunner", "SUPPORTED"]
@@ -188,7 +186,7 @@ def advance(rule: GroupRule, scalars: tuple) -> tuple:
 
 
 def kernel_available() -> bool:
-    """Whether engineer bcore's unroll kernels could be imported."""
+    """Whether the unroll kernels are in use (a test sets ``_unroll_kernel`` to ``None``)."""
     return _unroll_kernel is not None
 
 
@@ -206,7 +204,7 @@ def diff_step(kind: str, coefficients, w: torch.Tensor, g: torch.Tensor, buffers
       coefficients: this step's coefficients (:func:`advance`).
       w, g: the group's flat iterate and gradient.
       buffers: the state tensors (``()``, ``(buf,)`` or ``(exp_avg, exp_avg_sq)``).
-      kernel: run bcore's Numba kernels instead of torch ops when they accept these tensors
+      kernel: run the Numba kernels instead of torch ops when they accept these tensors
         (checked here, with the gradient: an unusual gradient layout falls back to torch ops).
     """
     kernel = kernel and _unroll_kernel is not None and _unroll_kernel.supported(w, g, *buffers)

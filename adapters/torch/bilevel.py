@@ -137,7 +137,7 @@ class Dynamic:
     :mod:`uniopt.rules.qh` (see :mod:`uniopt.adapters.torch._unroll`). The weights of each
     param group are held as one flat vector (one dtype and device per group); gradients are
     taken with ``torch.autograd.grad(..., create_graph=True)`` with respect to those vectors
-    only, so no ``.grad`` is touched while solving. A differentiable step runs bcore's Numba
+    only, so no ``.grad`` is touched while solving. A differentiable step runs the Numba
     forward + VJP kernels when available and the tensors allow it (``kernels``), else torch ops.
     Truncated steps (``truncate_iters``) run under ``no_grad``, in place, through a uniopt QHM /
     QHAdam (the shared dispatcher's kernels), at the true iterates; their state is carried on.

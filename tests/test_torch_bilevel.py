@@ -383,17 +383,24 @@ def test_trajectory_is_the_real_optimizer(opt):
     close(ll.w.detach(), P.w0, 0)  # ll_model untouched by the solve
 
 
-def test_maximize_is_read():
+@pytest.mark.parametrize("cls, kw", [
+    (torch.optim.SGD, {"lr": 0.01, "momentum": 0.5, "weight_decay": 0.1}),
+    (torch.optim.Adam, {"lr": 0.01, "weight_decay": 0.1}),
+    (torch.optim.AdamW, {"lr": 0.01}),
+    (QHAdam, {"lr": 0.01, "nus": (0.7, 1.0)}),
+])
+def test_maximize_is_read(cls, kw):
     P = Ridge(2)
     ul, ll = UL(P.h), LL(P.w0)
-    opt = torch.optim.SGD(ll.parameters(), lr=0.01, momentum=0.5, maximize=True)
-    dyn = Dynamic(lambda s: -ll_objective(s), 5, ul, ul_objective, ll, ll_opt=opt)
+    dyn = Dynamic(lambda s: -ll_objective(s), 5, ul, ul_objective, ll,
+                  ll_opt=cls(ll.parameters(), maximize=True, **kw))
     res = dyn.optimize(P.X, P.y)
     w = nn.Parameter(P.w0.clone())
-    real = torch.optim.SGD([w], lr=0.01, momentum=0.5, maximize=True)
+    real = (qhoptim_pyt.QHAdam if cls is QHAdam else cls)([w], **kw, **({} if cls is QHAdam else
+                                                                         {"maximize": True}))
     for _ in range(5):
         real.zero_grad()
-        (-f_plain(P, w, P.h)).backward()
+        (-f_plain(P, w, P.h) if cls is not QHAdam else f_plain(P, w, P.h)).backward()
         real.step()
     close(res.params[0], w.detach(), 1e-12)
 
@@ -541,6 +548,19 @@ def test_kernels_true_without_kernels_is_an_error(monkeypatch):
     dyn.kernels = None  # auto: torch ops
     dyn.hypergrad(dyn.optimize(P.X, P.y), P.Xv, P.yv)
     close(dyn.ul_model.h.grad, plain_hypergrad(P, 3, "sgd", OPTS["sgd"][1])[1])
+
+
+def test_kernels_true_with_unsupported_tensors_is_an_error():
+    P = Ridge(13)
+    ul, ll = UL(P.h), LL(P.w0).to(torch.float16)
+    dyn = Dynamic(ll_objective, 3, ul, ul_objective, ll, ll_opt=torch.optim.SGD(ll.parameters(), lr=0.1),
+                  kernels=True)
+    with pytest.raises(RuntimeError, match="cannot take these tensors"):
+        dyn.optimize(P.X.half(), P.y.half())
+    dyn.kernels = None  # auto: torch ops on float16
+    res = dyn.optimize(P.X.half(), P.y.half())
+    assert res.params[0].dtype == torch.float16
+    close(res.params[0].double(), plain_hypergrad(P, 3, "sgd", {"lr": 0.1})[5][-1], 2e-2)
 
 
 @pytest.mark.parametrize("opt", ["sgd", "sgd_nesterov", "qhm", "adam", "qhadamw"])

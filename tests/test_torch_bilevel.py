@@ -345,14 +345,23 @@ def test_rad_approaches_the_implicit_hypergradient():
 
 @pytest.mark.parametrize("opt", ["sgd", "sgd-nesterov", "qhm", "adam", "qhadamw"])
 @pytest.mark.parametrize("method", ["rad", "trad-4", "iaptt"])
-def test_exact_kernel_path(opt, method):
+def test_exact_kernel_path(opt, method, monkeypatch):
     """The Numba forward + VJP kernels (kernels=True) against the oracle."""
+    kernel_module = _unroll._unroll_kernel
+    calls = []
+    for name in ("sgd_step", "qhm_step", "qhadam_step"):
+        def counted(*args, _fn=getattr(kernel_module, name), _name=name):
+            calls.append(_name)
+            return _fn(*args)
+        monkeypatch.setattr(kernel_module, name, counted)
     if method == "iaptt":
         problem, setting = nb.ptt_problem()
         T, lr = setting["T"], 0.1 if "adam" in opt else 0.3
     else:
         problem, T, lr = nb.ridge_problem(seed=5), 10, 0.05 if "adam" in opt else 0.2
     check_exact(problem, T, lr, opt, method, kernels=True)
+    kind = {"sgd": "sgd_step", "adam": "qhadam_step", "qhadamw": "qhadam_step"}.get(opt, "qhm_step")
+    assert calls == [kind] * (T - METHODS[method][0].get("truncate_iters", 0))  # one per step
 
 
 # ----------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ __all__ = [
     "check_nupi",
     "check_projected_ascent",
     "check_penalty_updater",
+    "check_step_coefficients",
 ]
 
 WEIGHT_DECAY_TYPES = ("grad", "direct")
@@ -455,3 +456,23 @@ def check_penalty_updater(kind: Any, growth_factor: Any, increment: Any,
             raise ValueError(f"Invalid growth_factor value: {growth_factor}")
         return growth_factor, 0.0
     return 1.0, nonnegative_finite("increment value", increment)
+
+
+# ----------------------------------------------------------------------------------------------
+# Differentiable unrolling (uniopt.unroll)
+# ----------------------------------------------------------------------------------------------
+def check_step_coefficients(value: Any, count: int, source: str) -> tuple:
+    """A rule's step coefficients as a tuple of ``count`` finite floats.
+
+    ``source`` names the function that makes them (for the message), e.g.
+    ``"uniopt.rules.qh.qhm_coefficients"``. TypeError unless ``value`` is a sequence of real
+    numbers; ValueError for a wrong length or a non-finite entry.
+    """
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
+        raise TypeError(f"Invalid coefficients: {value!r} (expected the {count} numbers of "
+                        f"{source})")
+    items = tuple(value)
+    if len(items) != count:
+        raise ValueError(f"Invalid coefficients: {value!r} (expected the {count} numbers of "
+                         f"{source}, got {len(items)})")
+    return tuple(finite(f"coefficient at index {i}", c) for i, c in enumerate(items))

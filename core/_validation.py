@@ -58,6 +58,7 @@ __all__ = [
     "check_nupi",
     "check_projected_ascent",
     "check_penalty_updater",
+    "check_bilevel_dynamic",
     "check_step_coefficients",
 ]
 
@@ -456,6 +457,43 @@ def check_penalty_updater(kind: Any, growth_factor: Any, increment: Any,
             raise ValueError(f"Invalid growth_factor value: {growth_factor}")
         return growth_factor, 0.0
     return 1.0, nonnegative_finite("increment value", increment)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bilevel Dynamic (every face)
+# ----------------------------------------------------------------------------------------------
+def check_bilevel_dynamic(ll_objective, ul_objective, lower_loop, acquire_max_loss, alpha,
+                          truncate_iters, alpha_decay, init_aux, warm_start, checkpoint) -> tuple:
+    """The bilevel ``Dynamic``'s checks; returns the values normalised.
+
+    Objectives callable (``TypeError``); ``lower_loop`` an integer >= 1; ``truncate_iters`` an
+    integer in ``[0, lower_loop)``; T-RAD (``truncate_iters > 0``) and PTT
+    (``acquire_max_loss``) are exclusive; ``alpha`` in [0, 1]; ``alpha_decay`` in (0, 1];
+    flags bools.
+
+    Returns:
+      ``(lower_loop, acquire_max_loss, alpha, truncate_iters, alpha_decay, init_aux,
+      warm_start, checkpoint)``.
+    """
+    for what, fn in (("ll_objective", ll_objective), ("ul_objective", ul_objective)):
+        if not callable(fn):
+            raise TypeError(f"Invalid {what}: {fn!r} (expected a callable)")
+    lower_loop = integer("lower_loop value", lower_loop, minimum=1)
+    truncate_iters = integer("truncate_iters value", truncate_iters, minimum=0)
+    if truncate_iters >= lower_loop:
+        raise ValueError(f"Invalid truncate_iters value: {truncate_iters} (expected "
+                         f"0 <= truncate_iters < lower_loop = {lower_loop})")
+    acquire_max_loss = boolean("acquire_max_loss value", acquire_max_loss)
+    if acquire_max_loss and truncate_iters > 0:
+        raise ValueError(f"Invalid truncate_iters value: {truncate_iters} with "
+                         "acquire_max_loss=True (T-RAD and PTT are exclusive truncations)")
+    alpha = unit_interval("alpha value", alpha, closed=True)
+    decay = real("alpha_decay value", alpha_decay)
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"Invalid alpha_decay value: {alpha_decay} (expected 0 < alpha_decay <= 1)")
+    flags = [boolean(f"{what} value", v) for what, v in
+             (("init_aux", init_aux), ("warm_start", warm_start), ("checkpoint", checkpoint))]
+    return (lower_loop, acquire_max_loss, alpha, truncate_iters, decay, *flags)
 
 
 # ----------------------------------------------------------------------------------------------

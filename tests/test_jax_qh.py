@@ -804,7 +804,11 @@ def test_blocks_trace_the_shared_rule_definitions():
 
     for name in ("qhm_direction", "qhadam_bias_weights", "qhadam_direction"):
         assert getattr(_qh._rules, name).__code__ is getattr(rules, name).__code__
-    assert _qh._rules.qhadam_direction.__globals__["sqrt"] is jnp.sqrt
+    # the guarded sqrt: jnp.sqrt's values, derivative 0 (not inf) at exactly 0
+    sqrt = _qh._rules.qhadam_direction.__globals__["sqrt"]
+    x = jnp.asarray([0.0, 0.25, 4.0])
+    np.testing.assert_array_equal(sqrt(x), jnp.sqrt(x))
+    np.testing.assert_array_equal(jax.vmap(jax.grad(sqrt))(x), [0.0, 1.0, 0.25])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """uniopt's JAX face: optax gradient transformations (``scale_by_*`` blocks and recipes) and
-jaxopt-style solvers (:class:`PolyakSGD`), iALM's functional dual optimizer (:func:`ialm`), and
-constrained learning with Lagrange multipliers in functional form (:mod:`.constrained`).
+jaxopt-style solvers (:class:`PolyakSGD`), iALM's functional dual optimizer (:func:`ialm`),
+constrained learning with Lagrange multipliers in functional form (:mod:`.constrained`), and
+the bilevel lower-level ``Dynamic`` unrolled with ``lax.scan`` (:mod:`.bilevel`).
 
 This package imports jax and optax; ``import uniopt`` never does.
 
@@ -10,7 +11,7 @@ Example:
   >>> solver = optax.chain(optax.clip_by_global_norm(1.0), qhadam(1e-3, nus=(0.7, 1.0)))
 """
 
-from . import constrained
+from . import bilevel, constrained
 from .ialm import IALMState, IALMTransformation, ialm
 from .polyak import (
     OptStep,
@@ -48,4 +49,5 @@ __all__ = [
     "IALMTransformation",
     "ialm",
     "constrained",
+    "bilevel",
 ]

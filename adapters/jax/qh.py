@@ -24,6 +24,8 @@ from uniopt.rules import bind
 from uniopt.rules import qh as _qh
 from uniopt.rules.qh_convert import QHAdamConversions, QHMConversions
 
+from ._solver import safe_sqrt
+
 __all__ = [
     "ScaleByQHMState",
     "ScaleByQHAdamState",
@@ -34,7 +36,9 @@ __all__ = [
     "qhadamw",
 ]
 
-_rules = bind(_qh, sqrt=jnp.sqrt)
+# The guarded sqrt (derivative 0 at exactly 0): differentiating through a step (bilevel
+# unrolling) must not give 0 * inf = NaN where a gradient entry and its moments are 0.
+_rules = bind(_qh, sqrt=safe_sqrt)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,14 +2,19 @@
 
 One RAD hypergradient of a data hyper-cleaning-like problem, float32:
 
-* lower level (LL): a linear model ``W`` (``d_out x d_in``, ``d_in = 32``, so ``n_params =
-  32 d_out``: 1e5 or 1e6) fitted to random data by ``T`` plain SGD steps (lr 0.1, from
+* lower level (LL): a linear model ``W`` (``d_out x d_in``, ``d_in = 4``, so ``n_params =
+  4 d_out``: 1e5 or 1e6) fitted to random data by ``T`` plain SGD steps (lr 0.1, from
   ``W_0 = 0``) on the per-sample weighted least-squares loss ``f(W, x) = 1/(2n) sum_i
-  sigmoid(x_i) |W a_i - b_i|^2`` (``n = 128`` samples);
-* upper level (UL): the per-sample logits ``x`` (``n`` of them); ``F(W) = 1/(2n) sum_j |W
-  a'_j - b'_j|^2`` on ``n`` validation samples; the hypergradient is ``dF(W_T(x))/dx``.
+  sigmoid(x_i) |W a_i - b_i|^2`` (``n = 16`` samples, half with corrupted targets);
+* upper level (UL): the per-sample logits ``x`` (``n`` of them, at 0); ``F(W) = 1/(2n) sum_j
+  |W a'_j - b'_j|^2`` on ``n`` validation samples; the hypergradient is ``dF(W_T(x))/dx``.
 
-Contenders (``CASES``), each computing the same vector (the table checks it):
+The shape is chosen so that what a reverse pass must keep per step (the residuals, ``n d_out =
+4 n_params`` floats) is larger than the LL state (``n_params``): the regime of data-heavy LL
+problems, where checkpointing can pay off, at a compute cost that stays small.
+
+Contenders (``CASES``), each computing the same vector (``tests/test_bench_smoke.py`` checks
+it against a NumPy reverse pass; the table prints the differences):
 
 * ``torch_plain``: a plain torch autograd unroll, no uniopt: ``torch.func.functional_call``
   of the ``nn.Linear``, ``torch.autograd.grad(create_graph=True)`` w.r.t. the LL weights, the
@@ -22,20 +27,26 @@ Contenders (``CASES``), each computing the same vector (the table checks it):
   ``uniopt.adapters.jax.bilevel.Dynamic(...).hypergrad`` with ``optax.sgd``, without and with
   ``checkpoint=True`` (``jax.checkpoint`` on the scan body).
 
-How it is measured (:func:`measure`): every case runs in a **fresh subprocess** pinned to one
-CPU (``UNIOPT_BENCH_PIN=0`` turns the pinning off) with one torch thread. It builds the
-problem, computes one hypergradient (compilation, kernel cache, allocator warm-up), then resets
-the process's peak resident set size (``/proc/self/clear_refs``, Linux) and computes one more:
-**peak memory = the peak RSS during that hypergradient minus the RSS just before it** (the
-same yardstick for torch's and XLA's allocators: memory the process really touched, including
-everything autograd or XLA keeps for the backward pass). Then ``repeat`` more hypergradients
-are timed one by one (JAX results blocked on); the median is the time. Ratios are taken
-against the plain unroll of the same framework, at the same size and ``T``, in the same table
-run.
+How it is measured (:func:`measure`), in fresh processes pinned to one CPU
+(``UNIOPT_BENCH_PIN=0`` turns the pinning off) with one torch thread; every case is first warmed
+by a one-step hypergradient (kernels loaded, frameworks started) and JAX cases are compiled
+ahead of time, so neither counts:
 
-The asv classes below report these numbers (``track_seconds``, ``track_peak_mib``) for a
-subset (:data:`ASV_SIZES` x :data:`ASV_STEPS`), measured once per class in ``setup_cache``;
-``asv_bench/table.py --only bilevel`` prints the whole grid with the ratios and goals.
+* **time**: per framework one process builds its three cases at each ``T`` and times
+  ``repeat`` rounds of one hypergradient of each, interleaved in a rotating order (JAX results
+  blocked on); the median is the time, and the ratios to the plain unroll are taken from
+  numbers measured side by side;
+* **peak memory**: per framework one more process, with glibc's malloc set to hand every freed
+  block back to the OS (:data:`MEMORY_ENV`), so that the resident set follows what is live;
+  before each hypergradient the peak RSS is reset to the current RSS
+  (``/proc/self/clear_refs``, Linux) and the peak memory is the peak RSS during the
+  hypergradient minus the RSS before it: memory the process really touched, everything
+  autograd or XLA keeps for the backward pass included, with the same yardstick for torch's
+  and XLA's allocators.
+
+The asv class below reports these numbers (``track_seconds``, ``track_peak_mib`` and the
+ratios) for a subset (:data:`ASV_SIZES` x :data:`ASV_STEPS`), measured once in
+``setup_cache``; ``asv_bench/table.py --only bilevel`` prints the whole grid with the goals.
 """
 
 from __future__ import annotations
@@ -55,7 +66,7 @@ SIZES = (100_000, 1_000_000)
 STEPS = (50, 100, 200)
 QUICK_SIZES, QUICK_STEPS = (100_000,), (50,)
 #: The asv grid (every case is a fresh process; kept small for ``make bench``).
-ASV_SIZES, ASV_STEPS = (100_000, 1_000_000), (50, 200)
+ASV_SIZES, ASV_STEPS = (100_000,), (50, 200)
 #: The problem's fixed sizes and step size.
 N_SAMPLES, D_IN, LR = 16, 4, 0.1
 
@@ -268,49 +279,72 @@ def _status_kib(field: str) -> int:
     raise OSError(f"no {field} in /proc/self/status")
 
 
-def peak_memory(case: str, n_params: int, steps: int, seed: int = 0) -> dict:
-    """Peak RSS growth of one hypergradient, in *this* process (run it in a fresh one with
-    :data:`MEMORY_ENV`: :func:`measure_memory`).
-
-    A one-step hypergradient of the same case runs first (kernels loaded, allocators and
-    frameworks warm); the real case is then built (JAX: compiled ahead of time), the peak RSS is
-    reset (``/proc/self/clear_refs``) and one hypergradient runs.
-
-    Returns:
-        ``{"peak_bytes": int, "grad": [...]}``.
-    """
+def _warm(case: str, n_params: int, seed: int = 0) -> None:
+    """A one-step hypergradient of ``case``: kernels loaded, frameworks and allocators warm."""
     build(case, n_params, 1, seed)()
-    hypergrad = build(case, n_params, steps, seed)
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS (VmHWM) to the RSS
-        f.write("5")
-    before = _status_kib("VmRSS")
-    grad = hypergrad()
-    return {"peak_bytes": 1024 * (_status_kib("VmHWM") - before), "grad": np.asarray(grad).tolist()}
 
 
-def timings(cases, n_params: int, steps: int, repeat: int = 3, seed: int = 0) -> dict:
-    """Interleaved times of ``cases`` (one framework), in *this* process.
+def peak_memory(cases, n_params: int, steps_list, seed: int = 0) -> dict:
+    """Peak RSS growth of one hypergradient of every case and ``T``, in *this* process (run it
+    in a fresh one with :data:`MEMORY_ENV`: :func:`measure`).
 
-    Every case is built and run once (warm-up), then ``repeat`` rounds time one hypergradient
-    of every case, in a rotating order.
+    Each case is warmed by a one-step hypergradient; then for each ``T`` the case is built (JAX:
+    compiled ahead of time), the peak RSS is reset to the current RSS (``/proc/self/clear_refs``)
+    and one hypergradient runs: its peak RSS minus the RSS before it is the case's peak memory.
 
     Returns:
-        ``{case: {"seconds": [...], "grad": [...]} or {"unavailable": reason}}``.
+        ``{T: {case: {"peak_bytes": int, "grad": [...]} or {"unavailable": reason}}}``.
     """
-    out, runs = {}, {}
+    out: dict = {steps: {} for steps in steps_list}
     for case in cases:
         try:
-            runs[case] = build(case, n_params, steps, seed)
+            _warm(case, n_params, seed)
         except Unavailable as exc:
-            out[case] = {"unavailable": str(exc)}
+            for steps in steps_list:
+                out[steps][case] = {"unavailable": str(exc)}
             continue
-        out[case] = {"seconds": [], "grad": np.asarray(runs[case]()).tolist()}
-    names = list(runs)
-    for k in range(repeat):
-        for case in names[k % len(names):] + names[:k % len(names)]:
-            start = time.perf_counter()
-            runs[case]()
-            out[case]["seconds"].append(time.perf_counter() - start)
+        for steps in steps_list:
+            hypergrad = build(case, n_params, steps, seed)
+            with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS
+                f.write("5")
+            before = _status_kib("VmRSS")
+            grad = hypergrad()
+            out[steps][case] = {"peak_bytes": 1024 * (_status_kib("VmHWM") - before),
+                                "grad": np.asarray(grad).tolist()}
+            del hypergrad, grad
+    return out
+
+
+def timings(cases, n_params: int, steps_list, repeat: int = 3, seed: int = 0) -> dict:
+    """Interleaved times of ``cases`` (one framework) at every ``T``, in *this* process.
+
+    Every case is warmed by a one-step hypergradient; then for each ``T`` every case is built
+    (JAX: compiled ahead of time) and ``repeat`` rounds time one hypergradient of every case, in
+    a rotating order.
+
+    Returns:
+        ``{T: {case: {"seconds": [...], "grad": [...]} or {"unavailable": reason}}}``.
+    """
+    out: dict = {steps: {} for steps in steps_list}
+    ready = []
+    for case in cases:
+        try:
+            _warm(case, n_params, seed)
+            ready.append(case)
+        except Unavailable as exc:
+            for steps in steps_list:
+                out[steps][case] = {"unavailable": str(exc)}
+    for steps in steps_list:
+        runs = {case: build(case, n_params, steps, seed) for case in ready}
+        for case in ready:
+            out[steps][case] = {"seconds": [], "grad": None}
+        for k in range(repeat):
+            for case in ready[k % len(ready):] + ready[:k % len(ready)]:
+                start = time.perf_counter()
+                grad = runs[case]()
+                out[steps][case]["seconds"].append(time.perf_counter() - start)
+                out[steps][case]["grad"] = np.asarray(grad).tolist()
+        del runs
     return out
 
 
@@ -327,48 +361,36 @@ def _subprocess(task: dict, pin: bool, env: dict, timeout: float) -> dict:
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
         return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(lines[-1])
+    result = json.loads(lines[-1])
+    return {int(k): v for k, v in result.items()} if all(k.isdigit() for k in result) else result
 
 
-def measure_memory(case: str, n_params: int, steps: int, pin: bool = True,
-                   timeout: float = 1800) -> dict:
-    """:func:`peak_memory` in a fresh process; ``{"unavailable": ...}`` or ``{"error": ...}``
-    when it could not run."""
-    return _subprocess({"what": "memory", "case": case, "n_params": n_params, "steps": steps},
-                       pin, MEMORY_ENV, timeout)
-
-
-def measure_times(framework: str, n_params: int, steps: int, repeat: int = 3, pin: bool = True,
-                  timeout: float = 1800) -> dict:
-    """:func:`timings` of every case of ``framework`` in one fresh process."""
-    cases = [c for c, spec in CASES.items() if spec[0] == framework]
-    res = _subprocess({"what": "times", "cases": cases, "n_params": n_params, "steps": steps,
-                       "repeat": repeat}, pin, {}, timeout)
-    return res if "error" not in res and "unavailable" not in res else {c: res for c in cases}
-
-
-def measure(n_params: int, steps: int, repeat: int = 3, pin: bool = True,
-            cases=tuple(CASES)) -> dict:
-    """Every case at one size and ``T``: times (one process per framework, interleaved) and
-    peak memory (one process per case).
+def measure(n_params: int, steps_list, repeat: int = 3, pin: bool = True, cases=tuple(CASES),
+            timeout: float = 3600) -> dict:
+    """Every case at one size and every ``T``, in fresh processes: per framework, one process
+    times its cases (interleaved, :func:`timings`) and one measures their peak memory
+    (:func:`peak_memory`, with :data:`MEMORY_ENV`).
 
     Returns:
-        ``{case: {"seconds", "grad", "peak_bytes"} or {"unavailable"} or {"error"}}``.
+        ``{T: {case: {"seconds", "grad", "peak_bytes"} or {"unavailable"} or {"error"}}}``.
     """
-    out: dict = {}
+    steps_list = list(steps_list)
+    out: dict = {steps: {} for steps in steps_list}
     for framework in dict.fromkeys(CASES[c][0] for c in cases):
-        times = measure_times(framework, n_params, steps, repeat, pin)
-        for case in cases:
-            if CASES[case][0] == framework:
-                out[case] = dict(times.get(case, {"error": "not measured"}))
-    for case in cases:
-        if "seconds" in out[case]:
-            mem = measure_memory(case, n_params, steps, pin)
-            if "peak_bytes" in mem:
-                out[case]["peak_bytes"] = mem["peak_bytes"]
-                out[case]["grad_memory_run"] = mem["grad"]
-            else:
-                out[case]["memory_error"] = mem.get("error") or mem.get("unavailable")
+        mine = [c for c in cases if CASES[c][0] == framework]
+        task = {"cases": mine, "n_params": n_params, "steps_list": steps_list}
+        times = _subprocess({"what": "times", "repeat": repeat, **task}, pin, {}, timeout)
+        memory = _subprocess({"what": "memory", **task}, pin, MEMORY_ENV, timeout)
+        for steps in steps_list:
+            for case in mine:
+                res = dict(times.get(steps, {}).get(case) or {"error": times.get("error")})
+                mem = memory.get(steps, {}).get(case) or {"error": memory.get("error")}
+                if "peak_bytes" in mem:
+                    res["peak_bytes"] = mem["peak_bytes"]
+                    res["grad_memory_run"] = mem["grad"]
+                elif "seconds" in res:
+                    res["memory_error"] = mem.get("error") or mem.get("unavailable")
+                out[steps][case] = res
     return out
 
 
@@ -377,13 +399,11 @@ def _main(argument: str) -> None:
     task = json.loads(argument)
     if os.environ.get("UNIOPT_BENCH_PIN", "1") != "0" and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
-    try:
-        if task["what"] == "memory":
-            result = peak_memory(task["case"], task["n_params"], task["steps"])
-        else:
-            result = timings(task["cases"], task["n_params"], task["steps"], task["repeat"])
-    except Unavailable as exc:
-        result = {"unavailable": str(exc)}
+    args = (task["cases"], task["n_params"], task["steps_list"])
+    if task["what"] == "memory":
+        result = peak_memory(*args)
+    else:
+        result = timings(*args, repeat=task["repeat"])
     print(json.dumps(result), flush=True)
 
 
@@ -425,8 +445,11 @@ class BilevelHypergradient:
     timeout = 3600
 
     def setup_cache(self):
-        return {f"{n} {steps}": summarize(measure(n, steps))
-                for n in ASV_SIZES for steps in ASV_STEPS}
+        out = {}
+        for n in ASV_SIZES:
+            for steps, results in measure(n, ASV_STEPS).items():
+                out[f"{n} {steps}"] = summarize(results)
+        return out
 
     def _value(self, results, case, n_params, steps, key):
         value = results[f"{n_params} {steps}"][case][key]

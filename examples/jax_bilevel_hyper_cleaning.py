@@ -16,7 +16,7 @@ well on a small clean validation set:
 The weights are judged as in the torch example (``demo.py``'s NumPy code): the test accuracy of
 the LL solve retrained from zero with them against the same solve on the noisy labels, and the
 precision and recall of the samples they flag as corrupted (``sigmoid(x_i) < 0.5``). Run:
-``python examples/jax_bilevel_hyper_cleaning.py`` (about 10 s on 2 cores, no download); it
+``python examples/jax_bilevel_hyper_cleaning.py`` (about 12 s on 2 cores, no download); it
 prints one ``result`` line.
 """
 

@@ -15,8 +15,8 @@ on the weighted noisy data does well on a small clean validation set:
 The weights are then judged (the same NumPy code for every run, see ``demo.py``): the test
 accuracy of the LL solve retrained from zero with them, against the same solve on the noisy
 labels, and the precision and recall of the samples they flag as corrupted
-(``sigmoid(x_i) < 0.5``). Run: ``python examples/torch_bilevel_hyper_cleaning.py`` (about
-10-20 s on 2 cores, no download); it prints one ``result`` line.
+(``sigmoid(x_i) < 0.5``). Run: ``python examples/torch_bilevel_hyper_cleaning.py`` (about 12 s on 2
+cores, no download); it prints one ``result`` line.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from benchmarks.contenders import (  # noqa: E402
     Unavailable, versions,
 )
 from benchmarks.contenders import _size_label  # noqa: E402
+from benchmarks import bilevel  # noqa: E402  (imports no framework; its cases run in subprocesses)
 
 
 #: Where ``make bench`` writes its table, samples and plot (kept out of git).
@@ -202,6 +203,93 @@ def format_constrained_table(rows: Sequence[ConstrainedRow],
     return _markdown(header, body)
 
 
+def format_bilevel(section: dict) -> str:
+    """The bilevel hypergradient table (``--only bilevel``): one line per size, ``T`` and
+    contender, with its ratios to the plain unroll of its framework, and the legend."""
+    settings = section["settings"]
+    header = ["params", "T", "contender", "time [s]", "peak [MiB]", "time/plain", "memory/plain",
+              "grad diff"]
+
+    def num(value, fmt):
+        return "n/a" if value is None else format(value, fmt)
+
+    body = []
+    for row in section["rows"]:
+        for case, cell in row["cases"].items():
+            body.append([_size_label(row["n_params"]), str(row["T"]), bilevel.CASES[case][1],
+                         num(cell["seconds"], ".3f"), num(cell["peak_mib"], ".1f"),
+                         num(cell["time_ratio"], ".2f"), num(cell["memory_ratio"], ".2f"),
+                         num(cell["grad_rel_diff"], ".1e")])
+    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+
+    def line(cells):
+        return "| " + " | ".join(c.ljust(w) if i < 3 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + (":" if i >= 3 else "-") for i, w in enumerate(widths)) + "|"
+    lines = [f"bilevel RAD hypergradient (float32; LL: linear model {settings['d_in']} -> "
+             f"params/{settings['d_in']}, {settings['n_samples']} samples, T plain SGD steps "
+             f"lr {settings['lr']} from 0, per-sample weights sigmoid(x); UL: validation loss, "
+             "dF/dx). Times: median of "
+             f"{settings['repeat']} interleaved hypergradients per framework in one fresh process; "
+             "peak: peak RSS growth during one hypergradient, one fresh process per framework with "
+             "malloc returning freed blocks to the OS (the same yardstick for torch and XLA)", "",
+             line(header), rule] + [line(b) for b in body]
+    lines += ["", "contenders:"] + [f"  {label:<18} {text}"
+                                    for label, text in ((c[1], c[2]) for c in bilevel.CASES.values())]
+    lines += ["  grad diff: the largest difference of the hypergradient from the plain unroll's, "
+              "relative to its largest entry"]
+    errors = {f"{bilevel.CASES[case][1]}: {why}" for row in section["rows"]
+              for case, why in row.get("unavailable", {}).items()}
+    if errors:
+        lines += ["", "n/a:"] + [f"  {e}" for e in sorted(errors)]
+    return "\n".join(lines)
+
+
+def measure_bilevel(sizes, steps_list, repeat: int, pin: bool, progress=None) -> dict:
+    """Every bilevel case at every size and ``T`` (see :mod:`benchmarks.bilevel`); the
+    ``result["bilevel"]`` section."""
+    rows = []
+    for n in sizes:
+        measured = bilevel.measure(n, steps_list, repeat=repeat, pin=pin)
+        for steps in steps_list:
+            results = measured[steps]
+            rows.append({"n_params": n, "T": steps, "cases": bilevel.summarize(results),
+                         "samples": {c: r.get("seconds") for c, r in results.items()},
+                         "peak_bytes": {c: r.get("peak_bytes") for c, r in results.items()},
+                         "unavailable": {c: r.get("unavailable") or r.get("error")
+                                         or r.get("memory_error")
+                                         for c, r in results.items()
+                                         if "seconds" not in r or "peak_bytes" not in r}})
+        if progress is not None:
+            progress.update(1)
+    return {"rows": rows, "settings": {"n_samples": bilevel.N_SAMPLES, "d_in": bilevel.D_IN,
+                                       "lr": bilevel.LR, "repeat": repeat,
+                                       "sizes": list(sizes), "steps": list(steps_list)}}
+
+
+#: The bilevel goals: (text, case, summary key, target); met when value <= target.
+BILEVEL_GOALS = (
+    ("uniopt torch / torch plain unroll, time", "torch_uniopt", "time_ratio", 1.0),
+    ("uniopt torch ckpt / torch plain unroll, peak memory", "torch_uniopt_ckpt", "memory_ratio", 0.5),
+    ("uniopt jax / jax plain scan, time", "jax_uniopt", "time_ratio", 1.0),
+    ("uniopt jax ckpt / jax plain scan, peak memory", "jax_uniopt_ckpt", "memory_ratio", 0.5),
+)
+
+
+def bilevel_goals(section: dict) -> list[dict]:
+    """Every bilevel goal at every measured size and ``T``."""
+    out = []
+    for text, case, key, target in BILEVEL_GOALS:
+        for row in section["rows"]:
+            value = row["cases"].get(case, {}).get(key)
+            status = "n/a" if value is None else ("met" if value <= target else "MISSED")
+            out.append({"goal": text, "at": f"{_size_label(row['n_params'])}, T={row['T']}",
+                        "value": value, "shown": "n/a" if value is None else f"{value:.2f}",
+                        "target": f"<= {target:.2f}", "status": status})
+    return out
+
+
 def _markdown(header: list[str], body: list[list[str]]) -> str:
     """Two left-aligned label columns, then right-aligned numbers."""
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
@@ -245,9 +333,13 @@ def format_report(result: dict, rows: Sequence[Row], solver_rows: Sequence[Solve
         f"machine: {m['cpu']}, {m['cores']} cores ({m['system']})"
         + (f", load average {m['load_average']}" if "load_average" in m else ""),
         "versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),
-        f"settings: float32; {meta['threads']}; median of {meta['repeat']} interleaved repeats "
-        f"(each >= {meta['min_time'] * 1e3:.0f} ms); times in ms per step (lower is better)",
     ]
+    if meta["min_time"]:
+        lines.append(f"settings: float32; {meta['threads']}; median of {meta['repeat']} interleaved "
+                     f"repeats (each >= {meta['min_time'] * 1e3:.0f} ms); times in ms per step "
+                     "(lower is better)")
+    else:  # the bilevel table alone: its own settings line
+        lines.append(f"settings: float32; {meta['threads']}")
     if rows:
         lines += ["", format_table(rows)]
         lines += _legend(rows, COLUMNS)
@@ -276,6 +368,8 @@ def format_report(result: dict, rows: Sequence[Row], solver_rows: Sequence[Solve
                       "step (lower is "
                       "better)", "", format_constrained_table(constrained_rows)]
         lines += _legend(constrained_rows, CONSTRAINED_COLUMNS)
+    if result.get("bilevel", {}).get("rows"):
+        lines += ["", format_bilevel(result["bilevel"])]
     startup = result.get("startup") or {}
     if startup:
         lines += ["", "start-up (fresh processes):"]
@@ -341,9 +435,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip the iALM table (dual steps against humancompatible-train)")
     p.add_argument("--no-constrained", dest="constrained", action="store_false",
                    help="skip the constrained dual step table (against cooper-optim)")
-    p.add_argument("--only", choices=("constrained",), default=None,
+    p.add_argument("--only", choices=("constrained", "bilevel"), default=None,
                    help="measure one table only: 'constrained' (the constrained dual steps, "
-                        "no start-up); --sizes then sets its multiplier counts")
+                        "no start-up; --sizes then sets its multiplier counts) or 'bilevel' "
+                        "(RAD hypergradients against plain torch/JAX unrolls, time and peak "
+                        "memory, fresh processes; --sizes sets the LL parameter counts, "
+                        "multiples of 4, default 1e5,1e6; --steps the unroll lengths, default "
+                        "50,100,200; --quick: 1e5 and T=50, 1 repeat)")
+    p.add_argument("--steps", type=_parse_sizes, default=None,
+                   help="with --only bilevel: comma-separated unroll lengths T")
     p.add_argument("--no-startup", dest="startup", action="store_false",
                    help="skip the start-up measurements in fresh processes (import time; "
                         "without --quick also first step with a warm cache and compile time)")
@@ -472,6 +572,44 @@ def _startup(quick: bool, solver: bool = True) -> dict:
     return out
 
 
+def _main_bilevel(args) -> int:
+    """``--only bilevel``: the bilevel table alone (every case in fresh processes)."""
+    sizes = args.sizes or list(bilevel.QUICK_SIZES if args.quick else bilevel.SIZES)
+    steps_list = args.steps or list(bilevel.QUICK_STEPS if args.quick else bilevel.STEPS)
+    bad = [n for n in sizes if n % bilevel.D_IN]
+    if bad:
+        _parser().error(f"--only bilevel needs sizes that are multiples of {bilevel.D_IN}, got {bad}")
+    repeat = args.repeat or (1 if args.quick else 3)
+    if repeat < 1:
+        _parser().error("--repeat must be positive")
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(), "versions": versions(),
+        "threads": "torch 1 thread, " + ("each process pinned to one CPU" if args.pin
+                                         else "processes not pinned (XLA may use several threads)"),
+        "repeat": repeat, "min_time": 0.0, "parallel_min_size": _jit.PARALLEL_MIN_SIZE,
+    }
+    bar = _progress_bar(len(sizes), args.progress)
+    try:
+        section = measure_bilevel(sizes, steps_list, repeat, args.pin, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    result = {"meta": meta, "rows": [], "startup": {}, "columns": [],
+              "solver": {"rows": []}, "ialm": {"rows": []}, "constrained": {"rows": []},
+              "bilevel": section, "goals": bilevel_goals(section)}
+    report = format_report(result, [])
+    print(report, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table.md").write_text(report + "\n")
+    for path in filter(None, [args.out / "table.json", args.json]):
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+    print("written: " + ", ".join(str(p) for p in (args.out / "table.md", args.out / "table.json")),
+          flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison and print the table. Returns 0 (goals are reported, not enforced)."""
     args = _parser().parse_args(argv)
@@ -487,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
         constrained_sizes = args.sizes or constrained_sizes
         args.layouts, args.fixed_cost, args.solver, args.ialm = [], False, False, False
         args.startup, args.plot, args.constrained = False, False, True
+    if args.only == "bilevel":
+        return _main_bilevel(args)
     repeat = args.repeat or (3 if args.quick else 7)
     min_time = args.min_time or (0.005 if args.quick else 0.05)
     if repeat < 1 or min_time <= 0:

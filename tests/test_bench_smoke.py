@@ -7,6 +7,7 @@ here), never a timing: timings on a shared CI machine mean nothing.
 
 import json
 
+import numpy as np
 import pytest
 import table
 from benchmarks import contenders as bench
@@ -309,3 +310,88 @@ def test_constrained_contenders_do_the_same_update(kind):
     assert ours.weight.dtype == theirs.weight.dtype == torch.float32
     assert torch.count_nonzero(ours.weight) == (1000 if kind == "indexed" else 3000)
     torch.testing.assert_close(ours.weight, theirs.weight, rtol=1e-6, atol=1e-7)
+
+
+def _bilevel_oracle(n_params: int, steps: int) -> np.ndarray:
+    """The benchmark problem's RAD hypergradient dF(W_T)/dx, independently: float64 NumPy,
+    the SGD trajectory stored and reverse-mode by hand (the LL gradient of
+    f = 1/(2n) sum_i s_i |W a_i - b_i|^2 is sum_i s_i r_i a_i^T / n, so the step's adjoint
+    w.r.t. W is V -> V - lr sum_i s_i (V a_i) a_i^T / n and w.r.t. s_i is
+    -lr r_i . (V a_i) / n; s = sigmoid(x), ds/dx = s (1 - s))."""
+    from benchmarks import bilevel as bb
+
+    data = {k: v.astype(np.float64) for k, v in bb.problem(n_params).items()}
+    a, b, n = data["a"], data["b"], len(data["b"])
+    s = 1.0 / (1.0 + np.exp(-data["x"]))
+    path = [data["w0"]]
+    for _ in range(steps):
+        r = a @ path[-1].T - b
+        path.append(path[-1] - bb.LR * (s[:, None] * r).T @ a / n)
+    v = (a_val := data["a_val"]) @ path[-1].T - data["b_val"]
+    adj = v.T @ a_val / len(v)  # dF/dW_T
+    s_bar = np.zeros(n)
+    for w in reversed(path[:-1]):
+        r, av = a @ w.T - b, a @ adj.T
+        s_bar -= bb.LR * np.sum(r * av, axis=1) / n
+        adj = adj - bb.LR * (s[:, None] * av).T @ a / n
+    return s_bar * s * (1.0 - s)
+
+
+@pytest.mark.parametrize("case", ["torch_plain", "torch_uniopt", "torch_uniopt_ckpt",
+                                  "jax_plain", "jax_uniopt", "jax_uniopt_ckpt"])
+def test_bilevel_contenders_compute_the_hypergradient(case):
+    """Every contender of the bilevel table computes the same RAD hypergradient: the
+    independent NumPy reverse pass, to float32 accuracy."""
+    from benchmarks import bilevel as bb
+
+    expected = _bilevel_oracle(400, 4)
+    assert np.max(np.abs(expected)) > 1e-3  # a non-trivial hypergradient
+    got = bb.build(case, 400, 4)()
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.max(np.abs(expected)))
+
+
+def test_bench_bilevel_table(capsys, tmp_path):
+    """``--only bilevel``: every contender measured in fresh processes (time, peak memory,
+    the same hypergradient), the ratios and goals at every size and T."""
+    from benchmarks import bilevel as bb
+
+    path = tmp_path / "bench.json"
+    assert table.main(["--only", "bilevel", "--sizes", "4e3", "--steps", "2,3", "--repeat", "1",
+                       "--no-progress", "--out", str(tmp_path), "--json", str(path)]) == 0
+    out, result = capsys.readouterr().out, json.loads(path.read_text())
+    assert _header(out) == ["params", "T", "contender", "time [s]", "peak [MiB]", "time/plain",
+                            "memory/plain", "grad diff"]
+    body = _table_rows(out, "params")
+    assert [(r[0], r[1], r[2]) for r in body] == [
+        ("4,000", str(t), bb.CASES[c][1]) for t in (2, 3) for c in bb.CASES]
+    rows = result["bilevel"]["rows"]
+    assert [(r["n_params"], r["T"]) for r in rows] == [(4000, 2), (4000, 3)]
+    for row in rows:
+        assert row["unavailable"] == {}  # every framework and face is installed
+        for case, cell in row["cases"].items():
+            assert cell["seconds"] > 0 and cell["peak_mib"] is not None, case
+            assert cell["grad_rel_diff"] <= 1e-5, case
+            assert cell["time_ratio"] > 0 and cell["memory_ratio"] is not None
+        for framework, base in bb.BASELINE.items():
+            assert row["cases"][base]["time_ratio"] == 1.0
+    assert result["rows"] == [] and result["constrained"]["rows"] == []
+    goals = result["goals"]
+    assert {g["goal"] for g in goals} == {text for text, *_ in table.BILEVEL_GOALS}
+    assert len(goals) == len(table.BILEVEL_GOALS) * 2
+    assert all(g["status"] in ("met", "MISSED") for g in goals)
+    assert (tmp_path / "table.md").read_text().strip() == out.split("written:")[0].strip()
+
+
+def test_bilevel_goals_compare_with_their_targets():
+    section = {"rows": [{"n_params": 100_000, "T": 50, "cases": {
+        "torch_uniopt": {"time_ratio": 0.9}, "torch_uniopt_ckpt": {"memory_ratio": 0.6},
+        "jax_uniopt": {"time_ratio": 1.2}, "jax_uniopt_ckpt": {"memory_ratio": None}}}]}
+    status = {g["goal"]: g["status"] for g in table.bilevel_goals(section)}
+    assert list(status.values()) == ["met", "MISSED", "MISSED", "n/a"]
+    assert all(g["at"] == "1e5, T=50" for g in table.bilevel_goals(section))
+
+
+def test_bilevel_sizes_must_be_multiples_of_the_input_width():
+    with pytest.raises(SystemExit):
+        table.main(["--only", "bilevel", "--sizes", "1001"])

@@ -100,7 +100,21 @@ def _jax_norm_ball_claims(result):
     assert abs(result["constraint"]) <= 1e-10
 
 
+def _hyper_cleaning_claims(result):
+    """Either bilevel hyper-cleaning example: half the training labels corrupted, and for RAD
+    and IAPTT-GM the learned weights beat the noisy baseline and flag mostly corrupted samples
+    (a random flag is right with probability 0.5)."""
+    assert result["corrupted_fraction"] == 0.5
+    assert 0.5 < result["noisy_acc"] < 0.95  # the noise hurts (chance is 0.1)
+    for method in ("rad", "iaptt_gm"):
+        assert result[f"{method}_acc"] >= result["noisy_acc"] + 0.02
+        assert result[f"{method}_precision"] >= 0.8
+        assert 0.5 <= result[f"{method}_recall"] <= 1.0
+
+
 _CLAIMS = {"numpy_qhm_least_squares.py": _numpy_qhm_claims,
+           "torch_bilevel_hyper_cleaning.py": _hyper_cleaning_claims,
+           "jax_bilevel_hyper_cleaning.py": _hyper_cleaning_claims,
            "torch_qhadam_regression.py": _torch_regression_claims,
            "jax_qhadam_logreg.py": _jax_logreg_claims,
            "torch_constrained_fairness.py": _torch_fairness_claims,
@@ -112,6 +126,45 @@ def test_example_prints_what_it_claims(name):
     out = _python([str(ROOT / "examples" / name)])
     assert out.returncode == 0, out.stderr[-3000:]
     _CLAIMS[name](_results(out.stdout))
+
+
+def test_hyper_cleaning_examples_agree_and_use_the_documented_split():
+    """The torch and JAX examples learn the same weights (their result lines agree), and the
+    noisy baseline they report is the one of the documented split, recomputed here: digits / 16,
+    seeded permutation (600 / 300 / rest), half the training labels moved to another class, 25
+    full-batch gradient steps of lr 1 from zero on the mean cross-entropy (written here with
+    scipy's log-sum-exp)."""
+    from scipy.special import logsumexp
+    from sklearn.datasets import load_digits
+
+    results = []
+    for name in ("torch_bilevel_hyper_cleaning.py", "jax_bilevel_hyper_cleaning.py"):
+        out = _python([str(ROOT / "examples" / name)])
+        assert out.returncode == 0, out.stderr[-3000:]
+        results.append(_results(out.stdout))
+    assert results[0].keys() == results[1].keys()
+    for key in results[0]:
+        assert results[1][key] == pytest.approx(results[0][key], abs=1e-6), key
+
+    digits = load_digits()
+    x, y = digits.data / 16.0, digits.target
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(y))
+    train, test = order[:600], order[900:]
+    labels = y[train].copy()
+    flip = rng.permutation(600)[:300]
+    labels[flip] = (labels[flip] + rng.integers(1, 10, size=300)) % 10
+    assert np.all(labels[flip] != y[train][flip])
+    w = np.zeros((65, 10))
+    a = np.hstack([x[train], np.ones((600, 1))])
+    for _ in range(25):
+        logits = a @ w
+        grad = a.T @ (np.exp(logits - logsumexp(logits, axis=1, keepdims=True))
+                      - np.eye(10)[labels]) / 600
+        w -= grad
+    accuracy = np.mean(np.argmax(np.hstack([x[test], np.ones((len(test), 1))]) @ w, axis=1)
+                       == y[test])
+    assert results[0]["noisy_acc"] == pytest.approx(accuracy, abs=1e-6)
 
 
 def _readme_snippets():
@@ -248,6 +301,39 @@ def test_demo_runs_only_the_recall_floor_section():
     assert "recall-floor: backends agree; goal reached" in out.stdout
     assert "verdict: all backends agree" in out.stdout
     _check_recall_floor(_section(out.stdout, "recall-floor"))
+
+
+def _hyper_cleaning_rows(section: str) -> dict[tuple[str, str], list[float]]:
+    rows = re.findall(r"^(torch|jax)\s+(RAD|IAPTT-GM)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+"
+                      r"([\d.]+)\s+[\d.]+  (.*)$", section, flags=re.M)
+    return {(b, m): [float(v) for v in values[:4]] + [goal] for b, m, *values, goal in rows}
+
+
+def test_demo_bilevel_hyper_cleaning_section():
+    """``--only bilevel-hyper-cleaning``: torch and JAX rows for RAD and IAPTT-GM, each
+    reaching the printed goal (the learned weights beat the noisy baseline by 0.02 and flag
+    corrupted samples with precision >= 0.8); the backends' learned weights agree."""
+    out = _python(["examples/demo.py", "--only", "bilevel-hyper-cleaning"])
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    section = _section(out.stdout, "bilevel-hyper-cleaning")
+    assert "bilevel-hyper-cleaning: backends agree; goal reached" in section
+    rows = _hyper_cleaning_rows(section)
+    assert set(rows) == {(b, m) for b in ("torch", "jax") for m in ("RAD", "IAPTT-GM")}
+    for noisy, weighted, precision, recall, goal in rows.values():
+        assert weighted >= noisy + 0.02 and precision >= 0.8 and 0 < recall <= 1
+        assert not goal.startswith("NOT")
+    for method in ("RAD", "IAPTT-GM"):  # the same numbers from both backends
+        assert rows[("torch", method)] == rows[("jax", method)]
+    assert len(re.findall(r"vs torch: .* -> agree$", section, flags=re.M)) == 2
+
+
+def test_demo_bilevel_hyper_cleaning_catches_a_backend_with_a_bug():
+    out = _python(["examples/demo.py", "--only", "bilevel-hyper-cleaning", "--bug", "jax"])
+    assert out.returncode == 1, out.stdout + out.stderr[-3000:]
+    section = _section(out.stdout, "bilevel-hyper-cleaning")
+    assert "bilevel-hyper-cleaning: backends DISAGREE" in section
+    verdicts = dict(re.findall(r"^  (\S+)\s+vs torch: .* -> (\w+)$", section, flags=re.M))
+    assert verdicts == {"torch": "agree", "jax": "DISAGREE"}
 
 
 @pytest.mark.parametrize("steps", ["0", "-3", "2.5", "ten"])

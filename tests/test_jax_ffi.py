@@ -63,9 +63,14 @@ def decoupled(setting) -> bool:
 # ----------------------------------------------------------------------------------------------
 # Parity: FFI path vs NumPy core vs traced path
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("alias", [True, False], ids=["updates_over_grads", "updates_apart"])
 @pytest.mark.parametrize("family,setting", CASES, ids=IDS)
-def test_float64_ffi_equals_numpy_core(x64, family, setting):
-    """Bitwise equal to the core (its kernels) unless decay is decoupled (optax's p + u order)."""
+def test_float64_ffi_equals_numpy_core(x64, family, setting, alias, monkeypatch):
+    """Bitwise equal to the core (its kernels) unless decay is decoupled (optax's p + u order).
+
+    Both compiled forms: updates written over the gradients' buffers (the default) or apart.
+    """
+    monkeypatch.setattr(_ffi, "ALIAS_GRADIENTS", alias)
     prob = Problem(np.float64)
     opt = recipe(family, setting, ffi=True)
     params = {k: jnp.asarray(v) for k, v in prob.p0.items()}
@@ -169,7 +174,11 @@ def test_leaves_of_two_dtypes_scalars_and_empty_leaves(x64):
         opt, p = qhadam(0.05, nus=(0.7, 0.9), weight_decay=0.1, ffi=ffi), params
         state, update = opt.init(p), jax.jit(opt.update)
         for _ in range(5):
-            u, state = update(jax.tree.map(lambda x: 3 * x - 1, p), state, p)
+            grads = jax.tree.map(lambda x: 3 * x - 1, p)
+            kept = jax.tree.map(np.array, grads)
+            u, state = update(grads, state, p)
+            for k in grads:  # the caller's gradients are intact (XLA copied them)
+                np.testing.assert_array_equal(np.asarray(grads[k]), kept[k])
             p = optax.apply_updates(p, u)
         out.append(p)
     text = jax.jit(qhadam(0.05, ffi=True).update).lower(params, qhadam(0.05).init(params),

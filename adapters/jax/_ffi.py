@@ -33,6 +33,11 @@ __all__ = ["MIN_SIZE", "registered", "ensure_registered", "is_jit_value", "choos
 #: ``UNIOPT_JAX_FFI_MIN_SIZE``). Below it, the call's fixed cost is not recovered.
 MIN_SIZE = int(float(os.environ.get("UNIOPT_JAX_FFI_MIN_SIZE", "65536")))
 
+#: Whether the updates are written over the gradients' buffers (``UNIOPT_JAX_FFI_ALIAS_GRADS``):
+#: free when the gradients are computed in the same ``jit`` (no new buffer for the updates);
+#: a copy of the gradients when they are an argument of the jitted function that is not donated.
+ALIAS_GRADIENTS = os.environ.get("UNIOPT_JAX_FFI_ALIAS_GRADS", "1") != "0"
+
 _TARGETS = {"qhadam": "uniopt_qhadam", "qhm": "uniopt_qhm"}
 _registered: set[str] = set()
 _SUPPORTED = (np.dtype(np.float32), np.dtype(np.float64))
@@ -146,6 +151,8 @@ def call(family: str, hyper: jax.Array, grads: list, params: list | None,
     if family == "qhadam":
         results.append(jax.ShapeDtypeStruct((2,), jnp.result_type(hyper)))
     aliases = {first_state + k: n + k for k in range(n * len(states))}
+    if ALIAS_GRADIENTS:
+        aliases.update({1 + k: k for k in range(n)})
     out = jax.ffi.ffi_call(name, results, input_output_aliases=aliases,
                            vmap_method="sequential")(*args)
     end = n + n * len(states)

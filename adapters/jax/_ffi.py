@@ -11,7 +11,8 @@ Path choice (:func:`choose`): ``ffi=True`` forces the FFI call, ``ffi=False`` th
 (``jax.numpy``) path; ``ffi=None`` (the default) takes the FFI path only where it applies and
 pays: under ``jit`` (every input an abstract value of a ``jit`` trace: not under ``grad``,
 ``jvp``, ``vmap``, nor eagerly), with ``jax.default_backend() == "cpu"``, float32/float64
-leaves whose state has their dtype, and at least :data:`MIN_SIZE` elements in all. A jitted
+leaves whose state has their dtype, and at least :data:`MIN_SIZE` elements in all (default:
+never, see :data:`MIN_SIZE`). A jitted
 update that is differentiated or batched from outside (``jax.grad(jax.jit(step))``) still
 works: the FFI call sits inside a :func:`jax.custom_jvp` whose derivative is the traced
 path's, and its ``vmap_method`` loops over the batch.
@@ -26,12 +27,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uniopt import _jit
+
 __all__ = ["MIN_SIZE", "registered", "ensure_registered", "is_jit_value", "choose",
            "call", "with_traced_derivatives"]
 
 #: Total element count of a step from which ``ffi=None`` takes the FFI path (environment:
-#: ``UNIOPT_JAX_FFI_MIN_SIZE``). Below it, the call's fixed cost is not recovered.
-MIN_SIZE = int(float(os.environ.get("UNIOPT_JAX_FFI_MIN_SIZE", "65536")))
+#: ``UNIOPT_JAX_FFI_MIN_SIZE``, parsed as ``UNIOPT_PARALLEL_MIN_SIZE`` is). Default: never.
+#: Measured on this project's machine (docs/performance notes in the closing report of issue
+#: 12), the FFI path of an optax ``update`` lost to XLA's traced path at every size: optax
+#: materialises the updates (written by the call, read again by ``apply_updates``) and the
+#: call is a fusion barrier (the gradient is written out before it), 44-48 bytes per parameter
+#: against the traced path's fused 28. So ``ffi=None`` keeps the traced path unless told.
+MIN_SIZE = _jit._parse_min_size("UNIOPT_JAX_FFI_MIN_SIZE",
+                                os.environ.get("UNIOPT_JAX_FFI_MIN_SIZE"))
 
 #: Whether the updates are written over the gradients' buffers (``UNIOPT_JAX_FFI_ALIAS_GRADS``):
 #: free when the gradients are computed in the same ``jit`` (no new buffer for the updates);

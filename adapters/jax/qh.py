@@ -8,6 +8,13 @@ The building blocks (:func:`scale_by_qhm`, :func:`scale_by_qhadam`) trace the ru
 Coefficients are cast to each leaf's dtype, so float32 leaves stay float32 whether or not
 ``jax_enable_x64`` is set. Coefficients given as Python numbers are combined on the host in
 float64 (``1 - momentum`` is computed before the cast), like the NumPy kernels do.
+
+Two executions of the recipes, chosen per step at trace time (argument ``ffi``): the traced
+path (the chain above, compiled by XLA) and, under ``jax.jit`` on CPU, one XLA FFI call per
+dtype that runs uniopt's Numba kernel over every leaf (:mod:`uniopt.kernels.qh_ffi`, registered
+on first use by :mod:`._ffi`). Both keep the same state, so a state made by one path steps on
+the other. ``ffi=None`` (default) takes the FFI call where it applies (see :mod:`._ffi`),
+``ffi=True``/``False`` force a path. The building blocks are always traced.
 """
 
 from __future__ import annotations
@@ -19,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _ffi
 from uniopt import _validation
 from uniopt.kernels import qh_ffi as _ffi_kernels
 from uniopt.rules import bind
 from uniopt.rules import qh as _qh
 from uniopt.rules.qh_convert import QHAdamConversions, QHMConversions
+
+from . import _ffi
 
 __all__ = [
     "ScaleByQHMState",
@@ -314,6 +322,10 @@ def qhm(learning_rate: optax.ScalarOrSchedule, momentum: Any, nu: Any,
       weight_decay: :math:`\lambda` (finite, >= 0), a float or an optax schedule.
       weight_decay_type: ``"grad"`` adds :math:`\lambda\theta` to the gradient (before the
         momentum); ``"direct"`` shrinks the parameter by :math:`1 - \alpha_t\lambda`.
+      ffi: the execution (keyword only): ``None`` chooses the FFI call (Numba kernel inside
+        ``jit`` on CPU) where it applies and pays, else the traced path; ``True`` forces the FFI
+        call, ``False`` the traced path. Under :func:`optax.inject_hyperparams` pass it as a
+        static argument (``static_args=("ffi",)``).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` (an :func:`optax.chain`).
@@ -321,7 +333,8 @@ def qhm(learning_rate: optax.ScalarOrSchedule, momentum: Any, nu: Any,
     Raises:
       ValueError: a negative or non-finite ``learning_rate`` or ``weight_decay``, a
         ``momentum`` outside [0, 1), a non-finite ``nu``, or an unknown ``weight_decay_type``.
-        TypeError: a value that is not a number.
+        TypeError: a value that is not a number, an ``ffi`` other than None/True/False;
+        at the first update, ``ffi=True`` with leaves other than float32/float64.
         Traced values (inside ``jit``/``vmap``/``inject_hyperparams``) are not checked.
 
     Example:
@@ -499,6 +512,10 @@ def qhadam(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
         [0, 1), when ``betas`` is not given.
       nu1, nu2: :math:`\nu_1`, :math:`\nu_2` (default 1.0 each), finite, when ``nus`` is not
         given.
+      ffi: the execution (keyword only): ``None`` chooses the FFI call (Numba kernel inside
+        ``jit`` on CPU) where it applies and pays, else the traced path; ``True`` forces the FFI
+        call, ``False`` the traced path. Under :func:`optax.inject_hyperparams` pass it as a
+        static argument (``static_args=("ffi",)``).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` (an :func:`optax.chain`).
@@ -507,7 +524,9 @@ def qhadam(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
       ValueError: a negative or non-finite ``learning_rate``, ``eps`` or ``weight_decay``, a
         beta outside [0, 1), a non-finite nu, ``betas``/``nus`` not of length 2, or a pair
         given together with its scalars. TypeError: a value that is not a number, a
-        ``decouple_weight_decay`` that is not a bool. Traced values are not checked.
+        ``decouple_weight_decay`` that is not a bool, an ``ffi`` other than None/True/False;
+        at the first update, ``ffi=True`` with leaves other than float32/float64. Traced
+        values are not checked.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -565,6 +584,7 @@ def qhadamw(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
       eps: :math:`\epsilon` (finite, >= 0).
       weight_decay: :math:`\lambda` (finite, >= 0), a float or an optax schedule.
       b1, b2, nu1, nu2: the betas and nus as separate scalars (see :func:`qhadam`).
+      ffi: the execution (see :func:`qhadam`).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` (an :func:`optax.chain`).

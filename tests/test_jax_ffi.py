@@ -411,3 +411,21 @@ def test_fresh_process_loads_the_handlers_from_the_warm_cache():
     w = np.linspace(-1.0, 1.0, 6, dtype=np.float32)
     # first QHAdam step with nus=(0.7, 1): (0.7 g + 0.3 g) / (|g| + eps) = sign(g)
     np.testing.assert_allclose(second["out"][0], -0.1 * w / (np.abs(w) + 1e-8), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# The asv module's contenders (asv_bench/benchmarks/jax_ffi.py)
+# ----------------------------------------------------------------------------------------------
+def test_asv_contenders_step_and_agree(monkeypatch):
+    monkeypatch.setenv("UNIOPT_BENCH_PIN", "0")  # importing the suite must not pin pytest
+    from benchmarks import contenders, jax_ffi
+
+    data = contenders.Data.make(contenders.layout_sizes(3000, "model"))
+    steps = {name: build(data) for name, build in jax_ffi.CASES.items()}
+    results = {name: step() for name, step in steps.items()}
+    ffi_params, traced_params = (results[k][0] for k in ("uniopt_jax_qhadam_ffi",
+                                                         "uniopt_jax_qhadam_traced"))
+    assert len(ffi_params) == contenders.MODEL_TENSORS
+    for a, b, p0 in zip(ffi_params, traced_params, data.params):
+        np.testing.assert_allclose(a, b, **tolerance(np.float32))
+        assert not np.array_equal(np.asarray(a), p0)  # the step moved the parameters

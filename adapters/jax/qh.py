@@ -8,6 +8,13 @@ The building blocks (:func:`scale_by_qhm`, :func:`scale_by_qhadam`) trace the ru
 Coefficients are cast to each leaf's dtype, so float32 leaves stay float32 whether or not
 ``jax_enable_x64`` is set. Coefficients given as Python numbers are combined on the host in
 float64 (``1 - momentum`` is computed before the cast), like the NumPy kernels do.
+
+Two executions of the recipes, chosen per step at trace time (argument ``ffi``): the traced
+path (the chain above, compiled by XLA) and, under ``jax.jit`` on CPU, one XLA FFI call per
+dtype that runs uniopt's Numba kernel over every leaf (:mod:`uniopt.kernels.qh_ffi`, registered
+on first use by :mod:`._ffi`). Both keep the same state, so a state made by one path steps on
+the other. ``ffi=None`` (default) takes the FFI call where it applies (see :mod:`._ffi`),
+``ffi=True``/``False`` force a path. The building blocks are always traced.
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ import numpy as np
 import optax
 
 from uniopt import _validation
+from uniopt.kernels import qh_ffi as _ffi_kernels
 from uniopt.rules import bind
 from uniopt.rules import qh as _qh
 from uniopt.rules.qh_convert import QHAdamConversions, QHMConversions
 
+from . import _ffi
 from ._solver import safe_sqrt
 
 __all__ = [
@@ -118,6 +127,123 @@ def _weight_dtype(params):
 
 
 # ----------------------------------------------------------------------------------------------
+# The FFI path: the whole recipe (decay, block, learning rate) in one Numba call per dtype
+# ----------------------------------------------------------------------------------------------
+def _value(hyper, sub_state):
+    """A ``ScalarOrSchedule`` at this step (a schedule reads its transform's ``count``)."""
+    return hyper(sub_state.count) if callable(hyper) else hyper
+
+
+def _advanced(sub_state):
+    """The state of ``add_decayed_weights``/``scale_by_learning_rate`` after one update."""
+    if "count" in getattr(sub_state, "_fields", ()):
+        return sub_state._replace(count=optax.safe_increment(sub_state.count))
+    return sub_state
+
+
+def _static_zero(value) -> bool:
+    """optax skips ``add_decayed_weights`` exactly when the decay is a Python zero."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0.0
+
+
+def _traced_step(family, hyper, grads, params, states, mode):
+    """The FFI handlers' arithmetic in ``jax.numpy`` (their derivative rule): same signature."""
+    extra = []
+    if family == "qhadam":
+        h = hyper
+        w1, w2, a1, a2 = _rules.qhadam_bias_weights(h[11], h[12], h[3], h[4])
+        step = _rules.qhadam_direction_coefficients(a1, a2, h[5], h[6], h[7], h[8], h[9])
+        extra = [jnp.stack([w1, w2])]
+    else:
+        step = [hyper[k] for k in range(3, 7)]
+    sign, wd, neg_lr = hyper[1], hyper[2], hyper[10 if family == "qhadam" else 7]
+    updates, new = [], [[] for _ in states]
+    for t, g in enumerate(grads):
+        dtype = jnp.result_type(g)
+        p = params[t] if params else None
+        c_sign, c_wd, c_lr, *c_step = _cast(dtype, sign, wd, neg_lr, *step)
+        if mode == _ffi_kernels.COUPLED:
+            g = _rules.effective_gradient(g, p, c_sign, c_wd)
+        direction = _rules.qhadam_direction if family == "qhadam" else _rules.qhm_direction
+        d, *fields = direction(g, *(field[t] for field in states), *c_step)
+        if mode == _ffi_kernels.DECOUPLED:
+            d = d + c_wd * p
+        updates.append(c_lr * d)
+        for k, value in enumerate(fields):
+            new[k].append(value)
+    return updates, new, extra
+
+
+def _fused_leaves(family, mode, hyper, grads, params, states):
+    """``(updates, states, extra)`` of one dtype group: one FFI call, traced derivatives."""
+
+    def through_ffi(hyper, grads, params, states):
+        return _ffi.call(family, hyper, grads, params, states)
+
+    def traced(hyper, grads, params, states):
+        return _traced_step(family, hyper, grads, params, states, mode)
+
+    return _ffi.with_traced_derivatives(through_ffi, traced)(hyper, grads, params, states)
+
+
+def _with_ffi(chain, family, ffi, learning_rate, weight_decay, decoupled, block_hyper,
+              state_fields):
+    """``chain`` whose update runs through one FFI call per dtype where :func:`_ffi.choose` says.
+
+    ``chain`` is ``(decay, block, lr)`` (coupled) or ``(block, decay, lr)`` (decoupled).
+    ``block_hyper(block_state)`` gives the block's scalars between the weight decay and the
+    learning rate in the handler's layout (:mod:`uniopt.kernels.qh_ffi`) and the scalars
+    after it; ``state_fields`` names the block state's per-leaf fields.
+    """
+    if ffi not in (None, True, False):
+        raise TypeError(f"Invalid ffi: {ffi!r} (expected None, True or False)")
+    mode = (_ffi_kernels.PLAIN if _static_zero(weight_decay) else
+            _ffi_kernels.DECOUPLED if decoupled else _ffi_kernels.COUPLED)
+    block_at, decay_at = (0, 1) if decoupled else (1, 0)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        block_state, decay_state, lr_state = state[block_at], state[decay_at], state[2]
+        treedef, grads, fields = _leaves_with(updates, *(getattr(block_state, f)
+                                                         for f in state_fields))
+        if not grads or (mode != _ffi_kernels.PLAIN and params is None):
+            return chain.update(updates, state, params, **extra_args)  # (optax raises)
+        ps = treedef.flatten_up_to(params) if mode != _ffi_kernels.PLAIN else None
+        lr, wd = _value(learning_rate, lr_state), _value(weight_decay, decay_state)
+        scalars = [lr, wd, *jax.tree.leaves(block_state._replace(
+            **{f: None for f in state_fields})), *jax.tree.leaves((decay_state, lr_state))]
+        leaves = grads + (ps or [])
+        per_leaf = [[field[t] for field in fields] for t in range(len(grads))]
+        if not _ffi.choose(ffi, leaves, per_leaf + ([[]] * len(ps) if ps else []), scalars):
+            return chain.update(updates, state, params, **extra_args)
+        middle, tail = block_hyper(block_state)
+        new_updates = [None] * len(grads)
+        new_fields = [[None] * len(grads) for _ in state_fields]
+        groups: dict = {}
+        for t, g in enumerate(grads):
+            groups.setdefault(jnp.result_type(g), []).append(t)
+        extra = []
+        for dtype, index in groups.items():
+            hyper_dtype = jnp.result_type(block_state.beta1_weight) if tail else dtype
+            hyper = jnp.stack(_cast(hyper_dtype, float(mode), 1.0, wd, *middle, -lr, *tail))
+            us, outs, extra = _fused_leaves(family, mode, hyper, [grads[t] for t in index],
+                                            [ps[t] for t in index] if ps else None,
+                                            [[field[t] for t in index] for field in fields])
+            for j, t in enumerate(index):
+                new_updates[t] = us[j]
+                for k in range(len(state_fields)):
+                    new_fields[k][t] = outs[k][j]
+        new_block = block_state._replace(**{
+            f: treedef.unflatten(new_fields[k]) for k, f in enumerate(state_fields)})
+        if extra:  # QHAdam: the bias weights (every group computed the same ones)
+            new_block = new_block._replace(beta1_weight=extra[0][0], beta2_weight=extra[0][1])
+        new_state = [None, None, _advanced(lr_state)]
+        new_state[block_at], new_state[decay_at] = new_block, _advanced(decay_state)
+        return treedef.unflatten(new_updates), tuple(new_state)
+
+    return optax.GradientTransformationExtraArgs(chain.init, update_fn)
+
+
+# ----------------------------------------------------------------------------------------------
 # QHM
 # ----------------------------------------------------------------------------------------------
 class ScaleByQHMState(NamedTuple):
@@ -168,7 +294,8 @@ class _QHMConversions(QHMConversions):
 
 def qhm(learning_rate: optax.ScalarOrSchedule, momentum: Any, nu: Any,
         weight_decay: optax.ScalarOrSchedule = 0.0,
-        weight_decay_type: str = "grad") -> optax.GradientTransformation:
+        weight_decay_type: str = "grad", *,
+        ffi: bool | None = None) -> optax.GradientTransformation:
     r"""Quasi-hyperbolic momentum (QHM), with qhoptim's weight-decay options.
 
     .. math::
@@ -198,6 +325,10 @@ def qhm(learning_rate: optax.ScalarOrSchedule, momentum: Any, nu: Any,
       weight_decay: :math:`\lambda` (finite, >= 0), a float or an optax schedule.
       weight_decay_type: ``"grad"`` adds :math:`\lambda\theta` to the gradient (before the
         momentum); ``"direct"`` shrinks the parameter by :math:`1 - \alpha_t\lambda`.
+      ffi: the execution (keyword only): ``None`` chooses the FFI call (Numba kernel inside
+        ``jit`` on CPU) where it applies and pays, else the traced path; ``True`` forces the FFI
+        call, ``False`` the traced path. Under :func:`optax.inject_hyperparams` pass it as a
+        static argument (``static_args=("ffi",)``).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` (an :func:`optax.chain`).
@@ -205,7 +336,8 @@ def qhm(learning_rate: optax.ScalarOrSchedule, momentum: Any, nu: Any,
     Raises:
       ValueError: a negative or non-finite ``learning_rate`` or ``weight_decay``, a
         ``momentum`` outside [0, 1), a non-finite ``nu``, or an unknown ``weight_decay_type``.
-        TypeError: a value that is not a number.
+        TypeError: a value that is not a number, an ``ffi`` other than None/True/False;
+        at the first update, ``ffi=True`` with leaves other than float32/float64.
         Traced values (inside ``jit``/``vmap``/``inject_hyperparams``) are not checked.
 
     Example:
@@ -229,12 +361,25 @@ def qhm(learning_rate: optax.ScalarOrSchedule, momentum: Any, nu: Any,
     block = scale_by_qhm(momentum, nu)
     decay = optax.add_decayed_weights(weight_decay)
     steps = (decay, block) if weight_decay_type == "grad" else (block, decay)
-    return optax.chain(*steps, optax.scale_by_learning_rate(learning_rate))
+    chain = optax.chain(*steps, optax.scale_by_learning_rate(learning_rate))
+    step = (momentum, _complement(momentum), nu, _complement(nu))
+    return _with_ffi(chain, "qhm", ffi, learning_rate, weight_decay,
+                     weight_decay_type == "direct", lambda state: (step, ()),
+                     ("momentum_buffer",))
 
 
 # ----------------------------------------------------------------------------------------------
 # QHAdam
 # ----------------------------------------------------------------------------------------------
+def _qhadam_step(state, beta1, beta2, nu1, one_minus_nu1, nu2, one_minus_nu2, eps):
+    """The bias weights after this step and the step's direction coefficients (weight dtype)."""
+    w_dtype = jnp.result_type(state.beta1_weight)
+    w1, w2, a1, a2 = _rules.qhadam_bias_weights(
+        state.beta1_weight, state.beta2_weight, *_cast(w_dtype, beta1, beta2))
+    return w1, w2, _rules.qhadam_direction_coefficients(a1, a2, nu1, one_minus_nu1, nu2,
+                                                         one_minus_nu2, eps)
+
+
 class ScaleByQHAdamState(NamedTuple):
     r"""State of :func:`scale_by_qhadam`, as qhoptim keeps it.
 
@@ -285,11 +430,8 @@ def scale_by_qhadam(betas: Any = None, nus: Any = None, eps: Any = 1e-8, *,
 
     def update_fn(updates, state, params=None):
         del params
-        w_dtype = jnp.result_type(state.beta1_weight)
-        w1, w2, a1, a2 = _rules.qhadam_bias_weights(
-            state.beta1_weight, state.beta2_weight, *_cast(w_dtype, beta1, beta2))
-        step = _rules.qhadam_direction_coefficients(a1, a2, nu1, one_minus_nu1, nu2,
-                                                    one_minus_nu2, eps)
+        w1, w2, step = _qhadam_step(state, beta1, beta2, nu1, one_minus_nu1, nu2, one_minus_nu2,
+                                    eps)
         treedef, grads, (ms, vs) = _leaves_with(updates, state.exp_avg, state.exp_avg_sq)
         directions, new_ms, new_vs = [], [], []
         for g, m, v in zip(grads, ms, vs):
@@ -322,7 +464,8 @@ def qhadam(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
            nus: Any = None, eps: Any = 1e-8,
            weight_decay: optax.ScalarOrSchedule = 0.0,
            decouple_weight_decay: bool = False, *, b1: Any = _B1, b2: Any = _B2,
-           nu1: Any = _NU1, nu2: Any = _NU2) -> optax.GradientTransformation:
+           nu1: Any = _NU1, nu2: Any = _NU2,
+           ffi: bool | None = None) -> optax.GradientTransformation:
     r"""QHAdam: Adam with quasi-hyperbolic numerator and denominator.
 
     .. math::
@@ -372,6 +515,10 @@ def qhadam(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
         [0, 1), when ``betas`` is not given.
       nu1, nu2: :math:`\nu_1`, :math:`\nu_2` (default 1.0 each), finite, when ``nus`` is not
         given.
+      ffi: the execution (keyword only): ``None`` chooses the FFI call (Numba kernel inside
+        ``jit`` on CPU) where it applies and pays, else the traced path; ``True`` forces the FFI
+        call, ``False`` the traced path. Under :func:`optax.inject_hyperparams` pass it as a
+        static argument (``static_args=("ffi",)``).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` (an :func:`optax.chain`).
@@ -380,7 +527,9 @@ def qhadam(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
       ValueError: a negative or non-finite ``learning_rate``, ``eps`` or ``weight_decay``, a
         beta outside [0, 1), a non-finite nu, ``betas``/``nus`` not of length 2, or a pair
         given together with its scalars. TypeError: a value that is not a number, a
-        ``decouple_weight_decay`` that is not a bool. Traced values are not checked.
+        ``decouple_weight_decay`` that is not a bool, an ``ffi`` other than None/True/False;
+        at the first update, ``ffi=True`` with leaves other than float32/float64. Traced
+        values are not checked.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -406,13 +555,21 @@ def qhadam(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
     block = scale_by_qhadam(eps=eps, b1=b1, b2=b2, nu1=nu1, nu2=nu2)
     decay = optax.add_decayed_weights(weight_decay)
     steps = (block, decay) if decouple_weight_decay else (decay, block)
-    return optax.chain(*steps, optax.scale_by_learning_rate(learning_rate))
+    chain = optax.chain(*steps, optax.scale_by_learning_rate(learning_rate))
+    middle = (b1, b2, nu1, _complement(nu1), nu2, _complement(nu2), eps)
+
+    def block_hyper(state):
+        return middle, (state.beta1_weight, state.beta2_weight)
+
+    return _with_ffi(chain, "qhadam", ffi, learning_rate, weight_decay, decouple_weight_decay,
+                     block_hyper, ("exp_avg", "exp_avg_sq"))
 
 
 def qhadamw(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
             nus: Any = None, eps: Any = 1e-8,
             weight_decay: optax.ScalarOrSchedule = 0.0, *, b1: Any = _B1, b2: Any = _B2,
-            nu1: Any = _NU1, nu2: Any = _NU2) -> optax.GradientTransformation:
+            nu1: Any = _NU1, nu2: Any = _NU2,
+            ffi: bool | None = None) -> optax.GradientTransformation:
     r"""QHAdam with decoupled weight decay: ``qhadam(..., decouple_weight_decay=True)``.
 
     .. math::
@@ -430,6 +587,7 @@ def qhadamw(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
       eps: :math:`\epsilon` (finite, >= 0).
       weight_decay: :math:`\lambda` (finite, >= 0), a float or an optax schedule.
       b1, b2, nu1, nu2: the betas and nus as separate scalars (see :func:`qhadam`).
+      ffi: the execution (see :func:`qhadam`).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` (an :func:`optax.chain`).
@@ -439,7 +597,7 @@ def qhadamw(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
       <https://arxiv.org/abs/1810.06801>`_, ICLR 2019
     """
     return qhadam(learning_rate, betas, nus, eps, weight_decay, decouple_weight_decay=True,
-                  b1=b1, b2=b2, nu1=nu1, nu2=nu2)
+                  b1=b1, b2=b2, nu1=nu1, nu2=nu2, ffi=ffi)
 
 
 for _name in ("from_pid", "from_synthesized_nesterov", "from_robust_momentum", "from_accsgd",

@@ -1,0 +1,180 @@
+"""The Numba kernels inside ``jax.jit`` on CPU, through XLA's FFI: registration, calls, path choice.
+
+The handlers are ``numba.cfunc`` C callbacks of :mod:`uniopt.kernels.qh_ffi`; this module
+registers them with :func:`jax.ffi.register_ffi_target` (platform ``"cpu"``, typed FFI
+``api_version=1``) the first time a transform takes the FFI path, never at import, and emits
+one :func:`jax.ffi.ffi_call` per dtype per step for every leaf of the pytree: the optimizer
+state is aliased to the results (``input_output_aliases``), so with donated state XLA updates
+it in place, without copies and without Python in the step.
+
+Path choice (:func:`choose`): ``ffi=True`` forces the FFI call, ``ffi=False`` the traced
+(``jax.numpy``) path; ``ffi=None`` (the default) takes the FFI path only where it applies and
+pays: under ``jit`` (every input an abstract value of a ``jit`` trace: not under ``grad``,
+``jvp``, ``vmap``, nor eagerly), with ``jax.default_backend() == "cpu"``, float32/float64
+leaves whose state has their dtype, and at least :data:`MIN_SIZE` elements in all (default:
+never, see :data:`MIN_SIZE`). A jitted
+update that is differentiated or batched from outside (``jax.grad(jax.jit(step))``) still
+works: the FFI call sits inside a :func:`jax.custom_jvp` whose derivative is the traced
+path's, and its ``vmap_method`` loops over the batch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from uniopt import _jit
+
+__all__ = ["MIN_SIZE", "registered", "ensure_registered", "is_jit_value", "choose",
+           "call", "with_traced_derivatives"]
+
+#: Total element count of a step from which ``ffi=None`` takes the FFI path (environment:
+#: ``UNIOPT_JAX_FFI_MIN_SIZE``, parsed as ``UNIOPT_PARALLEL_MIN_SIZE`` is). Default: never.
+#: Measured on this project's machine (docs/performance notes in the closing report of issue
+#: 12), the FFI path of an optax ``update`` lost to XLA's traced path at every size: optax
+#: materialises the updates (written by the call, read again by ``apply_updates``) and the
+#: call is a fusion barrier (the gradient is written out before it), 44-48 bytes per parameter
+#: against the traced path's fused 28. So ``ffi=None`` keeps the traced path unless told.
+MIN_SIZE = _jit._parse_min_size("UNIOPT_JAX_FFI_MIN_SIZE",
+                                os.environ.get("UNIOPT_JAX_FFI_MIN_SIZE"))
+
+#: Whether the updates are written over the gradients' buffers (``UNIOPT_JAX_FFI_ALIAS_GRADS``):
+#: free when the gradients are computed in the same ``jit`` (no new buffer for the updates);
+#: a copy of the gradients when they are an argument of the jitted function that is not donated.
+ALIAS_GRADIENTS = os.environ.get("UNIOPT_JAX_FFI_ALIAS_GRADS", "1") != "0"
+
+_TARGETS = {"qhadam": "uniopt_qhadam", "qhm": "uniopt_qhm"}
+_registered: set[str] = set()
+_SUPPORTED = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def registered() -> frozenset:
+    """The families whose FFI target this process has registered so far."""
+    return frozenset(_registered)
+
+
+def ensure_registered(family: str) -> str:
+    """Compile (or load from the cache) ``family``'s handler and register it once; its name."""
+    name = _TARGETS[family]
+    if family not in _registered:
+        from uniopt.kernels import qh_ffi
+
+        handler = {"qhadam": qh_ffi.qhadam_handler, "qhm": qh_ffi.qhm_handler}[family]()
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler.ctypes), platform="cpu",
+                                    api_version=1)
+        _registered.add(family)
+    return name
+
+
+def _jaxpr_tracer_type():
+    try:
+        from jax._src.interpreters.partial_eval import DynamicJaxprTracer
+    except ImportError:  # pragma: no cover - jax moved it: never choose the FFI path by itself
+        return None
+    return DynamicJaxprTracer
+
+
+_JIT_TRACER = _jaxpr_tracer_type()
+
+
+def is_jit_value(x) -> bool:
+    """Whether ``x`` is a value of a ``jit`` trace (not a grad/vmap tracer, not concrete)."""
+    return _JIT_TRACER is not None and type(x) is _JIT_TRACER
+
+
+def _all_jit_or_static(values) -> bool:
+    """Every array is a jit tracer and at least one is (Python numbers may be static)."""
+    seen = False
+    for x in values:
+        if isinstance(x, jax.core.Tracer):
+            if not is_jit_value(x):
+                return False
+            seen = True
+        elif isinstance(x, jax.Array):
+            return False  # a concrete array: an eager call
+    return seen
+
+
+def supported_dtype(dtype) -> bool:
+    return np.dtype(dtype) in _SUPPORTED
+
+
+def choose(ffi: bool | None, leaves: Sequence, states: Sequence[Sequence], scalars: Sequence) -> bool:
+    """Whether this step runs through the FFI call.
+
+    Args:
+      ffi: the transform's ``ffi`` argument (True/False force; None chooses).
+      leaves: the gradient leaves (and parameter leaves where the rule reads them).
+      states: per gradient leaf, its state leaves.
+      scalars: every other input of the step (hyper-parameters, counts, bias weights).
+
+    Raises:
+      TypeError: ``ffi=True`` with a leaf whose dtype is neither float32 nor float64, or with
+        state of another dtype than its gradient.
+    """
+    if ffi is False:
+        return False
+    dtypes_ok = all(supported_dtype(jnp.result_type(x)) for x in leaves) and all(
+        jnp.result_type(s) == jnp.result_type(g) for g, group in zip(leaves, states)
+        for s in group)
+    if ffi:
+        if not dtypes_ok:
+            bad = sorted({str(jnp.result_type(x)) for x in leaves if not supported_dtype(
+                jnp.result_type(x))}) or ["state dtype differs from its gradient's"]
+            raise TypeError(f"Invalid ffi=True: the FFI path runs float32/float64 leaves "
+                            f"whose state has their dtype, got {', '.join(bad)}")
+        return True
+    if not dtypes_ok or jax.default_backend() != "cpu":
+        return False
+    if sum(int(np.prod(jnp.shape(x))) for x in leaves) < MIN_SIZE:
+        return False
+    everything = [*leaves, *(s for group in states for s in group), *scalars]
+    return _all_jit_or_static([x for x in everything if x is not None])
+
+
+def call(family: str, hyper: jax.Array, grads: list, params: list | None,
+         states: list[list]) -> tuple[list, list[list], list]:
+    """One FFI call for leaves of one dtype: ``(updates, new_states, extra_results)``.
+
+    Args:
+      family: ``"qhadam"`` or ``"qhm"``.
+      hyper: the step's scalars (see :mod:`uniopt.kernels.qh_ffi`).
+      grads: gradient leaves; params: parameter leaves (decay modes) or None.
+      states: the state leaves, one list per state field (QHAdam: ``[exp_avg, exp_avg_sq]``).
+
+    Returns:
+      The updates, the new state leaves (per field) and, for QHAdam, ``[weights]``: the two new
+      bias weights in ``hyper``'s dtype.
+    """
+    name = ensure_registered(family)
+    n = len(grads)
+    args = [hyper, *grads, *(params or []), *(s for field in states for s in field)]
+    first_state = 1 + n * (2 if params else 1)
+    results = [jax.ShapeDtypeStruct(jnp.shape(g), jnp.result_type(g)) for g in grads]
+    results += [jax.ShapeDtypeStruct(jnp.shape(s), jnp.result_type(s))
+                for field in states for s in field]
+    if family == "qhadam":
+        results.append(jax.ShapeDtypeStruct((2,), jnp.result_type(hyper)))
+    aliases = {first_state + k: n + k for k in range(n * len(states))}
+    if ALIAS_GRADIENTS:
+        aliases.update({1 + k: k for k in range(n)})
+    out = jax.ffi.ffi_call(name, results, input_output_aliases=aliases,
+                           vmap_method="sequential")(*args)
+    end = n + n * len(states)
+    return (list(out[:n]), [list(out[n + k * n:n + (k + 1) * n]) for k in range(len(states))],
+            list(out[end:]))
+
+
+def with_traced_derivatives(ffi_fn: Callable, traced_fn: Callable) -> Callable:
+    """``ffi_fn`` whose JVP (hence grad) is ``traced_fn``'s: both compute the same values."""
+    fn = jax.custom_jvp(ffi_fn)
+
+    @fn.defjvp
+    def _jvp(primals, tangents):
+        return jax.jvp(traced_fn, primals, tangents)
+
+    return fn

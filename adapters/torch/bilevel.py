@@ -53,6 +53,25 @@ from . import _unroll
 __all__ = ["Dynamic", "DynamicResult"]
 
 
+def _unflatten(flats: list, layout: list) -> list:
+    """The LL parameters' tensors (in ``layout`` order) as views of the groups' flat vectors.
+
+    A group of one tensor is one ``view``; a larger group is one ``split``. Either is a single
+    node of the graph whose backward is a reshape or one concatenation, where a slice per
+    tensor would zero-fill and copy the whole flat vector for every tensor, in every step's
+    gradient and again in the hypergradient.
+    """
+    chunks = {}
+    for k, flat in enumerate(flats):
+        members = sorted((o, math.prod(shape)) for _, g, o, shape in layout if g == k)
+        if len(members) == 1:
+            chunks[(k, members[0][0])] = flat
+        else:
+            for (o, _), piece in zip(members, torch.split(flat, [n for _, n in members])):
+                chunks[(k, o)] = piece
+    return [chunks[(k, o)].view(shape) for _, k, o, shape in layout]
+
+
 class _Objective(nn.Module):
     """Calls an objective with ``lower`` (the LL model) reparametrized by ``functional_call``."""
 
@@ -90,8 +109,7 @@ class DynamicResult:
     def weights(self, t: int) -> list:
         """The LL parameters' tensors at ``w_t`` (views of the flat vectors, in the order of
         ``ll_model.named_parameters()``), ``t = 0..lower_loop``."""
-        flats = self.flats[t]
-        return [flats[k][o:o + math.prod(shape)].view(shape) for _, k, o, shape in self._layout]
+        return _unflatten(self.flats[t], self._layout)
 
     @property
     def params(self) -> list:
@@ -172,8 +190,9 @@ class Dynamic:
         ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the graph keeps only
         each step's inputs and the step is recomputed during ``hypergrad`` (less memory, about
         one more LL gradient per step of time); the results are the same.
-      kernels: ``None`` (auto): the Numba unroll kernels when present and applicable; ``True``:
-        require them (``RuntimeError`` at ``optimize`` when they cannot run); ``False``: torch
+      kernels: ``None`` (auto): the Numba unroll kernels when present and applicable, except
+        for plain SGD (momentum 0), whose step is one torch ``add`` (an axpy: torch's op is
+        already one pass, and cheaper than a kernel call); ``True``: require them (``RuntimeError`` at ``optimize`` when they cannot run); ``False``: torch
         ops only.
 
     Raises:
@@ -258,8 +277,8 @@ class Dynamic:
         return flats
 
     def _views(self, flats: list) -> dict:
-        return {"lower." + name: flats[k][o:o + math.prod(shape)].view(shape)
-                for name, k, o, shape in self._layout}
+        tensors = _unflatten(flats, self._layout)
+        return {"lower." + name: w for (name, *_), w in zip(self._layout, tensors)}
 
     def _call(self, fn, flats, data, target):
         return functional_call(self._wrapper, self._views(flats), (fn, data, target, self.ul_model))
@@ -296,7 +315,12 @@ class Dynamic:
         if self.kernels is False:
             return [False] * len(rules)
         use = []
-        for w, (buffers, _) in zip(flats, states):
+        for rule, w, (buffers, _) in zip(rules, flats, states):
+            if self.kernels is None and rule.kind == "sgd":
+                # plain SGD is one axpy: torch's own op is already one pass (measured: the
+                # kernel Function's call costs more than it saves); QHM/QHAdam take the kernels
+                use.append(False)
+                continue
             w = w.detach()
             ok = _unroll.kernel_supported(w, w, *buffers)
             if self.kernels and not ok:

@@ -75,7 +75,7 @@ CASES = {
     "torch_plain": ("torch", "torch plain", "torch autograd unroll (functional_call + "
                     "autograd.grad(create_graph=True)), no uniopt"),
     "torch_uniopt": ("torch", "uniopt torch", "uniopt.adapters.torch.bilevel.Dynamic, "
-                     "ll_opt=torch.optim.SGD (Numba update + VJP kernels)"),
+                     "ll_opt=torch.optim.SGD (plain SGD: one torch add per step; momentum/Adam/QH: Numba update + VJP kernels)"),
     "torch_uniopt_ckpt": ("torch", "uniopt torch ckpt", "the same with checkpoint=True "
                           "(per-step non-reentrant checkpointing)"),
     "jax_plain": ("jax", "jax plain", "jax.jit(jax.grad) of a plain lax.scan unroll, no uniopt"),

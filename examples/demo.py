@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 
 __all__ = ["main", "load_digits_split", "noisy_digits_split", "hyper_cleaning_report",
-           "weighted_softmax_regression", "SECTIONS"]
+           "weighted_softmax_regression", "hyper_cleaning_example", "SECTIONS"]
 
 HIDDEN = 32
 QHADAM = dict(lr=1e-2, betas=(0.995, 0.999), nus=(0.7, 1.0))  # the paper's recommended QHAdam
@@ -885,6 +885,28 @@ def hyper_cleaning_report(data: dict, x_logits: np.ndarray) -> dict[str, float]:
             "acc": accuracy(1.0 / (1.0 + np.exp(-np.asarray(x_logits)))),
             "precision": hits / max(int(flagged.sum()), 1),
             "recall": hits / int(data["corrupted"].sum()), "flagged": float(flagged.sum())}
+
+
+def hyper_cleaning_example(learn_weights: Callable) -> dict[str, float]:
+    """The body of ``examples/{torch,jax}_bilevel_hyper_cleaning.py``: learn the weights with
+    every method of ``HC_METHODS`` by ``learn_weights(data, method)``, print what they are worth
+    (:func:`hyper_cleaning_report`) and a ``result key=value ...`` line; returns its values."""
+    data = noisy_digits_split()
+    out: dict[str, float] = {}
+    for method in HC_METHODS:
+        start = time.perf_counter()
+        x = learn_weights(data, method)[0]
+        elapsed = time.perf_counter() - start
+        m = hyper_cleaning_report(data, x)
+        print(f"{method:<9} test accuracy {m['acc']:.3f} (noisy labels, unweighted: "
+              f"{m['noisy_acc']:.3f}); flagged {int(m['flagged'])} of {len(x)} as corrupted: "
+              f"precision {m['precision']:.3f}, recall {m['recall']:.3f}; {elapsed:.1f} s")
+        key = method.lower().replace("-", "_")
+        out.update({"noisy_acc": m["noisy_acc"], f"{key}_acc": m["acc"],
+                    f"{key}_precision": m["precision"], f"{key}_recall": m["recall"]})
+    out["corrupted_fraction"] = float(np.mean(data["corrupted"]))
+    print("result " + " ".join(f"{k}={v:.6f}" for k, v in out.items()))
+    return out
 
 
 def _hc_torch(method, data, ul_lr):

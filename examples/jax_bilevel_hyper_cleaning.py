@@ -22,14 +22,13 @@ prints one ``result`` line.
 
 from __future__ import annotations
 
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from demo import HC, HC_METHODS, hyper_cleaning_report, noisy_digits_split
+from demo import HC, HC_METHODS, hyper_cleaning_example
 from uniopt.adapters.jax.bilevel import Dynamic
 
 jax.config.update("jax_enable_x64", True)
@@ -86,23 +85,7 @@ def learn_weights(data: dict, method: str = "RAD", ul_lr: float = HC["ul_lr"],
 
 
 def main() -> dict[str, float]:
-    data = noisy_digits_split()
-    out: dict[str, float] = {}
-    for method in HC_METHODS:
-        start = time.perf_counter()
-        x = learn_weights(data, method)[0]
-        elapsed = time.perf_counter() - start
-        m = hyper_cleaning_report(data, x)
-        print(f"{method:<9} test accuracy {m['acc']:.3f} (noisy labels, unweighted: "
-              f"{m['noisy_acc']:.3f}); flagged {int(m['flagged'])} of {len(x)} as corrupted: "
-              f"precision {m['precision']:.3f}, recall {m['recall']:.3f}; {elapsed:.1f} s")
-        key = method.lower().replace("-", "_")
-        out.update({"noisy_acc": m["noisy_acc"], f"{key}_acc": m["acc"],
-                    f"{key}_precision": m["precision"], f"{key}_recall": m["recall"]})
-    out["corrupted_fraction"] = float(np.mean(data["corrupted"]))
-    print("result " + " ".join(f"{k}={v:.6f}" for k, v in out.items()))
-    return out
-
+    return hyper_cleaning_example(learn_weights)
 
 if __name__ == "__main__":
     main()

@@ -575,7 +575,7 @@ def test_kernels_true_with_unsupported_tensors_is_an_error():
 @pytest.mark.parametrize("opt", ["sgd", "sgd_nesterov", "qhm", "adam", "qhadamw"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_kernel_path_equals_torch_ops(opt, dtype):
-    assert _unroll.kernel_available()  # bcore's kernels are part of the package
+    assert _unroll.kernel_available()  # the unroll kernels are part of the package
     P, T = Ridge(14), 8
     grads, trajs = [], []
     for kernels in (True, False):

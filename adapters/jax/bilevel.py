@@ -43,10 +43,11 @@ steps is static, data and parameters are traced), vmap-able over a batch of UL p
 instead of every intermediate of the step; one extra forward step in the backward pass).
 
 Deviations from the reference toolbox (see ``docs/deviations.md``, "Bilevel `Dynamic`",
-its JAX part): none of its T-RAD bugs (no dL/dx of the truncated steps added to the UL gradient, the
-truncated steps are taken at the true iterates), the models are parameter pytrees rather than
-modules (so the constructor has no ``ul_model``/``ll_model``), and the parameters travel
-through :meth:`Dynamic.optimize`/:meth:`Dynamic.hypergrad` instead of living in the object.
+its JAX part): none of its T-RAD bugs (no dL/dx of the truncated steps added to the UL
+gradient, the truncated steps are taken at the true iterates), the models are parameter
+pytrees rather than modules (so the constructor has no ``ul_model``/``ll_model``), and the
+parameters travel through :meth:`Dynamic.optimize`/:meth:`Dynamic.hypergrad` instead of
+living in the object.
 
 References:
   Franceschi et al., `Bilevel programming for hyperparameter optimization and meta-learning

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PIP_FLAGS := --disable-pip-version-check --no-input -q
 
-.PHONY: demo test bench bench-quick info clean
+.PHONY: demo test fuzz bench bench-quick info clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ PYTEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
+
+# The property-based tests with many random examples (the "fuzz" hypothesis profile of
+# tests/fuzz_profiles.py; `make test` runs them with the few, reproducible examples of "ci").
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest tests/test_fuzz_*.py
 
 bench: $(STAMP)
 	$(BIN)/python asv_bench/table.py

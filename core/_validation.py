@@ -60,6 +60,7 @@ __all__ = [
     "check_penalty_updater",
     "check_bilevel_dynamic",
     "check_step_coefficients",
+    "check_conversion",
 ]
 
 WEIGHT_DECAY_TYPES = ("grad", "direct")
@@ -514,3 +515,21 @@ def check_step_coefficients(value: Any, count: int, source: str) -> tuple:
         raise ValueError(f"Invalid coefficients: {value!r} (expected the {count} numbers of "
                          f"{source}, got {len(items)})")
     return tuple(finite(f"coefficient at index {i}", c) for i, c in enumerate(items))
+
+
+def check_conversion(name: str, convert: Callable, optional: tuple = (), **arguments: Any):
+    """``convert(**arguments)`` for a ``from_*`` hyper-parameter converter, its arguments checked.
+
+    Every argument must be a real number (``None`` too for those in ``optional``): TypeError
+    naming it otherwise. The converter gets them as floats; where its formula has no value (a
+    division by zero, the square root of a negative number, an overflow) ValueError names the
+    converter and every argument with its value.
+    """
+    values = {key: None if (key in optional and value is None) else real(key, value)
+              for key, value in arguments.items()}
+    try:
+        return convert(**values)
+    except (ArithmeticError, ValueError) as error:
+        shown = ", ".join(f"{key}={value!r}" for key, value in arguments.items())
+        raise ValueError(f"Invalid arguments of {name}: {shown} (no such hyper-parameters: "
+                         f"{error})") from None

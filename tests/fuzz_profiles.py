@@ -37,13 +37,18 @@ def name() -> str:
     return os.environ.get("HYPOTHESIS_PROFILE", "").strip() or CI
 
 
-def profile(max_examples: int | None = None) -> settings:
-    """The settings of the selected profile; ``max_examples`` caps the example count of the
-    ``"ci"`` profile only (for tests much slower per example than the rest)."""
+def profile(max_examples: int | None = None, fuzz_max_examples: int | None = None) -> settings:
+    """The settings of the selected profile (``"ci"`` when ``HYPOTHESIS_PROFILE`` names none).
+
+    ``max_examples`` caps the example count of the ``"ci"`` profile and ``fuzz_max_examples``
+    that of the ``"fuzz"`` one, for tests much slower per example than the rest (the CUDA
+    simulator runs each thread as a Python thread).
+    """
     register()
     chosen = settings.get_profile(name())
-    if max_examples is not None and name() == CI:
-        return settings(chosen, max_examples=min(max_examples, chosen.max_examples))
+    cap = {CI: max_examples, FUZZ: fuzz_max_examples}.get(name())
+    if cap is not None:
+        return settings(chosen, max_examples=min(cap, chosen.max_examples))
     return chosen
 
 

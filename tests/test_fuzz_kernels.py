@@ -842,7 +842,7 @@ CUDA_SIZES = st.integers(0, 40)
 
 @given(dtype=DTYPES, n=CUDA_SIZES, seed=SEEDS, hyper=QH_HYPER, a=st.tuples(UNIT, UNIT),
        eps=st.floats(1e-8, 0.1), rule=st.sampled_from(["qhm", "qhadam"]))
-@profile(max_examples=4)
+@profile(max_examples=4, fuzz_max_examples=150)
 def test_cuda_qh_kernels(dtype, n, seed, hyper, a, eps, rule):
     from cuda_arrays import to_device, to_host
 
@@ -869,7 +869,7 @@ def test_cuda_qh_kernels(dtype, n, seed, hyper, a, eps, rule):
 
 @given(dtype=DTYPES, n=CUDA_SIZES, seed=SEEDS, stepsize=st.floats(0.0, 10.0), momentum=UNIT,
        signed_lr=st.floats(-2.0, 2.0), penalty=PENALTY)
-@profile(max_examples=3)
+@profile(max_examples=3, fuzz_max_examples=150)
 def test_cuda_polyak_and_constrained_kernels(dtype, n, seed, stepsize, momentum, signed_lr,
                                              penalty):
     from cuda_arrays import to_device, to_host
@@ -909,7 +909,7 @@ def test_cuda_polyak_and_constrained_kernels(dtype, n, seed, stepsize, momentum,
 
 @given(dtype=DTYPES, n=CUDA_SIZES, seed=SEEDS, momentum=UNIT, beta=st.floats(0.0, 10.0),
        gamma=st.floats(0.0, 10.0), use_momentum=st.booleans(), is_ineq=st.booleans())
-@profile(max_examples=3)
+@profile(max_examples=3, fuzz_max_examples=150)
 def test_cuda_ialm_kernel(dtype, n, seed, momentum, beta, gamma, use_momentum, is_ineq):
     from cuda_arrays import to_device, to_host
 
@@ -936,7 +936,7 @@ def test_cuda_ialm_kernel(dtype, n, seed, momentum, beta, gamma, use_momentum, i
 
 @given(dtype=DTYPES, n=CUDA_SIZES, seed=SEEDS, hyper=QH_HYPER, a=st.tuples(UNIT, UNIT),
        eps=st.floats(1e-8, 0.1), rule=st.sampled_from(["sgd", "qhm", "qhadam"]))
-@profile(max_examples=3)
+@profile(max_examples=3, fuzz_max_examples=150)
 def test_cuda_unroll_kernels(dtype, n, seed, hyper, a, eps, rule):
     from cuda_arrays import to_device, to_host
 

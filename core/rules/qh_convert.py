@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from .._validation import check_conversion, pair
+
 __all__ = [
     "QHMParams",
     "QHAdamParams",
@@ -123,27 +125,33 @@ class QHMConversions:
     @classmethod
     def from_pid(cls, k_p, k_i, k_d):
         """QHM hyper-parameters recovering Recht (2018)'s PID optimizer."""
-        return cls._params_to_dict(from_pid(k_p, k_i, k_d))
+        return cls._params_to_dict(check_conversion("from_pid", from_pid, k_p=k_p, k_i=k_i,
+                                                    k_d=k_d))
 
     @classmethod
     def from_synthesized_nesterov(cls, alpha, beta1, beta2):
         """QHM hyper-parameters recovering the synthesized Nesterov variants (Lessard et al.)."""
-        return cls._params_to_dict(from_synthesized_nesterov(alpha, beta1, beta2))
+        return cls._params_to_dict(check_conversion(
+            "from_synthesized_nesterov", from_synthesized_nesterov, alpha=alpha, beta1=beta1,
+            beta2=beta2))
 
     @classmethod
     def from_robust_momentum(cls, l, kappa, rho=None):
         """QHM hyper-parameters recovering Robust Momentum / the Triple Momentum Method."""
-        return cls._params_to_dict(from_robust_momentum(l, kappa, rho))
+        return cls._params_to_dict(check_conversion(
+            "from_robust_momentum", from_robust_momentum, ("rho",), l=l, kappa=kappa, rho=rho))
 
     @classmethod
     def from_accsgd(cls, delta, kappa, xi, eps=0.7):
         """QHM hyper-parameters recovering AccSGD (Kidambi et al., 2018)."""
-        return cls._params_to_dict(from_accsgd(delta, kappa, xi, eps))
+        return cls._params_to_dict(check_conversion("from_accsgd", from_accsgd, delta=delta,
+                                                    kappa=kappa, xi=xi, eps=eps))
 
     @classmethod
     def from_two_state_optimizer(cls, h, k, l, m, q, z):
         """QHM hyper-parameters recovering the two-state optimizer (exact ``nu``; see module doc)."""
-        return cls._params_to_dict(from_two_state_optimizer(h, k, l, m, q, z))
+        return cls._params_to_dict(check_conversion(
+            "from_two_state_optimizer", from_two_state_optimizer, h=h, k=k, l=l, m=m, q=q, z=z))
 
 
 class QHAdamConversions:
@@ -154,7 +162,8 @@ class QHAdamConversions:
     @classmethod
     def from_nadam(cls, lr=1e-3, betas=(0.9, 0.999)):
         """QHAdam hyper-parameters approximating NAdam (Dozat, 2016)."""
-        params = from_nadam(lr, betas[0], betas[1])
+        beta1, beta2 = pair("betas", betas)
+        params = check_conversion("from_nadam", from_nadam, lr=lr, beta1=beta1, beta2=beta2)
         lr_key, betas_key, nus_key = cls._conversion_keys
         return {lr_key: params.alpha, nus_key: (params.nu1, params.nu2),
                 betas_key: (params.beta1, params.beta2)}

@@ -64,7 +64,8 @@ class Formulation(abc.ABC):
     expects_penalty_coefficient: bool
 
     def __init__(self, constraint_type: ConstraintType) -> None:
-        if constraint_type not in (ConstraintType.EQUALITY, ConstraintType.INEQUALITY):
+        if not isinstance(constraint_type, ConstraintType) or constraint_type not in (
+                ConstraintType.EQUALITY, ConstraintType.INEQUALITY):
             raise ValueError(f"{type(self).__name__} requires either an equality or inequality constraint. "
                              f"Invalid constraint_type: {constraint_type!r}")
         self.constraint_type = constraint_type

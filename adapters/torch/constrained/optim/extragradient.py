@@ -34,6 +34,8 @@ from typing import Any, Optional
 
 import torch
 
+from uniopt._validation import pair, real
+
 __all__ = ["ExtraAdam", "ExtraSGD", "ExtragradientOptimizer"]
 
 
@@ -45,7 +47,7 @@ def _axpy(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def _nonnegative(what: str, value: Any) -> None:
-    if not value >= 0.0:  # NaN fails too
+    if not real(what, value) >= 0.0:  # NaN fails too; TypeError for a non-number
         raise ValueError(f"Invalid {what}: {value}")
 
 
@@ -232,8 +234,8 @@ class ExtraAdam(ExtragradientOptimizer):
                  weight_decay: float = 0, amsgrad: bool = False, maximize: bool = False) -> None:
         _nonnegative("learning rate", lr)
         _nonnegative("epsilon value", eps)
-        for i in (0, 1):
-            if not 0.0 <= betas[i] < 1.0:
+        for i, beta in enumerate(pair("betas", betas)):
+            if not 0.0 <= real(f"beta parameter at index {i}", beta) < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {betas[i]}")
         _nonnegative("weight_decay value", weight_decay)
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,

@@ -24,6 +24,17 @@ import torch
 __all__ = ["CooperOptimizer", "CooperOptimizerState", "RollOut"]
 
 
+def _checked(what: str, optimizers: Optional[list]) -> Optional[list]:
+    """``optimizers`` (``None`` or a list); TypeError naming ``what`` if an entry is not an
+    optimizer (an object with ``param_groups``, ``step`` and ``zero_grad``)."""
+    for optimizer in optimizers or []:
+        if not (hasattr(optimizer, "param_groups") and callable(getattr(optimizer, "step", None))
+                and callable(getattr(optimizer, "zero_grad", None))):
+            raise TypeError(f"Invalid {what}: {optimizer!r} (expected a torch optimizer or a "
+                            f"sequence of them)")
+    return optimizers
+
+
 def _as_list(optimizers: Any) -> Optional[list]:
     """``None``, or the optimizer(s) as a new list (one optimizer or a sequence of them)."""
     if optimizers is None:
@@ -81,9 +92,11 @@ class CooperOptimizer(abc.ABC):
     """
 
     def __init__(self, cmp: Any, primal_optimizers: Any, dual_optimizers: Any = None) -> None:
+        if not callable(getattr(cmp, "compute_cmp_state", None)):
+            raise TypeError(f"Invalid cmp: {cmp!r} (expected a ConstrainedMinimizationProblem)")
         self.cmp = cmp
-        self.primal_optimizers = _as_list(primal_optimizers)
-        self.dual_optimizers = _as_list(dual_optimizers)
+        self.primal_optimizers = _checked("primal_optimizers", _as_list(primal_optimizers))
+        self.dual_optimizers = _checked("dual_optimizers", _as_list(dual_optimizers))
 
     def _all_optimizers(self) -> list:
         return list(self.primal_optimizers or []) + list(self.dual_optimizers or [])

@@ -292,7 +292,7 @@ def check_ialm_size(m: Any) -> int | None:
         return None
     if isinstance(m, bool) or not isinstance(m, numbers.Integral):
         raise TypeError(f"Invalid m: {m!r} (expected a positive integer)")
-    if m < 1:
+    if m < 1 or m > np.iinfo(np.intp).max // 8:  # more float64s than memory can address
         raise ValueError(f"Invalid m: {m}")
     return int(m)
 

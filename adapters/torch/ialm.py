@@ -694,6 +694,9 @@ def _initial_duals(size, init_duals, device):
         if size is None:
             return None, None
         fill = 0.0 if init_duals is None else real("init_duals", init_duals)
+        if abs(fill) > torch.finfo(torch.get_default_dtype()).max:  # the dtype cannot hold it
+            raise ValueError(f"Invalid init_duals: {init_duals!r} (beyond the range of "
+                             f"{torch.get_default_dtype()})")
         return torch.full((size,), fill, dtype=torch.get_default_dtype(), device=device), fill
     if not isinstance(init_duals, torch.Tensor):
         raise TypeError(f"Invalid init_duals: {type(init_duals).__name__} (expected None, a "

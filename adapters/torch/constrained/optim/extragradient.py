@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import torch
 
-from uniopt._validation import pair, real
+from uniopt._validation import boolean, pair, real
 
 __all__ = ["ExtraAdam", "ExtraSGD", "ExtragradientOptimizer"]
 
@@ -170,6 +170,8 @@ class ExtraSGD(ExtragradientOptimizer):
         _nonnegative("learning rate", lr)
         _nonnegative("momentum value", momentum)
         _nonnegative("weight_decay value", weight_decay)
+        real("dampening value", dampening)
+        boolean("nesterov", nesterov)
         if nesterov and (momentum == 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = {"lr": lr, "momentum": momentum, "dampening": dampening,

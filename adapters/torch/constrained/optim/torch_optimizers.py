@@ -54,10 +54,12 @@ _FRESH = "_uniopt_fresh"  # a marker in a state created this step, removed by th
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-def _gain_tensor(value) -> torch.Tensor:
+def _gain_tensor(value, what: str = "gain") -> torch.Tensor:
     """A gain as stored in a group: a tensor (a number becomes a float64 0-d tensor)."""
     if isinstance(value, torch.Tensor):
         return value
+    if np.ndim(value):  # per-entry gains are tensors on this face
+        raise TypeError(f"Invalid {what}: {value!r} (expected a number or a tensor)")
     return torch.tensor(float(value), dtype=torch.float64)
 
 
@@ -263,8 +265,8 @@ class nuPI(Optimizer):
                  ema_nu: float = 0.0, init_type: nuPIInitType = nuPIInitType.SGD,
                  maximize: bool = False, *, _backend: str = "auto"):
         kind = check_nupi(lr, weight_decay, _host(Kp), _host(Ki), ema_nu, init_type, maximize)
-        defaults = {"lr": lr, "weight_decay": weight_decay, "Kp": _gain_tensor(Kp),
-                    "Ki": _gain_tensor(Ki), "ema_nu": ema_nu, "maximize": bool(maximize),
+        defaults = {"lr": lr, "weight_decay": weight_decay, "Kp": _gain_tensor(Kp, "Kp"),
+                    "Ki": _gain_tensor(Ki, "Ki"), "ema_nu": ema_nu, "maximize": bool(maximize),
                     "init_type": nuPIInitType[kind]}
         self._dispatcher = Dispatcher(_NuPIRule(), _backend)
         self._subgroups: dict = {}

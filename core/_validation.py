@@ -68,7 +68,8 @@ WEIGHT_DECAY_TYPES = ("grad", "direct")
 
 def real(what: str, value: Any) -> float:
     """``value`` as a float; TypeError unless it is a real number (or a 0-d tensor/array)."""
-    if isinstance(value, (str, bytes)) or value is None or isinstance(value, complex):
+    if (isinstance(value, (str, bytes)) or value is None or isinstance(value, complex)
+            or getattr(value, "ndim", 0)):  # a 1-element tensor is not a number (float() is)
         raise TypeError(f"Invalid {what}: {value!r} (expected a real number)")
     try:
         return float(value)

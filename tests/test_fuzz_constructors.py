@@ -15,6 +15,7 @@ exception, or a step that fails after the constructor accepted the arguments, is
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ FLOATS = st.one_of(
                      -math.inf]),
     st.floats(-2.0, 2.0),
 )
-INTS = st.one_of(st.integers(-3, 5), st.sampled_from([-(2**63), 2**64]))  # no huge valid sizes
+INTS = st.one_of(st.integers(-3, 5), st.sampled_from([-(2**63), 2**64]))
 WORDS = st.sampled_from(["", "x", "grad", "direct", "SPS_max", "SPS+", "sps", "sps+",
                          "multiplicative", "simultaneous", "extrapolation", "auto", "cpu",
                          "nan", "1.0", "SGD", "ZEROS"])
@@ -283,13 +284,18 @@ spec("torch.DenseMultiplier", "torch", MULTIPLIER_ARGS,
      lambda **kw: pm.multipliers.DenseMultiplier(**kw), lambda m: m(),
      fuzz=["num_constraints", "init", "dtype"])
 spec("torch.IndexedMultiplier", "torch", MULTIPLIER_ARGS,
-     lambda **kw: pm.multipliers.IndexedMultiplier(**kw), lambda m: m(torch.tensor([0])),
+     lambda **kw: pm.multipliers.IndexedMultiplier(**kw),
+     lambda m: m(torch.arange(min(1, m.weight.shape[0]))),
      fuzz=["num_constraints", "init", "dtype"])
+# Cooper's message for a negative coefficient: "All entries of the penalty coefficient must be
+# non-negative."
 spec("torch.DensePenaltyCoefficient", "torch", dict(init=torch.ones(2, dtype=F64)),
-     lambda **kw: pm.penalty_coefficients.DensePenaltyCoefficient(**kw), lambda c: c())
+     lambda **kw: pm.penalty_coefficients.DensePenaltyCoefficient(**kw), lambda c: c(),
+     words=["penalty coefficient"])
 spec("torch.IndexedPenaltyCoefficient", "torch", dict(init=torch.ones(2, dtype=F64)),
      lambda **kw: pm.penalty_coefficients.IndexedPenaltyCoefficient(**kw),
-     lambda c: c(torch.tensor([0])))
+     lambda c: c(torch.arange(min(1, c.init.numel()) if hasattr(c, "init") else 1)),
+     words=["penalty coefficient"])
 
 
 def _torch_penalized_constraint():
@@ -577,6 +583,18 @@ spec("jax.Dynamic", "jax", DYNAMIC_ARGS, _jax_dynamic_build, _jax_dynamic_step)
 # ----------------------------------------------------------------------------------------------
 # The property
 # ----------------------------------------------------------------------------------------------
+#: counts and sizes: a valid huge one would allocate or loop without end on a shared machine
+COUNTS = {"m", "num_constraints", "lower_loop", "truncate_iters", "maxiter"}
+
+
+def _huge_count(value) -> bool:
+    """An integer-valued number above 10**6 (integer-valued floats count: ``1e3`` is a valid
+    count, see ``uniopt._validation.integer``)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        return False
+    return math.isfinite(value) and float(value).is_integer() and abs(value) > 10**6
+
+
 @st.composite
 def fuzzed(draw, s: Spec):
     args = s.arguments()
@@ -584,7 +602,9 @@ def fuzzed(draw, s: Spec):
                            unique=True))
     kwargs = dict(s.defaults)
     for arg in chosen:
-        kwargs[arg] = draw(values(s.face))
+        strategy = values(s.face)
+        kwargs[arg] = draw(strategy.filter(lambda v: not _huge_count(v)) if arg in COUNTS
+                           else strategy)
     return chosen, kwargs
 
 
@@ -594,7 +614,7 @@ def _describe(kwargs, chosen):
 
 @pytest.mark.parametrize("s", SPECS, ids=[s.name for s in SPECS])
 @given(data=st.data())
-@profile(max_examples=8)
+@profile(max_examples=8, fuzz_max_examples=500)
 def test_constructor_accepts_or_names_the_argument(s, data):
     chosen, kwargs = data.draw(fuzzed(s), label="arguments")
     with warnings.catch_warnings():

@@ -64,7 +64,7 @@ import torch
 from uniopt import _jit
 
 __all__ = ["BACKENDS", "Rule", "Table", "Work", "Dispatcher", "local_view", "grad_view", "dist_key",
-           "cuda_kernels_usable", "is_plain"]
+           "cuda_kernels_usable", "is_plain", "resolve_process_group", "group_average"]
 
 BACKENDS = ("auto", "torch")
 _NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
@@ -147,6 +147,48 @@ def dist_key(p: torch.Tensor):
         if not pl.is_shard():
             replicas *= mesh.size(dim)
     return mesh, replicas
+
+
+def resolve_process_group(pg=None):
+    """The process group a uniopt optimizer reduces its values over, or ``None``.
+
+    ``pg`` given: returned as it is (a ``torch.distributed.ProcessGroup``; anything else is a
+    ``TypeError``). ``None``: the world group when ``torch.distributed`` is available and
+    initialised, else ``None`` (a single process: nothing is reduced). ``torch.distributed`` is
+    never imported here: if nothing imported it, no process group can exist.
+
+    Raises:
+      TypeError: ``pg`` is neither ``None`` nor a process group.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if pg is None:
+        if dist is None or not dist.is_available() or not dist.is_initialized():
+            return None
+        return dist.group.WORLD
+    group_class = getattr(dist, "ProcessGroup", None) if dist is not None else None
+    if group_class is None or not isinstance(pg, group_class):
+        raise TypeError(f"Invalid process_group: {pg!r} (expected a torch.distributed.ProcessGroup "
+                        f"or None)")
+    return pg
+
+
+def group_average(values: torch.Tensor, pg) -> torch.Tensor:
+    """``values`` (a 1-D tensor) averaged over the ranks of ``pg``, in ONE ``all_reduce``.
+
+    A sum followed by a division by the group size (gloo has no ``AVG``), so every rank gets
+    the same bits. ``pg`` ``None`` or of size 1: ``values`` itself. ``values`` is replaced, not
+    changed in place.
+    """
+    if pg is None:
+        return values
+    import torch.distributed as dist
+
+    size = dist.get_world_size(pg)
+    if size == 1:
+        return values
+    buffer = values.detach().clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=pg)
+    return buffer.div_(size)
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:

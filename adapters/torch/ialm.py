@@ -40,7 +40,7 @@ from uniopt.kernels import ialm_cpu
 from uniopt.rules import bind
 from uniopt.rules import ialm as _rules
 
-from ._dispatch import Dispatcher, Rule
+from ._dispatch import Dispatcher, Rule, group_average, resolve_process_group
 
 __all__ = ["iALM"]
 
@@ -233,6 +233,15 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
       is_ineq: whether the first group's constraints are inequalities :math:`c \le 0`.
       ctol: violations within ``ctol`` (>= 0) count as satisfied.
       device: where the multipliers live (default: the CPU, or ``init_duals``' device).
+      process_group: the ``torch.distributed`` process group the constraint values are
+        averaged over (DDP: each rank passes the constraints of its own batch). ``None``: the
+        world group when ``torch.distributed`` is initialised at construction, else none (a
+        single process). Every call of :meth:`forward`, :meth:`update`, :meth:`step` and
+        :meth:`forward_update` then makes one ``all_reduce`` of every group's values, packed:
+        the dual step uses the averages and the Lagrangian is evaluated at them with the
+        gradient of this rank's values, so under DDP the primal gradients are those of a single
+        process on the whole batch (humancompatible-train 0.4.x averages for the dual step only
+        and puts the local values in the Lagrangian's quadratic term). Every rank must call.
 
     Deviations from humancompatible-train 0.4.2 (``docs/deviations.md``): groups never
     inherit another group's bounds or momentum (``None`` means the constructor's value);
@@ -241,7 +250,7 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
     direction is a zero step; the multipliers settle their dtype at the first update and mixed
     float32/float64 inputs work; ``init_duals`` and ``load_state_dict`` copy;
     ``forward`` -> ``update`` -> ``backward`` works; non-finite constraints raise; a failing
-    step changes nothing; there is no ``process_group``.
+    step changes nothing; ``process_group`` also averages the Lagrangian's values.
 
     Example:
       >>> import torch
@@ -264,7 +273,7 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
 
     def __init__(self, m=None, beta=1.0, sigma=1.0, gamma=1.0, init_duals=None, penalty=1.0, *,
                  dual_range=(-100.0, 100.0), momentum=0.0, dampening=0.0, is_ineq=False,
-                 ctol=0.0, device=None, _backend="auto"):
+                 ctol=0.0, device=None, process_group=None, _backend="auto"):
         if _backend not in BACKENDS:
             expected = ", ".join(map(repr, BACKENDS))
             raise ValueError(f"Invalid _backend: {_backend!r} (expected one of {expected})")
@@ -272,6 +281,7 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
         self._device = _device(device)
         self.penalty = check_penalty(penalty)
         self.ctol = nonnegative_finite("ctol value", ctol)
+        self.process_group = resolve_process_group(process_group)
         # check the constructor-wide defaults before later groups inherit them
         check_ialm_group(beta=beta, sigma=sigma, gamma=gamma, momentum=momentum,
                          dampening=dampening, dual_range=dual_range, is_ineq=is_ineq)
@@ -453,8 +463,29 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
         return [g["beta"] if self.penalty is None else self.penalty for g in self.param_groups]
 
     # -- the step -------------------------------------------------------------------------
+    def _reduced(self, parts: list) -> list:
+        """``parts`` averaged over ``process_group`` in one ``all_reduce`` (every group packed).
+
+        Each averaged part keeps its rank's autograd graph: its value is the group average and
+        its gradient that of the local values (``c - c.detach() + mean``), so the Lagrangian's
+        gradients, averaged over the ranks by DDP, are those of the Lagrangian of the averaged
+        constraints -- the full batch's, quadratic term included.
+        """
+        if not parts:
+            return parts
+        flat = torch.cat([c.detach().reshape(-1) for c in parts])
+        mean = group_average(flat, self.process_group)
+        out, offset = [], 0
+        for c in parts:
+            m = mean[offset:offset + c.numel()].to(c.dtype).reshape(c.shape)
+            offset += c.numel()
+            out.append(c - c.detach() + m if c.requires_grad else m)
+        return out
+
     def _walk(self, loss, constraints, *, update: bool):
         parts = self._gather(constraints)
+        if self.process_group is not None:
+            parts = self._reduced(parts)
         if not update:
             return None if loss is None else self._lagrangian(loss, parts, self._rhos())
         groups = self.param_groups
@@ -660,6 +691,8 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_fills", {})
+        if "process_group" not in self.__dict__:  # not pickled: the default group here
+            self.process_group = resolve_process_group(None)
         if "_dispatcher" not in self.__dict__:  # unpickled or deep-copied
             self._rule = _DualStepRule()
             self._dispatcher = Dispatcher(self._rule, self.__dict__.get("_backend", "auto"))

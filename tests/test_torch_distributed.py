@@ -503,3 +503,67 @@ def test_ialm_wrapper_constraints_never_reach_the_kernel(monkeypatch):
     torch.testing.assert_close(wrapped_opt.duals, plain_opt.duals,
                                rtol=1e-14, atol=0)
     assert not torch.equal(plain_opt.duals, torch.zeros(4, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------------
+# process_group in a single process
+# ------------------------------------------------------------------------------------------------
+def _cooper_pieces():
+    import uniopt.adapters.torch.constrained as cooper
+
+    class Problem(cooper.ConstrainedMinimizationProblem):
+        def __init__(self):
+            super().__init__()
+            lam = cooper.multipliers.DenseMultiplier(num_constraints=1, dtype=torch.float64)
+            self.c = cooper.Constraint(cooper.ConstraintType.INEQUALITY, multiplier=lam)
+
+        def compute_cmp_state(self):  # never called here
+            raise NotImplementedError
+
+    cmp = Problem()
+    w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    return cooper, cmp, torch.optim.SGD([w], lr=0.1), torch.optim.SGD(cmp.dual_parameters(), lr=0.1,
+                                                                      maximize=True)
+
+
+def test_process_group_is_none_without_torch_distributed():
+    from uniopt.adapters.torch import iALM
+
+    assert dispatch.resolve_process_group(None) is None
+    w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    assert PolyakSGD([w]).process_group is None
+    assert iALM(m=2).process_group is None
+    cooper, cmp, primal, dual = _cooper_pieces()
+    assert cooper.optim.SimultaneousOptimizer(cmp, primal, dual).process_group is None
+    assert cooper.optim.AlternatingPrimalDualOptimizer(cmp, primal, dual).process_group is None
+    values = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    assert dispatch.group_average(values, None) is values
+
+
+@pytest.mark.parametrize("bad", ["world", 0, object()])
+def test_invalid_process_group_is_a_type_error_naming_it(bad):
+    from uniopt.adapters.torch import iALM
+
+    w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    cooper, cmp, primal, dual = _cooper_pieces()
+    for make in (lambda: PolyakSGD([w], process_group=bad), lambda: iALM(m=1, process_group=bad),
+                 lambda: cooper.optim.SimultaneousOptimizer(cmp, primal, dual, process_group=bad)):
+        with pytest.raises(TypeError, match=r"Invalid process_group: "):
+            make()
+
+
+def test_polyak_step_without_a_loss_only_with_zero_gradients():
+    """torch.distributed.checkpoint creates a fresh optimizer's state with ``step()`` on zero
+    gradients: a zero step. With a non-zero gradient a missing loss is still an error."""
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = PolyakSGD([w], momentum=0.5, delta=0.1)
+    w.grad = torch.zeros_like(w)
+    opt.step()
+    assert torch.equal(w.detach(), torch.tensor([1.0, -2.0], dtype=torch.float64))
+    assert torch.equal(opt.state[w]["velocity"], torch.zeros(2, dtype=torch.float64))
+    assert opt.last_step[0]["stepsize"] == 0.0 and opt.last_step[0]["grad_norm"] == 0.0
+    w.grad = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="needs the loss"):
+        opt.step()
+    assert torch.equal(w.detach(), torch.tensor([1.0, -2.0], dtype=torch.float64))
+    assert torch.equal(opt.state[w]["velocity"], torch.zeros(2, dtype=torch.float64))

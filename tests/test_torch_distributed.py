@@ -92,13 +92,23 @@ def _ialm_constraints(out, y):
     return [eq, ineq]
 
 
-def _ialm_run(model, x, y, steps: int = STEPS) -> dict:
+def _ialm_setup(model):
+    """The primal optimizer and iALM of the iALM scenarios."""
     from uniopt.adapters.torch import iALM
 
     primal = QHAdam(model.parameters(), lr=0.05, betas=(0.9, 0.99), nus=(0.7, 1.0))
-    dual = iALM(m=1, beta=0.5, gamma=1.0, penalty=1.0, momentum=0.5)
-    dual.add_constraint_group(m=2, beta=0.8, sigma=1.1, is_ineq=True)
-    for _ in range(steps):
+    # float64 multipliers from the start: dcp.load fills the template's tensors in their dtype
+    # (multipliers made from a number are in torch's default dtype until the first update)
+    dual = iALM(init_duals=torch.zeros(1, dtype=torch.float64), beta=0.5, gamma=1.0, penalty=1.0,
+                momentum=0.5)
+    dual.add_constraint_group(init_duals=torch.zeros(2, dtype=torch.float64), beta=0.8, sigma=1.1,
+                              is_ineq=True)
+    return primal, dual
+
+
+def _ialm_steps(model, primal, dual, x, y, start: int, stop: int) -> dict:
+    """Steps ``start..stop-1``; a snapshot of the model, the primal state and the duals."""
+    for _ in range(start, stop):
         primal.zero_grad()
         out = model(x)
         lagrangian = dual.forward_update((out - y).square().mean(), _ialm_constraints(out, y))
@@ -107,12 +117,18 @@ def _ialm_run(model, x, y, steps: int = STEPS) -> dict:
     snap = _snapshot(model.parameters(), primal)
     snap["duals"] = dual.duals.detach().clone()
     snap["buffers"] = [g["momentum_buffer"].detach().clone() for g in dual.param_groups]
+    snap["betas"] = [g["beta"] for g in dual.param_groups]
     snap["last_step"] = dual.last_step
     return snap
 
 
+def _ialm_run(model, x, y, steps: int = STEPS) -> dict:
+    return _ialm_steps(model, *_ialm_setup(model), x, y, 0, steps)
+
+
 # -- Cooper: a DenseMultiplier and an IndexedMultiplier, Lagrangian formulation ---------------
-def _cooper_run(model, x, y, steps: int = STEPS) -> dict:
+def _cooper_setup(model):
+    """The problem and its SimultaneousOptimizer (QHM primal, SGD dual) of the Cooper scenarios."""
     import uniopt.adapters.torch.constrained as cooper
 
     class Problem(cooper.ConstrainedMinimizationProblem):
@@ -135,12 +151,19 @@ def _cooper_run(model, x, y, steps: int = STEPS) -> dict:
     cmp = Problem()
     primal = QHM(model.parameters(), lr=0.1, momentum=0.9, nu=0.7)
     dual = torch.optim.SGD(cmp.dual_parameters(), lr=0.5, maximize=True)
-    opt = cooper.optim.SimultaneousOptimizer(cmp, primal, dual)
-    for t in range(steps):
+    return cmp, cooper.optim.SimultaneousOptimizer(cmp, primal, dual)
+
+
+def _cooper_steps(model, cmp, opt, x, y, start: int, stop: int) -> dict:
+    for t in range(start, stop):
         opt.roll(compute_cmp_state_kwargs={"x": x, "y": y, "t": t})
-    snap = _snapshot(model.parameters(), primal)
+    snap = _snapshot(model.parameters(), opt.primal_optimizers[0])
     snap["multipliers"] = [m.weight.detach().clone() for m in cmp.multipliers()]
     return snap
+
+
+def _cooper_run(model, x, y, steps: int = STEPS) -> dict:
+    return _cooper_steps(model, *_cooper_setup(model), x, y, 0, steps)
 
 
 # -- bilevel Dynamic: the hypergradient on half of the UL validation batch each ------------
@@ -239,6 +262,35 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             snap = _snapshot(fresh.parameters(), fresh_opt)
             snap["stepsizes"], snap["loaded"], snap["saved"] = stepsizes, loaded, saved
             results["dcp", name] = snap
+        # the same for iALM and Cooper: the primal optimizer through DCP's helpers, the
+        # replicated multipliers' (and iALM's) state dicts as they are
+        for family in ("iALM", "Cooper"):
+            path = os.path.join(out, f"dcp-{family}")
+            runs = []
+            for seed in (0, 7):
+                model, _ = wrapped("fsdp", seed)
+                if family == "iALM":
+                    primal, dual = _ialm_setup(model)
+                    runs.append((model, primal, dual, dual, _ialm_steps))
+                else:
+                    cmp, opt = _cooper_setup(model)
+                    runs.append((model, opt.primal_optimizers[0], cmp, opt, _cooper_steps))
+            (model, primal, dual, stepper, steps), fresh_run = runs
+            steps(model, primal if family == "iALM" else dual, stepper, xh, yh, 0, RESUME_AT)
+
+            def state_of(model, primal, dual):
+                return {"model": get_model_state_dict(model),
+                        "optim": get_optimizer_state_dict(model, primal), "dual": dual.state_dict()}
+
+            dcp.save(state_of(model, primal, dual), checkpoint_id=path)
+            fresh, fresh_primal, fresh_dual, fresh_stepper, _ = fresh_run
+            state = state_of(fresh, fresh_primal, fresh_dual)
+            dcp.load(state, checkpoint_id=path)
+            set_model_state_dict(fresh, state["model"])
+            set_optimizer_state_dict(fresh, fresh_primal, state["optim"])
+            fresh_dual.load_state_dict(state["dual"])
+            results["dcp", family] = steps(fresh, fresh_primal if family == "iALM" else fresh_dual,
+                                           fresh_stepper, xh, yh, RESUME_AT, STEPS)
         # bilevel: each rank's hypergradient on its half of the validation batch, averaged
         grad = _hypergrad(slice(rank * 4, rank * 4 + 4))
         dist.all_reduce(grad)
@@ -355,6 +407,15 @@ def test_fsdp2_checkpoint_resumes_the_identical_trajectory(name, fsdp_results):
         assert resumed["stepsizes"] == straight["stepsizes"][RESUME_AT:]
     model = _model(7)
     assert not torch.equal(model[0].weight, _model()[0].weight)  # the fresh model differs
+
+
+@pytest.mark.parametrize("family", ["iALM", "Cooper"])
+def test_fsdp2_checkpoint_of_the_constrained_families_resumes_the_identical_trajectory(
+        family, fsdp_results):
+    """FSDP2 model + primal optimizer through DCP, the multipliers' state dicts saved with them
+    (``dcp.save``), loaded into fresh ones after ``RESUME_AT`` steps: the uninterrupted run."""
+    for rank in range(2):
+        _assert_equal(fsdp_results[rank]["dcp", family], fsdp_results[rank]["fsdp", family])
 
 
 def test_bilevel_hypergradient_over_halves_of_the_validation_batch(fsdp_results):

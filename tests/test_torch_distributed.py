@@ -1,10 +1,14 @@
-"""The torch optimizers on tensors that are not plain tensors: FSDP2 shards and wrapper subclasses.
+"""The torch optimizers under torch.distributed (DDP, FSDP2, DCP) and on tensor subclasses.
 
 Only the memory of plain tensors may reach a Numba kernel. A DTensor (``fully_shard``) runs on
-its local shard; any other subclass takes the torch-ops path. The FSDP2 run uses two processes
-(gloo, CPU, spawn) and compares with a single-process run of the same optimizer on the whole
-model and the whole batch (each rank sees half of it; FSDP2 averages the gradients and
-PolyakSGD averages the loss, so the two runs see the same numbers).
+its local shard; any other subclass takes the torch-ops path. The distributed scenarios run
+once per module on two processes (gloo, CPU, spawn; one fresh interpreter, results saved to
+files) and are compared with single-process runs on the whole batch (each rank sees half of
+it; DDP/FSDP2 average the gradients, PolyakSGD averages its loss, iALM and Cooper's optimizers
+average the constraint values, so the runs see the same numbers), float64: every family (QHM,
+QHAdam, QHAdamW, PolyakSGD, iALM, Cooper) under DDP and FSDP2, the FSDP2 checkpoints through
+``torch.distributed.checkpoint``, and bilevel ``Dynamic``'s hypergradient over halves of the
+UL batch.
 """
 
 from __future__ import annotations
@@ -233,6 +237,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 if name == "PolyakSGD":  # the default group: the world
                     assert opt.process_group is dist.group.WORLD
                 stepsizes = _train(name, model, xh, yh, opt)
+                if kind == "fsdp":  # the state has the parameters' placements
+                    assert all(dispatch.is_dtensor(v) for st in opt.state.values()
+                               for v in st.values() if isinstance(v, torch.Tensor) and v.dim())
                 snap = _snapshot(inner.parameters(), opt)
                 snap["stepsizes"] = stepsizes
                 results[kind, name] = snap

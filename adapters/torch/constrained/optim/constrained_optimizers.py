@@ -164,7 +164,9 @@ class ConstrainedOptimizer(CooperOptimizer, abc.ABC):
     def dual_step(self) -> None:
         """Step every dual optimizer, then ``post_step_()`` every multiplier (the projection
         of inequality multipliers onto :math:`\\lambda \\ge 0`). Multipliers of constraints that
-        were not observed have no gradient, and the step leaves them alone.
+        were not observed have no gradient, and the step leaves them alone. With a
+        ``process_group``, the dual gradients are first averaged over its ranks (one
+        ``all_reduce``).
 
         Where that is exactly this step, a dual parameter takes uniopt's fused kernels instead
         (:mod:`uniopt.adapters.torch.constrained.optim._fused`): ``torch.optim.SGD`` without

@@ -170,6 +170,36 @@ def _cooper_run(model, x, y, steps: int = STEPS) -> dict:
     return _cooper_steps(model, *_cooper_setup(model), x, y, 0, steps)
 
 
+# -- Cooper's penalty coefficient updater: the strict violations averaged over the ranks -------
+def _penalty_run(violations_of) -> list:
+    """Multiplicative updates of a dense and an indexed coefficient from ``violations_of(t)`` ->
+    ``(dense, indexed, features)``; the coefficients after each step."""
+    import uniopt.adapters.torch.constrained as cooper
+
+    pc, ineq = cooper.penalty_coefficients, cooper.ConstraintType.INEQUALITY
+    quadratic = cooper.formulations.QuadraticPenalty
+    dense = cooper.Constraint(ineq, quadratic, penalty_coefficient=pc.DensePenaltyCoefficient(
+        init=torch.ones(2, dtype=torch.float64)))
+    indexed = cooper.Constraint(ineq, quadratic, penalty_coefficient=pc.IndexedPenaltyCoefficient(
+        init=torch.ones(4, dtype=torch.float64)))
+    updater = pc.MultiplicativePenaltyCoefficientUpdater(growth_factor=1.5, violation_tolerance=1e-3)
+    out = []
+    for t in range(STEPS):
+        d, i, f = violations_of(t)
+        updater.step({dense: cooper.ConstraintState(d),
+                      indexed: cooper.ConstraintState(i, constraint_features=f)})
+        out.append(torch.cat([dense.penalty_coefficient.value, indexed.penalty_coefficient.value]))
+    return out
+
+
+def _rank_violations(rank: int, t: int):
+    """Rank ``rank``'s violations at step ``t`` (the ranks observe different indexed rows)."""
+    gen = torch.Generator().manual_seed(100 * t + rank)
+    features = torch.tensor([0, 2] if rank == 0 else [2, 3])
+    return (torch.randn(2, generator=gen, dtype=torch.float64),
+            torch.randn(2, generator=gen, dtype=torch.float64), features)
+
+
 # -- bilevel Dynamic: the hypergradient on half of the UL validation batch each ------------
 def _bilevel_problem():
     gen = torch.Generator().manual_seed(2)
@@ -298,6 +328,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             fresh_dual.load_state_dict(state["dual"])
             results["dcp", family] = steps(fresh, fresh_primal if family == "iALM" else fresh_dual,
                                            fresh_stepper, xh, yh, RESUME_AT, STEPS)
+        results["penalty"] = _penalty_run(lambda t: _rank_violations(rank, t))
         # bilevel: each rank's hypergradient on its half of the validation batch, averaged
         grad = _hypergrad(slice(rank * 4, rank * 4 + 4))
         dist.all_reduce(grad)
@@ -423,6 +454,22 @@ def test_fsdp2_checkpoint_of_the_constrained_families_resumes_the_identical_traj
     (``dcp.save``), loaded into fresh ones after ``RESUME_AT`` steps: the uninterrupted run."""
     for rank in range(2):
         _assert_equal(fsdp_results[rank]["dcp", family], fsdp_results[rank]["fsdp", family])
+
+
+def test_penalty_updater_averages_the_strict_violations_over_the_ranks(fsdp_results):
+    """Every rank grows the same coefficients: those of one updater fed the ranks' average (a
+    row one rank did not observe averaged with 0 for it), computed here by hand."""
+    def averaged(t):
+        (d0, i0, _), (d1, i1, _) = _rank_violations(0, t), _rank_violations(1, t)
+        rows = torch.tensor([i0[0] / 2, (i0[1] + i1[0]) / 2, i1[1] / 2])
+        return (d0 + d1) / 2, rows, torch.tensor([0, 2, 3])
+
+    ref = _penalty_run(averaged)
+    _assert_equal(fsdp_results[0]["penalty"], fsdp_results[1]["penalty"])
+    _assert_equal(fsdp_results[0]["penalty"], ref)
+    assert not torch.equal(ref[-1], torch.ones(6, dtype=torch.float64))
+    alone = _penalty_run(lambda t: _rank_violations(0, t))  # without the reduction: different
+    assert not all(torch.equal(a, b) for a, b in zip(alone, ref))
 
 
 def test_bilevel_hypergradient_over_halves_of_the_validation_batch(fsdp_results):

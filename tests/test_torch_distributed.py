@@ -651,6 +651,7 @@ def test_process_group_is_none_without_torch_distributed():
     cooper, cmp, primal, dual = _cooper_pieces()
     assert cooper.optim.SimultaneousOptimizer(cmp, primal, dual).process_group is None
     assert cooper.optim.AlternatingPrimalDualOptimizer(cmp, primal, dual).process_group is None
+    assert cooper.penalty_coefficients.AdditivePenaltyCoefficientUpdater().process_group is None
     values = torch.tensor([1.0, 2.0], dtype=torch.float64)
     assert dispatch.group_average(values, None) is values
 
@@ -662,7 +663,9 @@ def test_invalid_process_group_is_a_type_error_naming_it(bad):
     w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
     cooper, cmp, primal, dual = _cooper_pieces()
     for make in (lambda: PolyakSGD([w], process_group=bad), lambda: iALM(m=1, process_group=bad),
-                 lambda: cooper.optim.SimultaneousOptimizer(cmp, primal, dual, process_group=bad)):
+                 lambda: cooper.optim.SimultaneousOptimizer(cmp, primal, dual, process_group=bad),
+                 lambda: cooper.penalty_coefficients.MultiplicativePenaltyCoefficientUpdater(
+                     process_group=bad)):
         with pytest.raises(TypeError, match=r"Invalid process_group: "):
             make()
 

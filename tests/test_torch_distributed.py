@@ -675,6 +675,8 @@ def test_polyak_step_without_a_loss_only_with_zero_gradients():
     gradients: a zero step. With a non-zero gradient a missing loss is still an error."""
     w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
     opt = PolyakSGD([w], momentum=0.5, delta=0.1)
+    with pytest.raises(RuntimeError, match="needs the loss"):  # no gradient at all
+        opt.step()
     w.grad = torch.zeros_like(w)
     opt.step()
     assert torch.equal(w.detach(), torch.tensor([1.0, -2.0], dtype=torch.float64))

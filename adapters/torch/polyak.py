@@ -272,19 +272,21 @@ def _reduce_over_meshes(value: float, parts: list, meshes: list) -> tuple:
 
 
 def _all_zero_grads(param_groups) -> bool:
-    """Whether every gradient of every group is all zeros (local shards of DTensors)."""
+    """Whether there are gradients and all are zeros (the local shards of DTensors)."""
+    seen = False
     with torch.no_grad():
         for group in param_groups:
             for p in group["params"]:
                 g = p.grad
                 if g is None:
                     continue
+                seen = True
                 view = local_view(g)
                 if view is None:
                     view = g
                 if view.numel() and bool(view.ne(0).any()):
                     return False
-    return True
+    return seen
 
 
 def _loss_value(loss) -> float:

@@ -45,7 +45,7 @@ Example:
   >>> opt = uniopt.QHM([x], lr=0.1, momentum=0.9, nu=0.7)
   >>> opt.step([2 * x])
   >>> ckpt = checkpoint.export(opt)
-  >>> ckpt["format"], ckpt["step"], ckpt["param0.momentum_buffer"].tolist()
+  >>> ckpt["format"], ckpt["step"], ckpt["param0.momentum_buffer"].round(12).tolist()
   ('uniopt.qhm/1', -1, [0.2, -0.4])
   >>> y = x.copy()
   >>> opt2 = checkpoint.restore(uniopt.QHM([y], lr=1.0, momentum=0.0, nu=1.0), ckpt)

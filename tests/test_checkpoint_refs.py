@@ -279,3 +279,11 @@ def test_npz_holds_no_pickled_objects(tmp_path):
     back = checkpoint.restore(uniopt.iALM(m=1), checkpoint.load(path))
     assert back.penalty is None and back.param_groups[0]["dual_range"] == (-np.inf, 4.0)
     np.testing.assert_array_equal(back.duals, dual.duals)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    for module in (checkpoint, torch_checkpoint, jax_checkpoint):
+        result = doctest.testmod(module, raise_on_error=False, report=True)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

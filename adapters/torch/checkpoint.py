@@ -18,7 +18,7 @@ Example:
   >>> opt = QHM([w], lr=0.1, momentum=0.9, nu=0.7)
   >>> w.grad = 2 * w.detach(); opt.step()
   >>> ckpt = torch_checkpoint.export(opt)       # then checkpoint.save("opt.npz", ckpt)
-  >>> ckpt["format"], ckpt["param0.momentum_buffer"].tolist()
+  >>> ckpt["format"], ckpt["param0.momentum_buffer"].round(12).tolist()
   ('uniopt.qhm/1', [0.2, -0.4])
 """
 

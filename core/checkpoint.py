@@ -533,9 +533,11 @@ def export(opt: Any, state: Any = None, params: Any = None, *, step: int | None 
 def restore(opt: Any, ckpt: dict, params: Any = None) -> Any:
     """Restore a checkpoint into a NumPy optimizer (arrays copied; the source is not aliased).
 
-    The optimizer takes the checkpoint's hyper-parameters and state; its parameters must match
-    the checkpoint's in number and shape (``CheckpointError`` otherwise). For QH optimizers the
-    group structure must match too (each group's parameter count), as in ``load_state_dict``.
+    The optimizer takes the checkpoint's hyper-parameters (``decouple_weight_decay`` included:
+    it is a group setting, as in torch) and state; its parameters must match the checkpoint's
+    in number and shape (``CheckpointError`` otherwise). For QH optimizers the group structure
+    must match too (each group's parameter count), as in ``load_state_dict``. Other keys of
+    the optimizer's groups are kept.
 
     Args:
       opt: a :class:`uniopt.QHM`, :class:`uniopt.QHAdam` / :class:`uniopt.QHAdamW`,
@@ -595,10 +597,6 @@ def restore(opt: Any, ckpt: dict, params: Any = None) -> Any:
         if g["params"] != theirs["params"]:
             raise CheckpointError(f"checkpoint group {k} holds parameters {theirs['params']}, the "
                                   f"optimizer's {g['params']}")
-        if fam.name == "qhadam" and theirs["decouple_weight_decay"] != g["decouple_weight_decay"]:
-            raise CheckpointError(f"cannot restore a checkpoint with decouple_weight_decay="
-                                  f"{theirs['decouple_weight_decay']} into {type(opt).__name__} "
-                                  f"(group {k})")
     for state in sd["state"].values():
         for key in fam.buffers:
             if key in state:

@@ -287,3 +287,35 @@ def test_docstring_examples_run():
     for module in (checkpoint, torch_checkpoint, jax_checkpoint):
         result = doctest.testmod(module, raise_on_error=False, report=True)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_param_groups_travel_between_torch_and_numpy_and_jax_needs_one():
+    rng = np.random.default_rng(3)
+    x0 = [rng.standard_normal(s) for s in ((3,), (2,), (2, 2))]
+    grads = [rng.standard_normal(x.shape) for x in x0]
+    ps = [torch.nn.Parameter(torch.from_numpy(x.copy())) for x in x0]
+    groups = [{"params": ps[:1], "lr": 0.2, "nu": 0.5},
+              {"params": ps[1:], "weight_decay": 0.1, "weight_decay_type": "direct"}]
+    opt = utorch.QHM(groups, lr=0.1, momentum=0.9, nu=0.7)
+    for _ in range(2):
+        for p, g in zip(ps, grads):
+            p.grad = torch.from_numpy(g.copy())
+        opt.step()
+    ckpt = torch_checkpoint.export(opt)
+    assert ckpt["group0.params"].tolist() == [0] and ckpt["group1.params"].tolist() == [1, 2]
+    xs = [p.detach().numpy().copy() for p in ps]
+    mine = uniopt.QHM([{"params": xs[:1]}, {"params": xs[1:]}], lr=1.0, momentum=0.0, nu=1.0)
+    checkpoint.restore(mine, ckpt)
+    assert [(g["lr"], g["nu"], g["weight_decay_type"]) for g in mine.param_groups] == [
+        (0.2, 0.5, "grad"), (0.1, 0.7, "direct")]
+    mine.step(grads)
+    for p, g in zip(ps, grads):
+        p.grad = torch.from_numpy(g.copy())
+    opt.step()
+    for x, p in zip(xs, ps):
+        np.testing.assert_array_equal(x, p.detach().numpy())
+    with pytest.raises(CheckpointError, match="one set of hyper-parameters; the checkpoint's group 1 differs"):
+        jax_checkpoint.restore(ckpt, [jnp.asarray(x) for x in xs])
+    one_group = uniopt.QHM([{"params": [x.copy() for x in xs]}], lr=1.0, momentum=0.0, nu=1.0)
+    with pytest.raises(CheckpointError, match=r"checkpoint groups of \[1, 2\] parameters, the optimizer's of \[3\]"):
+        checkpoint.restore(one_group, ckpt)

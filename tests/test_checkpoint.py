@@ -251,7 +251,7 @@ def _close(actual, expected, dtype):
         if dtype == np.float64:
             np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
         else:
-            np.testing.assert_array_max_ulp(x, y, maxulp=8)
+            np.testing.assert_array_max_ulp(x, y, maxulp=4)
 
 
 def _same_state(theirs: dict, ours: dict, *, skip=("step",), weights32=False):

@@ -319,3 +319,38 @@ def test_param_groups_travel_between_torch_and_numpy_and_jax_needs_one():
     one_group = uniopt.QHM([{"params": [x.copy() for x in xs]}], lr=1.0, momentum=0.0, nu=1.0)
     with pytest.raises(CheckpointError, match=r"checkpoint groups of \[1, 2\] parameters, the optimizer's of \[3\]"):
         checkpoint.restore(one_group, ckpt)
+
+
+def test_step_count_resumes_a_schedule_and_the_numpy_solver_count():
+    rng = np.random.default_rng(5)
+    xs0 = [jnp.asarray(rng.standard_normal(3))]
+    schedule = optax.linear_schedule(0.3, 0.05, 10)
+
+    def run(tx, state, xs, steps):
+        for _ in range(steps):
+            updates, state = tx.update([2.0 * xs[0]], state, xs)
+            xs = optax.apply_updates(xs, updates)
+        return state, xs
+
+    tx = ujax.qhm(schedule, 0.8, 0.6)
+    _, expected = run(tx, tx.init(xs0), xs0, N + M)
+    state, xs = run(tx, tx.init(xs0), xs0, N)
+    with pytest.raises(TypeError, match="learning_rate is a schedule"):
+        jax_checkpoint.export(state, xs, learning_rate=schedule, momentum=0.8, nu=0.6)
+    ckpt = jax_checkpoint.export(state, xs, learning_rate=0.3, momentum=0.8, nu=0.6)
+    assert ckpt["step"] == N
+    tx2, state2 = jax_checkpoint.restore(ckpt, xs, tx=ujax.qhm(schedule, 0.8, 0.6))
+    assert int(state2[-1].count) == N
+    _, got = run(tx2, state2, xs, M)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(expected[0]))
+
+    solver = uniopt.PolyakSGD(lambda x: (float(x @ x), 2 * x), momentum=0.3)
+    x = np.array([1.0, -2.0])
+    state = solver.init_state(x)
+    for _ in range(N):
+        x, state = solver.update(x, state)
+    ckpt = checkpoint.export(solver, state, x)
+    assert ckpt["step"] == N
+    _, back = checkpoint.restore(uniopt.PolyakSGD(lambda x: (float(x @ x), 2 * x)), ckpt, x)
+    assert back.iter_num == N
+    np.testing.assert_array_equal(back.velocity, state.velocity)

@@ -81,6 +81,9 @@ def _qhoptim_run(name, steps):
 
 def _continue(face, opt, xs, a, c, steps):
     """Step a restored optimizer of ``face`` (parameters ``xs``: its own objects)."""
+    if face == "jax":
+        tx, state = opt
+        update = jax.jit(tx.update)
     for _ in range(steps):
         if face == "torch":
             for p, g in zip(xs, _grads([p.detach().numpy() for p in xs], a, c)):
@@ -89,11 +92,9 @@ def _continue(face, opt, xs, a, c, steps):
         elif face == "numpy":
             opt.step(_grads(xs, a, c))
         else:
-            tx, state = opt
             grads = [jnp.asarray(g) for g in _grads([np.asarray(x) for x in xs], a, c)]
-            updates, state = tx.update(grads, state, xs)
+            updates, state = update(grads, state, xs)
             xs = optax.apply_updates(xs, updates)
-            opt = (tx, state)
     if face == "torch":
         return [p.detach().numpy() for p in xs]
     return [np.asarray(x) for x in xs]
@@ -178,8 +179,9 @@ def test_humancompatible_ialm_checkpoint_resumes_in_every_face():
         dual.update(_constraints(t))
     results["numpy"] = dual.duals
     tx, state = jax_checkpoint.restore(ckpt, [jnp.asarray(c) for c in _constraints(0)])
+    update = jax.jit(tx.update)
     for t in range(N, N + M):
-        state = tx.update([jnp.asarray(c) for c in _constraints(t)], state)
+        state = update([jnp.asarray(c) for c in _constraints(t)], state)
     results["jax"] = np.concatenate([np.asarray(d) for d in state.duals])
     assert int(state.count) == N + M - N  # humancompatible-train counts no steps: from 0
     for how, got in results.items():

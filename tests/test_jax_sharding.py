@@ -36,11 +36,14 @@ DP_MODES = ("vma", "novma")
 # (family, shard_map mode) pairs run with shard_map; every family in both modes
 DP_RUNS = ([(f, m) for f in OPTAX_FAMILIES for m in DP_MODES]
            + [("PolyakSGD", m) for m in DP_MODES] + [("PolyakSGD.run", "vma")]
+           + [("PolyakSGD.value_and_grad", m) for m in DP_MODES]
            + [("ialm", m) for m in DP_MODES]
            + [("constrained.simultaneous", m) for m in DP_MODES]
            + [("constrained.alternating_primal_dual", "vma"),
               ("constrained.alternating_dual_primal", "novma")])
 JIT_RUNS = OPTAX_FAMILIES + ("PolyakSGD", "ialm", "constrained")
+# the unsharded run of each family of the jit section: a full-batch run of the shard_map section
+JIT_REFERENCE = {"constrained": "constrained.simultaneous"}
 # families whose shard_map run without axis_name must differ (their reduction matters there)
 CONTROLS = ("polyak_sgd", "PolyakSGD", "ialm", "constrained.simultaneous")
 
@@ -122,6 +125,15 @@ def _scenarios(out_path: str) -> None:
         return PolyakSGD(loss_fn, max_stepsize=0.5, momentum=0.5, maxiter=STEPS, tol=0.0,
                          axis_name=axis)
 
+    def polyak_value_and_grad_run(p, X, y, axis, mode):
+        # fun gives its own gradient: that of the averaged value (check_vma=True, where
+        # jax.grad of the shard's value would be the SUM over the devices), else the shard's
+        def fun(p, X, y):
+            return value_and_grad(loss_fn, p, X, y, "vma" if mode == "vma" else None)
+        solver = PolyakSGD(fun, value_and_grad=True, max_stepsize=0.5, momentum=0.5,
+                           axis_name=axis)
+        return loop(lambda c: tuple(solver.update(*c, X, y)), (p, solver.init_state(p, X, y)))
+
     def polyak_solver_run(use_run):
         def run(p, X, y, axis, mode):
             solver = make_solver(axis)
@@ -183,6 +195,7 @@ def _scenarios(out_path: str) -> None:
 
     dp_runs = {**{f: optax_run(f) for f in OPTAX_FAMILIES},
                "PolyakSGD": polyak_solver_run(False), "PolyakSGD.run": polyak_solver_run(True),
+               "PolyakSGD.value_and_grad": polyak_value_and_grad_run,
                "ialm": ialm_run,
                **{f"constrained.{r}": constrained_run(r) for r in
                   ("simultaneous", "alternating_primal_dual", "alternating_dual_primal")}}
@@ -244,10 +257,10 @@ def _scenarios(out_path: str) -> None:
     run_all = jax.jit(lambda cs: {f: loop(steps[f], cs[f]) for f in JIT_RUNS})
     sharded0 = {"w": jax.device_put(params0["w"], split),
                 "b": jax.device_put(params0["b"], NamedSharding(mesh, P()))}
-    plain, inputs = carries(params0), carries(sharded0)
-    plain, sharded = run_all(plain), run_all(inputs)
+    # the unsharded run is the full-batch one of the shard_map section (the same steps)
+    inputs = carries(sharded0)
+    sharded = run_all(inputs)
     for family in JIT_RUNS:
-        put(f"jit/{family}/plain", plain[family])
         put(f"jit/{family}/sharded", sharded[family])
         # every output keeps the sharding its input has over the mesh
         pairs = [(a, b) for a, b in zip(jax.tree.leaves(inputs[family]),
@@ -314,7 +327,7 @@ def test_without_axis_name_the_shards_do_not_give_the_full_batch_run(results, fa
 
 @pytest.mark.parametrize("family", JIT_RUNS)
 def test_jit_with_sharded_parameters_follows_the_unsharded_run(results, family):
-    plain = _tree(results, f"jit/{family}/plain")
+    plain = _tree(results, f"dp/{JIT_REFERENCE.get(family, family)}/full")
     sharded = _tree(results, f"jit/{family}/sharded")
     _assert_close(sharded, plain)
     assert bool(results[f"jit/{family}/kept"])
@@ -341,3 +354,59 @@ def test_the_shard_map_example_equals_its_single_device_run():
     assert result["max_abs_diff"] <= TOL
     # it trained: the realisable regression's loss (minimum 0) fell by orders of magnitude
     assert result["final_loss"] < 1e-8 * result["initial_loss"]
+
+
+def _bad_axis_name_factories():
+    import optax
+
+    from uniopt.adapters.jax import PolyakSGD, ialm, polyak_sgd, scale_by_polyak
+    from uniopt.adapters.jax import constrained as C
+
+    return {"scale_by_polyak": lambda a: scale_by_polyak(axis_name=a),
+            "polyak_sgd": lambda a: polyak_sgd(axis_name=a),
+            "PolyakSGD": lambda a: PolyakSGD(lambda p: p ** 2, axis_name=a),
+            "ialm": lambda a: ialm(axis_name=a),
+            "ConstrainedOptimizer": lambda a: C.ConstrainedOptimizer(
+                lambda p: C.CMPState(p), optax.sgd(0.1), axis_name=a)}
+
+
+@pytest.mark.parametrize("name", ["scale_by_polyak", "polyak_sgd", "PolyakSGD", "ialm",
+                                  "ConstrainedOptimizer"])
+@pytest.mark.parametrize("bad", [3, ("data", 1), (), ["data"]], ids=repr)
+def test_axis_name_is_checked_at_construction(name, bad):
+    make = _bad_axis_name_factories()[name]
+    with pytest.raises(TypeError, match=r"Invalid axis_name: .* \(expected None, a str or a "
+                                        r"tuple of str\)"):
+        make(bad)
+    make(None), make("data"), make(("data", "model"))  # valid: nothing raised
+
+
+def test_jaxopt_protocol_leaves_axis_name_out():
+    from uniopt.adapters.jax import PolyakSGD
+
+    solver = PolyakSGD(lambda p: p ** 2, axis_name="data")
+    assert "axis_name" not in solver.attribute_names()
+    assert solver.attribute_names()[-1] == "unroll"
+    assert hash(solver) != hash(PolyakSGD(lambda p: p ** 2))  # it still tells solvers apart
+    with pytest.raises(TypeError):
+        PolyakSGD(lambda p: p ** 2, False, False, 0.0, "SPS_max", 1.0, 0.0, 0.0, None, 500,
+                  1e-3, False, False, None, True, "auto", "data")  # keyword only
+
+
+def test_constrained_axis_name_refuses_indexed_constraints():
+    import jax.numpy as jnp
+    import optax
+
+    from uniopt.adapters.jax import constrained as C
+
+    def cmp(p):
+        return C.CMPState(jnp.sum(p ** 2), {"g": C.ConstraintState(
+            p[:2], constraint_features=jnp.array([0, 2]))})
+
+    constraints = {"g": C.Constraint(C.ConstraintType.EQUALITY,
+                                     multiplier=C.IndexedMultiplier(3))}
+    solver = C.ConstrainedOptimizer(cmp, optax.sgd(0.1), C.projected_ascent(0.1),
+                                    axis_name="data")
+    params = jnp.ones(3)
+    with pytest.raises(ValueError, match="constraint 'g' has constraint features"):
+        solver.step(params, constraints, solver.init(params, constraints))

@@ -254,10 +254,11 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
         ``pmap`` data parallelism: ``update``, ``lagrangian`` and ``forward_update`` average
         the constraint values each device measured on its batch shard over these devices
         (``lax.pmean``) before using them, so every device takes the full-batch dual step and
-        holds the same multipliers. In ``lagrangian`` the derivative with respect to a
-        device's own constraint values is the full-batch one at the averaged values, so
-        averaging the parameter gradients over the devices (``lax.pmean``, as for the loss)
-        gives the full-batch gradient. Not needed under ``jit`` with sharded arrays.
+        holds the same multipliers. Differentiate ``lagrangian`` as a loss: with the loss
+        passed to it averaged (``lax.pmean``) under ``shard_map``'s default
+        ``check_vma=True``, or with the gradients averaged after it under
+        ``check_vma=False``; either gives the full-batch gradient (``docs/distributed.md``).
+        Not needed under ``jit`` with sharded arrays.
 
     Returns:
       An :class:`IALMTransformation`.

@@ -143,9 +143,11 @@ class PolyakSGD(IterativeSolver):
         differentiated function when JAX differentiates ``fun``) and the gradient after, so
         every device takes the full-batch step and ``run``'s stopping test agrees on every
         device; ``aux`` stays per device. With equal shards of a mean loss this is the
-        full-batch run. A gradient ``fun`` returns itself (``value_and_grad=True``) should be
-        the gradient of the averaged value or the device's own; it is averaged again. Not needed for parameters sharded under ``jit`` (``NamedSharding``):
-        XLA reduces global arrays itself. (New; jaxopt has no such field.)
+        full-batch run. A gradient that ``fun`` returns itself (``value_and_grad=True``) is
+        averaged too: it must be the device's own under ``check_vma=False`` and that of the
+        averaged value under ``check_vma=True`` (``docs/distributed.md``). Not needed for
+        parameters sharded under ``jit`` (``NamedSharding``): XLA reduces global arrays
+        itself. (New; jaxopt has no such field.)
 
     Raises:
       ValueError: an unknown ``variant``; a negative (or NaN) ``max_stepsize``, ``delta``,
@@ -362,9 +364,11 @@ def scale_by_polyak(
         always gets a velocity buffer).
       axis_name: None, or the mapped axis of ``shard_map``/``pmap`` data parallelism: the
         ``value`` each device passes (its batch shard's loss) is averaged over these devices
-        (``lax.pmean``). The updates are not: average the gradients yourself before
-        ``update``, as in any optax data-parallel loop (``lax.pmean(grads, axis_name)``).
-        Not needed under ``jit`` with sharded parameters.
+        (``lax.pmean``). The updates are not: average the gradients yourself, as in any
+        optax data-parallel loop (differentiate the ``lax.pmean``'d loss under
+        ``shard_map``'s default ``check_vma=True``; ``lax.pmean`` the gradients under
+        ``check_vma=False``; ``docs/distributed.md``). Not needed under ``jit`` with sharded
+        parameters.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update(updates, state,

@@ -44,6 +44,8 @@ DP_RUNS = ([(f, m) for f in OPTAX_FAMILIES for m in DP_MODES]
 JIT_RUNS = OPTAX_FAMILIES + ("PolyakSGD", "ialm", "constrained")
 # the unsharded run of each family of the jit section: a full-batch run of the shard_map section
 JIT_REFERENCE = {"constrained": "constrained.simultaneous"}
+# families also run under pmap
+PMAP_RUNS = ("polyak_sgd", "PolyakSGD")
 # families whose shard_map run without axis_name must differ (their reduction matters there)
 CONTROLS = ("polyak_sgd", "PolyakSGD", "ialm", "constrained.simultaneous")
 
@@ -229,6 +231,14 @@ def _scenarios(out_path: str) -> None:
     stacked = data_parallel(CONTROLS, None, "novma")
     for name in CONTROLS:
         put(f"control/{name}", jax.tree.map(lambda a: a[0], stacked[name]))
+    # pmap (its collectives are check_vma=False's): the Polyak transform and solver
+    pmapped = jax.pmap(lambda p, Xs, ys: {name: dp_runs[name](p, Xs, ys, "data", "novma")
+                                          for name in PMAP_RUNS},
+                       axis_name="data", in_axes=(None, 0, 0))(
+        params0, X.reshape(2, 4, 4), y.reshape(2, 4))
+    for name in PMAP_RUNS:
+        for k in (0, 1):
+            put(f"pmap/{name}/replica{k}", jax.tree.map(lambda a: a[k], pmapped[name]))
 
     # -- jit with parameters sharded over a 2-device mesh ----------------------------------------
     mesh = Mesh(np.array(jax.devices()), ("x",))
@@ -313,6 +323,14 @@ def test_shard_map_equals_the_full_batch_run(results, family, mode):
     assert np.max(np.abs(full[1] - results["params0/w"])) > 1e-3
     _assert_close(replicas[0], full)
     for a, b in zip(*replicas):  # the two devices hold the same bits
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("family", PMAP_RUNS)
+def test_pmap_equals_the_full_batch_run(results, family):
+    replicas = [_tree(results, f"pmap/{family}/replica{k}") for k in (0, 1)]
+    _assert_close(replicas[0], _tree(results, f"dp/{family}/full"))
+    for a, b in zip(*replicas):
         np.testing.assert_array_equal(a, b)
 
 

@@ -31,9 +31,13 @@ from ._solver import (
     OptStep,
     check,
     check_callable,
+    check_axis_name,
     check_fun_fields,
+    data_parallel,
+    extra,
     is_zero,
     make_funs,
+    mean_over,
     safe_sqrt,
     single_dtype,
     tree_sq_norm,
@@ -133,11 +137,23 @@ class PolyakSGD(IterativeSolver):
       unroll: ``"auto"`` (= ``not implicit_diff or not jit``), True (a ``lax.scan`` of
         ``maxiter - 1`` steps, no-ops once converged: reverse-differentiable; a Python loop
         when ``jit=False``) or False (``lax.while_loop``: exits early, needs ``jit=True``).
+      axis_name: None, or the mapped axis (a name or a tuple of names) of ``shard_map``/
+        ``pmap`` data parallelism, keyword only: ``fun`` sees each device's batch shard, and
+        ``update`` averages its value over these devices (``lax.pmean``, inside the
+        differentiated function when JAX differentiates ``fun``) and the gradient after, so
+        every device takes the full-batch step and ``run``'s stopping test agrees on every
+        device; ``aux`` stays per device. With equal shards of a mean loss this is the
+        full-batch run. A gradient that ``fun`` returns itself (``value_and_grad=True``) is
+        averaged too: it must be the device's own under ``check_vma=False`` and that of the
+        averaged value under ``check_vma=True`` (``docs/distributed.md``). Not needed for
+        parameters sharded under ``jit`` (``NamedSharding``): XLA reduces global arrays
+        itself. (New; jaxopt has no such field.)
 
     Raises:
       ValueError: an unknown ``variant``; a negative (or NaN) ``max_stepsize``, ``delta``,
         ``momentum``, ``maxiter`` or ``tol``; a non-finite ``fun_min``; ``unroll=False``
-        with ``jit=False``. TypeError: an argument of the wrong type. Traced values (a solver
+        with ``jit=False``. TypeError: an argument of the wrong type (an ``axis_name`` that
+        is not None, a str or a tuple of str). Traced values (a solver
         built inside ``jit``/``vmap``) are not checked.
 
     Example:
@@ -181,6 +197,8 @@ class PolyakSGD(IterativeSolver):
     jit: bool = True
     unroll: Union[str, bool] = "auto"
 
+    axis_name: Any = extra()
+
     # -- construction ------------------------------------------------------------------------
     def _check_fields(self) -> None:
         self.value_and_grad = check_fun_fields(self.fun, self.value_and_grad, self.has_aux)
@@ -190,17 +208,24 @@ class PolyakSGD(IterativeSolver):
         check(_validation.nonnegative_finite, "delta value", self.delta)
         check(_validation.nonnegative_finite, "momentum value", self.momentum)
         check_callable("pre_update value", self.pre_update, optional=True)
+        self.axis_name = check_axis_name(self.axis_name)
         super()._check_fields()
 
     def _prepare(self) -> None:
         self._fun, self._value_and_grad_fun = make_funs(
             self.fun, self.value_and_grad, self.has_aux)
+        # shard_map data parallelism: the whole batch's value and gradient on every device
+        self._value_and_grad_fun = data_parallel(
+            self._fun, self._value_and_grad_fun, self.value_and_grad is False, self.axis_name)
         # jaxopt's AndersonWrapper and custom_root look for this attribute.
         self.reference_signature = self.fun
 
     # -- the solver's problem ------------------------------------------------------------------
     def optimality_fun(self, params, *args, **kwargs):
-        """The gradient of ``fun`` at ``params`` (zero at a stationary point); aux dropped."""
+        """The gradient of ``fun`` at ``params`` (zero at a stationary point); aux dropped.
+
+        With ``axis_name``, the whole batch's (averaged over the devices of that axis).
+        """
         return self._value_and_grad_fun(params, *args, **kwargs)[1]
 
     # -- one step -----------------------------------------------------------------------------
@@ -310,6 +335,8 @@ def scale_by_polyak(
     eps: Any = 0.0,
     variant: str = "sps",
     momentum: Any = 0.0,
+    *,
+    axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Scale updates by the Polyak step size, with optional heavy-ball momentum.
 
@@ -335,6 +362,13 @@ def scale_by_polyak(
       variant: ``"sps"`` or ``"sps+"``.
       momentum: :math:`\mu \ge 0` (a traced value, e.g. from :func:`optax.inject_hyperparams`,
         always gets a velocity buffer).
+      axis_name: None, or the mapped axis of ``shard_map``/``pmap`` data parallelism: the
+        ``value`` each device passes (its batch shard's loss) is averaged over these devices
+        (``lax.pmean``). The updates are not: average the gradients yourself, as in any
+        optax data-parallel loop (differentiate the ``lax.pmean``'d loss under
+        ``shard_map``'s default ``check_vma=True``; ``lax.pmean`` the gradients under
+        ``check_vma=False``; ``docs/distributed.md``). Not needed under ``jit`` with sharded
+        parameters.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update(updates, state,
@@ -345,6 +379,7 @@ def scale_by_polyak(
     check(_validation.nonnegative, "eps value", eps)
     _validation.choice("variant value", variant, _OPTAX_VARIANTS)
     check(_validation.nonnegative_finite, "momentum value", momentum)
+    axis_name = check_axis_name(axis_name)
     use_velocity = isinstance(momentum, jax.Array) or not is_zero(momentum)
 
     def init_fn(params):
@@ -355,7 +390,7 @@ def scale_by_polyak(
     def update_fn(updates, state, params=None, *, value, **extra_args):
         del params, extra_args
         sq_norm = tree_sq_norm(updates)
-        loss = jnp.asarray(value).astype(sq_norm.dtype)
+        loss = mean_over(jnp.asarray(value), axis_name).astype(sq_norm.dtype)
         # optax's "sps" and "sps+" are both SPS_max here (the rule never ascends).
         step = _rules.polyak_stepsize(loss, f_min, sq_norm, eps, max_learning_rate,
                                       _OPTAX_TINY, False)
@@ -385,6 +420,8 @@ def polyak_sgd(
     eps: Any = 0.0,
     variant: str = "sps",
     momentum: Any = 0.0,
+    *,
+    axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD with the Polyak step size (:func:`optax.polyak_sgd`'s signature, plus momentum).
 
@@ -408,6 +445,8 @@ def polyak_sgd(
       eps: :math:`\epsilon \ge 0`.
       variant: ``"sps"`` or ``"sps+"`` (the same here: the step is never negative).
       momentum: :math:`\mu \ge 0`.
+      axis_name: None, or the ``shard_map``/``pmap`` axis over which the loss ``value`` is
+        averaged (see :func:`scale_by_polyak`; average the gradients yourself).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; ``update`` needs ``value=``.
@@ -434,6 +473,6 @@ def polyak_sgd(
         check(_validation.nonnegative, "scaling value", scaling)
     return optax.chain(
         scale_by_polyak(f_min=f_min, max_learning_rate=max_learning_rate, eps=eps,
-                        variant=variant, momentum=momentum),
+                        variant=variant, momentum=momentum, axis_name=axis_name),
         optax.scale_by_learning_rate(scaling),
     )

@@ -26,6 +26,7 @@ from uniopt import _validation
 from uniopt.rules import bind
 from uniopt.rules import polyak as _polyak
 
+from ._faults import all_finite, nonfinite_raise, select, with_nonfinite
 from ._solver import (
     IterativeSolver,
     OptStep,
@@ -42,6 +43,7 @@ from ._solver import (
 __all__ = [
     "OptStep",
     "PolyakSGDState",
+    "PolyakSGDSkipState",
     "PolyakSGD",
     "ScaleByPolyakState",
     "scale_by_polyak",
@@ -76,6 +78,21 @@ class PolyakSGDState(NamedTuple):
     velocity: Optional[Any]
     num_fun_eval: Any = 0
     num_grad_eval: Any = 0
+
+
+class PolyakSGDSkipState(NamedTuple):
+    """State of :class:`PolyakSGD` with ``nonfinite="skip"``: :class:`PolyakSGDState`'s fields
+    and ``nonfinite_skips`` (int32, the updates skipped for a non-finite loss or gradient)."""
+
+    iter_num: Any
+    error: Any
+    value: Any
+    aux: Any
+    stepsize: Any
+    velocity: Optional[Any]
+    num_fun_eval: Any = 0
+    num_grad_eval: Any = 0
+    nonfinite_skips: Any = 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -133,6 +150,12 @@ class PolyakSGD(IterativeSolver):
       unroll: ``"auto"`` (= ``not implicit_diff or not jit``), True (a ``lax.scan`` of
         ``maxiter - 1`` steps, no-ops once converged: reverse-differentiable; a Python loop
         when ``jit=False``) or False (``lax.while_loop``: exits early, needs ``jit=True``).
+      nonfinite: ``"propagate"`` (default: a NaN/inf loss or gradient flows into the step, as
+        in jaxopt), ``"raise"`` (``FloatingPointError`` from ``update``, nothing returned; needs
+        ``jit=False``, since a compiled update cannot raise) or ``"skip"`` (traced, works in
+        ``run`` under ``jit``: the parameters and the state's values are kept, ``iter_num``
+        and the evaluation counts advance, and the state is a :class:`PolyakSGDSkipState`
+        counting the skips in ``nonfinite_skips``). See docs/faults.md.
 
     Raises:
       ValueError: an unknown ``variant``; a negative (or NaN) ``max_stepsize``, ``delta``,
@@ -180,9 +203,14 @@ class PolyakSGD(IterativeSolver):
 
     jit: bool = True
     unroll: Union[str, bool] = "auto"
+    nonfinite: str = "propagate"
 
     # -- construction ------------------------------------------------------------------------
     def _check_fields(self) -> None:
+        _validation.check_nonfinite(self.nonfinite)
+        if self.nonfinite == "raise" and self.jit is True:
+            raise ValueError("Invalid nonfinite policy: 'raise' with jit=True (a compiled update "
+                             "cannot raise); use jit=False, or nonfinite='skip' under jit")
         self.value_and_grad = check_fun_fields(self.fun, self.value_and_grad, self.has_aux)
         check(_validation.finite, "fun_min value", self.fun_min)
         _validation.choice("variant value", self.variant, _polyak.VARIANTS)
@@ -191,6 +219,11 @@ class PolyakSGD(IterativeSolver):
         check(_validation.nonnegative_finite, "momentum value", self.momentum)
         check_callable("pre_update value", self.pre_update, optional=True)
         super()._check_fields()
+
+    def attribute_names(self) -> tuple:
+        """jaxopt's constructor fields, in order (``nonfinite``, uniopt's own, is left out;
+        equality stays identity, so the hash needs no more)."""
+        return tuple(name for name in super().attribute_names() if name != "nonfinite")
 
     def _prepare(self) -> None:
         self._fun, self._value_and_grad_fun = make_funs(
@@ -217,7 +250,7 @@ class PolyakSGD(IterativeSolver):
         value, aux = self._fun(init_params, *args, **kwargs)
         dtype = single_dtype(init_params, "PolyakSGD")
         velocity = None if is_zero(self.momentum) else jax.tree.map(jnp.zeros_like, init_params)
-        return PolyakSGDState(
+        state = PolyakSGDState(
             iter_num=jnp.asarray(0),
             error=jnp.asarray(jnp.inf, dtype=dtype),
             value=jnp.asarray(jnp.inf, dtype=jnp.asarray(value).dtype),
@@ -227,6 +260,9 @@ class PolyakSGD(IterativeSolver):
             num_fun_eval=jnp.array(1, _NUM_EVAL_DTYPE),
             num_grad_eval=jnp.array(0, _NUM_EVAL_DTYPE),
         )
+        if self.nonfinite == "skip":
+            return PolyakSGDSkipState(*state, nonfinite_skips=jnp.array(0, jnp.int32))
+        return state
 
     def _stepsize(self, value, grad_sq_norm, dtype):
         """The rule's variant choice; ``tiny`` (SPS+'s zero guard) is ``dtype``'s epsilon.
@@ -256,6 +292,8 @@ class PolyakSGD(IterativeSolver):
             params, state = self.pre_update(params, state, *args, **kwargs)
 
         (value, aux), grad = self._value_and_grad_fun(params, *args, **kwargs)
+        if self.nonfinite == "raise":
+            nonfinite_raise("PolyakSGD", {"the loss": value, "the gradient": grad})
         grad_sq_norm = tree_sq_norm(grad)
         stepsize = self._stepsize(value, grad_sq_norm, dtype).astype(state.stepsize.dtype)
 
@@ -283,6 +321,14 @@ class PolyakSGD(IterativeSolver):
             num_fun_eval=state.num_fun_eval + 1,
             num_grad_eval=state.num_grad_eval + 1,
         )
+        if self.nonfinite == "skip":  # traced: keep the parameters and values, count the skip
+            ok = all_finite(value, grad)
+            kept = ("error", "value", "aux", "stepsize", "velocity")
+            new_params = select(ok, new_params, params)
+            new_state = PolyakSGDSkipState(
+                *new_state._replace(**{k: select(ok, getattr(new_state, k), getattr(state, k))
+                                       for k in kept}),
+                nonfinite_skips=state.nonfinite_skips + jnp.where(ok, 0, 1).astype(jnp.int32))
         if self.verbose:
             jax.debug.print(
                 "INFO: uniopt.PolyakSGD: Iter: {} Gradient Norm (stopping criterion): {} "
@@ -385,6 +431,8 @@ def polyak_sgd(
     eps: Any = 0.0,
     variant: str = "sps",
     momentum: Any = 0.0,
+    *,
+    nonfinite: str = "propagate",
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD with the Polyak step size (:func:`optax.polyak_sgd`'s signature, plus momentum).
 
@@ -408,6 +456,10 @@ def polyak_sgd(
       eps: :math:`\epsilon \ge 0`.
       variant: ``"sps"`` or ``"sps+"`` (the same here: the step is never negative).
       momentum: :math:`\mu \ge 0`.
+      nonfinite: (keyword) ``"propagate"`` (default), ``"raise"`` (outside ``jit``) or
+        ``"skip"`` (traced; the state becomes ``NonFiniteState(inner_state,
+        nonfinite_skips)``): what an update does when the gradient or ``value`` is NaN/inf
+        (docs/faults.md).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; ``update`` needs ``value=``.
@@ -432,8 +484,8 @@ def polyak_sgd(
     """
     if not callable(scaling):
         check(_validation.nonnegative, "scaling value", scaling)
-    return optax.chain(
+    return with_nonfinite(optax.chain(
         scale_by_polyak(f_min=f_min, max_learning_rate=max_learning_rate, eps=eps,
                         variant=variant, momentum=momentum),
         optax.scale_by_learning_rate(scaling),
-    )
+    ), nonfinite, "polyak_sgd", ("value",))

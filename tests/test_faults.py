@@ -430,14 +430,14 @@ def test_propagate_is_todays_behaviour(name):
     assert not np.isfinite(x).all()  # the NaN reached the parameters, as in torch.optim
 
 
-@pytest.mark.parametrize("bad", ["nan", "inf"])
 @pytest.mark.parametrize("name", NAMES)
-def test_raise_changes_nothing(name, bad):
+def test_raise_changes_nothing(name):
     h = _run(HARNESSES[name].make(nonfinite="raise"), [(GOOD[0], LOSS[0])])
     before = h.snapshot()
-    with pytest.raises(FloatingPointError, match="non-finite"):
-        h.step(BAD[bad], LOSS[1])
-    assert_same(h.snapshot(), before)
+    for bad in ("nan", "inf"):
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            h.step(BAD[bad], LOSS[1])
+        assert_same(h.snapshot(), before)
     h.step(GOOD[1], LOSS[1])  # and it goes on
     ref = _run(HARNESSES[name].make(), [(GOOD[0], LOSS[0]), (GOOD[1], LOSS[1])])
     assert_same(h.snapshot(), ref.snapshot(), ignore=("nonfinite_skips",))

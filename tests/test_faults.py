@@ -374,6 +374,7 @@ HARNESSES = {
     "torch-QHAdam": TorchOpt(utorch.QHAdam, QHADAM_KW),
     "torch-QHAdamW": TorchOpt(utorch.QHAdamW, dict(lr=0.05, weight_decay=0.01)),
     "torch-PolyakSGD": TorchOpt(utorch.PolyakSGD, dict(momentum=0.5), polyak=True),
+    "torch-nuPI": TorchOpt(tcon.optim.nuPI, dict(lr=0.1, Kp=0.5, Ki=1.0, ema_nu=0.3)),
     "torch-iALM": TorchIALM(),
     "torch-dual_optim.iALM": TorchIALM(DualOptimIALM),
     "torch-Simultaneous": TorchCooper("SimultaneousOptimizer"),

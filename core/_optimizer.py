@@ -177,6 +177,8 @@ class Optimizer:
             updated = {k: copy.deepcopy(v) for k, v in theirs.items() if k != "params"}
             self._check_group({**mine, **updated})
             mine.update(updated)
+            if self.nonfinite != "propagate":
+                mine["nonfinite_skips"] = int(theirs.get("nonfinite_skips", 0))
         self.state = new_state
 
     def __repr__(self) -> str:

@@ -574,7 +574,8 @@ def test_numpy_polyak_and_ialm_interrupted_steps_change_nothing():
 
 
 @pytest.mark.parametrize("cls, kwargs", [(utorch.QHM, QHM_KW), (utorch.QHAdam, QHADAM_KW),
-                                         (utorch.QHAdamW, {}), (utorch.PolyakSGD, {"momentum": 0.5})])
+                                         (utorch.QHAdamW, {}), (utorch.PolyakSGD, {"momentum": 0.5}),
+                                         (tcon.optim.nuPI, {"lr": 0.1, "Kp": 0.5})])
 def test_torch_interrupted_steps_change_nothing(cls, kwargs):
     x = torch.nn.Parameter(torch.tensor(X0))
     y = torch.nn.Parameter(torch.tensor(X0[:3]))
@@ -592,9 +593,9 @@ def test_torch_interrupted_steps_change_nothing(cls, kwargs):
     sparse = torch.sparse_coo_tensor(torch.tensor([[0]]), torch.tensor([1.0], dtype=torch.float64), (3,))
     cases = [(GOOD[1][:3], _boom, Boom),                    # a closure that raises
              (BAD["inf"][:3], None, FloatingPointError)]    # non-finite, in the last group
-    if not polyak:
+    if cls is not utorch.PolyakSGD and cls is not tcon.optim.nuPI:  # (nuPI takes sparse rows)
         cases.append((sparse, None, RuntimeError))          # a gradient the rule cannot take
-    else:
+    elif polyak:
         cases.append((GOOD[1][:3], lambda: None, RuntimeError))  # a closure without a loss
     for gy, closure, error in cases:
         with pytest.raises(error):
@@ -663,6 +664,15 @@ def test_jax_interrupted_steps_change_nothing():
             with pytest.raises(error):
                 tx.update(g, state, x, value=jnp.asarray(1.0))
             assert_same(_plain([x, jax.tree.leaves(state)]), saved)
+    solver = JaxPolyak().make(nonfinite="raise")
+    saved = solver.snapshot()
+    for g, error in [(BAD["nan"], FloatingPointError), (np.ones(N + 1), (ValueError, TypeError))]:
+        with pytest.raises(error):
+            solver.step(g, 1.0)
+        assert_same(solver.snapshot(), saved)
+    tx = jcon.nupi(0.1, Kp=0.5, nonfinite="raise")
+    with pytest.raises(FloatingPointError):
+        tx.update(jnp.asarray(BAD["nan"]), tx.init(x), x)
     tx = ujax.ialm(nonfinite="raise")
     state = tx.init(jnp.zeros(N))
     with pytest.raises(FloatingPointError, match="constraint values"):

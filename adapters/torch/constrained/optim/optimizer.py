@@ -233,8 +233,8 @@ class CooperOptimizer(abc.ABC):
             for optimizer, before in reversed(loaded):
                 optimizer.load_state_dict(before)
             raise
-        if "nonfinite_skips" in state:
-            self.nonfinite_skips = int(state["nonfinite_skips"])
+        if "nonfinite_skips" in state or self.nonfinite != "propagate":
+            self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
 
     @abc.abstractmethod
     def roll(self, *args: Any, **kwargs: Any) -> RollOut:

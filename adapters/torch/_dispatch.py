@@ -158,13 +158,17 @@ def all_finite(tensors, process_group=None) -> bool:
     ``torch._foreach_norm(..., inf)`` (a max-abs norm: it never overflows, and NaN and inf come
     out non-finite), then one host sync for all of them. With a ``process_group``, the local
     flag is all-reduced with ``MIN`` over it, so every rank gets the same answer (call it on
-    every rank).
+    every rank); without one, DTensors' flags are all-reduced over their meshes (each
+    dimension's group), so FSDP2 shards decide alike.
     """
     groups: dict = {}
+    meshes: list = []
     for t in tensors:
         if t is None:
             continue
         if is_dtensor(t):
+            if process_group is None and not any(t.device_mesh == m for m in meshes):
+                meshes.append(t.device_mesh)
             t = t.to_local()
         if t.is_sparse:
             t = t.coalesce().values()
@@ -173,15 +177,18 @@ def all_finite(tensors, process_group=None) -> bool:
     flags = [torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all().cpu()
              for ts in groups.values()]
     ok = bool(torch.stack(flags).all()) if flags else True
-    if process_group is not None:
+    reduce_over = [process_group] if process_group is not None else [
+        mesh.get_group(dim) for mesh in meshes for dim in range(mesh.ndim)]
+    if reduce_over:
         import torch.distributed as dist
 
-        device = "cpu"
-        if dist.get_backend(process_group) == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=process_group)
-        ok = bool(flag.item())
+        for group in reduce_over:
+            device = "cpu"
+            if dist.get_backend(group) == "nccl":
+                device = torch.device("cuda", torch.cuda.current_device())
+            flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+            ok = bool(flag.item())
     return ok
 
 

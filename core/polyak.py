@@ -385,12 +385,10 @@ class PolyakSGD:
         grads = tree.matching(grad, "gradient")
         dtype = tree.dtype
         sq_norm = squared_norm(grads, dtype)
-        if self.nonfinite != "propagate" and not (math.isfinite(sq_norm)
-                                                  and bool(np.all(np.isfinite(value)))):
-            where = (f"the gradients (squared norm {sq_norm})" if math.isfinite(sq_norm)
-                     is False else "")
-            if not bool(np.all(np.isfinite(value))):
-                where = f"the loss ({value})"
+        if self.nonfinite != "propagate" and not (bool(np.all(np.isfinite(value)))
+                                                  and math.isfinite(sq_norm)):
+            where = (f"the gradients (squared norm {sq_norm})" if np.all(np.isfinite(value))
+                     else f"the loss ({value})")
             if self.nonfinite == "raise":
                 raise nonfinite_error("PolyakSGD", where)
             return OptStep(params=params, state=state._replace(

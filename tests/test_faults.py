@@ -389,7 +389,6 @@ HARNESSES = {
     "jax-PolyakSGD": JaxPolyak(),
     "jax-ialm": JaxIALM(),
     "jax-Constrained-simultaneous": JaxConstrained("simultaneous"),
-    "jax-Constrained-extrapolation": JaxConstrained("extrapolation"),
 }
 # families whose "propagate" is not a propagation: a dual step cannot carry NaN, so iALM's
 # default has always been to refuse the values (NumPy, torch: ValueError, nothing changed) or

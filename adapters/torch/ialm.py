@@ -473,7 +473,8 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
             return None if loss is None else self._lagrangian(loss, parts, self._rhos())
         groups = self.param_groups
         if self.nonfinite != "propagate" and not nonfinite_gate(
-                self, [(c, f"the constraint values of group {g['name']!r}") for g, c in zip(groups, parts)],
+                self, [(c, f"the constraint values of group {g['name']!r}")
+                       for g, c in zip(groups, parts)],
                 groups, self.__dict__.get("process_group")):
             return None if loss is None else self._lagrangian(loss, parts, self._rhos())
         settled = True

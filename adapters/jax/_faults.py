@@ -24,7 +24,7 @@ import optax
 
 from uniopt._validation import check_nonfinite, nonfinite_error
 
-__all__ = ["NonFiniteState", "all_finite", "first_nonfinite", "is_traced", "with_nonfinite",
+__all__ = ["NonFiniteState", "agreed", "all_finite", "first_nonfinite", "is_traced", "with_nonfinite",
            "nonfinite_raise", "select"]
 
 
@@ -77,7 +77,15 @@ def select(ok, new, old):
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
-def with_nonfinite(tx, nonfinite: str, name: str, extra_names: tuple = ()):
+def agreed(ok, axis_name=None):
+    """``ok`` (a boolean scalar), the same on every device of ``axis_name`` (all of them must
+    be finite: ``lax.pmin``); ``ok`` itself without an axis."""
+    if axis_name is None:
+        return ok
+    return jax.lax.pmin(ok.astype(jnp.int32), axis_name) > 0
+
+
+def with_nonfinite(tx, nonfinite: str, name: str, extra_names: tuple = (), axis_name=None):
     """``tx`` under the ``nonfinite`` policy (the module docstring).
 
     Args:
@@ -86,6 +94,8 @@ def with_nonfinite(tx, nonfinite: str, name: str, extra_names: tuple = ()):
       name: the transform's name in messages.
       extra_names: extra keyword arguments of ``update`` checked with the updates (Polyak's
         ``value``).
+      axis_name: the ``shard_map``/``pmap`` axis of data parallelism, if any: every device
+        then skips when any one of them sees a non-finite value (:func:`agreed`).
     """
     check_nonfinite(nonfinite)
     if nonfinite == "propagate":
@@ -109,7 +119,7 @@ def with_nonfinite(tx, nonfinite: str, name: str, extra_names: tuple = ()):
         return NonFiniteState(tx.init(params), jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None, **extra_args):
-        ok = all_finite(*inputs(updates, extra_args).values())
+        ok = agreed(all_finite(*inputs(updates, extra_args).values()), axis_name)
         new_updates, new_inner = inner_update(updates, state.inner_state, params, **extra_args)
         skipped = jax.tree.map(lambda u: jnp.full_like(u, -0.0), new_updates)
         return (select(ok, new_updates, skipped),

@@ -71,7 +71,8 @@ from uniopt import _validation
 from uniopt.rules import bind
 from uniopt.rules import constrained as _constrained
 
-from ._faults import NonFiniteState, all_finite, nonfinite_raise, select, with_nonfinite
+from ._faults import NonFiniteState, agreed, all_finite, nonfinite_raise, select, with_nonfinite
+from ._solver import check_axis_name, mean_over
 
 __all__ = [
     "ConstraintType",
@@ -1469,6 +1470,27 @@ def _with_multipliers(constraints: Mapping, multipliers: Mapping) -> dict:
             for name, c in constraints.items()}
 
 
+def _synced(cmp_state: CMPState, axis_name: Any) -> CMPState:
+    """``cmp_state`` with its loss and violations averaged over the devices of ``axis_name``
+    (``shard_map`` data parallelism: each device measured its batch shard); ``misc`` stays."""
+    if axis_name is None:
+        return cmp_state
+    observed = {}
+    for name, state in cmp_state.observed_constraints.items():
+        if state.constraint_features is not None or state.strict_constraint_features is not None:
+            raise ValueError(f"ConstrainedOptimizer: axis_name={axis_name!r} averages constraint "
+                             f"values over devices, but constraint {name!r} has constraint "
+                             f"features (indexed multipliers or penalty coefficients are not "
+                             f"supported with axis_name)")
+        strict = state.strict_violation
+        observed[name] = state.replace(
+            violation=mean_over(jnp.asarray(state.violation), axis_name),
+            strict_violation=None if strict is None else mean_over(jnp.asarray(strict), axis_name))
+    loss = cmp_state.loss
+    return cmp_state.replace(loss=None if loss is None else mean_over(jnp.asarray(loss), axis_name),
+                             observed_constraints=observed)
+
+
 def _check_transformation(what, value, optional=False):
     if value is None and optional:
         return
@@ -1526,6 +1548,13 @@ class ConstrainedOptimizer:
       roll: one of :data:`ROLLS`.
       compute_violations: optional ``(params, *args, **kwargs) -> CMPState`` without a loss,
         for ``"alternating_primal_dual"``.
+      axis_name: None, or the mapped axis (a name or a tuple of names) of ``shard_map``/
+        ``pmap`` data parallelism: ``compute_cmp_state`` sees each device's batch shard; the
+        loss and the violations of every CMP state are averaged over these devices
+        (``lax.pmean``, inside the differentiated primal Lagrangian) and so is the primal
+        gradient, so every device takes the full-batch step and holds the same multipliers
+        (``misc`` stays per device). Dense multipliers only (constraint features raise a
+        ValueError at :meth:`step`). Not needed under ``jit`` with sharded arrays.
       nonfinite: ``"propagate"`` (default: NaN/inf flow into the updates), ``"raise"``
         (``FloatingPointError`` from ``step`` on concrete values; ``TypeError`` when traced,
         under ``jit``) or ``"skip"`` (traced: a step whose loss, constraint values or
@@ -1536,7 +1565,8 @@ class ConstrainedOptimizer:
 
     Raises:
       TypeError: a non-callable ``compute_cmp_state``/``compute_violations``, optimizers that
-        are not optax transformations.
+        are not optax transformations, an ``axis_name`` that is not None, a str or a tuple of
+        str.
       ValueError: an unknown ``roll``; at :meth:`init`, multipliers without a dual optimizer.
       RuntimeError: at :meth:`step`, a ``compute_violations`` that returns a loss (Cooper's
         error and message, as the torch face).
@@ -1561,6 +1591,7 @@ class ConstrainedOptimizer:
     dual_optimizer: Any = None
     roll: str = "simultaneous"
     compute_violations: Optional[Callable] = None
+    axis_name: Any = None
     nonfinite: str = "propagate"
 
     def __post_init__(self):
@@ -1574,6 +1605,7 @@ class ConstrainedOptimizer:
         _check_transformation("primal_optimizer", self.primal_optimizer)
         _check_transformation("dual_optimizer", self.dual_optimizer, optional=True)
         _validation.choice("roll", self.roll, ROLLS)
+        check_axis_name(self.axis_name)
 
     # -- pieces -------------------------------------------------------------------------------
     def init(self, params: Any, constraints: Mapping[str, Constraint]) -> ConstrainedOptimizerState:
@@ -1595,6 +1627,7 @@ class ConstrainedOptimizer:
             cmp_state = self.compute_cmp_state(p, *args, **kwargs)
             if not isinstance(cmp_state, CMPState):
                 raise TypeError(f"compute_cmp_state must return a CMPState, got {cmp_state!r}")
+            cmp_state = _synced(cmp_state, self.axis_name)
             value = primal_lagrangian(cmp_state, constraints)
             if value is None:
                 raise ValueError("The primal Lagrangian is empty: compute_cmp_state gave no loss "
@@ -1602,7 +1635,7 @@ class ConstrainedOptimizer:
             return value, cmp_state
 
         (value, cmp_state), grads = jax.value_and_grad(f, has_aux=True)(params)
-        return cmp_state, value, grads
+        return cmp_state, value, mean_over(grads, self.axis_name)
 
     def _update_rows(self):
         """The dual optimizer's row-wise update (:func:`projected_ascent`, :func:`nupi` with
@@ -1691,7 +1724,7 @@ class ConstrainedOptimizer:
         if self.nonfinite == "raise":
             nonfinite_raise("ConstrainedOptimizer", {"the roll's values": seen})
             return new_params, new_cons, new_state, rollout
-        ok = all_finite(*seen)
+        ok = agreed(all_finite(*seen), self.axis_name)
         return (select(ok, new_params, params), select(ok, new_cons, dict(constraints)),
                 NonFiniteState(select(ok, new_state, inner),
                                state.nonfinite_skips + jnp.where(ok, 0, 1).astype(jnp.int32)),
@@ -1734,7 +1767,7 @@ class ConstrainedOptimizer:
                                        "instead.")
             else:
                 new_state = self.compute_cmp_state(new_params, *args, **kwargs)
-            new_state = jax.lax.stop_gradient(new_state)
+            new_state = jax.lax.stop_gradient(_synced(new_state, self.axis_name))
             seen.append(new_state)
             ld, *dual = self._dual_grads(new_state, constraints)
             seen.extend((ld, dual[0], dual[2]))
@@ -1742,7 +1775,8 @@ class ConstrainedOptimizer:
             loss = new_state.loss if new_state.loss is not None else cmp_state.loss
             rollout = RollOut(loss, new_state, lp, ld)
         elif roll == "alternating_dual_primal":
-            cmp_state = jax.lax.stop_gradient(self.compute_cmp_state(params, *args, **kwargs))
+            cmp_state = jax.lax.stop_gradient(
+                _synced(self.compute_cmp_state(params, *args, **kwargs), self.axis_name))
             seen.append(cmp_state)
             ld, *dual = self._dual_grads(cmp_state, constraints)
             seen.extend((ld, dual[0], dual[2]))

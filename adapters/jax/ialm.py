@@ -27,6 +27,7 @@ from uniopt.rules import bind
 from uniopt.rules import ialm as _ialm
 
 from ._faults import nonfinite_raise
+from ._solver import check_axis_name, mean_over
 
 __all__ = ["IALMState", "IALMTransformation", "ialm"]
 
@@ -188,6 +189,7 @@ def _per_group(name: str, value: Any, treedef, n: int) -> list:
 def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0, *,
          dual_range: Any = (-100.0, 100.0), momentum: Any = 0.0, dampening: Any = 0.0,
          is_ineq: Any = False, ctol: float = 0.0, init_duals: Any = None,
+         axis_name: Any = None,
          nonfinite: str = "propagate") -> IALMTransformation:
     r"""iALM's dual step (adaptive, capped dual ascent) and augmented Lagrangian, functionally.
 
@@ -256,6 +258,15 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
       is_ineq: whether a group's constraints are inequalities :math:`c \le 0`.
       ctol: violations within ``ctol \ge 0`` count as satisfied.
       init_duals: initial multipliers (see above).
+      axis_name: None, or the mapped axis (a name or a tuple of names) of ``shard_map``/
+        ``pmap`` data parallelism: ``update``, ``lagrangian`` and ``forward_update`` average
+        the constraint values each device measured on its batch shard over these devices
+        (``lax.pmean``) before using them, so every device takes the full-batch dual step and
+        holds the same multipliers. Differentiate ``lagrangian`` as a loss: with the loss
+        passed to it averaged (``lax.pmean``) under ``shard_map``'s default
+        ``check_vma=True``, or with the gradients averaged after it under
+        ``check_vma=False``; either gives the full-batch gradient (``docs/distributed.md``).
+        Not needed under ``jit`` with sharded arrays.
       nonfinite: ``"propagate"`` (default) and ``"skip"`` both skip an update whose constraint
         values are not all finite, as described above (a dual step cannot carry NaN/inf: that
         is today's behaviour, traced; ``state.nonfinite_skips`` is ``total_notfinite``);
@@ -268,7 +279,8 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
 
     Raises:
       ValueError, TypeError: at construction, a hyper-parameter out of range or of the wrong
-        type (message naming it and its value, as :class:`uniopt.iALM`); at ``init``, a
+        type (message naming it and its value, as :class:`uniopt.iALM`; an ``axis_name`` that
+        is not None, a str or a tuple of str is a TypeError); at ``init``, a
         per-group hyper-parameter that does not match the constraints; at ``update`` /
         ``lagrangian``, constraints whose structure or sizes differ from the state's.
 
@@ -293,6 +305,7 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
              "init_duals": init_duals}
     penalty = check_penalty(penalty)
     ctol = _validation.nonnegative_finite("ctol value", ctol)
+    axis_name = check_axis_name(axis_name)
     _validation.check_nonfinite(nonfinite)
     for name, value in specs.items():
         for entry in ([value] if _is_single(name, value) else _entries(name, value)):
@@ -352,7 +365,10 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
                     or c.dtype == jnp.bool_):
                 raise TypeError(f"ialm: constraints of group {g.name} must be real numbers, got "
                                 f"dtype {c.dtype}")
-            out.append(jnp.reshape(c, lam.shape))
+            c = jnp.reshape(c, lam.shape)
+            if axis_name is not None:  # data parallelism: the shards' values, averaged
+                c = mean_over(c.astype(jnp.result_type(c.dtype, lam.dtype)), axis_name)
+            out.append(c)
         return treedef, out, groups
 
     def init(constraints) -> IALMState:

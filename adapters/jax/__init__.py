@@ -12,10 +12,12 @@ Example:
 """
 
 from . import bilevel, constrained
+from ._faults import NonFiniteState
 from .ialm import IALMState, IALMTransformation, ialm
 from .polyak import (
     OptStep,
     PolyakSGD,
+    PolyakSGDSkipState,
     PolyakSGDState,
     ScaleByPolyakState,
     polyak_sgd,
@@ -42,6 +44,8 @@ __all__ = [
     "OptStep",
     "PolyakSGD",
     "PolyakSGDState",
+    "PolyakSGDSkipState",
+    "NonFiniteState",
     "ScaleByPolyakState",
     "scale_by_polyak",
     "polyak_sgd",

@@ -71,6 +71,7 @@ from uniopt import _validation
 from uniopt.rules import bind
 from uniopt.rules import constrained as _constrained
 
+from ._faults import NonFiniteState, agreed, all_finite, nonfinite_raise, select, with_nonfinite
 from ._solver import check_axis_name, mean_over
 
 __all__ = [
@@ -987,7 +988,8 @@ class ProjectedAscentState(NamedTuple):
     count: jax.Array
 
 
-def projected_ascent(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
+def projected_ascent(learning_rate: optax.ScalarOrSchedule, *,
+                     nonfinite: str = "propagate") -> optax.GradientTransformationExtraArgs:
     r"""Projected gradient ascent on the multipliers (SGD with ``maximize=True`` and Cooper's
     ``post_step_``, fused).
 
@@ -1001,6 +1003,9 @@ def projected_ascent(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTra
 
     Args:
       learning_rate: :math:`\eta` (finite, >= 0), a float or an optax schedule.
+      nonfinite: (keyword) ``"propagate"`` (default), ``"raise"`` (outside ``jit``) or
+        ``"skip"`` (traced; state ``NonFiniteState``, no ``update_rows``): what an update with
+        NaN/inf gradients does (docs/faults.md).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; ``update(grads, state, params, *,
@@ -1071,7 +1076,8 @@ def projected_ascent(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTra
                 ProjectedAscentState(count=optax.safe_int32_increment(state.count)))
 
     update_fn.update_rows = update_rows
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return with_nonfinite(optax.GradientTransformationExtraArgs(init_fn, update_fn), nonfinite,
+                          "projected_ascent")
 
 
 def _ascent(w, g, lr, lo):
@@ -1129,7 +1135,8 @@ def _check_nupi(weight_decay, Kp, Ki, ema_nu, init_type, maximize):
 
 def nupi(learning_rate: optax.ScalarOrSchedule, weight_decay: Any = 0.0, Kp: Any = 0.0,
          Ki: Any = 1.0, ema_nu: Any = 0.0, init_type: Any = NuPIInitType.SGD,
-         maximize: bool = False) -> optax.GradientTransformationExtraArgs:
+         maximize: bool = False, *,
+         nonfinite: str = "propagate") -> optax.GradientTransformationExtraArgs:
     r"""The nuPI controller (Sohrabi et al., 2024) as an optax transformation.
 
     With the error :math:`e_t` the incoming gradient (for multipliers: the violation),
@@ -1166,6 +1173,9 @@ def nupi(learning_rate: optax.ScalarOrSchedule, weight_decay: Any = 0.0, Kp: Any
       ema_nu: :math:`\nu \in (-1, 1)`.
       init_type: :class:`NuPIInitType` or ``"sgd"`` / ``"zeros"``.
       maximize: ascend (``True``: the dual side) instead of descend.
+      nonfinite: (keyword) ``"propagate"`` (default), ``"raise"`` (outside ``jit``) or
+        ``"skip"`` (traced; state ``NonFiniteState``, no ``update_rows``): what an update with
+        NaN/inf gradients does (docs/faults.md).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` with state :class:`NuPIState`;
@@ -1263,7 +1273,8 @@ def nupi(learning_rate: optax.ScalarOrSchedule, weight_decay: Any = 0.0, Kp: Any
 
     if jnp.ndim(Kp) == 0 and jnp.ndim(Ki) == 0:  # per-entry gains: the dense path only
         update_fn.update_rows = update_rows
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return with_nonfinite(optax.GradientTransformationExtraArgs(init_fn, update_fn), nonfinite,
+                          "nupi")
 
 
 def as_ascent(transformation: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
@@ -1544,6 +1555,13 @@ class ConstrainedOptimizer:
         gradient, so every device takes the full-batch step and holds the same multipliers
         (``misc`` stays per device). Dense multipliers only (constraint features raise a
         ValueError at :meth:`step`). Not needed under ``jit`` with sharded arrays.
+      nonfinite: ``"propagate"`` (default: NaN/inf flow into the updates), ``"raise"``
+        (``FloatingPointError`` from ``step`` on concrete values; ``TypeError`` when traced,
+        under ``jit``) or ``"skip"`` (traced: a step whose loss, constraint values or
+        gradients -- primal and dual, at every evaluation of the roll -- are not all finite
+        returns the parameters, constraints and optimizer states it was given; the state is
+        then ``NonFiniteState(ConstrainedOptimizerState, nonfinite_skips)``). See
+        docs/faults.md.
 
     Raises:
       TypeError: a non-callable ``compute_cmp_state``/``compute_violations``, optimizers that
@@ -1574,8 +1592,10 @@ class ConstrainedOptimizer:
     roll: str = "simultaneous"
     compute_violations: Optional[Callable] = None
     axis_name: Any = None
+    nonfinite: str = "propagate"
 
     def __post_init__(self):
+        _validation.check_nonfinite(self.nonfinite)
         if not callable(self.compute_cmp_state):
             raise TypeError(f"Invalid compute_cmp_state: {self.compute_cmp_state!r} (expected a "
                             f"callable)")
@@ -1595,7 +1615,10 @@ class ConstrainedOptimizer:
             raise ValueError(f"Invalid dual_optimizer: None, but the constraints "
                              f"{sorted(multipliers)} have multipliers")
         dual = None if self.dual_optimizer is None else self.dual_optimizer.init(multipliers)
-        return ConstrainedOptimizerState(primal=self.primal_optimizer.init(params), dual=dual)
+        state = ConstrainedOptimizerState(primal=self.primal_optimizer.init(params), dual=dual)
+        if self.nonfinite == "skip":
+            return NonFiniteState(state, jnp.zeros([], jnp.int32))
+        return state
 
     def _primal(self, params, constraints, args, kwargs):
         """``(cmp_state, primal_lagrangian, gradient)`` at ``params``."""
@@ -1692,6 +1715,22 @@ class ConstrainedOptimizer:
 
         ``args``/``kwargs`` go to ``compute_cmp_state`` (and ``compute_violations``).
         """
+        if self.nonfinite == "propagate":
+            return self._step(params, constraints, state, args, kwargs, [])
+        seen: list = []  # every loss, constraint state and gradient the roll evaluates
+        inner = state.inner_state if self.nonfinite == "skip" else state
+        new_params, new_cons, new_state, rollout = self._step(params, constraints, inner, args,
+                                                              kwargs, seen)
+        if self.nonfinite == "raise":
+            nonfinite_raise("ConstrainedOptimizer", {"the roll's values": seen})
+            return new_params, new_cons, new_state, rollout
+        ok = agreed(all_finite(*seen), self.axis_name)
+        return (select(ok, new_params, params), select(ok, new_cons, dict(constraints)),
+                NonFiniteState(select(ok, new_state, inner),
+                               state.nonfinite_skips + jnp.where(ok, 0, 1).astype(jnp.int32)),
+                rollout)
+
+    def _step(self, params, constraints, state, args, kwargs, seen: list) -> tuple:
         constraints = dict(_check_constraints(constraints))
         if _multipliers(constraints) and self.dual_optimizer is None:
             raise ValueError(f"Invalid dual_optimizer: None, but the constraints "
@@ -1701,17 +1740,21 @@ class ConstrainedOptimizer:
 
         if self.dual_optimizer is None:  # Cooper's UnconstrainedOptimizer: no dual Lagrangian
             cmp_state, lp, gp = self._primal(params, constraints, args, kwargs)
+            seen.extend((cmp_state, lp, gp))
             new_params, primal_state = self._primal_update(gp, primal_state, params, params)
             new_cons = constraints
             rollout = RollOut(cmp_state.loss, cmp_state, lp, None)
         elif roll == "simultaneous":
             cmp_state, lp, gp = self._primal(params, constraints, args, kwargs)
+            seen.extend((cmp_state, lp, gp))
             ld, *dual = self._dual_grads(cmp_state, constraints)
+            seen.extend((ld, dual[0], dual[2]))
             new_params, primal_state = self._primal_update(gp, primal_state, params, params)
             new_cons, dual_state = self._dual_update(dual, dual_state, constraints)
             rollout = RollOut(cmp_state.loss, cmp_state, lp, ld)
         elif roll == "alternating_primal_dual":
             cmp_state, lp, gp = self._primal(params, constraints, args, kwargs)
+            seen.extend((cmp_state, lp, gp))
             new_params, primal_state = self._primal_update(gp, primal_state, params, params)
             if self.compute_violations is not None:
                 new_state = self.compute_violations(new_params, *args, **kwargs)
@@ -1725,28 +1768,37 @@ class ConstrainedOptimizer:
             else:
                 new_state = self.compute_cmp_state(new_params, *args, **kwargs)
             new_state = jax.lax.stop_gradient(_synced(new_state, self.axis_name))
+            seen.append(new_state)
             ld, *dual = self._dual_grads(new_state, constraints)
+            seen.extend((ld, dual[0], dual[2]))
             new_cons, dual_state = self._dual_update(dual, dual_state, constraints)
             loss = new_state.loss if new_state.loss is not None else cmp_state.loss
             rollout = RollOut(loss, new_state, lp, ld)
         elif roll == "alternating_dual_primal":
             cmp_state = jax.lax.stop_gradient(
                 _synced(self.compute_cmp_state(params, *args, **kwargs), self.axis_name))
+            seen.append(cmp_state)
             ld, *dual = self._dual_grads(cmp_state, constraints)
+            seen.extend((ld, dual[0], dual[2]))
             new_cons, dual_state = self._dual_update(dual, dual_state, constraints)
             # the primal gradient at (x_t, lambda_{t+1}); under jit XLA shares the forward pass
             _, lp, gp = self._primal(params, new_cons, args, kwargs)
+            seen.extend((lp, gp))
             new_params, primal_state = self._primal_update(gp, primal_state, params, params)
             rollout = RollOut(cmp_state.loss, cmp_state, lp, ld)
         else:  # extrapolation
             cmp_state, lp, gp = self._primal(params, constraints, args, kwargs)
+            seen.extend((cmp_state, lp, gp))
             ld, *dual = self._dual_grads(cmp_state, constraints)
+            seen.extend((ld, dual[0], dual[2]))
             rollout = RollOut(cmp_state.loss, cmp_state, lp, ld)
             half_params, primal_state = self._primal_update(gp, primal_state, params, params)
             half_cons, dual_state = self._dual_update(dual, dual_state, constraints)
             half_state, _, gp = self._primal(half_params, half_cons, args, kwargs)
+            seen.extend((half_state, gp))
             # both gradients at the half point, both updates applied to (x_t, lambda_t)
             _, *dual = self._dual_grads(half_state, half_cons)
+            seen.extend((dual[0], dual[2]))
             new_params, primal_state = self._primal_update(gp, primal_state, params, params)
             new_cons, dual_state = self._dual_update(dual, dual_state, constraints)
         return new_params, new_cons, ConstrainedOptimizerState(primal_state, dual_state), rollout

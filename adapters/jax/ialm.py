@@ -26,6 +26,7 @@ from uniopt._validation import check_ialm_group, check_penalty
 from uniopt.rules import bind
 from uniopt.rules import ialm as _ialm
 
+from ._faults import nonfinite_raise
 from ._solver import check_axis_name, mean_over
 
 __all__ = ["IALMState", "IALMTransformation", "ialm"]
@@ -66,6 +67,12 @@ class IALMState(NamedTuple):
     notfinite_count: jax.Array
     last_finite: jax.Array
     total_notfinite: jax.Array
+
+    @property
+    def nonfinite_skips(self) -> jax.Array:
+        """The number of updates skipped for non-finite constraint values (``total_notfinite``,
+        the name every face uses: docs/faults.md)."""
+        return self.total_notfinite
 
 
 class IALMTransformation(NamedTuple):
@@ -182,7 +189,8 @@ def _per_group(name: str, value: Any, treedef, n: int) -> list:
 def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0, *,
          dual_range: Any = (-100.0, 100.0), momentum: Any = 0.0, dampening: Any = 0.0,
          is_ineq: Any = False, ctol: float = 0.0, init_duals: Any = None,
-         axis_name: Any = None) -> IALMTransformation:
+         axis_name: Any = None,
+         nonfinite: str = "propagate") -> IALMTransformation:
     r"""iALM's dual step (adaptive, capped dual ascent) and augmented Lagrangian, functionally.
 
     For every constraint group :math:`k` (a leaf of the constraints pytree, values
@@ -259,6 +267,12 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
         ``check_vma=True``, or with the gradients averaged after it under
         ``check_vma=False``; either gives the full-batch gradient (``docs/distributed.md``).
         Not needed under ``jit`` with sharded arrays.
+      nonfinite: ``"propagate"`` (default) and ``"skip"`` both skip an update whose constraint
+        values are not all finite, as described above (a dual step cannot carry NaN/inf: that
+        is today's behaviour, traced; ``state.nonfinite_skips`` is ``total_notfinite``);
+        ``"raise"`` raises ``FloatingPointError`` from ``update``/``forward_update`` on
+        concrete values, and ``TypeError`` when they are traced (under ``jit``: use
+        ``"skip"`` there). See docs/faults.md.
 
     Returns:
       An :class:`IALMTransformation`.
@@ -292,6 +306,7 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
     penalty = check_penalty(penalty)
     ctol = _validation.nonnegative_finite("ctol value", ctol)
     axis_name = check_axis_name(axis_name)
+    _validation.check_nonfinite(nonfinite)
     for name, value in specs.items():
         for entry in ([value] if _is_single(name, value) else _entries(name, value)):
             _check_entry(name, entry)
@@ -384,6 +399,8 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
 
     def update(constraints, state: IALMState) -> IALMState:
         treedef, parts, groups = matched(constraints, state)
+        if nonfinite == "raise":
+            nonfinite_raise("ialm", {"the constraint values": constraints})
         leaves = [treedef.flatten_up_to(t) for t in
                   (state.duals, state.momentum_buffer, state.beta, state.stepsize)]
         duals, buffers, betas, steps = [], [], [], []

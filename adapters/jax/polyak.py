@@ -26,6 +26,7 @@ from uniopt import _validation
 from uniopt.rules import bind
 from uniopt.rules import polyak as _polyak
 
+from ._faults import all_finite, nonfinite_raise, select, with_nonfinite
 from ._solver import (
     IterativeSolver,
     OptStep,
@@ -46,6 +47,7 @@ from ._solver import (
 __all__ = [
     "OptStep",
     "PolyakSGDState",
+    "PolyakSGDSkipState",
     "PolyakSGD",
     "ScaleByPolyakState",
     "scale_by_polyak",
@@ -80,6 +82,21 @@ class PolyakSGDState(NamedTuple):
     velocity: Optional[Any]
     num_fun_eval: Any = 0
     num_grad_eval: Any = 0
+
+
+class PolyakSGDSkipState(NamedTuple):
+    """State of :class:`PolyakSGD` with ``nonfinite="skip"``: :class:`PolyakSGDState`'s fields
+    and ``nonfinite_skips`` (int32, the updates skipped for a non-finite loss or gradient)."""
+
+    iter_num: Any
+    error: Any
+    value: Any
+    aux: Any
+    stepsize: Any
+    velocity: Optional[Any]
+    num_fun_eval: Any = 0
+    num_grad_eval: Any = 0
+    nonfinite_skips: Any = 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -148,6 +165,12 @@ class PolyakSGD(IterativeSolver):
         averaged value under ``check_vma=True`` (``docs/distributed.md``). Not needed for
         parameters sharded under ``jit`` (``NamedSharding``): XLA reduces global arrays
         itself. (New; jaxopt has no such field.)
+      nonfinite: ``"propagate"`` (default: a NaN/inf loss or gradient flows into the step, as
+        in jaxopt), ``"raise"`` (``FloatingPointError`` from ``update``, nothing returned; needs
+        ``jit=False``, since a compiled update cannot raise) or ``"skip"`` (traced, works in
+        ``run`` under ``jit``: the parameters and the state's values are kept, ``iter_num``
+        and the evaluation counts advance, and the state is a :class:`PolyakSGDSkipState`
+        counting the skips in ``nonfinite_skips``). See docs/faults.md.
 
     Raises:
       ValueError: an unknown ``variant``; a negative (or NaN) ``max_stepsize``, ``delta``,
@@ -198,9 +221,14 @@ class PolyakSGD(IterativeSolver):
     unroll: Union[str, bool] = "auto"
 
     axis_name: Any = extra()
+    nonfinite: str = extra("propagate")
 
     # -- construction ------------------------------------------------------------------------
     def _check_fields(self) -> None:
+        _validation.check_nonfinite(self.nonfinite)
+        if self.nonfinite == "raise" and self.jit is True:
+            raise ValueError("Invalid nonfinite policy: 'raise' with jit=True (a compiled update "
+                             "cannot raise); use jit=False, or nonfinite='skip' under jit")
         self.value_and_grad = check_fun_fields(self.fun, self.value_and_grad, self.has_aux)
         check(_validation.finite, "fun_min value", self.fun_min)
         _validation.choice("variant value", self.variant, _polyak.VARIANTS)
@@ -242,7 +270,7 @@ class PolyakSGD(IterativeSolver):
         value, aux = self._fun(init_params, *args, **kwargs)
         dtype = single_dtype(init_params, "PolyakSGD")
         velocity = None if is_zero(self.momentum) else jax.tree.map(jnp.zeros_like, init_params)
-        return PolyakSGDState(
+        state = PolyakSGDState(
             iter_num=jnp.asarray(0),
             error=jnp.asarray(jnp.inf, dtype=dtype),
             value=jnp.asarray(jnp.inf, dtype=jnp.asarray(value).dtype),
@@ -252,6 +280,9 @@ class PolyakSGD(IterativeSolver):
             num_fun_eval=jnp.array(1, _NUM_EVAL_DTYPE),
             num_grad_eval=jnp.array(0, _NUM_EVAL_DTYPE),
         )
+        if self.nonfinite == "skip":
+            return PolyakSGDSkipState(*state, nonfinite_skips=jnp.array(0, jnp.int32))
+        return state
 
     def _stepsize(self, value, grad_sq_norm, dtype):
         """The rule's variant choice; ``tiny`` (SPS+'s zero guard) is ``dtype``'s epsilon.
@@ -281,6 +312,8 @@ class PolyakSGD(IterativeSolver):
             params, state = self.pre_update(params, state, *args, **kwargs)
 
         (value, aux), grad = self._value_and_grad_fun(params, *args, **kwargs)
+        if self.nonfinite == "raise":
+            nonfinite_raise("PolyakSGD", {"the loss": value, "the gradient": grad})
         grad_sq_norm = tree_sq_norm(grad)
         stepsize = self._stepsize(value, grad_sq_norm, dtype).astype(state.stepsize.dtype)
 
@@ -308,6 +341,14 @@ class PolyakSGD(IterativeSolver):
             num_fun_eval=state.num_fun_eval + 1,
             num_grad_eval=state.num_grad_eval + 1,
         )
+        if self.nonfinite == "skip":  # traced: keep the parameters and values, count the skip
+            ok = all_finite(value, grad)
+            kept = ("error", "value", "aux", "stepsize", "velocity")
+            new_params = select(ok, new_params, params)
+            new_state = PolyakSGDSkipState(
+                *new_state._replace(**{k: select(ok, getattr(new_state, k), getattr(state, k))
+                                       for k in kept}),
+                nonfinite_skips=state.nonfinite_skips + jnp.where(ok, 0, 1).astype(jnp.int32))
         if self.verbose:
             jax.debug.print(
                 "INFO: uniopt.PolyakSGD: Iter: {} Gradient Norm (stopping criterion): {} "
@@ -422,6 +463,7 @@ def polyak_sgd(
     momentum: Any = 0.0,
     *,
     axis_name: Any = None,
+    nonfinite: str = "propagate",
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD with the Polyak step size (:func:`optax.polyak_sgd`'s signature, plus momentum).
 
@@ -447,6 +489,10 @@ def polyak_sgd(
       momentum: :math:`\mu \ge 0`.
       axis_name: None, or the ``shard_map``/``pmap`` axis over which the loss ``value`` is
         averaged (see :func:`scale_by_polyak`; average the gradients yourself).
+      nonfinite: (keyword) ``"propagate"`` (default), ``"raise"`` (outside ``jit``) or
+        ``"skip"`` (traced; the state becomes ``NonFiniteState(inner_state,
+        nonfinite_skips)``): what an update does when the gradient or ``value`` is NaN/inf
+        (docs/faults.md).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; ``update`` needs ``value=``.
@@ -471,8 +517,8 @@ def polyak_sgd(
     """
     if not callable(scaling):
         check(_validation.nonnegative, "scaling value", scaling)
-    return optax.chain(
+    return with_nonfinite(optax.chain(
         scale_by_polyak(f_min=f_min, max_learning_rate=max_learning_rate, eps=eps,
                         variant=variant, momentum=momentum, axis_name=axis_name),
         optax.scale_by_learning_rate(scaling),
-    )
+    ), nonfinite, "polyak_sgd", ("value",), axis_name)

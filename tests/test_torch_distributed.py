@@ -687,3 +687,7 @@ def test_polyak_step_without_a_loss_only_with_zero_gradients():
         opt.step()
     assert torch.equal(w.detach(), torch.tensor([1.0, -2.0], dtype=torch.float64))
     assert torch.equal(opt.state[w]["velocity"], torch.zeros(2, dtype=torch.float64))
+    strict = PolyakSGD([w], momentum=0.5, nonfinite="raise")  # the policy has nothing to check
+    w.grad = torch.zeros_like(w)
+    strict.step()
+    assert torch.equal(strict.state[w]["velocity"], torch.zeros(2, dtype=torch.float64))

@@ -12,6 +12,7 @@ Example:
 """
 
 from . import bilevel, constrained
+from ._ffi import update_and_apply
 from .ialm import IALMState, IALMTransformation, ialm
 from .polyak import (
     OptStep,
@@ -39,6 +40,7 @@ __all__ = [
     "qhm",
     "qhadam",
     "qhadamw",
+    "update_and_apply",
     "OptStep",
     "PolyakSGD",
     "PolyakSGDState",

@@ -671,3 +671,14 @@ def test_update_and_apply_training_loop_donated_in_place_without_retracing(monke
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
     for k in got:
         np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=1e-5)
+
+
+def test_update_and_apply_docstring_example_runs(monkeypatch):
+    import doctest
+
+    monkeypatch.setattr(_ffi, "APPLY_MIN_SIZE", 0)  # (the example takes the fused call)
+    tx = qhadam(0.1, nus=(0.7, 1.0))
+    params = {"w": jnp.array([1.0, -2.0])}
+    assert fused_calls(lowered(tx, params, params)) == 1
+    result = doctest.testmod(_ffi, raise_on_error=False, report=True)
+    assert result.attempted > 0 and result.failed == 0

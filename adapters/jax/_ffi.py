@@ -16,6 +16,11 @@ never, see :data:`MIN_SIZE`). A jitted
 update that is differentiated or batched from outside (``jax.grad(jax.jit(step))``) still
 works: the FFI call sits inside a :func:`jax.custom_jvp` whose derivative is the traced
 path's, and its ``vmap_method`` loops over the batch.
+
+The fused entry point :func:`update_and_apply` (``uniopt.adapters.jax.update_and_apply``)
+replaces ``tx.update`` + ``optax.apply_updates``: one call per dtype per step updates the
+parameters and the state in place (:func:`uniopt.kernels.qh_ffi.qhadam_apply_handler`). The
+same rules choose its path, with :data:`APPLY_MIN_SIZE` (default 0) as the size threshold.
 """
 
 from __future__ import annotations
@@ -49,12 +54,13 @@ MIN_SIZE = _jit._parse_min_size("UNIOPT_JAX_FFI_MIN_SIZE",
 ALIAS_GRADIENTS = os.environ.get("UNIOPT_JAX_FFI_ALIAS_GRADS", "1") != "0"
 
 #: Total element count from which ``ffi=None`` runs :func:`update_and_apply` of a uniopt QH
-#: transform through the fused FFI call (environment: ``UNIOPT_JAX_FFI_APPLY_MIN_SIZE``).
-#: The fused call moves 28 bytes per float32 parameter (QHAdam), as XLA's fused traced step
-#: does, but runs uniopt's kernel; below this size the call's fixed cost is not repaid
-#: (measured: docs/performance.md, "JAX on CPU through XLA's FFI").
+#: transform through the fused FFI call (environment: ``UNIOPT_JAX_FFI_APPLY_MIN_SIZE``, parsed
+#: as ``MIN_SIZE``; an empty value means never). Default 0: the fused call moves the floor's
+#: 28 bytes per float32 parameter (QHAdam) and its fixed cost is below XLA's per-leaf one, so
+#: with donated parameters and state it was faster than ``optax.adam`` at every size measured,
+#: 1e2 to 1e7 (docs/performance.md, "JAX on CPU through XLA's FFI").
 APPLY_MIN_SIZE = _jit._parse_min_size("UNIOPT_JAX_FFI_APPLY_MIN_SIZE",
-                                      os.environ.get("UNIOPT_JAX_FFI_APPLY_MIN_SIZE", "100000"))
+                                      os.environ.get("UNIOPT_JAX_FFI_APPLY_MIN_SIZE", "0"))
 
 _TARGETS = {"qhadam": "uniopt_qhadam", "qhm": "uniopt_qhm",
             "qhadam_apply": "uniopt_qhadam_apply", "qhm_apply": "uniopt_qhm_apply"}
@@ -200,9 +206,12 @@ def update_and_apply(tx, grads, state, params, **extra_args):
     state and writes the parameters and state, 28 bytes per float32 parameter for QHAdam (20
     for QHM), where ``tx.update`` + :func:`optax.apply_updates` through the FFI also write and
     read back the updates (44-48). Under ``jax.jit(step, donate_argnums=...)`` with the
-    parameters and state donated, XLA writes them where they were: no copies. The path is
-    chosen as the transform's ``ffi`` argument says, except that ``ffi=None`` takes the fused
-    call from :data:`APPLY_MIN_SIZE` elements (the update-only path never pays by itself).
+    parameters and state donated, XLA writes them where they were: no copies. Donate them:
+    without donation XLA copies the parameters and state before the call (the inputs must
+    survive), 24 more bytes per parameter, and the fused step then loses to the traced one from
+    about 1e6 parameters. The path is chosen as the transform's ``ffi`` argument says, except
+    that ``ffi=None`` takes the fused call from :data:`APPLY_MIN_SIZE` elements (default 0:
+    always under ``jit`` on CPU; the update-only path's threshold is never).
 
     Everything else takes ``tx.update(grads, state, params, **extra_args)`` then
     ``optax.apply_updates(params, updates)``, with the same numbers: other transforms

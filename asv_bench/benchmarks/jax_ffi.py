@@ -45,44 +45,8 @@ def _uniopt_jax_qhadam(ffi):
     return build
 
 
-def _fused_step(make_transform, data):
-    """``contenders._jax_step``'s protocol with ``update_and_apply`` as the step."""
-    jax, _ = contenders._import_jax()
-    import jax.numpy as jnp
-    from uniopt.adapters.jax import update_and_apply
-
-    tx = make_transform()
-    params = [jnp.array(p) for p in data.params]
-    grads = [jnp.array(g) for g in data.grads]
-    state = jax.tree.map(lambda x: jnp.array(x, copy=True), tx.init(params))
-    update = jax.jit(lambda params, state, grads: update_and_apply(tx, grads, state, params),
-                     donate_argnums=(0, 1))
-    carry = [params, state]
-
-    def step():
-        carry[0], carry[1] = update(carry[0], carry[1], grads)
-        return jax.block_until_ready(carry)
-
-    step()  # compile
-    return step
-
-
-def _uniopt_jax_qhadam_fused(ffi):
-    def build(data):
-        contenders._import_jax()
-        try:
-            from uniopt.adapters.jax import qhadam
-        except ImportError as exc:
-            raise contenders.Unavailable(f"uniopt.adapters.jax.qhadam not available ({exc})") from exc
-        kw = dict(contenders.QHADAM)
-        lr = kw.pop("lr")
-        return _fused_step(lambda: qhadam(lr, ffi=ffi, **kw), data)
-
-    return build
-
-
 #: The FFI benchmark's contenders (the others come from ``contenders.CASES``).
-CASES = {"uniopt_jax_qhadam_fused": _uniopt_jax_qhadam_fused(True),
+CASES = {"uniopt_jax_qhadam_fused": contenders.CASES["uniopt_jax_qhadam_fused"],
          "uniopt_jax_qhadam_ffi": _uniopt_jax_qhadam(True),
          "uniopt_jax_qhadam_traced": _uniopt_jax_qhadam(False)}
 

@@ -682,3 +682,18 @@ def test_update_and_apply_docstring_example_runs(monkeypatch):
     assert fused_calls(lowered(tx, params, params)) == 1
     result = doctest.testmod(_ffi, raise_on_error=False, report=True)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_update_and_apply_with_gradients_of_another_shape_takes_the_pair():
+    """A gradient that broadcasts against its parameter is not the handlers' layout (they
+    would read past it): even ffi=True takes the traced pair, which broadcasts as optax does."""
+    params = {"w": jnp.linspace(-1.0, 1.0, 5, dtype=jnp.float32)}
+    grads = {"w": jnp.asarray([0.3], jnp.float32)}
+    tx = qhm(0.1, 0.9, 0.7, 0.05, "direct", ffi=True)
+    assert fused_calls(lowered(tx, params, grads)) == 0
+    got = jax.jit(lambda g, s, p: ujax.update_and_apply(tx, g, s, p))(grads, tx.init(params),
+                                                                       params)
+    want = pair(qhm(0.1, 0.9, 0.7, 0.05, "direct", ffi=False), grads, tx.init(params), params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert a.shape == b.shape == (5,)
+        np.testing.assert_allclose(a, b, **tolerance(np.float32))

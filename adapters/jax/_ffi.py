@@ -128,7 +128,8 @@ def choose(ffi: bool | None, leaves: Sequence, states: Sequence[Sequence], scala
     Args:
       ffi: the transform's ``ffi`` argument (True/False force; None chooses).
       leaves: the gradient leaves (and parameter leaves where the rule reads them).
-      states: per gradient leaf, its state leaves.
+      states: per gradient leaf, its state leaves (and, for the fused step, its parameter):
+        a shape other than the gradient's takes the traced path, even with ``ffi=True``.
       scalars: every other input of the step (hyper-parameters, counts, bias weights).
       min_size: the element count from which ``ffi=None`` chooses the call (default
         :data:`MIN_SIZE`).
@@ -139,6 +140,8 @@ def choose(ffi: bool | None, leaves: Sequence, states: Sequence[Sequence], scala
     """
     if ffi is False:
         return False
+    if any(jnp.shape(s) != jnp.shape(g) for g, group in zip(leaves, states) for s in group):
+        return False  # not the handlers' layout: the traced path (broadcasts as optax does)
     dtypes_ok = all(supported_dtype(jnp.result_type(x)) for x in leaves) and all(
         jnp.result_type(s) == jnp.result_type(g) for g, group in zip(leaves, states)
         for s in group)

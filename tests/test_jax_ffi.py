@@ -538,7 +538,7 @@ def lowered(tx, params, grads):
 
 
 @pytest.mark.parametrize("case", ["optax_adam", "traced", "chain", "inject_hyperparams",
-                                  "multisteps"])
+                                  "multisteps", "nonfinite_skip"])
 def test_update_and_apply_falls_back_to_update_then_apply(any_size, monkeypatch, case):
     """Anything but a bare uniopt QH transform on the FFI path: tx.update + apply_updates."""
     monkeypatch.setattr(_ffi, "APPLY_MIN_SIZE", 0)
@@ -549,7 +549,8 @@ def test_update_and_apply_falls_back_to_update_then_apply(any_size, monkeypatch,
                                        qhadam(0.05, nus=(0.7, 1.0))),
           "inject_hyperparams": lambda: optax.inject_hyperparams(qhm, static_args=("ffi",))(
               learning_rate=0.1, momentum=0.9, nu=0.7),
-          "multisteps": lambda: optax.MultiSteps(qhm(0.1, 0.9, 0.7), every_k_schedule=2)}[case]()
+          "multisteps": lambda: optax.MultiSteps(qhm(0.1, 0.9, 0.7), every_k_schedule=2),
+          "nonfinite_skip": lambda: qhadam(0.05, nus=(0.7, 1.0), nonfinite="skip")}[case]()
     assert fused_calls(lowered(tx, params, grads)) == 0
     outs = []
     for fn in (ujax.update_and_apply, pair):
@@ -560,6 +561,14 @@ def test_update_and_apply_falls_back_to_update_then_apply(any_size, monkeypatch,
     for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(outs[0][0]["a"]), np.asarray(params["a"]))
+    if case == "nonfinite_skip":  # the policy holds: a NaN gradient changes nothing
+        p, s = outs[0]
+        bad = jax.tree.map(lambda x: x.at[0].set(jnp.nan), grads)
+        new_p, new_s = jax.jit(lambda g, s, p: ujax.update_and_apply(tx, g, s, p))(bad, s, p)
+        for a, b in zip(jax.tree.leaves((new_p, new_s.inner_state)),
+                        jax.tree.leaves((p, s.inner_state))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert int(new_s.nonfinite_skips) == int(s.nonfinite_skips) + 1
 
 
 def test_update_and_apply_auto_threshold_eager_and_dtypes(monkeypatch):

@@ -12,11 +12,13 @@ Example:
 """
 
 from . import bilevel, constrained
+from ._faults import NonFiniteState
 from ._ffi import update_and_apply
 from .ialm import IALMState, IALMTransformation, ialm
 from .polyak import (
     OptStep,
     PolyakSGD,
+    PolyakSGDSkipState,
     PolyakSGDState,
     ScaleByPolyakState,
     polyak_sgd,
@@ -44,6 +46,8 @@ __all__ = [
     "OptStep",
     "PolyakSGD",
     "PolyakSGDState",
+    "PolyakSGDSkipState",
+    "NonFiniteState",
     "ScaleByPolyakState",
     "scale_by_polyak",
     "polyak_sgd",

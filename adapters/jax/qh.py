@@ -33,6 +33,7 @@ from uniopt.rules import qh as _qh
 from uniopt.rules.qh_convert import QHAdamConversions, QHMConversions
 
 from . import _ffi
+from ._faults import with_nonfinite
 from ._solver import safe_sqrt
 
 __all__ = [
@@ -313,7 +314,7 @@ class _QHMConversions(QHMConversions):
 def qhm(learning_rate: optax.ScalarOrSchedule, momentum: Any, nu: Any,
         weight_decay: optax.ScalarOrSchedule = 0.0,
         weight_decay_type: str = "grad", *,
-        ffi: bool | None = None) -> optax.GradientTransformation:
+        ffi: bool | None = None, nonfinite: str = "propagate") -> optax.GradientTransformation:
     r"""Quasi-hyperbolic momentum (QHM), with qhoptim's weight-decay options.
 
     .. math::
@@ -347,6 +348,10 @@ def qhm(learning_rate: optax.ScalarOrSchedule, momentum: Any, nu: Any,
         ``jit`` on CPU) where it applies and pays, else the traced path; ``True`` forces the FFI
         call, ``False`` the traced path. Under :func:`optax.inject_hyperparams` pass it as a
         static argument (``static_args=("ffi",)``).
+      nonfinite: (keyword) ``"propagate"`` (default: NaN/inf gradients flow into the update,
+        as in optax), ``"raise"`` (``FloatingPointError`` before the update; outside ``jit``
+        only) or ``"skip"`` (traced: a ``-0.0`` update and the state kept, the state wrapped
+        in ``NonFiniteState`` with an int32 ``nonfinite_skips``); see docs/faults.md.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` (an :func:`optax.chain`).
@@ -381,9 +386,9 @@ def qhm(learning_rate: optax.ScalarOrSchedule, momentum: Any, nu: Any,
     steps = (decay, block) if weight_decay_type == "grad" else (block, decay)
     chain = optax.chain(*steps, optax.scale_by_learning_rate(learning_rate))
     step = (momentum, _complement(momentum), nu, _complement(nu))
-    return _with_ffi(chain, "qhm", ffi, learning_rate, weight_decay,
-                     weight_decay_type == "direct", lambda state: (step, ()),
-                     ("momentum_buffer",))
+    return with_nonfinite(_with_ffi(chain, "qhm", ffi, learning_rate, weight_decay,
+                                    weight_decay_type == "direct", lambda state: (step, ()),
+                                    ("momentum_buffer",)), nonfinite, "qhm")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -483,7 +488,7 @@ def qhadam(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
            weight_decay: optax.ScalarOrSchedule = 0.0,
            decouple_weight_decay: bool = False, *, b1: Any = _B1, b2: Any = _B2,
            nu1: Any = _NU1, nu2: Any = _NU2,
-           ffi: bool | None = None) -> optax.GradientTransformation:
+           ffi: bool | None = None, nonfinite: str = "propagate") -> optax.GradientTransformation:
     r"""QHAdam: Adam with quasi-hyperbolic numerator and denominator.
 
     .. math::
@@ -537,6 +542,10 @@ def qhadam(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
         ``jit`` on CPU) where it applies and pays, else the traced path; ``True`` forces the FFI
         call, ``False`` the traced path. Under :func:`optax.inject_hyperparams` pass it as a
         static argument (``static_args=("ffi",)``).
+      nonfinite: (keyword) ``"propagate"`` (default: NaN/inf gradients flow into the update,
+        as in optax), ``"raise"`` (``FloatingPointError`` before the update; outside ``jit``
+        only) or ``"skip"`` (traced: a ``-0.0`` update and the state kept, the state wrapped
+        in ``NonFiniteState`` with an int32 ``nonfinite_skips``); see docs/faults.md.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` (an :func:`optax.chain`).
@@ -579,15 +588,16 @@ def qhadam(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
     def block_hyper(state):
         return middle, (state.beta1_weight, state.beta2_weight)
 
-    return _with_ffi(chain, "qhadam", ffi, learning_rate, weight_decay, decouple_weight_decay,
-                     block_hyper, ("exp_avg", "exp_avg_sq"))
+    return with_nonfinite(_with_ffi(chain, "qhadam", ffi, learning_rate, weight_decay,
+                                    decouple_weight_decay, block_hyper, ("exp_avg", "exp_avg_sq")),
+                          nonfinite, "qhadamw" if decouple_weight_decay else "qhadam")
 
 
 def qhadamw(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
             nus: Any = None, eps: Any = 1e-8,
             weight_decay: optax.ScalarOrSchedule = 0.0, *, b1: Any = _B1, b2: Any = _B2,
             nu1: Any = _NU1, nu2: Any = _NU2,
-            ffi: bool | None = None) -> optax.GradientTransformation:
+            ffi: bool | None = None, nonfinite: str = "propagate") -> optax.GradientTransformation:
     r"""QHAdam with decoupled weight decay: ``qhadam(..., decouple_weight_decay=True)``.
 
     .. math::
@@ -606,6 +616,7 @@ def qhadamw(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
       weight_decay: :math:`\lambda` (finite, >= 0), a float or an optax schedule.
       b1, b2, nu1, nu2: the betas and nus as separate scalars (see :func:`qhadam`).
       ffi: the execution (see :func:`qhadam`).
+      nonfinite: ``"propagate"``, ``"raise"`` or ``"skip"`` (see :func:`qhadam`).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` (an :func:`optax.chain`).
@@ -615,7 +626,7 @@ def qhadamw(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
       <https://arxiv.org/abs/1810.06801>`_, ICLR 2019
     """
     return qhadam(learning_rate, betas, nus, eps, weight_decay, decouple_weight_decay=True,
-                  b1=b1, b2=b2, nu1=nu1, nu2=nu2, ffi=ffi)
+                  b1=b1, b2=b2, nu1=nu1, nu2=nu2, ffi=ffi, nonfinite=nonfinite)
 
 
 for _name in ("from_pid", "from_synthesized_nesterov", "from_robust_momentum", "from_accsgd",

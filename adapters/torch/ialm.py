@@ -35,12 +35,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from uniopt._validation import check_ialm_group, check_ialm_size, check_penalty, nonnegative_finite, real
+from uniopt._validation import (check_ialm_group, check_ialm_size, check_nonfinite, check_penalty,
+                                nonnegative_finite, real)
 from uniopt.kernels import ialm_cpu
 from uniopt.rules import bind
 from uniopt.rules import ialm as _rules
 
-from ._dispatch import Dispatcher, Rule
+from ._dispatch import Dispatcher, Rule, nonfinite_gate
 
 __all__ = ["iALM"]
 
@@ -233,6 +234,11 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
       is_ineq: whether the first group's constraints are inequalities :math:`c \le 0`.
       ctol: violations within ``ctol`` (>= 0) count as satisfied.
       device: where the multipliers live (default: the CPU, or ``init_duals``' device).
+      nonfinite: (keyword) ``"propagate"`` (default: today's behaviour -- non-finite constraint
+        values raise ``ValueError`` before anything changes), ``"raise"``
+        (``FloatingPointError``, nothing changed) or ``"skip"`` (nothing changes, ``beta``
+        included; every group's ``nonfinite_skips`` is incremented). One check over every
+        group's values (:func:`uniopt.adapters.torch._dispatch.all_finite`); docs/faults.md.
 
     Deviations from humancompatible-train 0.4.2 (``docs/deviations.md``): groups never
     inherit another group's bounds or momentum (``None`` means the constructor's value);
@@ -264,7 +270,8 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
 
     def __init__(self, m=None, beta=1.0, sigma=1.0, gamma=1.0, init_duals=None, penalty=1.0, *,
                  dual_range=(-100.0, 100.0), momentum=0.0, dampening=0.0, is_ineq=False,
-                 ctol=0.0, device=None, _backend="auto"):
+                 ctol=0.0, device=None, nonfinite="propagate", _backend="auto"):
+        self.nonfinite = check_nonfinite(nonfinite)
         if _backend not in BACKENDS:
             expected = ", ".join(map(repr, BACKENDS))
             raise ValueError(f"Invalid _backend: {_backend!r} (expected one of {expected})")
@@ -343,7 +350,14 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
             group["name"] = f"group{len(self.param_groups)}"
         if any(g["name"] == group["name"] for g in self.param_groups):
             raise ValueError(f"Invalid name: {group['name']!r} (a group of that name exists)")
+        self._keep_skips(group, param_group)
         self.param_groups.append(group)
+
+    def _keep_skips(self, group: dict, source) -> None:
+        """The ``nonfinite_skips`` counter of a new or loaded group (present unless the policy
+        is ``"propagate"`` and ``source`` has none)."""
+        if "nonfinite_skips" in source or self.__dict__.get("nonfinite", "propagate") != "propagate":
+            group["nonfinite_skips"] = int(source.get("nonfinite_skips", 0))
 
     # -- views ----------------------------------------------------------------------------
     @property
@@ -458,6 +472,11 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
         if not update:
             return None if loss is None else self._lagrangian(loss, parts, self._rhos())
         groups = self.param_groups
+        if self.nonfinite != "propagate" and not nonfinite_gate(
+                self, [(c, f"the constraint values of group {g['name']!r}")
+                       for g, c in zip(groups, parts)],
+                groups, self.__dict__.get("process_group")):
+            return None if loss is None else self._lagrangian(loss, parts, self._rhos())
         settled = True
         for group in groups:
             if not group["dtype_fixed"]:
@@ -640,6 +659,7 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
             group = _checked_group(g, self.defaults, copy=True)
             if group["name"] is None:
                 group["name"] = f"group{k}"
+            self._keep_skips(group, g)
             new.append(group)
         names = [g["name"] for g in new]
         if len(set(names)) != len(names):
@@ -660,6 +680,7 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_fills", {})
+        self.__dict__.setdefault("nonfinite", "propagate")
         if "_dispatcher" not in self.__dict__:  # unpickled or deep-copied
             self._rule = _DualStepRule()
             self._dispatcher = Dispatcher(self._rule, self.__dict__.get("_backend", "auto"))

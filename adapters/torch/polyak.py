@@ -27,7 +27,7 @@ from torch.optim.optimizer import Optimizer
 
 from uniopt import _jit
 from uniopt.kernels import polyak_cpu
-from uniopt._validation import check_polyak, nonnegative_finite
+from uniopt._validation import check_nonfinite, check_polyak, nonfinite_error, nonnegative_finite
 from uniopt.polyak import polyak_stepsize
 from uniopt.rules import bind
 from uniopt.rules import polyak as _polyak
@@ -313,6 +313,12 @@ class PolyakSGD(Optimizer):
         ``StepLR(opt, ...)`` schedules the cap, and the trajectory is the NumPy/JAX solver's
         with ``max_stepsize = lr * max_stepsize``. SPS+ has no cap: ``lr != 1`` there raises
         ``ValueError`` at ``step`` (before anything changes).
+      nonfinite: (keyword) ``"propagate"`` (default, described below), ``"raise"``
+        (``FloatingPointError`` before anything changes) or ``"skip"`` (nothing changes; every
+        group's ``nonfinite_skips`` is incremented and ``last_step`` reports a zero step). The
+        check is on the loss and on each group's squared gradient norm, which the step computes
+        anyway (non-finite whenever a gradient entry is; also when a finite norm overflows
+        float64). See docs/faults.md.
 
     ``step`` needs the loss: ``step(closure)`` (the closure recomputes the loss and its
     gradients and returns the loss) or ``step(loss=loss)`` after ``loss.backward()``.
@@ -363,10 +369,13 @@ class PolyakSGD(Optimizer):
     """
 
     def __init__(self, params, fun_min=0.0, variant="SPS_max", max_stepsize=1.0, delta=0.0,
-                 momentum=0.0, *, lr=1.0, _backend="auto"):
+                 momentum=0.0, *, lr=1.0, nonfinite="propagate", _backend="auto"):
         defaults = {"fun_min": fun_min, "variant": variant, "max_stepsize": max_stepsize,
                     "delta": delta, "momentum": momentum, "lr": lr}
         self._check_group(defaults)
+        self.nonfinite = check_nonfinite(nonfinite)
+        if self.nonfinite != "propagate":
+            defaults["nonfinite_skips"] = 0
         self._backend = _backend
         self._dispatchers = (Dispatcher(_SGDRule(), _backend), Dispatcher(_HeavyBallRule(), _backend))
         self.last_step: list = []
@@ -395,6 +404,27 @@ class PolyakSGD(Optimizer):
         super().add_param_group(param_group)
         self._invalidate()
 
+    def _nonfinite_gate(self, value: float, sq_norms: list) -> bool:
+        """The ``nonfinite`` policy on the loss and each group's squared gradient norm (already
+        reduced over the ranks, so every rank decides alike); ``False``: skip the step."""
+        import math
+
+        where = None
+        if not math.isfinite(value):
+            where = f"the loss ({value})"
+        else:
+            where = next((f"the gradients of param group {k} (squared norm {sq})"
+                          for k, sq in enumerate(sq_norms) if not math.isfinite(sq)), None)
+        if where is None:
+            return True
+        if self.nonfinite == "raise":
+            raise nonfinite_error("PolyakSGD", where)
+        for group in self.param_groups:
+            group["nonfinite_skips"] = int(group.get("nonfinite_skips", 0)) + 1
+        self.last_step = [{"loss": value, "grad_norm": float(np.sqrt(sq)), "stepsize": 0.0}
+                          for sq in sq_norms]
+        return False
+
     def _invalidate(self) -> None:
         for dispatcher in getattr(self, "_dispatchers", ()):
             dispatcher.invalidate()
@@ -407,6 +437,7 @@ class PolyakSGD(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         backend = self.__dict__.setdefault("_backend", "auto")
+        self.__dict__.setdefault("nonfinite", "propagate")
         if "_dispatchers" not in self.__dict__:
             self._dispatchers = (Dispatcher(_SGDRule(), backend), Dispatcher(_HeavyBallRule(), backend))
         self.__dict__.setdefault("last_step", [])
@@ -420,6 +451,8 @@ class PolyakSGD(Optimizer):
         super().load_state_dict(owned_copy(state_dict))
         for group in self.param_groups:
             group.setdefault("lr", 1.0)  # saved before lr existed
+            if self.nonfinite != "propagate":
+                group.setdefault("nonfinite_skips", 0)
         self._invalidate()
 
     def step(self, closure=None, *, loss=None):
@@ -469,6 +502,8 @@ class PolyakSGD(Optimizer):
         else:
             for n, (_, shards, _) in enumerate(parts):
                 sq_norms[n] += sum(shards.values())
+        if self.nonfinite != "propagate" and not self._nonfinite_gate(value, sq_norms):
+            return loss
         steps, last_step = {}, []
         for group, momentum, cap, sq_norm, (_, _, eps) in zip(self.param_groups, momenta, caps,
                                                               sq_norms, parts):

@@ -47,14 +47,19 @@ class ConstrainedOptimizer(CooperOptimizer, abc.ABC):
         ``torch.optim.SGD(cmp.dual_parameters(), lr=..., maximize=True)``); every param group
         must have ``maximize=True``. For a problem without multipliers use
         :class:`~uniopt.adapters.torch.constrained.optim.UnconstrainedOptimizer`.
+      nonfinite: (keyword) ``"propagate"`` (default), ``"raise"`` or ``"skip"``: checked on
+        the loss, the constraint values and every gradient before each step of a roll; a roll
+        that raises or skips changes nothing (docs/faults.md; :class:`CooperOptimizer`).
 
     Raises:
       TypeError: ``primal_optimizers`` or ``dual_optimizers`` is ``None``.
       ValueError: a dual param group does not have ``maximize=True`` (or has no ``maximize``).
     """
 
-    def __init__(self, cmp: Any, primal_optimizers: Any, dual_optimizers: Any) -> None:
-        super().__init__(cmp=cmp, primal_optimizers=primal_optimizers, dual_optimizers=dual_optimizers)
+    def __init__(self, cmp: Any, primal_optimizers: Any, dual_optimizers: Any, *,
+                 nonfinite: str = "propagate") -> None:
+        super().__init__(cmp=cmp, primal_optimizers=primal_optimizers, dual_optimizers=dual_optimizers,
+                         nonfinite=nonfinite)
         self.base_sanity_checks()
         self.custom_sanity_checks()
 
@@ -156,8 +161,9 @@ class SimultaneousOptimizer(ConstrainedOptimizer):
         dual_store = cmp_state.compute_dual_lagrangian()
         primal_store.backward()
         dual_store.backward()
-        self.primal_step()
-        self.dual_step()
+        if self.nonfinite == "propagate" or self._finite(cmp_state):
+            self.primal_step()
+            self.dual_step()
         return RollOut(cmp_state.loss, cmp_state, primal_store, dual_store)
 
 
@@ -178,8 +184,9 @@ class AlternatingPrimalDualOptimizer(ConstrainedOptimizer):
     Args: see :class:`ConstrainedOptimizer`.
     """
 
-    def __init__(self, cmp: Any, primal_optimizers: Any, dual_optimizers: Any) -> None:
-        super().__init__(cmp, primal_optimizers, dual_optimizers)
+    def __init__(self, cmp: Any, primal_optimizers: Any, dual_optimizers: Any, *,
+                 nonfinite: str = "propagate") -> None:
+        super().__init__(cmp, primal_optimizers, dual_optimizers, nonfinite=nonfinite)
         self._violations_checked = False
 
     def _primal_snapshot(self) -> list:
@@ -225,7 +232,10 @@ class AlternatingPrimalDualOptimizer(ConstrainedOptimizer):
         cmp_state = self.cmp.compute_cmp_state(**cmp_kwargs)
         primal_store = cmp_state.compute_primal_lagrangian()
         primal_store.backward()
+        if self.nonfinite != "propagate" and not self._finite(cmp_state):
+            return RollOut(cmp_state.loss, cmp_state, primal_store, type(primal_store)())
         snapshot = None if self._violations_checked else self._primal_snapshot()
+        restore = self._snapshot() if self.nonfinite != "propagate" else None
         self.primal_step()
 
         with torch.no_grad():
@@ -245,7 +255,8 @@ class AlternatingPrimalDualOptimizer(ConstrainedOptimizer):
 
         dual_store = new_state.compute_dual_lagrangian()
         dual_store.backward()
-        self.dual_step()
+        if self.nonfinite == "propagate" or self._finite_or_restore(restore, new_state):
+            self.dual_step()
         loss = new_state.loss if new_state.loss is not None else cmp_state.loss
         return RollOut(loss, new_state, primal_store, dual_store)
 
@@ -280,10 +291,14 @@ class AlternatingDualPrimalOptimizer(ConstrainedOptimizer):
         cmp_state = self.cmp.compute_cmp_state(**kwargs)
         dual_store = cmp_state.compute_dual_lagrangian()
         dual_store.backward()
+        if self.nonfinite != "propagate" and not self._finite(cmp_state):
+            return RollOut(cmp_state.loss, cmp_state, type(dual_store)(), dual_store)
+        restore = self._snapshot() if self.nonfinite != "propagate" else None
         self.dual_step()
         primal_store = cmp_state.compute_primal_lagrangian()
         primal_store.backward()
-        self.primal_step()
+        if self.nonfinite == "propagate" or self._finite_or_restore(restore):
+            self.primal_step()
         return RollOut(cmp_state.loss, cmp_state, primal_store, dual_store)
 
 
@@ -359,9 +374,13 @@ class ExtrapolationConstrainedOptimizer(ConstrainedOptimizer):
             primal_store.backward()
             dual_store.backward()
             if extrapolate:
+                if self.nonfinite != "propagate":
+                    if not self._finite(cmp_state):
+                        return roll_out
+                    restore = self._snapshot()
                 self.primal_extrapolation_step()
                 self.dual_extrapolation_step()
-            else:
+            elif self.nonfinite == "propagate" or self._finite_or_restore(restore, cmp_state):
                 self.primal_step()
                 self.dual_step()
         return roll_out

@@ -3,6 +3,8 @@
 Oracles: the NumPy optimizers (``uniopt.QHM``, ``uniopt.QHAdam``, ``uniopt.QHAdamW``: the Numba
 table kernels), the traced path of the same recipes (``ffi=False``, ``jax.numpy``) and optax's
 own ``adam``. Which path a step took is read from the lowered module (the FFI target's name).
+The fused entry point ``update_and_apply`` is checked against the ``update`` + ``apply_updates``
+pair (bit for bit), the NumPy core and the traced path, and for its in-place buffers.
 """
 
 from __future__ import annotations

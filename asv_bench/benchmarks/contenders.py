@@ -263,6 +263,11 @@ def _build_qhoptim_qhm(data):
     return _torch_step(_qhoptim().QHM(_torch_params(data), **QHM))
 
 
+#: Whether JAX steps donate their params and state (the protocol; ``benchmarks.jax_ffi
+#: --no-donate`` turns it off to measure the copies XLA then makes).
+JAX_DONATE = True
+
+
 def _jax_step(make_transform: Callable, data: Data, fused: bool = False) -> Callable[[], object]:
     """A jitted step with donated params and state: ``update`` + ``apply_updates``, or
     (``fused``) ``uniopt.adapters.jax.update_and_apply``."""
@@ -284,7 +289,7 @@ def _jax_step(make_transform: Callable, data: Data, fused: bool = False) -> Call
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    update = jax.jit(update, donate_argnums=(0, 1))
+    update = jax.jit(update, donate_argnums=(0, 1) if JAX_DONATE else ())
     carry = [params, state]
 
     def step():

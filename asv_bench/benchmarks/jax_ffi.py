@@ -18,7 +18,8 @@ Script mode (the interleaved ratios of docs/performance.md), from ``asv_bench/``
     python -m benchmarks.jax_ffi --sizes 1e4,1e6,1e7 --repeat 31
 
 prints, per size (100 tensors, float32, one pinned CPU), the median over interleaved repeats of
-fused/optax.adam, fused/torch QHAdam (kernel path) and the other paths' ratios.
+fused/optax.adam, fused/torch QHAdam (kernel path) and the other paths' ratios. ``--layout one``
+times one tensor; ``--no-donate`` jits the JAX steps without donation.
 """
 
 import argparse
@@ -139,13 +140,17 @@ def main(argv=None) -> None:
     parser.add_argument("--repeat", type=int, default=31)
     parser.add_argument("--min-time", type=float, default=0.02)
     parser.add_argument("--json", action="store_true", help="one JSON line per size")
+    parser.add_argument("--no-donate", action="store_true",
+                        help="jit the JAX steps without donating params and state")
     args = parser.parse_args(argv)
+    contenders.JAX_DONATE = not args.no_donate
     for n in args.sizes:
         result = measure(n, args.repeat, args.min_time, args.layout)
         if args.json:
             print(json.dumps(result), flush=True)
             continue
-        print(f"n={n:.0e} ({args.layout}, {args.repeat} repeats): "
+        print(f"n={n:.0e} ({args.layout}, {args.repeat} repeats"
+              f"{', not donated' if args.no_donate else ''}): "
               + ", ".join(f"{k} {v:.3f} ms" for k, v in result["ms"].items()), flush=True)
         for label, value in result["ratios"].items():
             print(f"    {label}: {value:.3f}", flush=True)

@@ -708,3 +708,22 @@ def test_update_and_apply_with_gradients_of_another_shape_takes_the_pair():
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert a.shape == b.shape == (5,)
         np.testing.assert_allclose(a, b, **tolerance(np.float32))
+
+
+def test_update_and_apply_leaves_of_two_dtypes_scalars_and_empty_leaves(x64):
+    """One fused call per dtype; 0-d and empty leaves; bit for bit the FFI pair."""
+    params = {"a": jnp.linspace(-1, 1, 7, dtype=jnp.float32), "b": jnp.arange(5.0) - 2,
+              "s": jnp.asarray(0.5), "e": jnp.zeros((0, 3), jnp.float32)}
+    tx = qhadam(0.05, nus=(0.7, 0.9), weight_decay=0.1, ffi=True)
+    assert fused_calls(lowered(tx, params, params)) == 2
+    outs = []
+    for fn in (ujax.update_and_apply, pair):
+        p, s, step = params, tx.init(params), jax.jit(lambda g, s, p, fn=fn: fn(tx, g, s, p))
+        for _ in range(5):
+            p, s = step(jax.tree.map(lambda x: 3 * x - 1, p), s, p)
+        outs.append((p, s))
+    for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert outs[0][0]["a"].dtype == jnp.float32 and outs[0][0]["b"].dtype == jnp.float64
+    assert not np.array_equal(np.asarray(outs[0][0]["s"]), np.asarray(params["s"]))

@@ -13,6 +13,7 @@ Example:
 
 from . import bilevel, constrained
 from ._faults import NonFiniteState
+from ._ffi import update_and_apply
 from .ialm import IALMState, IALMTransformation, ialm
 from .polyak import (
     OptStep,
@@ -41,6 +42,7 @@ __all__ = [
     "qhm",
     "qhadam",
     "qhadamw",
+    "update_and_apply",
     "OptStep",
     "PolyakSGD",
     "PolyakSGDState",

@@ -175,14 +175,18 @@ def _traced_step(family, hyper, grads, params, states, mode):
     return updates, new, extra
 
 
-def _fused_leaves(family, mode, hyper, grads, params, states):
-    """``(updates, states, extra)`` of one dtype group: one FFI call, traced derivatives."""
+def _fused_leaves(family, mode, hyper, grads, params, states, apply=False):
+    """``(updates, states, extra)`` of one dtype group: one FFI call, traced derivatives.
+
+    ``apply``: the fused variant, the new parameters in place of the updates.
+    """
 
     def through_ffi(hyper, grads, params, states):
-        return _ffi.call(family, hyper, grads, params, states)
+        return _ffi.call(family, hyper, grads, params, states, apply)
 
     def traced(hyper, grads, params, states):
-        return _traced_step(family, hyper, grads, params, states, mode)
+        updates, new, extra = _traced_step(family, hyper, grads, params, states, mode)
+        return [p + u for p, u in zip(params, updates)] if apply else updates, new, extra
 
     return _ffi.with_traced_derivatives(through_ffi, traced)(hyper, grads, params, states)
 
@@ -202,20 +206,28 @@ def _with_ffi(chain, family, ffi, learning_rate, weight_decay, decoupled, block_
             _ffi_kernels.DECOUPLED if decoupled else _ffi_kernels.COUPLED)
     block_at, decay_at = (0, 1) if decoupled else (1, 0)
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def step(updates, state, params, apply, **extra_args):
+        """``update_fn``; ``apply``: :func:`_ffi.update_and_apply`'s ``(params, state)``."""
+        def fallback():
+            if apply:
+                return _ffi.apply_pair(chain.update, updates, state, params, **extra_args)
+            return chain.update(updates, state, params, **extra_args)
+
         block_state, decay_state, lr_state = state[block_at], state[decay_at], state[2]
         treedef, grads, fields = _leaves_with(updates, *(getattr(block_state, f)
                                                          for f in state_fields))
-        if not grads or (mode != _ffi_kernels.PLAIN and params is None):
-            return chain.update(updates, state, params, **extra_args)  # (optax raises)
-        ps = treedef.flatten_up_to(params) if mode != _ffi_kernels.PLAIN else None
+        if not grads or ((apply or mode != _ffi_kernels.PLAIN) and params is None):
+            return fallback()  # (optax raises)
+        ps = treedef.flatten_up_to(params) if apply or mode != _ffi_kernels.PLAIN else None
         lr, wd = _value(learning_rate, lr_state), _value(weight_decay, decay_state)
         scalars = [lr, wd, *jax.tree.leaves(block_state._replace(
             **{f: None for f in state_fields})), *jax.tree.leaves((decay_state, lr_state))]
-        leaves = grads + (ps or [])
-        per_leaf = [[field[t] for field in fields] for t in range(len(grads))]
-        if not _ffi.choose(ffi, leaves, per_leaf + ([[]] * len(ps) if ps else []), scalars):
-            return chain.update(updates, state, params, **extra_args)
+        leaves = grads if apply else grads + (ps or [])
+        per_leaf = [[field[t] for field in fields] + ([ps[t]] if apply else [])
+                    for t in range(len(grads))]  # (apply: p must have g's dtype, as state)
+        if not _ffi.choose(ffi, leaves, per_leaf + ([[]] * len(ps) if ps and not apply else []),
+                           scalars, _ffi.APPLY_MIN_SIZE if apply else None):
+            return fallback()
         middle, tail = block_hyper(block_state)
         new_updates = [None] * len(grads)
         new_fields = [[None] * len(grads) for _ in state_fields]
@@ -228,7 +240,8 @@ def _with_ffi(chain, family, ffi, learning_rate, weight_decay, decoupled, block_
             hyper = jnp.stack(_cast(hyper_dtype, float(mode), 1.0, wd, *middle, -lr, *tail))
             us, outs, extra = _fused_leaves(family, mode, hyper, [grads[t] for t in index],
                                             [ps[t] for t in index] if ps else None,
-                                            [[field[t] for t in index] for field in fields])
+                                            [[field[t] for t in index] for field in fields],
+                                            apply)
             for j, t in enumerate(index):
                 new_updates[t] = us[j]
                 for k in range(len(state_fields)):
@@ -241,6 +254,11 @@ def _with_ffi(chain, family, ffi, learning_rate, weight_decay, decoupled, block_
         new_state[block_at], new_state[decay_at] = new_block, _advanced(decay_state)
         return treedef.unflatten(new_updates), tuple(new_state)
 
+    def update_fn(updates, state, params=None, **extra_args):
+        return step(updates, state, params, False, **extra_args)
+
+    update_fn.update_and_apply = lambda grads, state, params, **extra_args: step(
+        grads, state, params, True, **extra_args)
     return optax.GradientTransformationExtraArgs(chain.init, update_fn)
 
 

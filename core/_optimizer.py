@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ._validation import real
+from ._validation import check_nonfinite, nonfinite_error, real
 
 __all__ = ["Optimizer"]
 
@@ -34,10 +34,18 @@ class Optimizer:
     """Base class: param groups, lazily created per-parameter state, state dicts.
 
     Subclasses set ``defaults`` and implement ``_step_group(group, indices, grads)``.
+
+    ``nonfinite`` (``"propagate"``, ``"raise"`` or ``"skip"``) is the policy for steps whose
+    gradients are not all finite (docs/faults.md). Unless it is ``"propagate"`` (then the groups
+    are as before), every param group has an int ``nonfinite_skips`` counter (in the state
+    dict), incremented by a skipped step.
     """
 
-    def __init__(self, params: Iterable, defaults: dict):
+    def __init__(self, params: Iterable, defaults: dict, *, nonfinite: str = "propagate"):
+        self.nonfinite = check_nonfinite(nonfinite)
         self.defaults = dict(defaults)
+        if self.nonfinite != "propagate":
+            self.defaults.setdefault("nonfinite_skips", 0)
         self.param_groups: list[dict] = []
         self.state: dict[int, dict] = {}
         self._params: list[np.ndarray] = []
@@ -99,6 +107,24 @@ class Optimizer:
             checked.append(np.ascontiguousarray(g))
         return checked
 
+    def _nonfinite_gate(self, grads: list) -> bool:
+        """Apply the ``nonfinite`` policy to checked gradients, before anything changes.
+
+        Returns ``True`` when the step goes ahead; ``False`` when it is skipped (every group's
+        ``nonfinite_skips`` was incremented). Raises ``FloatingPointError`` under ``"raise"``.
+        """
+        if self.nonfinite == "propagate":
+            return True
+        for i, g in enumerate(grads):
+            values = g[1] if isinstance(g, tuple) else g  # (indices, values) of a sparse gradient
+            if values is not None and not np.isfinite(values).all():
+                if self.nonfinite == "raise":
+                    raise nonfinite_error(type(self).__name__, f"the gradient of parameter {i}")
+                for group in self.param_groups:
+                    group["nonfinite_skips"] = int(group.get("nonfinite_skips", 0)) + 1
+                return False
+        return True
+
     def step(self, grads: Sequence, closure=None):
         """Update every parameter with a gradient (``None`` skips that parameter).
 
@@ -109,6 +135,8 @@ class Optimizer:
         """
         loss = closure() if closure is not None else None
         grads = self._check_grads(grads)
+        if self.nonfinite != "propagate" and not self._nonfinite_gate(grads):
+            return loss
         for group, indices in zip(self.param_groups, self._group_indices()):
             for dtype in _FLOAT_DTYPES:
                 same = [i for i in indices if grads[i] is not None and self._params[i].dtype == dtype]
@@ -149,6 +177,8 @@ class Optimizer:
             updated = {k: copy.deepcopy(v) for k, v in theirs.items() if k != "params"}
             self._check_group({**mine, **updated})
             mine.update(updated)
+            if self.nonfinite != "propagate":
+                mine["nonfinite_skips"] = int(theirs.get("nonfinite_skips", 0))
         self.state = new_state
 
     def __repr__(self) -> str:

@@ -61,9 +61,13 @@ __all__ = [
     "check_bilevel_dynamic",
     "check_step_coefficients",
     "check_conversion",
+    "NONFINITE_POLICIES",
+    "check_nonfinite",
+    "nonfinite_error",
 ]
 
 WEIGHT_DECAY_TYPES = ("grad", "direct")
+NONFINITE_POLICIES = ("propagate", "raise", "skip")
 
 
 def real(what: str, value: Any) -> float:
@@ -149,6 +153,26 @@ def integer(what: str, value: Any, minimum: int = 0) -> int:
     if value < minimum:
         raise ValueError(f"Invalid {what}: {value}")
     return int(value)
+
+
+def check_nonfinite(value: Any) -> str:
+    """The ``nonfinite`` policy of every optimizer: ``"propagate"``, ``"raise"`` or ``"skip"``.
+
+    Raises:
+      ValueError: anything else (``Invalid nonfinite policy: 'x' (expected 'propagate', 'raise'
+        or 'skip')``).
+    """
+    if not isinstance(value, str) or value not in NONFINITE_POLICIES:
+        raise ValueError(f"Invalid nonfinite policy: {value!r} (expected 'propagate', 'raise' "
+                         f"or 'skip')")
+    return value
+
+
+def nonfinite_error(optimizer: str, where: str) -> FloatingPointError:
+    """The error of a step under ``nonfinite="raise"``: ``optimizer`` met non-finite values in
+    ``where`` (the first parameter/group/value found); nothing was changed."""
+    return FloatingPointError(f"{optimizer}: non-finite (inf or NaN) values in {where}; "
+                              f"nothing was updated (nonfinite='raise')")
 
 
 def _never(value: Any) -> bool:

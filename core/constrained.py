@@ -332,6 +332,8 @@ class nuPI(Optimizer):
       maximize: (bool) ascend (the dual side) instead of descend.
       nonnegative: (bool, keyword) fuse the projection :math:`\theta \ge 0` into the step
         (what Cooper's inequality multipliers do in ``post_step_``), on the entries stepped.
+      nonfinite: (keyword) ``"propagate"`` (default), ``"raise"`` or ``"skip"``: what a step
+        does with NaN/inf gradients (docs/faults.md).
 
     ``step(grads)`` takes one gradient per parameter: an array of its shape and dtype, ``None``
     (skipped), or a sparse gradient ``(indices, values)`` of the rows ``indices`` (``(k,)``
@@ -356,13 +358,14 @@ class nuPI(Optimizer):
     """
 
     def __init__(self, params, lr, weight_decay=0.0, Kp=0.0, Ki=1.0, ema_nu=0.0,
-                 init_type=nuPIInitType.SGD, maximize=False, *, nonnegative=False):
+                 init_type=nuPIInitType.SGD, maximize=False, *, nonnegative=False,
+                 nonfinite="propagate"):
         kind = check_nupi(lr, weight_decay, Kp, Ki, ema_nu, init_type, maximize)
         boolean("nonnegative value", nonnegative)
         defaults = dict(lr=lr, weight_decay=weight_decay, Kp=_gain_value(Kp), Ki=_gain_value(Ki),
                         ema_nu=ema_nu, init_type=nuPIInitType[kind], maximize=bool(maximize),
                         nonnegative=bool(nonnegative))
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)
 
     def _check_group(self, group):
         import warnings
@@ -416,6 +419,8 @@ class nuPI(Optimizer):
         """
         loss = closure() if closure is not None else None
         grads = self._check_all(grads)
+        if self.nonfinite != "propagate" and not self._nonfinite_gate(grads):
+            return loss
         for group, indices in zip(self.param_groups, self._group_indices()):
             dense = [i for i in indices if isinstance(grads[i], np.ndarray)]
             sparse = [i for i in indices if isinstance(grads[i], tuple)]

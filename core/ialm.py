@@ -31,8 +31,10 @@ from ._validation import (
     check_ialm_group_name,
     check_ialm_init_array,
     check_ialm_size,
+    check_nonfinite,
     check_penalty,
     nonfinite_constraints_error,
+    nonfinite_error,
     nonnegative_finite,
     real,
 )
@@ -87,6 +89,11 @@ class iALM:  # noqa: N801 (the seed's name)
       is_ineq: whether the first group's constraints are inequalities :math:`c \le 0`.
       ctol: violations within ``ctol`` count as satisfied.
       device: ignored (NumPy); kept for the seed's signature.
+      nonfinite: (keyword) ``"propagate"`` (default: today's behaviour -- non-finite constraint
+        values raise ``ValueError`` before anything changes, since a dual step cannot carry
+        them), ``"raise"`` (``FloatingPointError``, nothing changed) or ``"skip"`` (nothing
+        changes, ``beta`` included; every group's ``nonfinite_skips`` is incremented). See
+        docs/faults.md.
 
     After each update, ``last_step`` holds one dict per group: ``{"direction_norm",
     "stepsize", "rho"}`` (``rho``: the quadratic coefficient of that update's Lagrangian).
@@ -121,7 +128,8 @@ class iALM:  # noqa: N801 (the seed's name)
 
     def __init__(self, m=None, beta=1.0, sigma=1.0, gamma=1.0, init_duals=None, penalty=1.0, *,
                  dual_range=(-100.0, 100.0), momentum=0.0, dampening=0.0, is_ineq=False,
-                 ctol=0.0, device=None):
+                 ctol=0.0, device=None, nonfinite="propagate"):
+        self.nonfinite = check_nonfinite(nonfinite)
         self._setup(m=m, beta=beta, sigma=sigma, gamma=gamma, init_duals=init_duals,
                     penalty=penalty, dual_range=dual_range, momentum=momentum,
                     dampening=dampening, is_ineq=is_ineq, ctol=ctol, device=device)
@@ -172,6 +180,8 @@ class iALM:  # noqa: N801 (the seed's name)
             raise ValueError(f"Invalid init_duals: {self._numel(duals)} values for m={size}")
         group = {"name": name, **settings, "duals": duals,
                  "momentum_buffer": self._zeros_like(duals), "dtype_fixed": fixed}
+        if getattr(self, "nonfinite", "propagate") != "propagate":
+            group["nonfinite_skips"] = 0
         self.param_groups.append(group)
 
     # -- views ----------------------------------------------------------------------------
@@ -252,6 +262,19 @@ class iALM:  # noqa: N801 (the seed's name)
             if not self._all_finite(c):
                 raise nonfinite_constraints_error(group["name"])
 
+    def _gate(self, cast) -> bool:
+        """The ``nonfinite`` policy (``"raise"``/``"skip"``) on every group's constraint
+        values, before anything changes; ``False``: the update is skipped."""
+        for group, c in zip(self.param_groups, cast):
+            if not self._all_finite(c):
+                if self.nonfinite == "raise":
+                    raise nonfinite_error(type(self).__name__,
+                                          f"the constraint values of group {group['name']!r}")
+                for g in self.param_groups:
+                    g["nonfinite_skips"] = int(g.get("nonfinite_skips", 0)) + 1
+                return False
+        return True
+
     def _adopt_dtypes(self, parts) -> None:
         """Duals created without a dtype take that of the first constraint values seen."""
         for group, c in zip(self.param_groups, parts):
@@ -274,8 +297,11 @@ class iALM:  # noqa: N801 (the seed's name)
             # before anything changes: a float64 value beyond float32's range is inf here
             cast = [self._cast(self._detach(c), self._dtype(g["duals"] if g["dtype_fixed"] else c))
                     for g, c in zip(self.param_groups, parts)]
-            self._check_finite(cast)
-            self._adopt_dtypes(parts)
+            if getattr(self, "nonfinite", "propagate") != "propagate" and not self._gate(cast):
+                update = False  # skipped: nothing changes
+            else:
+                self._check_finite(cast)
+                self._adopt_dtypes(parts)
         rhos = self._rhos()
         if update:
             last = []
@@ -336,6 +362,8 @@ class iALM:  # noqa: N801 (the seed's name)
                                  f"multipliers and a momentum buffer of {self._numel(buffer)}")
             new.append({"name": g["name"], **settings, "duals": duals, "momentum_buffer": buffer,
                         "dtype_fixed": bool(g.get("dtype_fixed", True))})
+            if "nonfinite_skips" in g or getattr(self, "nonfinite", "propagate") != "propagate":
+                new[-1]["nonfinite_skips"] = int(g.get("nonfinite_skips", 0))
         self.penalty, self.ctol, self.param_groups = penalty, ctol, new
         for cache in ("_kernel_cache", "_views"):  # per-group caches
             self.__dict__.pop(cache, None)

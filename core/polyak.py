@@ -23,7 +23,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import numpy as np
 
 from . import _jit
-from ._validation import check_polyak
+from ._validation import check_nonfinite, check_polyak, nonfinite_error
 from .kernels import polyak_cpu
 from .kernels._pointers import addresses
 from .rules import polyak as _rules
@@ -208,6 +208,7 @@ class PolyakSGDState(NamedTuple):
     velocity: Optional[Any]
     num_fun_eval: int = 0
     num_grad_eval: int = 0
+    nonfinite_skips: int = 0
 
 
 class OptStep(NamedTuple):
@@ -249,6 +250,12 @@ class PolyakSGD:
       maxiter: the maximum number of updates of ``run`` (and of ``run_iterator``).
       tol: ``run`` stops once the gradient norm at the last pre-update point is <= ``tol``.
       verbose: print one line per update.
+      nonfinite: ``"propagate"`` (default: a NaN/inf loss or gradient flows into the step, as
+        in jaxopt), ``"raise"`` (``FloatingPointError`` from ``update``) or ``"skip"``:
+        ``update`` returns the parameters and the state's values unchanged, with
+        ``state.nonfinite_skips`` incremented (``iter_num`` and the evaluation counts advance,
+        so ``run`` stays bounded by ``maxiter``). The check is on the loss and the squared
+        gradient norm (docs/faults.md).
 
     Parameters are an ndarray or a nested list/tuple/dict of ndarrays (dict keys in sorted
     order, as in JAX), all float32 or all float64. ``update`` never mutates its inputs: it
@@ -293,8 +300,10 @@ class PolyakSGD:
     maxiter: int = 500
     tol: float = 1e-3
     verbose: Union[bool, int] = False
+    nonfinite: str = "propagate"
 
     def __post_init__(self):
+        check_nonfinite(self.nonfinite)
         if not callable(self.fun):
             raise TypeError(f"Invalid fun: {self.fun!r} (expected a callable)")
         vg = self.value_and_grad
@@ -313,7 +322,8 @@ class PolyakSGD:
 
     # -- jaxopt's bookkeeping ------------------------------------------------------------------
     def attribute_names(self) -> tuple:
-        return tuple(field.name for field in dataclasses.fields(self))
+        """jaxopt's solver fields (``nonfinite``, uniopt's own, is left out)."""
+        return tuple(field.name for field in dataclasses.fields(self) if field.name != "nonfinite")
 
     def attribute_values(self) -> tuple:
         return tuple(getattr(self, name) for name in self.attribute_names())
@@ -375,6 +385,16 @@ class PolyakSGD:
         grads = tree.matching(grad, "gradient")
         dtype = tree.dtype
         sq_norm = squared_norm(grads, dtype)
+        if self.nonfinite != "propagate" and not (bool(np.all(np.isfinite(value)))
+                                                  and math.isfinite(sq_norm)):
+            where = (f"the gradients (squared norm {sq_norm})" if np.all(np.isfinite(value))
+                     else f"the loss ({value})")
+            if self.nonfinite == "raise":
+                raise nonfinite_error("PolyakSGD", where)
+            return OptStep(params=params, state=state._replace(
+                iter_num=int(state.iter_num) + 1, num_fun_eval=int(state.num_fun_eval) + 1,
+                num_grad_eval=int(state.num_grad_eval) + 1,
+                nonfinite_skips=int(state.nonfinite_skips) + 1))
         stepsize = polyak_stepsize(value, sq_norm, self.fun_min, self.variant,
                                    self.max_stepsize, self.delta, dtype)
         stepsize = dtype.type(stepsize)
@@ -401,7 +421,8 @@ class PolyakSGD:
                                    stepsize=stepsize,
                                    velocity=new_velocity,
                                    num_fun_eval=int(state.num_fun_eval) + 1,
-                                   num_grad_eval=int(state.num_grad_eval) + 1)
+                                   num_grad_eval=int(state.num_grad_eval) + 1,
+                                   nonfinite_skips=int(getattr(state, "nonfinite_skips", 0)))
         if self.verbose:
             print(f"INFO: uniopt.PolyakSGD: Iter: {new_state.iter_num} Gradient Norm (stopping "
                   f"criterion): {new_state.error} Objective Value:{new_state.value}  "

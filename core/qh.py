@@ -38,6 +38,9 @@ class QHM(QHMConversions, Optimizer):
       weight_decay_type: ``"grad"`` adds :math:`\lambda\theta` to the gradient; ``"direct"``
         multiplies the parameter by :math:`1 - \alpha\lambda` first.
       maximize: (bool) ascend instead of descend.
+      nonfinite: ``"propagate"`` (default: NaN/inf gradients flow into the update, as in
+        torch.optim), ``"raise"`` (``FloatingPointError``, nothing changed) or ``"skip"`` (the
+        step changes nothing and increments each group's ``nonfinite_skips``); docs/faults.md.
 
     Example:
       >>> import numpy as np, uniopt
@@ -54,11 +57,11 @@ class QHM(QHMConversions, Optimizer):
     """
 
     def __init__(self, params, lr, momentum, nu, weight_decay=0.0, weight_decay_type="grad", *,
-                 maximize=False):
+                 maximize=False, nonfinite="propagate"):
         check_qhm(lr, momentum, nu, weight_decay, weight_decay_type, maximize)
         defaults = dict(lr=lr, momentum=momentum, nu=nu, weight_decay=weight_decay,
                         weight_decay_type=weight_decay_type, maximize=bool(maximize))
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)
 
     def _check_group(self, group):
         check_qhm(group["lr"], group["momentum"], group["nu"], group["weight_decay"],
@@ -99,6 +102,8 @@ class QHAdam(QHAdamConversions, Optimizer):
         (QHAdamW) instead of adding :math:`\lambda\theta` to the gradient.
       eps: :math:`\epsilon` (finite, >= 0), added outside the square root.
       maximize: (bool) ascend instead of descend.
+      nonfinite: ``"propagate"`` (default), ``"raise"`` or ``"skip"``: what a step does with
+        NaN/inf gradients (docs/faults.md); as :class:`QHM`.
 
     References:
       Ma & Yarats, "Quasi-hyperbolic momentum and Adam for deep learning", ICLR 2019,
@@ -106,12 +111,12 @@ class QHAdam(QHAdamConversions, Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), nus=(1.0, 1.0), weight_decay=0.0,
-                 decouple_weight_decay=False, eps=1e-8, *, maximize=False):
+                 decouple_weight_decay=False, eps=1e-8, *, maximize=False, nonfinite="propagate"):
         check_qhadam(lr, betas, nus, weight_decay, eps, decouple_weight_decay, maximize)
         defaults = dict(lr=lr, betas=tuple(betas), nus=tuple(nus), weight_decay=weight_decay,
                         decouple_weight_decay=bool(decouple_weight_decay), eps=eps,
                         maximize=bool(maximize))
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)
 
     def _check_group(self, group):
         check_qhadam(group["lr"], group["betas"], group["nus"], group["weight_decay"], group["eps"],
@@ -146,5 +151,6 @@ class QHAdamW(QHAdam):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), nus=(1.0, 1.0), weight_decay=0.0,
-                 eps=1e-8, *, maximize=False):
-        super().__init__(params, lr, betas, nus, weight_decay, True, eps, maximize=maximize)
+                 eps=1e-8, *, maximize=False, nonfinite="propagate"):
+        super().__init__(params, lr, betas, nus, weight_decay, True, eps, maximize=maximize,
+                         nonfinite=nonfinite)

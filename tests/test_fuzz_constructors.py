@@ -580,6 +580,24 @@ def _jax_dynamic_step(dyn):
 spec("jax.Dynamic", "jax", DYNAMIC_ARGS, _jax_dynamic_build, _jax_dynamic_step)
 
 
+def _add_nonfinite(specs):
+    """Every constructor that takes the ``nonfinite`` policy (docs/faults.md) fuzzes it too."""
+    for s in specs:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                s.build(**{**s.defaults, "nonfinite": "propagate"})
+        except TypeError as error:
+            if "nonfinite" in str(error):
+                continue
+            raise
+        s.defaults = {**s.defaults, "nonfinite": "propagate"}
+
+
+_add_nonfinite(SPECS)
+ALIASES["nonfinite"] = ["nonfinite", "nonfinite policy"]
+
+
 # ----------------------------------------------------------------------------------------------
 # The property
 # ----------------------------------------------------------------------------------------------

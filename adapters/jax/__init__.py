@@ -12,10 +12,13 @@ Example:
 """
 
 from . import bilevel, constrained
+from ._faults import NonFiniteState
+from ._ffi import update_and_apply
 from .ialm import IALMState, IALMTransformation, ialm
 from .polyak import (
     OptStep,
     PolyakSGD,
+    PolyakSGDSkipState,
     PolyakSGDState,
     ScaleByPolyakState,
     polyak_sgd,
@@ -39,9 +42,12 @@ __all__ = [
     "qhm",
     "qhadam",
     "qhadamw",
+    "update_and_apply",
     "OptStep",
     "PolyakSGD",
     "PolyakSGDState",
+    "PolyakSGDSkipState",
+    "NonFiniteState",
     "ScaleByPolyakState",
     "scale_by_polyak",
     "polyak_sgd",

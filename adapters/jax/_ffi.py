@@ -16,6 +16,11 @@ never, see :data:`MIN_SIZE`). A jitted
 update that is differentiated or batched from outside (``jax.grad(jax.jit(step))``) still
 works: the FFI call sits inside a :func:`jax.custom_jvp` whose derivative is the traced
 path's, and its ``vmap_method`` loops over the batch.
+
+The fused entry point :func:`update_and_apply` (``uniopt.adapters.jax.update_and_apply``)
+replaces ``tx.update`` + ``optax.apply_updates``: one call per dtype per step updates the
+parameters and the state in place (:func:`uniopt.kernels.qh_ffi.qhadam_apply_handler`). The
+same rules choose its path, with :data:`APPLY_MIN_SIZE` (default 0) as the size threshold.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from uniopt import _jit
 
-__all__ = ["MIN_SIZE", "registered", "ensure_registered", "is_jit_value", "choose",
-           "call", "with_traced_derivatives"]
+__all__ = ["MIN_SIZE", "APPLY_MIN_SIZE", "registered", "ensure_registered", "is_jit_value",
+           "choose", "call", "update_and_apply", "apply_pair", "with_traced_derivatives"]
 
 #: Total element count of a step from which ``ffi=None`` takes the FFI path (environment:
 #: ``UNIOPT_JAX_FFI_MIN_SIZE``, parsed as ``UNIOPT_PARALLEL_MIN_SIZE`` is). Default: never.
@@ -47,7 +53,17 @@ MIN_SIZE = _jit._parse_min_size("UNIOPT_JAX_FFI_MIN_SIZE",
 #: a copy of the gradients when they are an argument of the jitted function that is not donated.
 ALIAS_GRADIENTS = os.environ.get("UNIOPT_JAX_FFI_ALIAS_GRADS", "1") != "0"
 
-_TARGETS = {"qhadam": "uniopt_qhadam", "qhm": "uniopt_qhm"}
+#: Total element count from which ``ffi=None`` runs :func:`update_and_apply` of a uniopt QH
+#: transform through the fused FFI call (environment: ``UNIOPT_JAX_FFI_APPLY_MIN_SIZE``, parsed
+#: as ``MIN_SIZE``; an empty value means never). Default 0: the fused call moves the floor's
+#: 28 bytes per float32 parameter (QHAdam) and its fixed cost is below XLA's per-leaf one, so
+#: with donated parameters and state it was faster than ``optax.adam`` at every size measured,
+#: 1e2 to 1e7 (docs/performance.md, "JAX on CPU through XLA's FFI").
+APPLY_MIN_SIZE = _jit._parse_min_size("UNIOPT_JAX_FFI_APPLY_MIN_SIZE",
+                                      os.environ.get("UNIOPT_JAX_FFI_APPLY_MIN_SIZE", "0"))
+
+_TARGETS = {"qhadam": "uniopt_qhadam", "qhm": "uniopt_qhm",
+            "qhadam_apply": "uniopt_qhadam_apply", "qhm_apply": "uniopt_qhm_apply"}
 _registered: set[str] = set()
 _SUPPORTED = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -63,7 +79,9 @@ def ensure_registered(family: str) -> str:
     if family not in _registered:
         from uniopt.kernels import qh_ffi
 
-        handler = {"qhadam": qh_ffi.qhadam_handler, "qhm": qh_ffi.qhm_handler}[family]()
+        handler = {"qhadam": qh_ffi.qhadam_handler, "qhm": qh_ffi.qhm_handler,
+                   "qhadam_apply": qh_ffi.qhadam_apply_handler,
+                   "qhm_apply": qh_ffi.qhm_apply_handler}[family]()
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler.ctypes), platform="cpu",
                                     api_version=1)
         _registered.add(family)
@@ -103,14 +121,18 @@ def supported_dtype(dtype) -> bool:
     return np.dtype(dtype) in _SUPPORTED
 
 
-def choose(ffi: bool | None, leaves: Sequence, states: Sequence[Sequence], scalars: Sequence) -> bool:
+def choose(ffi: bool | None, leaves: Sequence, states: Sequence[Sequence], scalars: Sequence,
+           min_size: int | None = None) -> bool:
     """Whether this step runs through the FFI call.
 
     Args:
       ffi: the transform's ``ffi`` argument (True/False force; None chooses).
       leaves: the gradient leaves (and parameter leaves where the rule reads them).
-      states: per gradient leaf, its state leaves.
+      states: per gradient leaf, its state leaves (and, for the fused step, its parameter):
+        a shape other than the gradient's takes the traced path, even with ``ffi=True``.
       scalars: every other input of the step (hyper-parameters, counts, bias weights).
+      min_size: the element count from which ``ffi=None`` chooses the call (default
+        :data:`MIN_SIZE`).
 
     Raises:
       TypeError: ``ffi=True`` with a leaf whose dtype is neither float32 nor float64, or with
@@ -118,6 +140,8 @@ def choose(ffi: bool | None, leaves: Sequence, states: Sequence[Sequence], scala
     """
     if ffi is False:
         return False
+    if any(jnp.shape(s) != jnp.shape(g) for g, group in zip(leaves, states) for s in group):
+        return False  # not the handlers' layout: the traced path (broadcasts as optax does)
     dtypes_ok = all(supported_dtype(jnp.result_type(x)) for x in leaves) and all(
         jnp.result_type(s) == jnp.result_type(g) for g, group in zip(leaves, states)
         for s in group)
@@ -130,27 +154,30 @@ def choose(ffi: bool | None, leaves: Sequence, states: Sequence[Sequence], scala
         return True
     if not dtypes_ok or jax.default_backend() != "cpu":
         return False
-    if sum(int(np.prod(jnp.shape(x))) for x in leaves) < MIN_SIZE:
+    if sum(int(np.prod(jnp.shape(x))) for x in leaves) < (MIN_SIZE if min_size is None
+                                                           else min_size):
         return False
     everything = [*leaves, *(s for group in states for s in group), *scalars]
     return _all_jit_or_static([x for x in everything if x is not None])
 
 
 def call(family: str, hyper: jax.Array, grads: list, params: list | None,
-         states: list[list]) -> tuple[list, list[list], list]:
+         states: list[list], apply: bool = False) -> tuple[list, list[list], list]:
     """One FFI call for leaves of one dtype: ``(updates, new_states, extra_results)``.
 
     Args:
       family: ``"qhadam"`` or ``"qhm"``.
       hyper: the step's scalars (see :mod:`uniopt.kernels.qh_ffi`).
-      grads: gradient leaves; params: parameter leaves (decay modes) or None.
+      grads: gradient leaves; params: parameter leaves (decay modes, or ``apply``) or None.
       states: the state leaves, one list per state field (QHAdam: ``[exp_avg, exp_avg_sq]``).
+      apply: the fused variant: the parameters are updated in place (aliased to the first
+        results) and returned instead of the updates.
 
     Returns:
-      The updates, the new state leaves (per field) and, for QHAdam, ``[weights]``: the two new
-      bias weights in ``hyper``'s dtype.
+      The updates (``apply``: the new parameters), the new state leaves (per field) and, for
+      QHAdam, ``[weights]``: the two new bias weights in ``hyper``'s dtype.
     """
-    name = ensure_registered(family)
+    name = ensure_registered(family + "_apply" if apply else family)
     n = len(grads)
     args = [hyper, *grads, *(params or []), *(s for field in states for s in field)]
     first_state = 1 + n * (2 if params else 1)
@@ -160,13 +187,75 @@ def call(family: str, hyper: jax.Array, grads: list, params: list | None,
     if family == "qhadam":
         results.append(jax.ShapeDtypeStruct((2,), jnp.result_type(hyper)))
     aliases = {first_state + k: n + k for k in range(n * len(states))}
-    if ALIAS_GRADIENTS:
+    if apply:
+        aliases.update({1 + n + k: k for k in range(n)})
+    elif ALIAS_GRADIENTS:
         aliases.update({1 + k: k for k in range(n)})
     out = jax.ffi.ffi_call(name, results, input_output_aliases=aliases,
                            vmap_method="sequential")(*args)
     end = n + n * len(states)
     return (list(out[:n]), [list(out[n + k * n:n + (k + 1) * n]) for k in range(len(states))],
             list(out[end:]))
+
+
+def update_and_apply(tx, grads, state, params, **extra_args):
+    """One optimizer step that returns the new parameters: ``tx.update`` then ``apply_updates``.
+
+    For a uniopt QH transform (:func:`~uniopt.adapters.jax.qhm`,
+    :func:`~uniopt.adapters.jax.qhadam`, :func:`~uniopt.adapters.jax.qhadamw`, as returned, not
+    wrapped) whose step takes the FFI
+    path, the step is ONE call per dtype of a fused Numba kernel that updates the parameters
+    and the state in place (``input_output_aliases``): it reads the gradients, parameters and
+    state and writes the parameters and state, 28 bytes per float32 parameter for QHAdam (20
+    for QHM), where ``tx.update`` + :func:`optax.apply_updates` through the FFI also write and
+    read back the updates (44-48). Under ``jax.jit(step, donate_argnums=...)`` with the
+    parameters and state donated, XLA writes them where they were: no copies. Donate them:
+    without donation XLA copies the parameters and state before the call (the inputs must
+    survive), 24 more bytes per parameter, and the fused step then loses to the traced one from
+    about 1e6 parameters. The path is chosen as the transform's ``ffi`` argument says, except
+    that ``ffi=None`` takes the fused call from :data:`APPLY_MIN_SIZE` elements (default 0:
+    always under ``jit`` on CPU; the update-only path's threshold is never).
+
+    Everything else takes ``tx.update(grads, state, params, **extra_args)`` then
+    ``optax.apply_updates(params, updates)``, with the same numbers: other transforms
+    (optax's, :func:`optax.chain`, :func:`optax.inject_hyperparams`, :class:`optax.MultiSteps`,
+    a ``nonfinite`` policy other than ``"propagate"``), and a uniopt transform on its traced
+    path (``ffi=False``, under ``jax.grad``/``jax.vmap`` tracing, eagerly, off CPU, other
+    dtypes, parameters of another dtype than their gradients). The fused step equals the pair
+    bit for bit: ``p + u`` is rounded once, as ``apply_updates`` rounds it.
+
+    Args:
+      tx: an optax ``GradientTransformation``.
+      grads: the gradients (a pytree like ``params``).
+      state: ``tx``'s state.
+      params: the parameters (required).
+      **extra_args: passed to ``tx.update``.
+
+    Returns:
+      ``(new_params, new_state)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from uniopt.adapters.jax import qhadam, update_and_apply
+      >>> tx = qhadam(0.1, nus=(0.7, 1.0))
+      >>> params = {"w": jnp.array([1.0, -2.0])}
+      >>> step = jax.jit(lambda g, s, p: update_and_apply(tx, g, s, p), donate_argnums=(1, 2))
+      >>> state = tx.init(params)
+      >>> for _ in range(300):
+      ...     params, state = step({"w": 2 * params["w"]}, state, params)
+      >>> bool(jnp.abs(params["w"]).max() < 1e-2)
+      True
+    """
+    fused = getattr(tx.update, "update_and_apply", None)
+    if fused is not None:
+        return fused(grads, state, params, **extra_args)
+    return apply_pair(tx.update, grads, state, params, **extra_args)
+
+
+def apply_pair(update, grads, state, params, **extra_args):
+    """``update(grads, state, params)`` then :func:`optax.apply_updates`: ``(params, state)``."""
+    updates, state = update(grads, state, params, **extra_args)
+    return optax.apply_updates(params, updates), state
 
 
 def with_traced_derivatives(ffi_fn: Callable, traced_fn: Callable) -> Callable:

@@ -71,6 +71,10 @@ __all__ = [
     "tree_sq_norm",
     "safe_sqrt",
     "single_dtype",
+    "check_axis_name",
+    "mean_over",
+    "extra",
+    "data_parallel",
 ]
 
 
@@ -135,6 +139,35 @@ def check_fun_fields(fun: Any, value_and_grad: Any, has_aux: Any) -> bool:
         value_and_grad = bool(value_and_grad)
     check_bool("has_aux value", has_aux)
     return value_and_grad
+
+
+def check_axis_name(value: Any) -> Any:
+    """``value`` if it is a valid ``axis_name``: None, a str, or a non-empty tuple of str.
+
+    Raises:
+      TypeError: anything else (``Invalid axis_name: 3 (expected None, a str or a tuple of
+        str)``).
+    """
+    if value is None or isinstance(value, str):
+        return value
+    if (isinstance(value, tuple) and value
+            and all(isinstance(name, str) for name in value)):
+        return value
+    raise TypeError(f"Invalid axis_name: {value!r} (expected None, a str or a tuple of str)")
+
+
+def mean_over(tree: Any, axis_name: Any) -> Any:
+    """Every leaf of ``tree`` averaged over the devices of ``axis_name`` (None: ``tree``).
+
+    ``jax.lax.pmean``, for values measured on each device's share of a batch (a loss,
+    constraint values, a gradient) under ``shard_map``/``pmap`` data parallelism. Its
+    derivative is JAX's: averaging the values inside the function that is differentiated and
+    the gradients after it gives the full-batch gradient whether or not ``shard_map`` checks
+    replication (``check_vma``); the solvers here do both.
+    """
+    if axis_name is None:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.pmean(x, axis_name), tree)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,6 +284,54 @@ def make_funs(fun: Callable, value_and_grad: Union[bool, Callable], has_aux: boo
     return f, vg
 
 
+_EXTRA = "uniopt_extra"
+
+
+def extra(default: Any = None) -> Any:
+    """A keyword-only dataclass field of a solver that its reference does not have (e.g.
+    ``axis_name``): it comes after the reference's fields and stays out of
+    :meth:`IterativeSolver.attribute_names`, so a drop-in keeps the reference's protocol."""
+    return dataclasses.field(default=default, kw_only=True, metadata={_EXTRA: True})
+
+
+def data_parallel(fun: Callable, value_and_grad_fun: Callable, differentiate: bool,
+                  axis_name: Any) -> Callable:
+    """``value_and_grad_fun`` over batch shards: the value and gradient of the whole batch.
+
+    Args:
+      fun, value_and_grad_fun: the pair of :func:`make_funs`.
+      differentiate: whether JAX differentiates ``fun`` (``value_and_grad=False``): then the
+        value is averaged over ``axis_name`` inside the differentiated function and the
+        gradient after it (right with and without ``shard_map``'s ``check_vma``); else the
+        user's value and gradient are both averaged (the gradient should be that of the
+        averaged value, or the device's own: averaging an average changes nothing).
+      axis_name: the mapped axis (None: ``value_and_grad_fun`` itself).
+
+    Returns:
+      ``value_and_grad(params, ...) -> ((value, aux), grad)``; ``aux`` stays per device.
+    """
+    if axis_name is None:
+        return value_and_grad_fun
+    if differentiate:
+        def averaged(*a, **kw):
+            value, aux = fun(*a, **kw)
+            return mean_over(value, axis_name), aux
+
+        inner = jax.value_and_grad(averaged, has_aux=True)
+
+        def vg(*a, **kw):
+            (value, aux), grad = inner(*a, **kw)
+            return (value, aux), mean_over(grad, axis_name)
+
+        return vg
+
+    def vg(*a, **kw):
+        (value, aux), grad = value_and_grad_fun(*a, **kw)
+        return (mean_over(value, axis_name), aux), mean_over(grad, axis_name)
+
+    return vg
+
+
 # ----------------------------------------------------------------------------------------------
 # The base class
 # ----------------------------------------------------------------------------------------------
@@ -300,8 +381,9 @@ class IterativeSolver:
 
     # -- jaxopt's solver protocol -------------------------------------------------------------
     def attribute_names(self) -> tuple:
-        """The constructor fields, in order."""
-        return tuple(field.name for field in dataclasses.fields(self))
+        """The constructor fields, in order (not the keyword-only extras of :func:`extra`)."""
+        return tuple(field.name for field in dataclasses.fields(self)
+                     if not field.metadata.get(_EXTRA))
 
     def attribute_values(self) -> tuple:
         """The values of :meth:`attribute_names`."""
@@ -310,7 +392,7 @@ class IterativeSolver:
     def __hash__(self):
         # The fields determine the solver, so it can be a static argument of jax.jit (equality
         # stays identity, as in jaxopt).
-        return hash(self.attribute_values())
+        return hash(tuple(getattr(self, field.name) for field in dataclasses.fields(self)))
 
     def l2_optimality_error(self, params, *args, **kwargs):
         """The L2 norm of ``optimality_fun`` (over the whole pytree)."""

@@ -71,6 +71,9 @@ from uniopt import _validation
 from uniopt.rules import bind
 from uniopt.rules import constrained as _constrained
 
+from ._faults import NonFiniteState, agreed, all_finite, nonfinite_raise, select, with_nonfinite
+from ._solver import check_axis_name, mean_over
+
 __all__ = [
     "ConstraintType",
     "Multiplier",
@@ -985,7 +988,8 @@ class ProjectedAscentState(NamedTuple):
     count: jax.Array
 
 
-def projected_ascent(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
+def projected_ascent(learning_rate: optax.ScalarOrSchedule, *,
+                     nonfinite: str = "propagate") -> optax.GradientTransformationExtraArgs:
     r"""Projected gradient ascent on the multipliers (SGD with ``maximize=True`` and Cooper's
     ``post_step_``, fused).
 
@@ -999,6 +1003,9 @@ def projected_ascent(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTra
 
     Args:
       learning_rate: :math:`\eta` (finite, >= 0), a float or an optax schedule.
+      nonfinite: (keyword) ``"propagate"`` (default), ``"raise"`` (outside ``jit``) or
+        ``"skip"`` (traced; state ``NonFiniteState``, no ``update_rows``): what an update with
+        NaN/inf gradients does (docs/faults.md).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; ``update(grads, state, params, *,
@@ -1069,7 +1076,8 @@ def projected_ascent(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTra
                 ProjectedAscentState(count=optax.safe_int32_increment(state.count)))
 
     update_fn.update_rows = update_rows
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return with_nonfinite(optax.GradientTransformationExtraArgs(init_fn, update_fn), nonfinite,
+                          "projected_ascent")
 
 
 def _ascent(w, g, lr, lo):
@@ -1127,7 +1135,8 @@ def _check_nupi(weight_decay, Kp, Ki, ema_nu, init_type, maximize):
 
 def nupi(learning_rate: optax.ScalarOrSchedule, weight_decay: Any = 0.0, Kp: Any = 0.0,
          Ki: Any = 1.0, ema_nu: Any = 0.0, init_type: Any = NuPIInitType.SGD,
-         maximize: bool = False) -> optax.GradientTransformationExtraArgs:
+         maximize: bool = False, *,
+         nonfinite: str = "propagate") -> optax.GradientTransformationExtraArgs:
     r"""The nuPI controller (Sohrabi et al., 2024) as an optax transformation.
 
     With the error :math:`e_t` the incoming gradient (for multipliers: the violation),
@@ -1164,6 +1173,9 @@ def nupi(learning_rate: optax.ScalarOrSchedule, weight_decay: Any = 0.0, Kp: Any
       ema_nu: :math:`\nu \in (-1, 1)`.
       init_type: :class:`NuPIInitType` or ``"sgd"`` / ``"zeros"``.
       maximize: ascend (``True``: the dual side) instead of descend.
+      nonfinite: (keyword) ``"propagate"`` (default), ``"raise"`` (outside ``jit``) or
+        ``"skip"`` (traced; state ``NonFiniteState``, no ``update_rows``): what an update with
+        NaN/inf gradients does (docs/faults.md).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` with state :class:`NuPIState`;
@@ -1261,7 +1273,8 @@ def nupi(learning_rate: optax.ScalarOrSchedule, weight_decay: Any = 0.0, Kp: Any
 
     if jnp.ndim(Kp) == 0 and jnp.ndim(Ki) == 0:  # per-entry gains: the dense path only
         update_fn.update_rows = update_rows
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return with_nonfinite(optax.GradientTransformationExtraArgs(init_fn, update_fn), nonfinite,
+                          "nupi")
 
 
 def as_ascent(transformation: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
@@ -1457,6 +1470,27 @@ def _with_multipliers(constraints: Mapping, multipliers: Mapping) -> dict:
             for name, c in constraints.items()}
 
 
+def _synced(cmp_state: CMPState, axis_name: Any) -> CMPState:
+    """``cmp_state`` with its loss and violations averaged over the devices of ``axis_name``
+    (``shard_map`` data parallelism: each device measured its batch shard); ``misc`` stays."""
+    if axis_name is None:
+        return cmp_state
+    observed = {}
+    for name, state in cmp_state.observed_constraints.items():
+        if state.constraint_features is not None or state.strict_constraint_features is not None:
+            raise ValueError(f"ConstrainedOptimizer: axis_name={axis_name!r} averages constraint "
+                             f"values over devices, but constraint {name!r} has constraint "
+                             f"features (indexed multipliers or penalty coefficients are not "
+                             f"supported with axis_name)")
+        strict = state.strict_violation
+        observed[name] = state.replace(
+            violation=mean_over(jnp.asarray(state.violation), axis_name),
+            strict_violation=None if strict is None else mean_over(jnp.asarray(strict), axis_name))
+    loss = cmp_state.loss
+    return cmp_state.replace(loss=None if loss is None else mean_over(jnp.asarray(loss), axis_name),
+                             observed_constraints=observed)
+
+
 def _check_transformation(what, value, optional=False):
     if value is None and optional:
         return
@@ -1514,10 +1548,25 @@ class ConstrainedOptimizer:
       roll: one of :data:`ROLLS`.
       compute_violations: optional ``(params, *args, **kwargs) -> CMPState`` without a loss,
         for ``"alternating_primal_dual"``.
+      axis_name: None, or the mapped axis (a name or a tuple of names) of ``shard_map``/
+        ``pmap`` data parallelism: ``compute_cmp_state`` sees each device's batch shard; the
+        loss and the violations of every CMP state are averaged over these devices
+        (``lax.pmean``, inside the differentiated primal Lagrangian) and so is the primal
+        gradient, so every device takes the full-batch step and holds the same multipliers
+        (``misc`` stays per device). Dense multipliers only (constraint features raise a
+        ValueError at :meth:`step`). Not needed under ``jit`` with sharded arrays.
+      nonfinite: ``"propagate"`` (default: NaN/inf flow into the updates), ``"raise"``
+        (``FloatingPointError`` from ``step`` on concrete values; ``TypeError`` when traced,
+        under ``jit``) or ``"skip"`` (traced: a step whose loss, constraint values or
+        gradients -- primal and dual, at every evaluation of the roll -- are not all finite
+        returns the parameters, constraints and optimizer states it was given; the state is
+        then ``NonFiniteState(ConstrainedOptimizerState, nonfinite_skips)``). See
+        docs/faults.md.
 
     Raises:
       TypeError: a non-callable ``compute_cmp_state``/``compute_violations``, optimizers that
-        are not optax transformations.
+        are not optax transformations, an ``axis_name`` that is not None, a str or a tuple of
+        str.
       ValueError: an unknown ``roll``; at :meth:`init`, multipliers without a dual optimizer.
       RuntimeError: at :meth:`step`, a ``compute_violations`` that returns a loss (Cooper's
         error and message, as the torch face).
@@ -1542,8 +1591,11 @@ class ConstrainedOptimizer:
     dual_optimizer: Any = None
     roll: str = "simultaneous"
     compute_violations: Optional[Callable] = None
+    axis_name: Any = None
+    nonfinite: str = "propagate"
 
     def __post_init__(self):
+        _validation.check_nonfinite(self.nonfinite)
         if not callable(self.compute_cmp_state):
             raise TypeError(f"Invalid compute_cmp_state: {self.compute_cmp_state!r} (expected a "
                             f"callable)")
@@ -1553,6 +1605,7 @@ class ConstrainedOptimizer:
         _check_transformation("primal_optimizer", self.primal_optimizer)
         _check_transformation("dual_optimizer", self.dual_optimizer, optional=True)
         _validation.choice("roll", self.roll, ROLLS)
+        check_axis_name(self.axis_name)
 
     # -- pieces -------------------------------------------------------------------------------
     def init(self, params: Any, constraints: Mapping[str, Constraint]) -> ConstrainedOptimizerState:
@@ -1562,7 +1615,10 @@ class ConstrainedOptimizer:
             raise ValueError(f"Invalid dual_optimizer: None, but the constraints "
                              f"{sorted(multipliers)} have multipliers")
         dual = None if self.dual_optimizer is None else self.dual_optimizer.init(multipliers)
-        return ConstrainedOptimizerState(primal=self.primal_optimizer.init(params), dual=dual)
+        state = ConstrainedOptimizerState(primal=self.primal_optimizer.init(params), dual=dual)
+        if self.nonfinite == "skip":
+            return NonFiniteState(state, jnp.zeros([], jnp.int32))
+        return state
 
     def _primal(self, params, constraints, args, kwargs):
         """``(cmp_state, primal_lagrangian, gradient)`` at ``params``."""
@@ -1571,6 +1627,7 @@ class ConstrainedOptimizer:
             cmp_state = self.compute_cmp_state(p, *args, **kwargs)
             if not isinstance(cmp_state, CMPState):
                 raise TypeError(f"compute_cmp_state must return a CMPState, got {cmp_state!r}")
+            cmp_state = _synced(cmp_state, self.axis_name)
             value = primal_lagrangian(cmp_state, constraints)
             if value is None:
                 raise ValueError("The primal Lagrangian is empty: compute_cmp_state gave no loss "
@@ -1578,7 +1635,7 @@ class ConstrainedOptimizer:
             return value, cmp_state
 
         (value, cmp_state), grads = jax.value_and_grad(f, has_aux=True)(params)
-        return cmp_state, value, grads
+        return cmp_state, value, mean_over(grads, self.axis_name)
 
     def _update_rows(self):
         """The dual optimizer's row-wise update (:func:`projected_ascent`, :func:`nupi` with
@@ -1658,6 +1715,22 @@ class ConstrainedOptimizer:
 
         ``args``/``kwargs`` go to ``compute_cmp_state`` (and ``compute_violations``).
         """
+        if self.nonfinite == "propagate":
+            return self._step(params, constraints, state, args, kwargs, [])
+        seen: list = []  # every loss, constraint state and gradient the roll evaluates
+        inner = state.inner_state if self.nonfinite == "skip" else state
+        new_params, new_cons, new_state, rollout = self._step(params, constraints, inner, args,
+                                                              kwargs, seen)
+        if self.nonfinite == "raise":
+            nonfinite_raise("ConstrainedOptimizer", {"the roll's values": seen})
+            return new_params, new_cons, new_state, rollout
+        ok = agreed(all_finite(*seen), self.axis_name)
+        return (select(ok, new_params, params), select(ok, new_cons, dict(constraints)),
+                NonFiniteState(select(ok, new_state, inner),
+                               state.nonfinite_skips + jnp.where(ok, 0, 1).astype(jnp.int32)),
+                rollout)
+
+    def _step(self, params, constraints, state, args, kwargs, seen: list) -> tuple:
         constraints = dict(_check_constraints(constraints))
         if _multipliers(constraints) and self.dual_optimizer is None:
             raise ValueError(f"Invalid dual_optimizer: None, but the constraints "
@@ -1667,17 +1740,21 @@ class ConstrainedOptimizer:
 
         if self.dual_optimizer is None:  # Cooper's UnconstrainedOptimizer: no dual Lagrangian
             cmp_state, lp, gp = self._primal(params, constraints, args, kwargs)
+            seen.extend((cmp_state, lp, gp))
             new_params, primal_state = self._primal_update(gp, primal_state, params, params)
             new_cons = constraints
             rollout = RollOut(cmp_state.loss, cmp_state, lp, None)
         elif roll == "simultaneous":
             cmp_state, lp, gp = self._primal(params, constraints, args, kwargs)
+            seen.extend((cmp_state, lp, gp))
             ld, *dual = self._dual_grads(cmp_state, constraints)
+            seen.extend((ld, dual[0], dual[2]))
             new_params, primal_state = self._primal_update(gp, primal_state, params, params)
             new_cons, dual_state = self._dual_update(dual, dual_state, constraints)
             rollout = RollOut(cmp_state.loss, cmp_state, lp, ld)
         elif roll == "alternating_primal_dual":
             cmp_state, lp, gp = self._primal(params, constraints, args, kwargs)
+            seen.extend((cmp_state, lp, gp))
             new_params, primal_state = self._primal_update(gp, primal_state, params, params)
             if self.compute_violations is not None:
                 new_state = self.compute_violations(new_params, *args, **kwargs)
@@ -1690,28 +1767,38 @@ class ConstrainedOptimizer:
                                        "instead.")
             else:
                 new_state = self.compute_cmp_state(new_params, *args, **kwargs)
-            new_state = jax.lax.stop_gradient(new_state)
+            new_state = jax.lax.stop_gradient(_synced(new_state, self.axis_name))
+            seen.append(new_state)
             ld, *dual = self._dual_grads(new_state, constraints)
+            seen.extend((ld, dual[0], dual[2]))
             new_cons, dual_state = self._dual_update(dual, dual_state, constraints)
             loss = new_state.loss if new_state.loss is not None else cmp_state.loss
             rollout = RollOut(loss, new_state, lp, ld)
         elif roll == "alternating_dual_primal":
-            cmp_state = jax.lax.stop_gradient(self.compute_cmp_state(params, *args, **kwargs))
+            cmp_state = jax.lax.stop_gradient(
+                _synced(self.compute_cmp_state(params, *args, **kwargs), self.axis_name))
+            seen.append(cmp_state)
             ld, *dual = self._dual_grads(cmp_state, constraints)
+            seen.extend((ld, dual[0], dual[2]))
             new_cons, dual_state = self._dual_update(dual, dual_state, constraints)
             # the primal gradient at (x_t, lambda_{t+1}); under jit XLA shares the forward pass
             _, lp, gp = self._primal(params, new_cons, args, kwargs)
+            seen.extend((lp, gp))
             new_params, primal_state = self._primal_update(gp, primal_state, params, params)
             rollout = RollOut(cmp_state.loss, cmp_state, lp, ld)
         else:  # extrapolation
             cmp_state, lp, gp = self._primal(params, constraints, args, kwargs)
+            seen.extend((cmp_state, lp, gp))
             ld, *dual = self._dual_grads(cmp_state, constraints)
+            seen.extend((ld, dual[0], dual[2]))
             rollout = RollOut(cmp_state.loss, cmp_state, lp, ld)
             half_params, primal_state = self._primal_update(gp, primal_state, params, params)
             half_cons, dual_state = self._dual_update(dual, dual_state, constraints)
             half_state, _, gp = self._primal(half_params, half_cons, args, kwargs)
+            seen.extend((half_state, gp))
             # both gradients at the half point, both updates applied to (x_t, lambda_t)
             _, *dual = self._dual_grads(half_state, half_cons)
+            seen.extend((dual[0], dual[2]))
             new_params, primal_state = self._primal_update(gp, primal_state, params, params)
             new_cons, dual_state = self._dual_update(dual, dual_state, constraints)
         return new_params, new_cons, ConstrainedOptimizerState(primal_state, dual_state), rollout

@@ -26,6 +26,9 @@ from uniopt._validation import check_ialm_group, check_penalty
 from uniopt.rules import bind
 from uniopt.rules import ialm as _ialm
 
+from ._faults import nonfinite_raise
+from ._solver import check_axis_name, mean_over
+
 __all__ = ["IALMState", "IALMTransformation", "ialm"]
 
 _rules = bind(_ialm, where=jnp.where, minimum=jnp.minimum, maximum=jnp.maximum, sqrt=jnp.sqrt,
@@ -64,6 +67,12 @@ class IALMState(NamedTuple):
     notfinite_count: jax.Array
     last_finite: jax.Array
     total_notfinite: jax.Array
+
+    @property
+    def nonfinite_skips(self) -> jax.Array:
+        """The number of updates skipped for non-finite constraint values (``total_notfinite``,
+        the name every face uses: docs/faults.md)."""
+        return self.total_notfinite
 
 
 class IALMTransformation(NamedTuple):
@@ -179,7 +188,9 @@ def _per_group(name: str, value: Any, treedef, n: int) -> list:
 # ----------------------------------------------------------------------------------------------
 def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0, *,
          dual_range: Any = (-100.0, 100.0), momentum: Any = 0.0, dampening: Any = 0.0,
-         is_ineq: Any = False, ctol: float = 0.0, init_duals: Any = None) -> IALMTransformation:
+         is_ineq: Any = False, ctol: float = 0.0, init_duals: Any = None,
+         axis_name: Any = None,
+         nonfinite: str = "propagate") -> IALMTransformation:
     r"""iALM's dual step (adaptive, capped dual ascent) and augmented Lagrangian, functionally.
 
     For every constraint group :math:`k` (a leaf of the constraints pytree, values
@@ -247,13 +258,29 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
       is_ineq: whether a group's constraints are inequalities :math:`c \le 0`.
       ctol: violations within ``ctol \ge 0`` count as satisfied.
       init_duals: initial multipliers (see above).
+      axis_name: None, or the mapped axis (a name or a tuple of names) of ``shard_map``/
+        ``pmap`` data parallelism: ``update``, ``lagrangian`` and ``forward_update`` average
+        the constraint values each device measured on its batch shard over these devices
+        (``lax.pmean``) before using them, so every device takes the full-batch dual step and
+        holds the same multipliers. Differentiate ``lagrangian`` as a loss: with the loss
+        passed to it averaged (``lax.pmean``) under ``shard_map``'s default
+        ``check_vma=True``, or with the gradients averaged after it under
+        ``check_vma=False``; either gives the full-batch gradient (``docs/distributed.md``).
+        Not needed under ``jit`` with sharded arrays.
+      nonfinite: ``"propagate"`` (default) and ``"skip"`` both skip an update whose constraint
+        values are not all finite, as described above (a dual step cannot carry NaN/inf: that
+        is today's behaviour, traced; ``state.nonfinite_skips`` is ``total_notfinite``);
+        ``"raise"`` raises ``FloatingPointError`` from ``update``/``forward_update`` on
+        concrete values, and ``TypeError`` when they are traced (under ``jit``: use
+        ``"skip"`` there). See docs/faults.md.
 
     Returns:
       An :class:`IALMTransformation`.
 
     Raises:
       ValueError, TypeError: at construction, a hyper-parameter out of range or of the wrong
-        type (message naming it and its value, as :class:`uniopt.iALM`); at ``init``, a
+        type (message naming it and its value, as :class:`uniopt.iALM`; an ``axis_name`` that
+        is not None, a str or a tuple of str is a TypeError); at ``init``, a
         per-group hyper-parameter that does not match the constraints; at ``update`` /
         ``lagrangian``, constraints whose structure or sizes differ from the state's.
 
@@ -278,6 +305,8 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
              "init_duals": init_duals}
     penalty = check_penalty(penalty)
     ctol = _validation.nonnegative_finite("ctol value", ctol)
+    axis_name = check_axis_name(axis_name)
+    _validation.check_nonfinite(nonfinite)
     for name, value in specs.items():
         for entry in ([value] if _is_single(name, value) else _entries(name, value)):
             _check_entry(name, entry)
@@ -336,7 +365,10 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
                     or c.dtype == jnp.bool_):
                 raise TypeError(f"ialm: constraints of group {g.name} must be real numbers, got "
                                 f"dtype {c.dtype}")
-            out.append(jnp.reshape(c, lam.shape))
+            c = jnp.reshape(c, lam.shape)
+            if axis_name is not None:  # data parallelism: the shards' values, averaged
+                c = mean_over(c.astype(jnp.result_type(c.dtype, lam.dtype)), axis_name)
+            out.append(c)
         return treedef, out, groups
 
     def init(constraints) -> IALMState:
@@ -367,6 +399,8 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
 
     def update(constraints, state: IALMState) -> IALMState:
         treedef, parts, groups = matched(constraints, state)
+        if nonfinite == "raise":
+            nonfinite_raise("ialm", {"the constraint values": constraints})
         leaves = [treedef.flatten_up_to(t) for t in
                   (state.duals, state.momentum_buffer, state.beta, state.stepsize)]
         duals, buffers, betas, steps = [], [], [], []

@@ -26,14 +26,19 @@ from uniopt import _validation
 from uniopt.rules import bind
 from uniopt.rules import polyak as _polyak
 
+from ._faults import all_finite, nonfinite_raise, select, with_nonfinite
 from ._solver import (
     IterativeSolver,
     OptStep,
     check,
     check_callable,
+    check_axis_name,
     check_fun_fields,
+    data_parallel,
+    extra,
     is_zero,
     make_funs,
+    mean_over,
     safe_sqrt,
     single_dtype,
     tree_sq_norm,
@@ -42,6 +47,7 @@ from ._solver import (
 __all__ = [
     "OptStep",
     "PolyakSGDState",
+    "PolyakSGDSkipState",
     "PolyakSGD",
     "ScaleByPolyakState",
     "scale_by_polyak",
@@ -76,6 +82,21 @@ class PolyakSGDState(NamedTuple):
     velocity: Optional[Any]
     num_fun_eval: Any = 0
     num_grad_eval: Any = 0
+
+
+class PolyakSGDSkipState(NamedTuple):
+    """State of :class:`PolyakSGD` with ``nonfinite="skip"``: :class:`PolyakSGDState`'s fields
+    and ``nonfinite_skips`` (int32, the updates skipped for a non-finite loss or gradient)."""
+
+    iter_num: Any
+    error: Any
+    value: Any
+    aux: Any
+    stepsize: Any
+    velocity: Optional[Any]
+    num_fun_eval: Any = 0
+    num_grad_eval: Any = 0
+    nonfinite_skips: Any = 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -133,11 +154,29 @@ class PolyakSGD(IterativeSolver):
       unroll: ``"auto"`` (= ``not implicit_diff or not jit``), True (a ``lax.scan`` of
         ``maxiter - 1`` steps, no-ops once converged: reverse-differentiable; a Python loop
         when ``jit=False``) or False (``lax.while_loop``: exits early, needs ``jit=True``).
+      axis_name: None, or the mapped axis (a name or a tuple of names) of ``shard_map``/
+        ``pmap`` data parallelism, keyword only: ``fun`` sees each device's batch shard, and
+        ``update`` averages its value over these devices (``lax.pmean``, inside the
+        differentiated function when JAX differentiates ``fun``) and the gradient after, so
+        every device takes the full-batch step and ``run``'s stopping test agrees on every
+        device; ``aux`` stays per device. With equal shards of a mean loss this is the
+        full-batch run. A gradient that ``fun`` returns itself (``value_and_grad=True``) is
+        averaged too: it must be the device's own under ``check_vma=False`` and that of the
+        averaged value under ``check_vma=True`` (``docs/distributed.md``). Not needed for
+        parameters sharded under ``jit`` (``NamedSharding``): XLA reduces global arrays
+        itself. (New; jaxopt has no such field.)
+      nonfinite: ``"propagate"`` (default: a NaN/inf loss or gradient flows into the step, as
+        in jaxopt), ``"raise"`` (``FloatingPointError`` from ``update``, nothing returned; needs
+        ``jit=False``, since a compiled update cannot raise) or ``"skip"`` (traced, works in
+        ``run`` under ``jit``: the parameters and the state's values are kept, ``iter_num``
+        and the evaluation counts advance, and the state is a :class:`PolyakSGDSkipState`
+        counting the skips in ``nonfinite_skips``). See docs/faults.md.
 
     Raises:
       ValueError: an unknown ``variant``; a negative (or NaN) ``max_stepsize``, ``delta``,
         ``momentum``, ``maxiter`` or ``tol``; a non-finite ``fun_min``; ``unroll=False``
-        with ``jit=False``. TypeError: an argument of the wrong type. Traced values (a solver
+        with ``jit=False``. TypeError: an argument of the wrong type (an ``axis_name`` that
+        is not None, a str or a tuple of str). Traced values (a solver
         built inside ``jit``/``vmap``) are not checked.
 
     Example:
@@ -181,8 +220,15 @@ class PolyakSGD(IterativeSolver):
     jit: bool = True
     unroll: Union[str, bool] = "auto"
 
+    axis_name: Any = extra()
+    nonfinite: str = extra("propagate")
+
     # -- construction ------------------------------------------------------------------------
     def _check_fields(self) -> None:
+        _validation.check_nonfinite(self.nonfinite)
+        if self.nonfinite == "raise" and self.jit is True:
+            raise ValueError("Invalid nonfinite policy: 'raise' with jit=True (a compiled update "
+                             "cannot raise); use jit=False, or nonfinite='skip' under jit")
         self.value_and_grad = check_fun_fields(self.fun, self.value_and_grad, self.has_aux)
         check(_validation.finite, "fun_min value", self.fun_min)
         _validation.choice("variant value", self.variant, _polyak.VARIANTS)
@@ -190,17 +236,24 @@ class PolyakSGD(IterativeSolver):
         check(_validation.nonnegative_finite, "delta value", self.delta)
         check(_validation.nonnegative_finite, "momentum value", self.momentum)
         check_callable("pre_update value", self.pre_update, optional=True)
+        self.axis_name = check_axis_name(self.axis_name)
         super()._check_fields()
 
     def _prepare(self) -> None:
         self._fun, self._value_and_grad_fun = make_funs(
             self.fun, self.value_and_grad, self.has_aux)
+        # shard_map data parallelism: the whole batch's value and gradient on every device
+        self._value_and_grad_fun = data_parallel(
+            self._fun, self._value_and_grad_fun, self.value_and_grad is False, self.axis_name)
         # jaxopt's AndersonWrapper and custom_root look for this attribute.
         self.reference_signature = self.fun
 
     # -- the solver's problem ------------------------------------------------------------------
     def optimality_fun(self, params, *args, **kwargs):
-        """The gradient of ``fun`` at ``params`` (zero at a stationary point); aux dropped."""
+        """The gradient of ``fun`` at ``params`` (zero at a stationary point); aux dropped.
+
+        With ``axis_name``, the whole batch's (averaged over the devices of that axis).
+        """
         return self._value_and_grad_fun(params, *args, **kwargs)[1]
 
     # -- one step -----------------------------------------------------------------------------
@@ -217,7 +270,7 @@ class PolyakSGD(IterativeSolver):
         value, aux = self._fun(init_params, *args, **kwargs)
         dtype = single_dtype(init_params, "PolyakSGD")
         velocity = None if is_zero(self.momentum) else jax.tree.map(jnp.zeros_like, init_params)
-        return PolyakSGDState(
+        state = PolyakSGDState(
             iter_num=jnp.asarray(0),
             error=jnp.asarray(jnp.inf, dtype=dtype),
             value=jnp.asarray(jnp.inf, dtype=jnp.asarray(value).dtype),
@@ -227,6 +280,9 @@ class PolyakSGD(IterativeSolver):
             num_fun_eval=jnp.array(1, _NUM_EVAL_DTYPE),
             num_grad_eval=jnp.array(0, _NUM_EVAL_DTYPE),
         )
+        if self.nonfinite == "skip":
+            return PolyakSGDSkipState(*state, nonfinite_skips=jnp.array(0, jnp.int32))
+        return state
 
     def _stepsize(self, value, grad_sq_norm, dtype):
         """The rule's variant choice; ``tiny`` (SPS+'s zero guard) is ``dtype``'s epsilon.
@@ -256,6 +312,8 @@ class PolyakSGD(IterativeSolver):
             params, state = self.pre_update(params, state, *args, **kwargs)
 
         (value, aux), grad = self._value_and_grad_fun(params, *args, **kwargs)
+        if self.nonfinite == "raise":
+            nonfinite_raise("PolyakSGD", {"the loss": value, "the gradient": grad})
         grad_sq_norm = tree_sq_norm(grad)
         stepsize = self._stepsize(value, grad_sq_norm, dtype).astype(state.stepsize.dtype)
 
@@ -283,6 +341,14 @@ class PolyakSGD(IterativeSolver):
             num_fun_eval=state.num_fun_eval + 1,
             num_grad_eval=state.num_grad_eval + 1,
         )
+        if self.nonfinite == "skip":  # traced: keep the parameters and values, count the skip
+            ok = all_finite(value, grad)
+            kept = ("error", "value", "aux", "stepsize", "velocity")
+            new_params = select(ok, new_params, params)
+            new_state = PolyakSGDSkipState(
+                *new_state._replace(**{k: select(ok, getattr(new_state, k), getattr(state, k))
+                                       for k in kept}),
+                nonfinite_skips=state.nonfinite_skips + jnp.where(ok, 0, 1).astype(jnp.int32))
         if self.verbose:
             jax.debug.print(
                 "INFO: uniopt.PolyakSGD: Iter: {} Gradient Norm (stopping criterion): {} "
@@ -310,6 +376,8 @@ def scale_by_polyak(
     eps: Any = 0.0,
     variant: str = "sps",
     momentum: Any = 0.0,
+    *,
+    axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Scale updates by the Polyak step size, with optional heavy-ball momentum.
 
@@ -335,6 +403,13 @@ def scale_by_polyak(
       variant: ``"sps"`` or ``"sps+"``.
       momentum: :math:`\mu \ge 0` (a traced value, e.g. from :func:`optax.inject_hyperparams`,
         always gets a velocity buffer).
+      axis_name: None, or the mapped axis of ``shard_map``/``pmap`` data parallelism: the
+        ``value`` each device passes (its batch shard's loss) is averaged over these devices
+        (``lax.pmean``). The updates are not: average the gradients yourself, as in any
+        optax data-parallel loop (differentiate the ``lax.pmean``'d loss under
+        ``shard_map``'s default ``check_vma=True``; ``lax.pmean`` the gradients under
+        ``check_vma=False``; ``docs/distributed.md``). Not needed under ``jit`` with sharded
+        parameters.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update(updates, state,
@@ -345,6 +420,7 @@ def scale_by_polyak(
     check(_validation.nonnegative, "eps value", eps)
     _validation.choice("variant value", variant, _OPTAX_VARIANTS)
     check(_validation.nonnegative_finite, "momentum value", momentum)
+    axis_name = check_axis_name(axis_name)
     use_velocity = isinstance(momentum, jax.Array) or not is_zero(momentum)
 
     def init_fn(params):
@@ -355,7 +431,7 @@ def scale_by_polyak(
     def update_fn(updates, state, params=None, *, value, **extra_args):
         del params, extra_args
         sq_norm = tree_sq_norm(updates)
-        loss = jnp.asarray(value).astype(sq_norm.dtype)
+        loss = mean_over(jnp.asarray(value), axis_name).astype(sq_norm.dtype)
         # optax's "sps" and "sps+" are both SPS_max here (the rule never ascends).
         step = _rules.polyak_stepsize(loss, f_min, sq_norm, eps, max_learning_rate,
                                       _OPTAX_TINY, False)
@@ -385,6 +461,9 @@ def polyak_sgd(
     eps: Any = 0.0,
     variant: str = "sps",
     momentum: Any = 0.0,
+    *,
+    axis_name: Any = None,
+    nonfinite: str = "propagate",
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD with the Polyak step size (:func:`optax.polyak_sgd`'s signature, plus momentum).
 
@@ -408,6 +487,12 @@ def polyak_sgd(
       eps: :math:`\epsilon \ge 0`.
       variant: ``"sps"`` or ``"sps+"`` (the same here: the step is never negative).
       momentum: :math:`\mu \ge 0`.
+      axis_name: None, or the ``shard_map``/``pmap`` axis over which the loss ``value`` is
+        averaged (see :func:`scale_by_polyak`; average the gradients yourself).
+      nonfinite: (keyword) ``"propagate"`` (default), ``"raise"`` (outside ``jit``) or
+        ``"skip"`` (traced; the state becomes ``NonFiniteState(inner_state,
+        nonfinite_skips)``): what an update does when the gradient or ``value`` is NaN/inf
+        (docs/faults.md).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; ``update`` needs ``value=``.
@@ -432,8 +517,8 @@ def polyak_sgd(
     """
     if not callable(scaling):
         check(_validation.nonnegative, "scaling value", scaling)
-    return optax.chain(
+    return with_nonfinite(optax.chain(
         scale_by_polyak(f_min=f_min, max_learning_rate=max_learning_rate, eps=eps,
-                        variant=variant, momentum=momentum),
+                        variant=variant, momentum=momentum, axis_name=axis_name),
         optax.scale_by_learning_rate(scaling),
-    )
+    ), nonfinite, "polyak_sgd", ("value",), axis_name)

@@ -33,6 +33,7 @@ from uniopt.rules import qh as _qh
 from uniopt.rules.qh_convert import QHAdamConversions, QHMConversions
 
 from . import _ffi
+from ._faults import with_nonfinite
 from ._solver import safe_sqrt
 
 __all__ = [
@@ -174,14 +175,18 @@ def _traced_step(family, hyper, grads, params, states, mode):
     return updates, new, extra
 
 
-def _fused_leaves(family, mode, hyper, grads, params, states):
-    """``(updates, states, extra)`` of one dtype group: one FFI call, traced derivatives."""
+def _fused_leaves(family, mode, hyper, grads, params, states, apply=False):
+    """``(updates, states, extra)`` of one dtype group: one FFI call, traced derivatives.
+
+    ``apply``: the fused variant, the new parameters in place of the updates.
+    """
 
     def through_ffi(hyper, grads, params, states):
-        return _ffi.call(family, hyper, grads, params, states)
+        return _ffi.call(family, hyper, grads, params, states, apply)
 
     def traced(hyper, grads, params, states):
-        return _traced_step(family, hyper, grads, params, states, mode)
+        updates, new, extra = _traced_step(family, hyper, grads, params, states, mode)
+        return [p + u for p, u in zip(params, updates)] if apply else updates, new, extra
 
     return _ffi.with_traced_derivatives(through_ffi, traced)(hyper, grads, params, states)
 
@@ -201,20 +206,28 @@ def _with_ffi(chain, family, ffi, learning_rate, weight_decay, decoupled, block_
             _ffi_kernels.DECOUPLED if decoupled else _ffi_kernels.COUPLED)
     block_at, decay_at = (0, 1) if decoupled else (1, 0)
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def step(updates, state, params, apply, **extra_args):
+        """``update_fn``; ``apply``: :func:`_ffi.update_and_apply`'s ``(params, state)``."""
+        def fallback():
+            if apply:
+                return _ffi.apply_pair(chain.update, updates, state, params, **extra_args)
+            return chain.update(updates, state, params, **extra_args)
+
         block_state, decay_state, lr_state = state[block_at], state[decay_at], state[2]
         treedef, grads, fields = _leaves_with(updates, *(getattr(block_state, f)
                                                          for f in state_fields))
-        if not grads or (mode != _ffi_kernels.PLAIN and params is None):
-            return chain.update(updates, state, params, **extra_args)  # (optax raises)
-        ps = treedef.flatten_up_to(params) if mode != _ffi_kernels.PLAIN else None
+        if not grads or ((apply or mode != _ffi_kernels.PLAIN) and params is None):
+            return fallback()  # (optax raises)
+        ps = treedef.flatten_up_to(params) if apply or mode != _ffi_kernels.PLAIN else None
         lr, wd = _value(learning_rate, lr_state), _value(weight_decay, decay_state)
         scalars = [lr, wd, *jax.tree.leaves(block_state._replace(
             **{f: None for f in state_fields})), *jax.tree.leaves((decay_state, lr_state))]
-        leaves = grads + (ps or [])
-        per_leaf = [[field[t] for field in fields] for t in range(len(grads))]
-        if not _ffi.choose(ffi, leaves, per_leaf + ([[]] * len(ps) if ps else []), scalars):
-            return chain.update(updates, state, params, **extra_args)
+        leaves = grads if apply else grads + (ps or [])
+        per_leaf = [[field[t] for field in fields] + ([ps[t]] if apply else [])
+                    for t in range(len(grads))]  # (apply: p must have g's dtype, as state)
+        if not _ffi.choose(ffi, leaves, per_leaf + ([[]] * len(ps) if ps and not apply else []),
+                           scalars, _ffi.APPLY_MIN_SIZE if apply else None):
+            return fallback()
         middle, tail = block_hyper(block_state)
         new_updates = [None] * len(grads)
         new_fields = [[None] * len(grads) for _ in state_fields]
@@ -227,7 +240,8 @@ def _with_ffi(chain, family, ffi, learning_rate, weight_decay, decoupled, block_
             hyper = jnp.stack(_cast(hyper_dtype, float(mode), 1.0, wd, *middle, -lr, *tail))
             us, outs, extra = _fused_leaves(family, mode, hyper, [grads[t] for t in index],
                                             [ps[t] for t in index] if ps else None,
-                                            [[field[t] for t in index] for field in fields])
+                                            [[field[t] for t in index] for field in fields],
+                                            apply)
             for j, t in enumerate(index):
                 new_updates[t] = us[j]
                 for k in range(len(state_fields)):
@@ -240,6 +254,11 @@ def _with_ffi(chain, family, ffi, learning_rate, weight_decay, decoupled, block_
         new_state[block_at], new_state[decay_at] = new_block, _advanced(decay_state)
         return treedef.unflatten(new_updates), tuple(new_state)
 
+    def update_fn(updates, state, params=None, **extra_args):
+        return step(updates, state, params, False, **extra_args)
+
+    update_fn.update_and_apply = lambda grads, state, params, **extra_args: step(
+        grads, state, params, True, **extra_args)
     return optax.GradientTransformationExtraArgs(chain.init, update_fn)
 
 
@@ -295,7 +314,7 @@ class _QHMConversions(QHMConversions):
 def qhm(learning_rate: optax.ScalarOrSchedule, momentum: Any, nu: Any,
         weight_decay: optax.ScalarOrSchedule = 0.0,
         weight_decay_type: str = "grad", *,
-        ffi: bool | None = None) -> optax.GradientTransformation:
+        ffi: bool | None = None, nonfinite: str = "propagate") -> optax.GradientTransformation:
     r"""Quasi-hyperbolic momentum (QHM), with qhoptim's weight-decay options.
 
     .. math::
@@ -329,6 +348,10 @@ def qhm(learning_rate: optax.ScalarOrSchedule, momentum: Any, nu: Any,
         ``jit`` on CPU) where it applies and pays, else the traced path; ``True`` forces the FFI
         call, ``False`` the traced path. Under :func:`optax.inject_hyperparams` pass it as a
         static argument (``static_args=("ffi",)``).
+      nonfinite: (keyword) ``"propagate"`` (default: NaN/inf gradients flow into the update,
+        as in optax), ``"raise"`` (``FloatingPointError`` before the update; outside ``jit``
+        only) or ``"skip"`` (traced: a ``-0.0`` update and the state kept, the state wrapped
+        in ``NonFiniteState`` with an int32 ``nonfinite_skips``); see docs/faults.md.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` (an :func:`optax.chain`).
@@ -363,9 +386,9 @@ def qhm(learning_rate: optax.ScalarOrSchedule, momentum: Any, nu: Any,
     steps = (decay, block) if weight_decay_type == "grad" else (block, decay)
     chain = optax.chain(*steps, optax.scale_by_learning_rate(learning_rate))
     step = (momentum, _complement(momentum), nu, _complement(nu))
-    return _with_ffi(chain, "qhm", ffi, learning_rate, weight_decay,
-                     weight_decay_type == "direct", lambda state: (step, ()),
-                     ("momentum_buffer",))
+    return with_nonfinite(_with_ffi(chain, "qhm", ffi, learning_rate, weight_decay,
+                                    weight_decay_type == "direct", lambda state: (step, ()),
+                                    ("momentum_buffer",)), nonfinite, "qhm")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,7 +488,7 @@ def qhadam(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
            weight_decay: optax.ScalarOrSchedule = 0.0,
            decouple_weight_decay: bool = False, *, b1: Any = _B1, b2: Any = _B2,
            nu1: Any = _NU1, nu2: Any = _NU2,
-           ffi: bool | None = None) -> optax.GradientTransformation:
+           ffi: bool | None = None, nonfinite: str = "propagate") -> optax.GradientTransformation:
     r"""QHAdam: Adam with quasi-hyperbolic numerator and denominator.
 
     .. math::
@@ -519,6 +542,10 @@ def qhadam(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
         ``jit`` on CPU) where it applies and pays, else the traced path; ``True`` forces the FFI
         call, ``False`` the traced path. Under :func:`optax.inject_hyperparams` pass it as a
         static argument (``static_args=("ffi",)``).
+      nonfinite: (keyword) ``"propagate"`` (default: NaN/inf gradients flow into the update,
+        as in optax), ``"raise"`` (``FloatingPointError`` before the update; outside ``jit``
+        only) or ``"skip"`` (traced: a ``-0.0`` update and the state kept, the state wrapped
+        in ``NonFiniteState`` with an int32 ``nonfinite_skips``); see docs/faults.md.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` (an :func:`optax.chain`).
@@ -561,15 +588,16 @@ def qhadam(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
     def block_hyper(state):
         return middle, (state.beta1_weight, state.beta2_weight)
 
-    return _with_ffi(chain, "qhadam", ffi, learning_rate, weight_decay, decouple_weight_decay,
-                     block_hyper, ("exp_avg", "exp_avg_sq"))
+    return with_nonfinite(_with_ffi(chain, "qhadam", ffi, learning_rate, weight_decay,
+                                    decouple_weight_decay, block_hyper, ("exp_avg", "exp_avg_sq")),
+                          nonfinite, "qhadamw" if decouple_weight_decay else "qhadam")
 
 
 def qhadamw(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
             nus: Any = None, eps: Any = 1e-8,
             weight_decay: optax.ScalarOrSchedule = 0.0, *, b1: Any = _B1, b2: Any = _B2,
             nu1: Any = _NU1, nu2: Any = _NU2,
-            ffi: bool | None = None) -> optax.GradientTransformation:
+            ffi: bool | None = None, nonfinite: str = "propagate") -> optax.GradientTransformation:
     r"""QHAdam with decoupled weight decay: ``qhadam(..., decouple_weight_decay=True)``.
 
     .. math::
@@ -588,6 +616,7 @@ def qhadamw(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
       weight_decay: :math:`\lambda` (finite, >= 0), a float or an optax schedule.
       b1, b2, nu1, nu2: the betas and nus as separate scalars (see :func:`qhadam`).
       ffi: the execution (see :func:`qhadam`).
+      nonfinite: ``"propagate"``, ``"raise"`` or ``"skip"`` (see :func:`qhadam`).
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` (an :func:`optax.chain`).
@@ -597,7 +626,7 @@ def qhadamw(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
       <https://arxiv.org/abs/1810.06801>`_, ICLR 2019
     """
     return qhadam(learning_rate, betas, nus, eps, weight_decay, decouple_weight_decay=True,
-                  b1=b1, b2=b2, nu1=nu1, nu2=nu2, ffi=ffi)
+                  b1=b1, b2=b2, nu1=nu1, nu2=nu2, ffi=ffi, nonfinite=nonfinite)
 
 
 for _name in ("from_pid", "from_synthesized_nesterov", "from_robust_momentum", "from_accsgd",

@@ -64,7 +64,8 @@ import torch
 from uniopt import _jit
 
 __all__ = ["BACKENDS", "Rule", "Table", "Work", "Dispatcher", "local_view", "grad_view", "dist_key",
-           "cuda_kernels_usable", "is_plain"]
+           "cuda_kernels_usable", "is_plain", "all_finite", "nonfinite_gate", "resolve_process_group",
+           "group_average"]
 
 BACKENDS = ("auto", "torch")
 _NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
@@ -147,6 +148,128 @@ def dist_key(p: torch.Tensor):
         if not pl.is_shard():
             replicas *= mesh.size(dim)
     return mesh, replicas
+
+
+def all_finite(tensors, process_group=None) -> bool:
+    """Whether every element of every tensor is finite (no NaN, no inf), in one reduction.
+
+    The check of every ``nonfinite`` policy of the torch face (docs/faults.md). ``None`` and
+    empty tensors are skipped; a DTensor is checked on its local tensor and a sparse tensor on
+    its values. The tensors of one device and dtype go through one fused
+    ``torch._foreach_norm(..., inf)`` (a max-abs norm: it never overflows, and NaN and inf come
+    out non-finite), then one host sync for all of them. With a ``process_group``, the local
+    flag is all-reduced with ``MIN`` over it, so every rank gets the same answer (call it on
+    every rank); without one, DTensors' flags are all-reduced over their meshes (each
+    dimension's group), so FSDP2 shards decide alike.
+    """
+    groups: dict = {}
+    meshes: list = []
+    for t in tensors:
+        if t is None:
+            continue
+        if is_dtensor(t):
+            if process_group is None and not any(t.device_mesh == m for m in meshes):
+                meshes.append(t.device_mesh)
+            t = t.to_local()
+        if t.is_sparse:
+            t = t.coalesce().values()
+        if t.numel():
+            groups.setdefault((t.device, t.dtype), []).append(t.detach())
+    flags = [torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all().cpu()
+             for ts in groups.values()]
+    ok = bool(torch.stack(flags).all()) if flags else True
+    reduce_over = [process_group] if process_group is not None else [
+        mesh.get_group(dim) for mesh in meshes for dim in range(mesh.ndim)]
+    if reduce_over:
+        import torch.distributed as dist
+
+        for group in reduce_over:
+            device = "cpu"
+            if dist.get_backend(group) == "nccl":
+                device = torch.device("cuda", torch.cuda.current_device())
+            flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+            ok = bool(flag.item())
+    return ok
+
+
+def nonfinite_gate(optimizer, labelled, groups, process_group=None) -> bool:
+    """Apply ``optimizer.nonfinite`` to a step's inputs, before anything changes.
+
+    Args:
+      optimizer: the optimizer (its ``nonfinite`` policy and its class name in the message).
+      labelled: a list of ``(tensor, label)``: the step's gradients (or constraint values), the
+        label naming each in the error (``"the gradient of parameter 0 of param group 1"``).
+      groups: the param groups whose ``nonfinite_skips`` a skipped step increments.
+      process_group: reduce the flag over it (:func:`all_finite`).
+
+    Returns:
+      ``True`` when the step goes ahead, ``False`` when it is skipped (counters incremented).
+
+    Raises:
+      FloatingPointError: non-finite values under ``nonfinite="raise"``, naming the first.
+    """
+    policy = getattr(optimizer, "nonfinite", "propagate")
+    if policy == "propagate" or all_finite([t for t, _ in labelled], process_group):
+        return True
+    if policy == "raise":
+        from uniopt._validation import nonfinite_error
+
+        where = next((label for t, label in labelled if t is not None and not all_finite([t])),
+                     "another rank's values")
+        raise nonfinite_error(type(optimizer).__name__, where)
+    for group in groups:
+        group["nonfinite_skips"] = int(group.get("nonfinite_skips", 0)) + 1
+    return False
+
+
+def grad_labels(param_groups: list) -> list:
+    """``(p.grad, label)`` for every parameter with a gradient, for :func:`nonfinite_gate`."""
+    return [(p.grad, f"the gradient of parameter {i} of param group {k}")
+            for k, group in enumerate(param_groups) for i, p in enumerate(group["params"])
+            if p.grad is not None]
+
+
+def resolve_process_group(pg=None):
+    """The process group a uniopt optimizer reduces its values over, or ``None``.
+
+    ``pg`` given: returned as it is (a ``torch.distributed.ProcessGroup``; anything else is a
+    ``TypeError``). ``None``: the world group when ``torch.distributed`` is available and
+    initialised, else ``None`` (a single process: nothing is reduced). ``torch.distributed`` is
+    never imported here: if nothing imported it, no process group can exist.
+
+    Raises:
+      TypeError: ``pg`` is neither ``None`` nor a process group.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if pg is None:
+        if dist is None or not dist.is_available() or not dist.is_initialized():
+            return None
+        return dist.group.WORLD
+    group_class = getattr(dist, "ProcessGroup", None) if dist is not None else None
+    if group_class is None or not isinstance(pg, group_class):
+        raise TypeError(f"Invalid process_group: {pg!r} (expected a torch.distributed.ProcessGroup "
+                        f"or None)")
+    return pg
+
+
+def group_average(values: torch.Tensor, pg) -> torch.Tensor:
+    """``values`` (a 1-D tensor) averaged over the ranks of ``pg``, in ONE ``all_reduce``.
+
+    A sum followed by a division by the group size (gloo has no ``AVG``), so every rank gets
+    the same bits. ``pg`` ``None`` or of size 1: ``values`` itself. ``values`` is replaced, not
+    changed in place.
+    """
+    if pg is None:
+        return values
+    import torch.distributed as dist
+
+    size = dist.get_world_size(pg)
+    if size == 1:
+        return values
+    buffer = values.detach().clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=pg)
+    return buffer.div_(size)
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:

@@ -35,12 +35,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from uniopt._validation import check_ialm_group, check_ialm_size, check_penalty, nonnegative_finite, real
+from uniopt._validation import (check_ialm_group, check_ialm_size, check_nonfinite, check_penalty,
+                                nonnegative_finite, real)
 from uniopt.kernels import ialm_cpu
 from uniopt.rules import bind
 from uniopt.rules import ialm as _rules
 
-from ._dispatch import Dispatcher, Rule
+from ._dispatch import Dispatcher, Rule, group_average, nonfinite_gate, resolve_process_group
 
 __all__ = ["iALM"]
 
@@ -233,6 +234,20 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
       is_ineq: whether the first group's constraints are inequalities :math:`c \le 0`.
       ctol: violations within ``ctol`` (>= 0) count as satisfied.
       device: where the multipliers live (default: the CPU, or ``init_duals``' device).
+      process_group: the ``torch.distributed`` process group the constraint values are
+        averaged over (DDP: each rank passes the constraints of its own batch). ``None``: the
+        world group when ``torch.distributed`` is initialised at construction, else none (a
+        single process). Every call of :meth:`forward`, :meth:`update`, :meth:`step` and
+        :meth:`forward_update` then makes one ``all_reduce`` of every group's values, packed:
+        the dual step uses the averages and the Lagrangian is evaluated at them with the
+        gradient of this rank's values, so under DDP the primal gradients are those of a single
+        process on the whole batch (humancompatible-train 0.4.x averages for the dual step only
+        and puts the local values in the Lagrangian's quadratic term). Every rank must call.
+      nonfinite: (keyword) ``"propagate"`` (default: today's behaviour -- non-finite constraint
+        values raise ``ValueError`` before anything changes), ``"raise"``
+        (``FloatingPointError``, nothing changed) or ``"skip"`` (nothing changes, ``beta``
+        included; every group's ``nonfinite_skips`` is incremented). One check over every
+        group's values (:func:`uniopt.adapters.torch._dispatch.all_finite`); docs/faults.md.
 
     Deviations from humancompatible-train 0.4.2 (``docs/deviations.md``): groups never
     inherit another group's bounds or momentum (``None`` means the constructor's value);
@@ -241,7 +256,7 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
     direction is a zero step; the multipliers settle their dtype at the first update and mixed
     float32/float64 inputs work; ``init_duals`` and ``load_state_dict`` copy;
     ``forward`` -> ``update`` -> ``backward`` works; non-finite constraints raise; a failing
-    step changes nothing; there is no ``process_group``.
+    step changes nothing; ``process_group`` also averages the Lagrangian's values.
 
     Example:
       >>> import torch
@@ -264,7 +279,8 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
 
     def __init__(self, m=None, beta=1.0, sigma=1.0, gamma=1.0, init_duals=None, penalty=1.0, *,
                  dual_range=(-100.0, 100.0), momentum=0.0, dampening=0.0, is_ineq=False,
-                 ctol=0.0, device=None, _backend="auto"):
+                 ctol=0.0, device=None, nonfinite="propagate", process_group=None, _backend="auto"):
+        self.nonfinite = check_nonfinite(nonfinite)
         if _backend not in BACKENDS:
             expected = ", ".join(map(repr, BACKENDS))
             raise ValueError(f"Invalid _backend: {_backend!r} (expected one of {expected})")
@@ -272,6 +288,7 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
         self._device = _device(device)
         self.penalty = check_penalty(penalty)
         self.ctol = nonnegative_finite("ctol value", ctol)
+        self.process_group = resolve_process_group(process_group)
         # check the constructor-wide defaults before later groups inherit them
         check_ialm_group(beta=beta, sigma=sigma, gamma=gamma, momentum=momentum,
                          dampening=dampening, dual_range=dual_range, is_ineq=is_ineq)
@@ -343,7 +360,14 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
             group["name"] = f"group{len(self.param_groups)}"
         if any(g["name"] == group["name"] for g in self.param_groups):
             raise ValueError(f"Invalid name: {group['name']!r} (a group of that name exists)")
+        self._keep_skips(group, param_group)
         self.param_groups.append(group)
+
+    def _keep_skips(self, group: dict, source) -> None:
+        """The ``nonfinite_skips`` counter of a new or loaded group (present unless the policy
+        is ``"propagate"`` and ``source`` has none)."""
+        if "nonfinite_skips" in source or self.__dict__.get("nonfinite", "propagate") != "propagate":
+            group["nonfinite_skips"] = int(source.get("nonfinite_skips", 0))
 
     # -- views ----------------------------------------------------------------------------
     @property
@@ -453,11 +477,39 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
         return [g["beta"] if self.penalty is None else self.penalty for g in self.param_groups]
 
     # -- the step -------------------------------------------------------------------------
+    def _reduced(self, parts: list) -> list:
+        """``parts`` averaged over ``process_group`` in one ``all_reduce`` (every group packed).
+
+        Each averaged part keeps its rank's autograd graph: its value is the group average and
+        its gradient that of the local values (``c - c.detach() + mean``), so the Lagrangian's
+        gradients, averaged over the ranks by DDP, are those of the Lagrangian of the averaged
+        constraints -- the full batch's, quadratic term included.
+        """
+        if not parts:
+            return parts
+        flat = torch.cat([c.detach().reshape(-1) for c in parts])
+        mean = group_average(flat, self.process_group)
+        out, offset = [], 0
+        for c in parts:
+            m = mean[offset:offset + c.numel()].to(c.dtype).reshape(c.shape)
+            offset += c.numel()
+            out.append(c - c.detach() + m if c.requires_grad else m)
+        return out
+
     def _walk(self, loss, constraints, *, update: bool):
         parts = self._gather(constraints)
+        if self.process_group is not None:
+            parts = self._reduced(parts)
         if not update:
             return None if loss is None else self._lagrangian(loss, parts, self._rhos())
         groups = self.param_groups
+        # the values were averaged over process_group above: every rank's check agrees
+        # without another all_reduce (a non-finite value on one rank makes every average so)
+        if self.nonfinite != "propagate" and not nonfinite_gate(
+                self, [(c, f"the constraint values of group {g['name']!r}")
+                       for g, c in zip(groups, parts)],
+                groups, None):
+            return None if loss is None else self._lagrangian(loss, parts, self._rhos())
         settled = True
         for group in groups:
             if not group["dtype_fixed"]:
@@ -640,6 +692,7 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
             group = _checked_group(g, self.defaults, copy=True)
             if group["name"] is None:
                 group["name"] = f"group{k}"
+            self._keep_skips(group, g)
             new.append(group)
         names = [g["name"] for g in new]
         if len(set(names)) != len(names):
@@ -660,6 +713,9 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_fills", {})
+        self.__dict__.setdefault("nonfinite", "propagate")
+        if "process_group" not in self.__dict__:  # not pickled: the default group here
+            self.process_group = resolve_process_group(None)
         if "_dispatcher" not in self.__dict__:  # unpickled or deep-copied
             self._rule = _DualStepRule()
             self._dispatcher = Dispatcher(self._rule, self.__dict__.get("_backend", "auto"))

@@ -21,18 +21,21 @@ The arithmetic is :mod:`uniopt.rules.polyak` on every path.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch.optim.optimizer import Optimizer
 
 from uniopt import _jit
 from uniopt.kernels import polyak_cpu
-from uniopt._validation import check_polyak, nonnegative_finite
+from uniopt._validation import check_nonfinite, check_polyak, nonfinite_error, nonnegative_finite
 from uniopt.polyak import polyak_stepsize
 from uniopt.rules import bind
 from uniopt.rules import polyak as _polyak
 
-from ._dispatch import Dispatcher, Rule, dist_key, grad_view, is_dtensor, local_view, owned_copy
+from ._dispatch import (Dispatcher, Rule, dist_key, grad_view, group_average, is_dtensor, local_view,
+                        owned_copy, resolve_process_group)
 
 __all__ = ["PolyakSGD"]
 
@@ -268,6 +271,24 @@ def _reduce_over_meshes(value: float, parts: list, meshes: list) -> tuple:
     return value, totals
 
 
+def _all_zero_grads(param_groups) -> bool:
+    """Whether there are gradients and all are zeros (the local shards of DTensors)."""
+    seen = False
+    with torch.no_grad():
+        for group in param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                seen = True
+                view = local_view(g)
+                if view is None:
+                    view = g
+                if view.numel() and bool(view.ne(0).any()):
+                    return False
+    return seen
+
+
 def _loss_value(loss) -> float:
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1:
@@ -313,6 +334,16 @@ class PolyakSGD(Optimizer):
         ``StepLR(opt, ...)`` schedules the cap, and the trajectory is the NumPy/JAX solver's
         with ``max_stepsize = lr * max_stepsize``. SPS+ has no cap: ``lr != 1`` there raises
         ``ValueError`` at ``step`` (before anything changes).
+      process_group: the ``torch.distributed`` process group the loss is averaged over under
+        DDP (replicated plain parameters). ``None``: the world group when ``torch.distributed``
+        is initialised at construction, else none (a single process: nothing is reduced).
+        Stored, resolved, as ``self.process_group``.
+      nonfinite: (keyword) ``"propagate"`` (default, described below), ``"raise"``
+        (``FloatingPointError`` before anything changes) or ``"skip"`` (nothing changes; every
+        group's ``nonfinite_skips`` is incremented and ``last_step`` reports a zero step). The
+        check is on the loss and on each group's squared gradient norm, which the step computes
+        anyway (non-finite whenever a gradient entry is; also when a finite norm overflows
+        float64). See docs/faults.md.
 
     ``step`` needs the loss: ``step(closure)`` (the closure recomputes the loss and its
     gradients and returns the loss) or ``step(loss=loss)`` after ``loss.backward()``.
@@ -329,7 +360,12 @@ class PolyakSGD(Optimizer):
     the loss is averaged over the mesh (each rank's loss of its own batch: FSDP2 averages the
     gradients the same way), in one ``all_reduce`` per mesh dimension per step, so every rank
     takes the same step size -- that of a single process on the whole batch. Every rank must
-    call ``step``.
+    call ``step``. With plain (replicated) parameters and a process group (DDP: the gradients
+    are already averaged, so the norm is the same on every rank and is not reduced again), the
+    loss is averaged over ``process_group`` in one ``all_reduce`` per step. ``step()`` without
+    a loss is allowed only when every gradient is zero (a zero step; ``last_step`` reports a NaN
+    loss): ``torch.distributed.checkpoint`` takes such a step to create the state of a fresh
+    optimizer.
 
     NaN and inf gradients are not checked (as in ``torch.optim``): the norm becomes NaN (an
     inf gradient gives NaN on the kernel path, inf on the torch-ops path). ``SPS_max`` then
@@ -363,10 +399,14 @@ class PolyakSGD(Optimizer):
     """
 
     def __init__(self, params, fun_min=0.0, variant="SPS_max", max_stepsize=1.0, delta=0.0,
-                 momentum=0.0, *, lr=1.0, _backend="auto"):
+                 momentum=0.0, *, lr=1.0, nonfinite="propagate", process_group=None, _backend="auto"):
         defaults = {"fun_min": fun_min, "variant": variant, "max_stepsize": max_stepsize,
                     "delta": delta, "momentum": momentum, "lr": lr}
         self._check_group(defaults)
+        self.nonfinite = check_nonfinite(nonfinite)
+        self.process_group = resolve_process_group(process_group)
+        if self.nonfinite != "propagate":
+            defaults["nonfinite_skips"] = 0
         self._backend = _backend
         self._dispatchers = (Dispatcher(_SGDRule(), _backend), Dispatcher(_HeavyBallRule(), _backend))
         self.last_step: list = []
@@ -395,6 +435,27 @@ class PolyakSGD(Optimizer):
         super().add_param_group(param_group)
         self._invalidate()
 
+    def _nonfinite_gate(self, value: float, sq_norms: list) -> bool:
+        """The ``nonfinite`` policy on the loss and each group's squared gradient norm (already
+        reduced over the ranks, so every rank decides alike); ``False``: skip the step."""
+        import math
+
+        where = None
+        if not math.isfinite(value):
+            where = f"the loss ({value})"
+        else:
+            where = next((f"the gradients of param group {k} (squared norm {sq})"
+                          for k, sq in enumerate(sq_norms) if not math.isfinite(sq)), None)
+        if where is None:
+            return True
+        if self.nonfinite == "raise":
+            raise nonfinite_error("PolyakSGD", where)
+        for group in self.param_groups:
+            group["nonfinite_skips"] = int(group.get("nonfinite_skips", 0)) + 1
+        self.last_step = [{"loss": value, "grad_norm": float(np.sqrt(sq)), "stepsize": 0.0}
+                          for sq in sq_norms]
+        return False
+
     def _invalidate(self) -> None:
         for dispatcher in getattr(self, "_dispatchers", ()):
             dispatcher.invalidate()
@@ -407,9 +468,12 @@ class PolyakSGD(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         backend = self.__dict__.setdefault("_backend", "auto")
+        self.__dict__.setdefault("nonfinite", "propagate")
         if "_dispatchers" not in self.__dict__:
             self._dispatchers = (Dispatcher(_SGDRule(), backend), Dispatcher(_HeavyBallRule(), backend))
         self.__dict__.setdefault("last_step", [])
+        if "process_group" not in self.__dict__:  # not pickled: the default group here
+            self.process_group = resolve_process_group(None)
         self._invalidate()
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -420,6 +484,8 @@ class PolyakSGD(Optimizer):
         super().load_state_dict(owned_copy(state_dict))
         for group in self.param_groups:
             group.setdefault("lr", 1.0)  # saved before lr existed
+            if self.nonfinite != "propagate":
+                group.setdefault("nonfinite_skips", 0)
         self._invalidate()
 
     def step(self, closure=None, *, loss=None):
@@ -440,10 +506,10 @@ class PolyakSGD(Optimizer):
                 loss = closure()
             if loss is None:
                 raise RuntimeError("PolyakSGD.step: the closure returned None; it must return the loss")
-        elif loss is None:
+        elif loss is None and not _all_zero_grads(self.param_groups):
             raise RuntimeError("PolyakSGD.step needs the loss: call step(closure) with a closure "
                                "that returns the loss, or step(loss=loss) after loss.backward()")
-        value = _loss_value(loss)
+        value = None if loss is None else _loss_value(loss)
         # 1. Check every group (heavy-ball groups first: their state too) and scan its gradients
         #    once; compute each group's norm from that scan and its step size. Nothing is
         #    mutated until every group has passed.
@@ -464,20 +530,29 @@ class PolyakSGD(Optimizer):
             for mesh in (heavy_dispatcher if momentum != 0 else plain_dispatcher).meshes(group):
                 if not any(mesh == m for m in meshes):
                     meshes.append(mesh)
-        if meshes:  # DTensor parameters: the same loss and full norms on every rank
+        if value is None:  # no loss, zero gradients (torch.distributed.checkpoint's first step)
+            pass
+        elif meshes:  # DTensor parameters: the same loss and full norms on every rank
             value, sq_norms = _reduce_over_meshes(value, [(t, sh) for t, sh, _ in parts], meshes)
         else:
+            if self.process_group is not None:  # DDP: the gradients are averaged, so the loss
+                value = float(group_average(torch.tensor([value], dtype=torch.float64),
+                                            self.process_group)[0])
             for n, (_, shards, _) in enumerate(parts):
                 sq_norms[n] += sum(shards.values())
+        if (value is not None and self.nonfinite != "propagate"
+                and not self._nonfinite_gate(value, sq_norms)):
+            return loss
         steps, last_step = {}, []
         for group, momentum, cap, sq_norm, (_, _, eps) in zip(self.param_groups, momenta, caps,
                                                               sq_norms, parts):
             # SPS+ takes a zero step when ||g||^2 is at most the machine epsilon of the
             # gradients' dtype (the finest one, in a group of several dtypes).
-            stepsize = polyak_stepsize(value, sq_norm, float(group["fun_min"]), group["variant"],
-                                       cap, float(group["delta"]), eps=eps)
+            stepsize = 0.0 if value is None else polyak_stepsize(
+                value, sq_norm, float(group["fun_min"]), group["variant"], cap,
+                float(group["delta"]), eps=eps)
             steps[id(group)] = _Step(stepsize, momentum)
-            last_step.append({"loss": value, "grad_norm": float(np.sqrt(sq_norm)), "stepsize": stepsize})
+            last_step.append({"loss": math.nan if value is None else value, "grad_norm": float(np.sqrt(sq_norm)), "stepsize": stepsize})
         # 2. Update, from the same scans.
         for dispatcher, work in ((heavy_dispatcher, heavy_work), (plain_dispatcher, plain_work)):
             if work:

@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from torch.optim.optimizer import Optimizer, required
 
-from uniopt._validation import check_qhadam, check_qhm
+from uniopt._validation import check_nonfinite, check_qhadam, check_qhm
 from uniopt.kernels import qh_cpu
 from uniopt.rules import bind
 from uniopt.rules import qh as _qh
 from uniopt.rules.qh_convert import QHAdamConversions, QHMConversions
 
-from ._dispatch import Dispatcher, Rule, owned_copy
+from ._dispatch import Dispatcher, Rule, grad_labels, nonfinite_gate, owned_copy
 
 __all__ = ["QHM", "QHAdam", "QHAdamW"]
 
@@ -133,8 +133,11 @@ class _Base(Optimizer):
 
     _rule: Rule
 
-    def __init__(self, params, defaults, backend):
+    def __init__(self, params, defaults, backend, nonfinite="propagate"):
+        self.nonfinite = check_nonfinite(nonfinite)
         self._dispatcher = Dispatcher(self._rule, backend)
+        if self.nonfinite != "propagate":  # the counter (the default keeps qhoptim's groups)
+            defaults = {**defaults, "nonfinite_skips": 0}
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
@@ -153,8 +156,11 @@ class _Base(Optimizer):
         state = dict(state)
         backend = state.pop("_backend", "auto")  # absent when called by load_state_dict
         super().__setstate__(state)
+        self.__dict__.setdefault("nonfinite", "propagate")
         for group in self.param_groups:
             group.setdefault("maximize", False)  # groups saved by qhoptim have no "maximize"
+            if self.nonfinite != "propagate":
+                group.setdefault("nonfinite_skips", 0)
         if "_dispatcher" not in self.__dict__:  # unpickled or deep-copied
             self._dispatcher = Dispatcher(self._rule, backend)
         self._dispatcher.invalidate()
@@ -177,7 +183,12 @@ class _Base(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._dispatcher.step(self.param_groups, self.state)
+        if self.nonfinite == "propagate":
+            self._dispatcher.step(self.param_groups, self.state)
+            return loss
+        work = self._dispatcher.collect(self.param_groups, self.state)  # checks, changes nothing
+        if nonfinite_gate(self, grad_labels(self.param_groups), self.param_groups):
+            self._dispatcher.run(work)
         return loss
 
 
@@ -205,6 +216,9 @@ class QHM(QHMConversions, _Base):
       weight_decay_type: ``"grad"`` (add :math:`\lambda\theta` to the gradient, as
         ``torch.optim.SGD``) or ``"direct"`` (shrink the parameter by :math:`1 - \alpha\lambda`).
       maximize: (bool) ascend the objective instead of descending it.
+      nonfinite: ``"propagate"`` (default, torch.optim's behaviour below), ``"raise"``
+        (``FloatingPointError`` before anything changes) or ``"skip"`` (the step changes
+        nothing and increments every group's ``nonfinite_skips``); see docs/faults.md.
 
     Hyper-parameters are re-read from each param group at every step (schedulers work).
     State per parameter: ``momentum_buffer``. Parameters whose ``.grad`` is ``None`` are
@@ -238,12 +252,13 @@ class QHM(QHMConversions, _Base):
     _rule = _QHMRule()
 
     def __init__(self, params, lr=required, momentum=required, nu=required, weight_decay=0.0,
-                 weight_decay_type="grad", *, maximize=False, _backend="auto"):
+                 weight_decay_type="grad", *, maximize=False, nonfinite="propagate",
+                 _backend="auto"):
         defaults = {"lr": lr, "momentum": momentum, "nu": nu, "weight_decay": weight_decay,
                     "weight_decay_type": weight_decay_type, "maximize": maximize}
         self._check_group(defaults)
         defaults["maximize"] = bool(maximize)
-        super().__init__(params, defaults, _backend)
+        super().__init__(params, defaults, _backend, nonfinite)
 
     def _check_group(self, group):
         check_qhm(_given(group["lr"], 0.0), _given(group["momentum"], 0.0),
@@ -279,6 +294,8 @@ class QHAdam(QHAdamConversions, _Base):
         gradient.
       eps: :math:`\epsilon` (>= 0), added outside the square root.
       maximize: (bool) ascend the objective instead of descending it.
+      nonfinite: ``"propagate"`` (default), ``"raise"`` or ``"skip"``: what a step does with
+        NaN/inf gradients (as :class:`QHM`; docs/faults.md).
 
     Note the argument order (qhoptim's): ``eps`` comes last, so positional calls do not line up
     with ``torch.optim.Adam``. State per parameter: ``beta1_weight``, ``beta2_weight`` (Python
@@ -310,14 +327,15 @@ class QHAdam(QHAdamConversions, _Base):
     _rule = _QHAdamRule()
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), nus=(1.0, 1.0), weight_decay=0.0,
-                 decouple_weight_decay=False, eps=1e-8, *, maximize=False, _backend="auto"):
+                 decouple_weight_decay=False, eps=1e-8, *, maximize=False, nonfinite="propagate",
+                 _backend="auto"):
         defaults = {"lr": lr, "betas": betas, "nus": nus, "weight_decay": weight_decay,
                     "decouple_weight_decay": decouple_weight_decay, "eps": eps,
                     "maximize": maximize}
         self._check_group(defaults)
         defaults["decouple_weight_decay"] = bool(decouple_weight_decay)
         defaults["maximize"] = bool(maximize)
-        super().__init__(params, defaults, _backend)
+        super().__init__(params, defaults, _backend, nonfinite)
 
     def _check_group(self, group):
         check_qhadam(_given(group["lr"], 0.0), group["betas"], group["nus"],
@@ -340,6 +358,6 @@ class QHAdamW(QHAdam):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), nus=(1.0, 1.0), weight_decay=0.0,
-                 eps=1e-8, *, maximize=False, _backend="auto"):
+                 eps=1e-8, *, maximize=False, nonfinite="propagate", _backend="auto"):
         super().__init__(params, lr, betas, nus, weight_decay, True, eps, maximize=maximize,
-                         _backend=_backend)
+                         nonfinite=nonfinite, _backend=_backend)

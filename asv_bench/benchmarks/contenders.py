@@ -263,7 +263,14 @@ def _build_qhoptim_qhm(data):
     return _torch_step(_qhoptim().QHM(_torch_params(data), **QHM))
 
 
-def _jax_step(make_transform: Callable, data: Data) -> Callable[[], object]:
+#: Whether JAX steps donate their params and state (the protocol; ``benchmarks.jax_ffi
+#: --no-donate`` turns it off to measure the copies XLA then makes).
+JAX_DONATE = True
+
+
+def _jax_step(make_transform: Callable, data: Data, fused: bool = False) -> Callable[[], object]:
+    """A jitted step with donated params and state: ``update`` + ``apply_updates``, or
+    (``fused``) ``uniopt.adapters.jax.update_and_apply``."""
     jax, optax = _import_jax()
     import jax.numpy as jnp
 
@@ -275,10 +282,14 @@ def _jax_step(make_transform: Callable, data: Data) -> Callable[[], object]:
     state = jax.tree.map(lambda x: jnp.array(x, copy=True), tx.init(params))
 
     def update(params, state, grads):
+        if fused:
+            from uniopt.adapters.jax import update_and_apply
+
+            return update_and_apply(tx, grads, state, params)
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    update = jax.jit(update, donate_argnums=(0, 1))
+    update = jax.jit(update, donate_argnums=(0, 1) if JAX_DONATE else ())
     carry = [params, state]
 
     def step():
@@ -298,6 +309,17 @@ def _build_uniopt_jax_qhadam(data):
     kw = dict(QHADAM)
     lr = kw.pop("lr")
     return _jax_step(lambda: qhadam(lr, **kw), data)
+
+
+def _build_uniopt_jax_qhadam_fused(data):
+    _import_jax()
+    try:
+        from uniopt.adapters.jax import qhadam, update_and_apply  # noqa: F401
+    except ImportError as exc:
+        raise Unavailable(f"uniopt.adapters.jax.update_and_apply not available ({exc})") from exc
+    kw = dict(QHADAM)
+    lr = kw.pop("lr")
+    return _jax_step(lambda: qhadam(lr, ffi=True, **kw), data, fused=True)
 
 
 def _build_optax_adam(data):
@@ -385,6 +407,7 @@ CASES: dict[str, Callable[[Data], Callable[[], object]]] = {
     "uniopt_torch_polyak": _build_uniopt_torch_polyak,
     "torch_sgd": _build_torch_sgd,
     "uniopt_jax_qhadam": _build_uniopt_jax_qhadam,
+    "uniopt_jax_qhadam_fused": _build_uniopt_jax_qhadam_fused,
     "optax_adam": _build_optax_adam,
     "kernel_qhadam": _build_kernel_qhadam,
     "stream": _build_stream,
@@ -739,6 +762,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("sgd", "SGD", "ms", "torch_sgd", help="torch.optim.SGD(lr=1e-3, foreach=True)"),
     Column("uo_jax", "uniopt jax qhadam", "ms", "uniopt_jax_qhadam",
            help="uniopt.adapters.jax.qhadam under jax.jit, donated params and state"),
+    Column("uo_jax_fused", "uniopt jax fused", "ms", "uniopt_jax_qhadam_fused",
+           help="uniopt.adapters.jax.update_and_apply(qhadam(..., ffi=True), ...) under "
+                "jax.jit: one fused FFI call, donated params and state"),
     Column("optax_adam", "optax adam", "ms", "optax_adam",
            help="optax.adam under jax.jit, donated params and state"),
     Column("kernel_gbps", "kernel GB/s", "gbps", "kernel_qhadam",
@@ -756,6 +782,10 @@ COLUMNS: tuple[Column, ...] = (
            help="uniopt torch PolyakSGD time / torch.optim.SGD time (one more reduction)"),
     Column("r_jax_optax", "jax/optax", "ratio", ratio=("uo_jax", "optax_adam"),
            help="uniopt jax qhadam time / optax.adam time"),
+    Column("r_jax_fused_optax", "jax fused/optax", "ratio", ratio=("uo_jax_fused", "optax_adam"),
+           help="uniopt jax fused qhadam step (update_and_apply, FFI) time / optax.adam time"),
+    Column("r_jax_fused_torch", "jax fused/torch", "ratio", ratio=("uo_jax_fused", "uo_qhadam"),
+           help="uniopt jax fused qhadam step time / uniopt torch QHAdam (kernel path) time"),
     Column("r_kernel_stream", "kernel/stream", "ratio", ratio=("stream_gbps", "kernel_gbps"),
            help="fraction of the measured bandwidth the kernel reaches (stream time / kernel time)"),
 )

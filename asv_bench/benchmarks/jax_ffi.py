@@ -1,13 +1,29 @@
 """uniopt's JAX qhadam through XLA's FFI (the Numba kernel inside ``jax.jit``) against its traced
 path, optax.adam and uniopt's torch QHAdam (kernel path).
 
-Each contender is the same jitted ``update + apply_updates`` with donated params and state as in
-:mod:`.jax_optax` (one XLA thread: the process is pinned to one CPU by ``common``); only the
-path differs: ``qhadam(..., ffi=True)`` runs one FFI call per step for all leaves,
-``ffi=False`` the ``jax.numpy`` expression XLA compiles. ``track_handler_compile`` is the cost
-of compiling both handlers in a fresh process with the on-disk cache off.
+Each contender is one jitted step with donated params and state as in :mod:`.jax_optax` (one XLA
+thread: the process is pinned to one CPU by ``common``); only the path differs:
+
+* ``uniopt_jax_qhadam_fused``: ``update_and_apply(qhadam(..., ffi=True), ...)``, one fused FFI
+  call per step for all leaves, parameters and state updated in place (28 B/param);
+* ``uniopt_jax_qhadam_ffi``: ``update`` + ``apply_updates`` with ``ffi=True`` (the update-only
+  call writes the updates, XLA reads them back: 44-48 B/param);
+* ``uniopt_jax_qhadam_traced``: ``ffi=False``, the ``jax.numpy`` expression XLA compiles.
+
+``track_handler_compile`` is the cost of compiling the handlers in a fresh process with the
+on-disk cache off.
+
+Script mode (the interleaved ratios of docs/performance.md), from ``asv_bench/``::
+
+    python -m benchmarks.jax_ffi --sizes 1e4,1e6,1e7 --repeat 31
+
+prints, per size (100 tensors, float32, one pinned CPU), the median over interleaved repeats of
+fused/optax.adam, fused/torch QHAdam (kernel path) and the other paths' ratios. ``--layout one``
+times one tensor; ``--no-donate`` jits the JAX steps without donation.
 """
 
+import argparse
+import json
 import os
 import subprocess
 import sys
@@ -31,7 +47,8 @@ def _uniopt_jax_qhadam(ffi):
 
 
 #: The FFI benchmark's contenders (the others come from ``contenders.CASES``).
-CASES = {"uniopt_jax_qhadam_ffi": _uniopt_jax_qhadam(True),
+CASES = {"uniopt_jax_qhadam_fused": contenders.CASES["uniopt_jax_qhadam_fused"],
+         "uniopt_jax_qhadam_ffi": _uniopt_jax_qhadam(True),
          "uniopt_jax_qhadam_traced": _uniopt_jax_qhadam(False)}
 
 
@@ -44,6 +61,12 @@ class _FFIStep(StepBenchmark):
             self.step = CASES[self.case](data)
         except contenders.Unavailable as exc:
             raise NotImplementedError(str(exc)) from exc
+
+
+class UnioptQHAdamFused(_FFIStep):
+    """uniopt.adapters.jax.update_and_apply(qhadam(ffi=True), ...), nus=(0.7, 1.0)."""
+
+    case = "uniopt_jax_qhadam_fused"
 
 
 class UnioptQHAdamFFI(_FFIStep):
@@ -59,7 +82,8 @@ class UnioptQHAdamTraced(_FFIStep):
 
 
 class HandlerCompile:
-    """Seconds to compile the QHM and QHAdam FFI handlers (cache off) in a fresh process."""
+    """Seconds to compile the QHM and QHAdam FFI handlers, update and fused (cache off), in a
+    fresh process."""
 
     timeout = 300
     number = 1
@@ -67,10 +91,70 @@ class HandlerCompile:
 
     def track_handler_compile(self):
         code = ("import time; from uniopt.kernels import qh_ffi; t = time.perf_counter(); "
-                "qh_ffi.qhadam_handler(); qh_ffi.qhm_handler(); print(time.perf_counter() - t)")
+                "qh_ffi.qhadam_handler(); qh_ffi.qhm_handler(); qh_ffi.qhadam_apply_handler(); "
+                "qh_ffi.qhm_apply_handler(); print(time.perf_counter() - t)")
         env = dict(os.environ, UNIOPT_NUMBA_CACHE="0")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              env=env, check=True)
         return float(out.stdout.strip().splitlines()[-1])
 
     track_handler_compile.unit = "seconds"
+
+
+# ----------------------------------------------------------------------------------------------
+# Script mode: the interleaved ratios
+# ----------------------------------------------------------------------------------------------
+#: name -> builder of every contender the script times (the fused step first).
+SCRIPT_CASES = {**CASES, "optax_adam": contenders.CASES["optax_adam"],
+                "uniopt_torch_qhadam": contenders.CASES["uniopt_torch_qhadam"]}
+#: (label, numerator, denominator) of the printed ratios.
+RATIOS = [("fused / optax.adam", "uniopt_jax_qhadam_fused", "optax_adam"),
+          ("fused / torch QHAdam", "uniopt_jax_qhadam_fused", "uniopt_torch_qhadam"),
+          ("fused / traced", "uniopt_jax_qhadam_fused", "uniopt_jax_qhadam_traced"),
+          ("update FFI / optax.adam", "uniopt_jax_qhadam_ffi", "optax_adam"),
+          ("traced / optax.adam", "uniopt_jax_qhadam_traced", "optax_adam")]
+
+
+def measure(n: int, repeat: int, min_time: float, layout: str = "model") -> dict:
+    """Median ms per step of every script contender and the median paired ratios at size ``n``."""
+    import statistics
+
+    data = contenders.Data.make(contenders.layout_sizes(n, layout))
+    steps = {name: build(data) for name, build in SCRIPT_CASES.items()}
+    samples, numbers = contenders.interleave(steps, repeat, min_time)
+    del steps
+    return {"n": n, "layout": layout, "repeat": repeat, "numbers": numbers,
+            "ms": {k: 1e3 * statistics.median(v) for k, v in samples.items()},
+            "ratios": {label: contenders._median_ratio(samples[a], samples[b])
+                       for label, a, b in RATIOS}}
+
+
+def _sizes(text: str) -> list[int]:
+    return [int(float(x)) for x in text.split(",")]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=_sizes, default=[10_000, 1_000_000, 10_000_000])
+    parser.add_argument("--layout", default="model", choices=LAYOUTS)
+    parser.add_argument("--repeat", type=int, default=31)
+    parser.add_argument("--min-time", type=float, default=0.02)
+    parser.add_argument("--json", action="store_true", help="one JSON line per size")
+    parser.add_argument("--no-donate", action="store_true",
+                        help="jit the JAX steps without donating params and state")
+    args = parser.parse_args(argv)
+    contenders.JAX_DONATE = not args.no_donate
+    for n in args.sizes:
+        result = measure(n, args.repeat, args.min_time, args.layout)
+        if args.json:
+            print(json.dumps(result), flush=True)
+            continue
+        print(f"n={n:.0e} ({args.layout}, {args.repeat} repeats"
+              f"{', not donated' if args.no_donate else ''}): "
+              + ", ".join(f"{k} {v:.3f} ms" for k, v in result["ms"].items()), flush=True)
+        for label, value in result["ratios"].items():
+            print(f"    {label}: {value:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

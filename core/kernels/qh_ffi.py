@@ -27,6 +27,17 @@ Call frame contract (checked by the adapter before it emits a call; see :mod:`.f
 Every buffer is a dense row-major array (XLA's default layout), read as a flat array of its
 element count. Gradients and parameters are only read.
 
+The fused variants (:func:`qhadam_apply_handler`, :func:`qhm_apply_handler`; the entry point
+:func:`uniopt.adapters.jax.update_and_apply`) also apply the update: ``p <- p + u`` with ``u``
+computed as above, in the same pass, so a step reads ``g, p`` and the state and writes ``p`` and
+the state (28 bytes per float32 parameter for QHAdam, 20 for QHM) instead of writing ``u`` for
+``optax.apply_updates`` to read again. Their frame: argument 0 as above, then the ``L``
+gradients, the ``L`` parameters (in every mode) and the state buffers; results: the ``L``
+parameters, then the state buffers (QHAdam: then the two bias weights). Parameters and state
+alias their arguments: the handler reads and writes them in the result buffers. ``p + u`` is
+rounded as ``optax.apply_updates`` rounds it (no fused multiply-add), so the fused step equals
+the update-then-apply pair bit for bit.
+
 The handlers are compiled by :func:`qhadam_handler` / :func:`qhm_handler` on first use (Numba
 compiles a cfunc when it is created) and cached on disk like the other kernels.
 """
@@ -46,8 +57,8 @@ from ..rules import qh as _qh
 from . import ffi
 from ._pointers import view
 
-__all__ = ["qhadam_handler", "qhm_handler", "QHADAM_HYPER", "QHM_COEFFICIENTS",
-           "PLAIN", "COUPLED", "DECOUPLED"]
+__all__ = ["qhadam_handler", "qhm_handler", "qhadam_apply_handler", "qhm_apply_handler",
+           "QHADAM_HYPER", "QHM_COEFFICIENTS", "PLAIN", "COUPLED", "DECOUPLED"]
 
 PLAIN, COUPLED, DECOUPLED = 0, 1, 2
 QHADAM_COEFFICIENTS = 13
@@ -141,6 +152,61 @@ def qhm_leaf_over_grad_(g, p, buf, c, mode):
     _qhm_leaf(g, p, g, buf, c, mode)
 
 
+@numba.njit(inline="always", error_model="numpy")
+def _qhadam_apply(p, g, m, v, c, mode):
+    """``p += u`` for one leaf of a QHAdam optax step (every mode reads ``p``)."""
+    sign, wd, lr = c[1], c[2], c[12]
+    a1, oa1, a2, oa2, nu1, onu1, nu2, onu2, eps = c[3], c[4], c[5], c[6], c[7], c[8], c[9], \
+        c[10], c[11]
+    if mode == PLAIN:
+        for i in range(p.size):
+            d, m[i], v[i] = _qhadam_direction(g[i], m[i], v[i], a1, oa1, a2, oa2, nu1, onu1,
+                                              nu2, onu2, eps)
+            p[i] = p[i] + lr * d
+    elif mode == COUPLED:
+        for i in range(p.size):
+            gi = _effective_gradient(g[i], p[i], sign, wd)
+            d, m[i], v[i] = _qhadam_direction(gi, m[i], v[i], a1, oa1, a2, oa2, nu1, onu1,
+                                              nu2, onu2, eps)
+            p[i] = p[i] + lr * d
+    else:
+        for i in range(p.size):
+            d, m[i], v[i] = _qhadam_direction(g[i], m[i], v[i], a1, oa1, a2, oa2, nu1, onu1,
+                                              nu2, onu2, eps)
+            p[i] = p[i] + _optax_update(d, p[i], wd, lr)
+
+
+@numba.njit(inline="always", error_model="numpy")
+def _qhm_apply(p, g, buf, c, mode):
+    """``p += u`` for one leaf of a QHM optax step (every mode reads ``p``)."""
+    sign, wd, beta, obeta, nu, onu, lr = c[1], c[2], c[3], c[4], c[5], c[6], c[7]
+    if mode == PLAIN:
+        for i in range(p.size):
+            d, buf[i] = _qhm_direction(g[i], buf[i], beta, obeta, nu, onu)
+            p[i] = p[i] + lr * d
+    elif mode == COUPLED:
+        for i in range(p.size):
+            gi = _effective_gradient(g[i], p[i], sign, wd)
+            d, buf[i] = _qhm_direction(gi, buf[i], beta, obeta, nu, onu)
+            p[i] = p[i] + lr * d
+    else:
+        for i in range(p.size):
+            d, buf[i] = _qhm_direction(g[i], buf[i], beta, obeta, nu, onu)
+            p[i] = p[i] + _optax_update(d, p[i], wd, lr)
+
+
+@numba.njit(**_jit.CPU_OPTIONS)
+def qhadam_apply_leaf_(p, g, m, v, c, mode):
+    """Fused QHAdam step of one leaf: ``p``, ``m``, ``v`` updated in place, ``g`` only read."""
+    _qhadam_apply(p, g, m, v, c, mode)
+
+
+@numba.njit(**_jit.CPU_OPTIONS)
+def qhm_apply_leaf_(p, g, buf, c, mode):
+    """Fused QHM step of one leaf: ``p``, ``buf`` updated in place, ``g`` only read."""
+    _qhm_apply(p, g, buf, c, mode)
+
+
 @numba.njit(inline="always")
 def _leaf(frame, like, k):
     """Result ``k`` as a flat array of ``like``'s dtype."""
@@ -185,6 +251,25 @@ def _qhm_leaves(frame, c, n_leaves):
 
 
 @numba.njit(inline="always")
+def _qhadam_apply_leaves(frame, c, n_leaves, mode):
+    for t in range(n_leaves):
+        g = _arg(frame, c, 1 + t)
+        p, m = _leaf(frame, c, t), _leaf(frame, c, n_leaves + t)
+        v = _leaf(frame, c, 2 * n_leaves + t)
+        qhadam_apply_leaf_(p, g, m, v, c, mode)
+
+
+@numba.njit(inline="always")
+def _qhm_apply_leaves(frame, c, n_leaves):
+    if ffi.n_args(frame) != 1 + 3 * n_leaves:
+        return
+    mode = int(c[0])
+    for t in range(n_leaves):
+        qhm_apply_leaf_(_leaf(frame, c, t), _arg(frame, c, 1 + t), _leaf(frame, c, n_leaves + t),
+                        c, mode)
+
+
+@numba.njit(inline="always")
 def _qhadam_step(h, weights):
     """This step's 13 leaf coefficients (float64) from the hyper-parameters ``h`` (float64).
 
@@ -203,14 +288,13 @@ def _qhadam_step(h, weights):
     return c
 
 
-def _qhadam_frame(pointer):
-    frame = ffi.frame_address(pointer)
-    if ffi.answer_metadata(frame):
-        return 0
+@numba.njit(inline="always")
+def _qhadam_run(frame, apply):
+    """A QHAdam frame (not the metadata query); ``apply``: the fused variant's layout."""
     n_leaves = (ffi.n_rets(frame) - 1) // 3
     hyper_buffer = ffi.arg_buffer(frame, 0)
     if ffi.buffer_size(hyper_buffer) != QHADAM_HYPER:
-        return 0
+        return
     hyper_type = ffi.buffer_dtype(hyper_buffer)
     h = np.empty(QHADAM_HYPER, np.float64)
     if hyper_type == ffi.F32:
@@ -218,10 +302,10 @@ def _qhadam_frame(pointer):
     elif hyper_type == ffi.F64:
         h[:] = view(ffi.buffer_data(hyper_buffer), QHADAM_HYPER, _F64)
     else:
-        return 0
+        return
     mode = int(h[0])
-    if ffi.n_args(frame) != 1 + n_leaves * (4 if mode != PLAIN else 3):
-        return 0
+    if ffi.n_args(frame) != 1 + n_leaves * (4 if apply or mode != PLAIN else 3):
+        return
     weights = np.empty(2, np.float64)
     c = _qhadam_step(h, weights)
     out = ffi.ret_buffer(frame, 3 * n_leaves)
@@ -230,28 +314,67 @@ def _qhadam_frame(pointer):
     else:
         view(ffi.buffer_data(out), 2, _F64)[:] = weights
     if n_leaves == 0:
-        return 0
+        return
     leaf_type = ffi.buffer_dtype(ffi.arg_buffer(frame, 1))
     if leaf_type == ffi.F32:
-        _qhadam_leaves(frame, c.astype(np.float32), n_leaves, mode)
+        if apply:
+            _qhadam_apply_leaves(frame, c.astype(np.float32), n_leaves, mode)
+        else:
+            _qhadam_leaves(frame, c.astype(np.float32), n_leaves, mode)
     elif leaf_type == ffi.F64:
-        _qhadam_leaves(frame, c, n_leaves, mode)
+        if apply:
+            _qhadam_apply_leaves(frame, c, n_leaves, mode)
+        else:
+            _qhadam_leaves(frame, c, n_leaves, mode)
+
+
+@numba.njit(inline="always")
+def _qhm_run(frame, apply):
+    """A QHM frame (not the metadata query); ``apply``: the fused variant's layout."""
+    n_leaves = ffi.n_rets(frame) // 2
+    coef = ffi.arg_buffer(frame, 0)
+    dtype = ffi.buffer_dtype(coef)
+    if ffi.buffer_size(coef) != QHM_COEFFICIENTS:
+        return
+    if dtype == ffi.F32:
+        c32 = view(ffi.buffer_data(coef), QHM_COEFFICIENTS, _F32)
+        if apply:
+            _qhm_apply_leaves(frame, c32, n_leaves)
+        else:
+            _qhm_leaves(frame, c32, n_leaves)
+    elif dtype == ffi.F64:
+        c64 = view(ffi.buffer_data(coef), QHM_COEFFICIENTS, _F64)
+        if apply:
+            _qhm_apply_leaves(frame, c64, n_leaves)
+        else:
+            _qhm_leaves(frame, c64, n_leaves)
+
+
+def _qhadam_frame(pointer):
+    frame = ffi.frame_address(pointer)
+    if not ffi.answer_metadata(frame):
+        _qhadam_run(frame, False)
+    return 0
+
+
+def _qhadam_apply_frame(pointer):
+    frame = ffi.frame_address(pointer)
+    if not ffi.answer_metadata(frame):
+        _qhadam_run(frame, True)
     return 0
 
 
 def _qhm_frame(pointer):
     frame = ffi.frame_address(pointer)
-    if ffi.answer_metadata(frame):
-        return 0
-    n_leaves = ffi.n_rets(frame) // 2
-    coef = ffi.arg_buffer(frame, 0)
-    dtype = ffi.buffer_dtype(coef)
-    if ffi.buffer_size(coef) != QHM_COEFFICIENTS:
-        return 0
-    if dtype == ffi.F32:
-        _qhm_leaves(frame, view(ffi.buffer_data(coef), QHM_COEFFICIENTS, _F32), n_leaves)
-    elif dtype == ffi.F64:
-        _qhm_leaves(frame, view(ffi.buffer_data(coef), QHM_COEFFICIENTS, _F64), n_leaves)
+    if not ffi.answer_metadata(frame):
+        _qhm_run(frame, False)
+    return 0
+
+
+def _qhm_apply_frame(pointer):
+    frame = ffi.frame_address(pointer)
+    if not ffi.answer_metadata(frame):
+        _qhm_run(frame, True)
     return 0
 
 
@@ -278,3 +401,15 @@ def qhadam_handler() -> CFunc:
 def qhm_handler() -> CFunc:
     """The QHM handler (compiled or loaded from the cache on the first call of a process)."""
     return _compile(_qhm_frame)
+
+
+@functools.cache
+def qhadam_apply_handler() -> CFunc:
+    """The fused QHAdam handler (updates ``p``, ``m``, ``v`` in place; see the module docs)."""
+    return _compile(_qhadam_apply_frame)
+
+
+@functools.cache
+def qhm_apply_handler() -> CFunc:
+    """The fused QHM handler (updates ``p`` and the buffer in place; see the module docs)."""
+    return _compile(_qhm_apply_frame)

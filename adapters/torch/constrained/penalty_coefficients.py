@@ -45,7 +45,7 @@ import torch
 from uniopt import _validation
 from uniopt import constrained as _core
 
-from .._dispatch import is_plain
+from .._dispatch import group_average, is_plain, resolve_process_group
 from .utils import ConstraintType, torch_rules
 
 if TYPE_CHECKING:
@@ -185,7 +185,15 @@ class PenaltyCoefficientUpdater(abc.ABC):
         Args:
           observed_constraints: ``{constraint: constraint_state}``, e.g.
             ``cmp_state.observed_constraints``.
+
+        With a ``process_group`` (a keyword-only argument of the feasibility-driven updaters;
+        a uniopt extension), the strict violations of the constraints to update are first
+        averaged over its ranks in one packed ``all_reduce``, so every replica grows the same
+        coefficients: every rank must observe the same constraints (an indexed coefficient's
+        rows may differ: a row some ranks did not observe is averaged with zeros for them, and
+        repeated rows of one rank add up).
         """
+        chosen = []
         for constraint, constraint_state in observed_constraints.items():
             if constraint.penalty_coefficient is None:
                 continue
@@ -196,7 +204,12 @@ class PenaltyCoefficientUpdater(abc.ABC):
             else:
                 update = constraint_state.contributes_to_primal_update
             if update:
-                self.update_penalty_coefficient_(constraint, constraint_state)
+                chosen.append((constraint, constraint_state))
+        process_group = self.__dict__.get("process_group")
+        if process_group is not None:
+            chosen = _averaged_states(chosen, process_group)
+        for constraint, constraint_state in chosen:
+            self.update_penalty_coefficient_(constraint, constraint_state)
 
     @abc.abstractmethod
     def update_penalty_coefficient_(self, constraint: Constraint, constraint_state: ConstraintState) -> None:
@@ -209,6 +222,9 @@ class FeasibilityDrivenPenaltyCoefficientUpdater(PenaltyCoefficientUpdater, abc.
     Args:
       violation_tolerance: violations up to this value do not grow the coefficient (>= 0).
       has_restart: reset a satisfied inequality's coefficient to its initial value.
+      process_group: the ``torch.distributed`` process group the strict violations are averaged
+        over before each update (:meth:`PenaltyCoefficientUpdater.step`). ``None``: the world
+        group when ``torch.distributed`` is initialised at construction, else none.
 
     Raises:
       ValueError: a negative or non-finite ``violation_tolerance``.
@@ -220,11 +236,12 @@ class FeasibilityDrivenPenaltyCoefficientUpdater(PenaltyCoefficientUpdater, abc.
     _increment: float = 0.0
     _kind = "additive"  # the updater kind of uniopt.constrained.update_penalty_coefficients_
 
-    def __init__(self, violation_tolerance: float, has_restart: bool) -> None:
+    def __init__(self, violation_tolerance: float, has_restart: bool, *, process_group: Any = None) -> None:
         # uniopt's one policy (the JAX and NumPy faces' messages; Cooper's sentence kept)
         _validation.check_penalty_updater("additive", 0.0, 0.0, violation_tolerance, has_restart)
         self.violation_tolerance = violation_tolerance
         self.has_restart = bool(has_restart)
+        self.process_group = resolve_process_group(process_group)
 
     def update_penalty_coefficient_(self, constraint: Constraint, constraint_state: ConstraintState) -> None:
         """Grow/restart the coefficient of ``constraint`` from its strict violation.
@@ -305,16 +322,17 @@ class MultiplicativePenaltyCoefficientUpdater(FeasibilityDrivenPenaltyCoefficien
       growth_factor: the multiplier (finite, > 0; default 1.01).
       violation_tolerance: see :class:`FeasibilityDrivenPenaltyCoefficientUpdater` (default 1e-4).
       has_restart: see :class:`FeasibilityDrivenPenaltyCoefficientUpdater` (default True).
+      process_group: see :class:`FeasibilityDrivenPenaltyCoefficientUpdater`.
 
     Raises:
       ValueError: ``growth_factor`` not finite and positive; a bad tolerance.
     """
 
     def __init__(self, growth_factor: float = 1.01, violation_tolerance: float = 1e-4,
-                 has_restart: bool = True) -> None:
+                 has_restart: bool = True, *, process_group: Any = None) -> None:
         _validation.check_penalty_updater("multiplicative", growth_factor, 0.0, violation_tolerance,
                                           has_restart)
-        super().__init__(violation_tolerance, has_restart)
+        super().__init__(violation_tolerance, has_restart, process_group=process_group)
         self.growth_factor = growth_factor
 
     _kind = "multiplicative"
@@ -331,16 +349,60 @@ class AdditivePenaltyCoefficientUpdater(FeasibilityDrivenPenaltyCoefficientUpdat
       increment: the amount added (finite, >= 0; default 1.0).
       violation_tolerance: see :class:`FeasibilityDrivenPenaltyCoefficientUpdater` (default 1e-4).
       has_restart: see :class:`FeasibilityDrivenPenaltyCoefficientUpdater` (default True).
+      process_group: see :class:`FeasibilityDrivenPenaltyCoefficientUpdater`.
 
     Raises:
       ValueError: ``increment`` negative or not finite; a bad tolerance.
     """
 
-    def __init__(self, increment: float = 1.0, violation_tolerance: float = 1e-4, has_restart: bool = True) -> None:
+    def __init__(self, increment: float = 1.0, violation_tolerance: float = 1e-4, has_restart: bool = True,
+                 *, process_group: Any = None) -> None:
         _validation.check_penalty_updater("additive", 0.0, increment, violation_tolerance, has_restart)
-        super().__init__(violation_tolerance, has_restart)
+        super().__init__(violation_tolerance, has_restart, process_group=process_group)
         self.increment = increment
 
     @property
     def _increment(self) -> float:
         return self.increment
+
+
+def _averaged_states(chosen: list, process_group) -> list:
+    """``(constraint, state)`` pairs whose strict violations are averaged over the ranks.
+
+    One ``all_reduce`` of every pair, packed in float64: a dense coefficient's violations as
+    they are (the same size on every rank), an indexed coefficient's scattered to one entry per
+    constraint (repeated rows add up) with a mask of the rows observed. The new states carry the
+    averages as their violation (rows observed by some rank, for an indexed coefficient).
+    """
+    from .constraints import ConstraintState
+
+    rows, layout = [], []
+    for constraint, state in chosen:
+        _, strict = state.extract_violations()
+        _, features = state.extract_constraint_features()
+        strict = strict.detach().reshape(-1)
+        if isinstance(constraint.penalty_coefficient, IndexedPenaltyCoefficient) and features is not None:
+            n = constraint.penalty_coefficient.value.numel()
+            index = features.reshape(-1).to(device=strict.device)
+            dense = torch.zeros(n, dtype=torch.float64, device=strict.device)
+            dense.index_add_(0, index, strict.to(torch.float64))
+            mask = torch.zeros(n, dtype=torch.float64, device=strict.device).index_fill_(0, index, 1.0)
+            rows += [dense, mask]
+            layout.append((n, True, strict.dtype))
+        else:
+            rows.append(strict.to(torch.float64))
+            layout.append((strict.numel(), False, strict.dtype))
+    if not rows:
+        return chosen
+    mean = group_average(torch.cat(rows), process_group)
+    out, offset = [], 0
+    for (constraint, _), (n, indexed, dtype) in zip(chosen, layout):
+        values = mean[offset:offset + n]
+        offset += n
+        if indexed:
+            observed = (mean[offset:offset + n] > 0).nonzero().reshape(-1)
+            offset += n
+            out.append((constraint, ConstraintState(values[observed].to(dtype), constraint_features=observed)))
+        else:
+            out.append((constraint, ConstraintState(values.to(dtype))))
+    return out

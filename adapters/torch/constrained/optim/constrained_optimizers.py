@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..._dispatch import group_average, resolve_process_group
 from . import _fused
 from .optimizer import CooperOptimizer, RollOut
 
@@ -47,14 +48,30 @@ class ConstrainedOptimizer(CooperOptimizer, abc.ABC):
         ``torch.optim.SGD(cmp.dual_parameters(), lr=..., maximize=True)``); every param group
         must have ``maximize=True``. For a problem without multipliers use
         :class:`~uniopt.adapters.torch.constrained.optim.UnconstrainedOptimizer`.
+      nonfinite: (keyword) ``"propagate"`` (default), ``"raise"`` or ``"skip"``: checked on
+        the loss, the constraint values and every gradient before each step of a roll; a roll
+        that raises or skips changes nothing (docs/faults.md; :class:`CooperOptimizer`).
+      process_group: the ``torch.distributed`` process group over which the gradients of the
+        dual parameters -- the constraint violations each rank observed on its own batch --
+        are averaged before every dual step (and extrapolation), in one ``all_reduce`` of every
+        dual parameter, packed; DDP averages the primal gradients the same way, so every rank
+        takes the dual step of a single process on the whole batch. ``None``: the world group
+        when ``torch.distributed`` is initialised at construction, else none (a single
+        process). A multiplier row observed by some ranks only gets the average with zeros
+        for the others (what DDP does to a parameter a rank did not reach); a sparse
+        (IndexedMultiplier) gradient stays sparse, over the rows some rank observed. Every
+        rank must call ``roll``. A uniopt extension (Cooper has no ``process_group``).
 
     Raises:
       TypeError: ``primal_optimizers`` or ``dual_optimizers`` is ``None``.
       ValueError: a dual param group does not have ``maximize=True`` (or has no ``maximize``).
     """
 
-    def __init__(self, cmp: Any, primal_optimizers: Any, dual_optimizers: Any) -> None:
-        super().__init__(cmp=cmp, primal_optimizers=primal_optimizers, dual_optimizers=dual_optimizers)
+    def __init__(self, cmp: Any, primal_optimizers: Any, dual_optimizers: Any, *,
+                 nonfinite: str = "propagate", process_group: Any = None) -> None:
+        super().__init__(cmp=cmp, primal_optimizers=primal_optimizers, dual_optimizers=dual_optimizers,
+                         nonfinite=nonfinite)
+        self.process_group = resolve_process_group(process_group)
         self.base_sanity_checks()
         self.custom_sanity_checks()
 
@@ -96,10 +113,64 @@ class ConstrainedOptimizer(CooperOptimizer, abc.ABC):
             multiplier.post_step_()
 
     @torch.no_grad()
+    def _average_dual_grads(self) -> None:
+        """Average the dual parameters' gradients over ``process_group`` (one ``all_reduce``).
+
+        Every dual parameter takes part on every rank (zeros and "not observed" where this rank
+        has no gradient), so the packed buffers agree in size whatever each rank observed.
+        """
+        if self.process_group is None:
+            return
+        params, seen = [], set()
+        for opt in self.dual_optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        params.append(p)
+        if not params:
+            return
+        rows = []
+        for p in params:
+            g = p.grad
+            values = torch.zeros(p.numel(), dtype=torch.float64, device=p.device)
+            observed = torch.zeros(p.numel(), dtype=torch.float64, device=p.device)
+            sparse = 0.0
+            if g is not None:
+                if g.is_sparse:
+                    sparse = 1.0
+                    g = g.coalesce()
+                    mask = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+                    mask[g.indices()[0]] = 1.0
+                    observed = mask.reshape(-1)
+                    g = g.to_dense()
+                else:
+                    observed.fill_(1.0)
+                values = g.detach().reshape(-1).to(torch.float64)
+            rows += [values, observed, torch.tensor([sparse], dtype=torch.float64, device=p.device)]
+        mean = group_average(torch.cat(rows), self.process_group)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            values = mean[offset:offset + n].to(p.dtype).reshape(p.shape)
+            observed = mean[offset + n:offset + 2 * n] > 0
+            sparse = bool(mean[offset + 2 * n] > 0)
+            offset += 2 * n + 1
+            if not bool(observed.any()):
+                p.grad = None
+            elif sparse:
+                hit = observed.reshape(p.shape[0], -1).any(dim=1).nonzero().reshape(-1)
+                p.grad = torch.sparse_coo_tensor(hit.unsqueeze(0), values[hit], p.shape).coalesce()
+            else:
+                p.grad = values
+
+    @torch.no_grad()
     def dual_step(self) -> None:
         """Step every dual optimizer, then ``post_step_()`` every multiplier (the projection
         of inequality multipliers onto :math:`\\lambda \\ge 0`). Multipliers of constraints that
-        were not observed have no gradient, and the step leaves them alone.
+        were not observed have no gradient, and the step leaves them alone. With a
+        ``process_group``, the dual gradients are first averaged over its ranks (one
+        ``all_reduce``).
 
         Where that is exactly this step, a dual parameter takes uniopt's fused kernels instead
         (:mod:`uniopt.adapters.torch.constrained.optim._fused`): ``torch.optim.SGD`` without
@@ -111,6 +182,7 @@ class ConstrainedOptimizer(CooperOptimizer, abc.ABC):
         multipliers' ``post_step_()``. The route each parameter took is in
         ``self._fused_dual.last_routes``.
         """
+        self._average_dual_grads()
         stepper = self.__dict__.get("_fused_dual")
         if stepper is None:
             stepper = self._fused_dual = _fused.DualStep()
@@ -156,8 +228,9 @@ class SimultaneousOptimizer(ConstrainedOptimizer):
         dual_store = cmp_state.compute_dual_lagrangian()
         primal_store.backward()
         dual_store.backward()
-        self.primal_step()
-        self.dual_step()
+        if self.nonfinite == "propagate" or self._finite(cmp_state):
+            self.primal_step()
+            self.dual_step()
         return RollOut(cmp_state.loss, cmp_state, primal_store, dual_store)
 
 
@@ -178,8 +251,10 @@ class AlternatingPrimalDualOptimizer(ConstrainedOptimizer):
     Args: see :class:`ConstrainedOptimizer`.
     """
 
-    def __init__(self, cmp: Any, primal_optimizers: Any, dual_optimizers: Any) -> None:
-        super().__init__(cmp, primal_optimizers, dual_optimizers)
+    def __init__(self, cmp: Any, primal_optimizers: Any, dual_optimizers: Any, *,
+                 nonfinite: str = "propagate", process_group: Any = None) -> None:
+        super().__init__(cmp, primal_optimizers, dual_optimizers, nonfinite=nonfinite,
+                         process_group=process_group)
         self._violations_checked = False
 
     def _primal_snapshot(self) -> list:
@@ -225,7 +300,10 @@ class AlternatingPrimalDualOptimizer(ConstrainedOptimizer):
         cmp_state = self.cmp.compute_cmp_state(**cmp_kwargs)
         primal_store = cmp_state.compute_primal_lagrangian()
         primal_store.backward()
+        if self.nonfinite != "propagate" and not self._finite(cmp_state):
+            return RollOut(cmp_state.loss, cmp_state, primal_store, type(primal_store)())
         snapshot = None if self._violations_checked else self._primal_snapshot()
+        restore = self._snapshot() if self.nonfinite != "propagate" else None
         self.primal_step()
 
         with torch.no_grad():
@@ -245,7 +323,8 @@ class AlternatingPrimalDualOptimizer(ConstrainedOptimizer):
 
         dual_store = new_state.compute_dual_lagrangian()
         dual_store.backward()
-        self.dual_step()
+        if self.nonfinite == "propagate" or self._finite_or_restore(restore, new_state):
+            self.dual_step()
         loss = new_state.loss if new_state.loss is not None else cmp_state.loss
         return RollOut(loss, new_state, primal_store, dual_store)
 
@@ -280,10 +359,14 @@ class AlternatingDualPrimalOptimizer(ConstrainedOptimizer):
         cmp_state = self.cmp.compute_cmp_state(**kwargs)
         dual_store = cmp_state.compute_dual_lagrangian()
         dual_store.backward()
+        if self.nonfinite != "propagate" and not self._finite(cmp_state):
+            return RollOut(cmp_state.loss, cmp_state, type(dual_store)(), dual_store)
+        restore = self._snapshot() if self.nonfinite != "propagate" else None
         self.dual_step()
         primal_store = cmp_state.compute_primal_lagrangian()
         primal_store.backward()
-        self.primal_step()
+        if self.nonfinite == "propagate" or self._finite_or_restore(restore):
+            self.primal_step()
         return RollOut(cmp_state.loss, cmp_state, primal_store, dual_store)
 
 
@@ -332,6 +415,7 @@ class ExtrapolationConstrainedOptimizer(ConstrainedOptimizer):
     @torch.no_grad()
     def dual_extrapolation_step(self) -> None:
         """``extrapolation()`` of every dual optimizer, then ``post_step_()`` every multiplier."""
+        self._average_dual_grads()
         for optimizer in self.dual_optimizers:
             optimizer.extrapolation()
         self._post_step()
@@ -359,9 +443,13 @@ class ExtrapolationConstrainedOptimizer(ConstrainedOptimizer):
             primal_store.backward()
             dual_store.backward()
             if extrapolate:
+                if self.nonfinite != "propagate":
+                    if not self._finite(cmp_state):
+                        return roll_out
+                    restore = self._snapshot()
                 self.primal_extrapolation_step()
                 self.dual_extrapolation_step()
-            else:
+            elif self.nonfinite == "propagate" or self._finite_or_restore(restore, cmp_state):
                 self.primal_step()
                 self.dual_step()
         return roll_out

@@ -21,6 +21,10 @@ from typing import Any, NamedTuple, Optional, TypedDict
 
 import torch
 
+from uniopt._validation import check_nonfinite
+
+from ..._dispatch import nonfinite_gate
+
 __all__ = ["CooperOptimizer", "CooperOptimizerState", "RollOut"]
 
 
@@ -84,6 +88,13 @@ class CooperOptimizer(abc.ABC):
         primal variables (e.g. a model's weights).
       dual_optimizers: one optimizer or a sequence of them for the multipliers (each param
         group with ``maximize=True``), or ``None``.
+      nonfinite: (keyword) ``"propagate"`` (default: NaN/inf flow into the wrapped optimizers,
+        as in Cooper), ``"raise"`` (``FloatingPointError``) or ``"skip"``: checked on the loss,
+        the constraint values and every primal and dual gradient before each step of a roll;
+        a roll that raises or skips leaves every parameter and optimizer state as it found
+        them (a roll that steps before its last check restores a snapshot taken only under
+        these policies), and a skip increments ``nonfinite_skips`` (in the state dict). See
+        docs/faults.md.
 
     Attributes:
       cmp: the problem.
@@ -91,12 +102,75 @@ class CooperOptimizer(abc.ABC):
       dual_optimizers: the dual optimizers, as a list, or ``None``.
     """
 
-    def __init__(self, cmp: Any, primal_optimizers: Any, dual_optimizers: Any = None) -> None:
+    def __init__(self, cmp: Any, primal_optimizers: Any, dual_optimizers: Any = None, *,
+                 nonfinite: str = "propagate") -> None:
         if not callable(getattr(cmp, "compute_cmp_state", None)):
             raise TypeError(f"Invalid cmp: {cmp!r} (expected a ConstrainedMinimizationProblem)")
+        self.nonfinite = check_nonfinite(nonfinite)
+        self.nonfinite_skips = 0
         self.cmp = cmp
         self.primal_optimizers = _checked("primal_optimizers", _as_list(primal_optimizers))
         self.dual_optimizers = _checked("dual_optimizers", _as_list(dual_optimizers))
+
+    # -- the nonfinite policy (docs/faults.md) ----------------------------------------------------
+    def _finite(self, cmp_state: Any = None) -> bool:
+        """The ``nonfinite`` policy on the gradients now in every primal and dual parameter's
+        ``.grad`` and on ``cmp_state``'s loss and constraint values, before a step.
+
+        ``True``: go on. ``False`` (``"skip"``): ``nonfinite_skips`` was incremented; the caller
+        changes nothing more. Raises ``FloatingPointError`` under ``"raise"``.
+        """
+        if self.nonfinite == "propagate":
+            return True
+        labelled = []
+        if cmp_state is not None:
+            labelled.append((cmp_state.loss, "the loss"))
+            for constraint, state in cmp_state.observed_constraints.items():
+                name = getattr(constraint, "name", None) or type(constraint).__name__
+                labelled.append((state.violation, f"the violation of constraint {name}"))
+                labelled.append((state.strict_violation, f"the strict violation of {name}"))
+        for k, opt in enumerate(self._all_optimizers()):
+            for j, group in enumerate(opt.param_groups):
+                labelled.extend((p.grad, f"the gradient of parameter {i} of param group {j} of "
+                                          f"{type(opt).__name__} {k}")
+                                for i, p in enumerate(group["params"]) if p.grad is not None)
+        labelled = [(t, label) for t, label in labelled if isinstance(t, torch.Tensor)]
+        if nonfinite_gate(self, labelled, [], self.__dict__.get("process_group")):
+            return True
+        self.nonfinite_skips += 1
+        return False
+
+    def _snapshot(self) -> Any:
+        """Copies of every primal and dual parameter and optimizer state (only under a policy
+        other than ``"propagate"``, for a roll that steps before its last check)."""
+        if self.nonfinite == "propagate":
+            return None
+        params = [p for opt in self._all_optimizers() for g in opt.param_groups for p in g["params"]]
+        return ([(p, p.detach().clone()) for p in params],
+                [(opt, copy.deepcopy(opt.state_dict())) for opt in self._all_optimizers()])
+
+    @torch.no_grad()
+    def _finite_or_restore(self, snapshot: Any, cmp_state: Any = None) -> bool:
+        """:meth:`_finite`, putting ``snapshot`` back first when the roll stops here."""
+        try:
+            ok = self._finite(cmp_state)
+        except FloatingPointError:
+            self._put_back(snapshot)
+            raise
+        if not ok:
+            self._put_back(snapshot)
+        return ok
+
+    @staticmethod
+    @torch.no_grad()
+    def _put_back(snapshot: Any) -> None:
+        if snapshot is None:
+            return
+        params, states = snapshot
+        for p, saved in params:
+            p.copy_(saved)
+        for opt, saved in states:
+            opt.load_state_dict(saved)
 
     def _all_optimizers(self) -> list:
         return list(self.primal_optimizers or []) + list(self.dual_optimizers or [])
@@ -117,10 +191,13 @@ class CooperOptimizer(abc.ABC):
         dual_states = None
         if self.dual_optimizers is not None:
             dual_states = [optimizer.state_dict() for optimizer in self.dual_optimizers]
-        return CooperOptimizerState(
+        state = CooperOptimizerState(
             primal_optimizer_states=[optimizer.state_dict() for optimizer in self.primal_optimizers],
             dual_optimizer_states=dual_states,
         )
+        if self.__dict__.get("nonfinite", "propagate") != "propagate":
+            state["nonfinite_skips"] = self.nonfinite_skips
+        return state
 
     def load_state_dict(self, state: CooperOptimizerState) -> None:
         """Load the primal and dual optimizers' states from ``state``.
@@ -169,6 +246,8 @@ class CooperOptimizer(abc.ABC):
             for optimizer, before in reversed(loaded):
                 optimizer.load_state_dict(before)
             raise
+        if "nonfinite_skips" in state or self.nonfinite != "propagate":
+            self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
 
     @abc.abstractmethod
     def roll(self, *args: Any, **kwargs: Any) -> RollOut:

@@ -38,13 +38,13 @@ import torch
 from torch.optim.optimizer import Optimizer
 
 from uniopt import _jit
-from uniopt._validation import check_nupi
+from uniopt._validation import check_nonfinite, check_nupi
 from uniopt.constrained import MASK_KEY, nuPIInitType
 from uniopt.kernels import constrained_cpu
 from uniopt.rules import bind
 from uniopt.rules import constrained as _constrained
 
-from ..._dispatch import Dispatcher, Rule, is_plain, owned_copy
+from ..._dispatch import Dispatcher, Rule, grad_labels, is_plain, nonfinite_gate, owned_copy
 
 __all__ = ["nuPI", "nuPIInitType"]
 
@@ -238,6 +238,11 @@ class nuPI(Optimizer):
       ema_nu: :math:`\nu`, in (-1, 1).
       init_type: :class:`nuPIInitType` (Cooper's enum works too).
       maximize: (bool) ascend instead of descend.
+      nonfinite: (keyword) ``"propagate"`` (default, Cooper's behaviour), ``"raise"``
+        (``FloatingPointError`` before anything changes) or ``"skip"`` (nothing changes; every
+        group's ``nonfinite_skips`` is incremented), on the gradients (docs/faults.md). A
+        fused dual step of a constrained optimizer (which does not call :meth:`step`) is
+        covered by that optimizer's own ``nonfinite``.
 
     State per parameter: ``xi`` (:math:`\xi`) and, for sparse gradients under the ``SGD``
     initialisation, ``needs_error_initialization_mask`` (bool: the entries whose first step is
@@ -263,11 +268,14 @@ class nuPI(Optimizer):
 
     def __init__(self, params, lr: float, weight_decay: Optional[float] = 0.0, Kp=0.0, Ki=1.0,
                  ema_nu: float = 0.0, init_type: nuPIInitType = nuPIInitType.SGD,
-                 maximize: bool = False, *, _backend: str = "auto"):
+                 maximize: bool = False, *, nonfinite: str = "propagate", _backend: str = "auto"):
+        self.nonfinite = check_nonfinite(nonfinite)
         kind = check_nupi(lr, weight_decay, _host(Kp), _host(Ki), ema_nu, init_type, maximize)
         defaults = {"lr": lr, "weight_decay": weight_decay, "Kp": _gain_tensor(Kp, "Kp"),
                     "Ki": _gain_tensor(Ki, "Ki"), "ema_nu": ema_nu, "maximize": bool(maximize),
                     "init_type": nuPIInitType[kind]}
+        if self.nonfinite != "propagate":
+            defaults["nonfinite_skips"] = 0
         self._dispatcher = Dispatcher(_NuPIRule(), _backend)
         self._subgroups: dict = {}
         super().__init__(params, defaults)
@@ -315,6 +323,10 @@ class nuPI(Optimizer):
         state = dict(state)
         backend = state.pop("_backend", "auto")
         super().__setstate__(state)
+        self.__dict__.setdefault("nonfinite", "propagate")
+        if self.nonfinite != "propagate":
+            for group in self.param_groups:
+                group.setdefault("nonfinite_skips", 0)
         if "_dispatcher" not in self.__dict__:
             self._dispatcher = Dispatcher(_NuPIRule(), backend)
         self._subgroups = {}
@@ -419,6 +431,9 @@ class nuPI(Optimizer):
                 if lowers:
                     self._fuse_group(sub, lowers, rule_lowers, report)
             work = self._dispatcher.collect(groups, self.state)  # checks; nothing changed yet
+            if self.nonfinite != "propagate" and not nonfinite_gate(
+                    self, grad_labels(self.param_groups), self.param_groups):
+                return loss
             self._dispatcher.run(work)
         finally:
             rule_lowers.clear()

@@ -22,6 +22,9 @@ class UnconstrainedOptimizer(CooperOptimizer):
       primal_optimizers: one :class:`torch.optim.Optimizer` or a sequence of them.
       dual_optimizers: normally ``None``; optimizers given here (Cooper's signature allows it)
         are zeroed by :meth:`zero_grad` and saved by :meth:`state_dict`, never stepped.
+      nonfinite: (keyword) ``"propagate"``, ``"raise"`` or ``"skip"``: see
+        :class:`~uniopt.adapters.torch.constrained.optim.optimizer.CooperOptimizer` and
+        docs/faults.md.
 
     Example:
       >>> # opt = UnconstrainedOptimizer(cmp, torch.optim.SGD(model.parameters(), lr=1e-2))
@@ -43,7 +46,8 @@ class UnconstrainedOptimizer(CooperOptimizer):
         cmp_state = self.cmp.compute_cmp_state(**kwargs)
         primal_store = cmp_state.compute_primal_lagrangian()
         primal_store.backward()
-        self.primal_step()
+        if self.nonfinite == "propagate" or self._finite(cmp_state):
+            self.primal_step()
         # the problem's own LagrangianStore class, empty (duck-typed: no import of the problem side)
         dual_store = type(primal_store)()
         return RollOut(cmp_state.loss, cmp_state, primal_store, dual_store)

@@ -8,6 +8,13 @@ if os.environ.get("UNIOPT_TEST_REAL_CUDA") != "1":
 
 import numpy as np
 import pytest
+from fuzz_profiles import register as register_hypothesis_profiles
+from hypothesis import settings
+
+# property-based tests: the few, reproducible examples of "ci" unless HYPOTHESIS_PROFILE says
+# otherwise (`make fuzz`: "fuzz")
+register_hypothesis_profiles()
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "").strip() or "ci")
 
 
 def tolerance(dtype) -> dict:

@@ -692,3 +692,57 @@ def test_jax_interrupted_steps_change_nothing():
         solver.step(BAD["nan"])
     with pytest.raises((ValueError, TypeError)):
         solver.step(np.ones(N + 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# The extragradient optimizers: both calls of a pair follow the policy
+# ------------------------------------------------------------------------------------------------
+EXTRA = {"ExtraSGD": dict(lr=0.1, momentum=0.5), "ExtraAdam": dict(lr=0.1, betas=(0.8, 0.9))}
+
+
+def _extra_run(name, policy, calls):
+    """Run ``calls`` ([("extrapolation"|"step", grad)]) on a fresh optimizer; its snapshot
+    after each call and the first exception raised (or None)."""
+    x = torch.nn.Parameter(torch.tensor(X0))
+    opt = getattr(tcon.optim, name)([x], **EXTRA[name], nonfinite=policy)
+    snaps, error = [], None
+    for call, grad in calls:
+        x.grad = torch.tensor(grad)
+        try:
+            getattr(opt, call)()
+        except FloatingPointError as e:
+            error = e
+        snaps.append(_plain({"x": x, "state": opt.state_dict(), "copy": opt.params_copy}))
+    return snaps, error
+
+
+@pytest.mark.parametrize("name", list(EXTRA))
+@pytest.mark.parametrize("bad_call", ["extrapolation", "step"])
+def test_extragradient_raise_and_skip(name, bad_call):
+    good = [("extrapolation", GOOD[0]), ("step", GOOD[1])]
+    bad = ("extrapolation", BAD["nan"]) if bad_call == "extrapolation" else ("step", BAD["inf"])
+    # the bad call comes first (an extrapolation) or in place of the pair's step: a skipped
+    # step keeps the saved theta_t, so the next finite step completes the pair
+    calls = [bad] + good if bad_call == "extrapolation" else [good[0], bad, good[1]]
+    i = calls.index(bad)
+    clean, _ = _extra_run(name, "propagate", good)
+    start, _ = _extra_run(name, "propagate", [])
+
+    for policy in ("raise", "skip"):
+        snaps, error = _extra_run(name, policy, calls)
+        if i:  # the bad call changed nothing (the counter aside)
+            assert_same(snaps[i], snaps[i - 1], ignore=("param_groups",))
+        else:
+            assert_same(snaps[0]["x"], _plain(torch.tensor(X0)))
+            assert snaps[0]["state"]["state"] == {} and snaps[0]["copy"] == []
+        if policy == "raise":
+            assert isinstance(error, FloatingPointError) and name in str(error)
+        else:
+            assert error is None
+            assert snaps[i]["state"]["param_groups"][0]["nonfinite_skips"] == 1
+        # the finite calls land where a run that never saw the bad one lands, bitwise
+        assert_same(snaps[-1]["x"], clean[-1]["x"])
+        assert_same(snaps[-1]["state"]["state"], clean[-1]["state"]["state"])
+
+    propagated, _ = _extra_run(name, "propagate", calls[:i + 1])  # torch's behaviour: NaN/inf
+    assert not np.all(np.isfinite(propagated[-1]["x"]))

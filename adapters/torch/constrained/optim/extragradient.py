@@ -34,7 +34,9 @@ from typing import Any, Optional
 
 import torch
 
-from uniopt._validation import boolean, pair, real
+from uniopt._validation import boolean, check_nonfinite, pair, real
+
+from ..._dispatch import grad_labels, nonfinite_gate
 
 __all__ = ["ExtraAdam", "ExtraSGD", "ExtragradientOptimizer"]
 
@@ -60,19 +62,34 @@ class ExtragradientOptimizer(torch.optim.Optimizer):
     Args:
       params: an iterable of tensors or of dicts defining param groups.
       defaults: the default hyper-parameters of the param groups.
+      nonfinite: ``"propagate"`` (default, Cooper's behaviour), ``"raise"`` or ``"skip"``:
+        what :meth:`extrapolation` and :meth:`step` do with non-finite gradients
+        (docs/faults.md). Checked before anything changes; a skipped call changes neither the
+        parameters nor the state (nor the saved :math:`\theta_t`, so a later ``step`` still
+        completes the pair) and increments every group's ``nonfinite_skips``.
 
     Attributes:
       params_copy: the parameters saved by the first :meth:`extrapolation` since the last
         :meth:`step` (one tensor per parameter, in param-group order), else empty.
     """
 
-    def __init__(self, params: Iterable, defaults: dict) -> None:
+    def __init__(self, params: Iterable, defaults: dict, nonfinite: str = "propagate") -> None:
+        self.nonfinite = check_nonfinite(nonfinite)
+        if self.nonfinite != "propagate":  # the counter (the default keeps Cooper's groups)
+            defaults = {**defaults, "nonfinite_skips": 0}
         super().__init__(params, defaults)
         self.params_copy: list = []
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("params_copy", [])
+        self.__dict__.setdefault("nonfinite", "propagate")
+
+    def _go_ahead(self) -> bool:
+        """The ``nonfinite`` policy on the current gradients (True: the call goes ahead)."""
+        if self.nonfinite == "propagate":
+            return True
+        return nonfinite_gate(self, grad_labels(self.param_groups), self.param_groups)
 
     def update(self, p: torch.Tensor, group: dict) -> Optional[torch.Tensor]:
         """The update to add to ``p`` (``None`` when ``p`` has no gradient); advances ``p``'s
@@ -90,6 +107,8 @@ class ExtragradientOptimizer(torch.optim.Optimizer):
         r"""Move the parameters by the update computed from their gradients, to
         :math:`\theta_{t+1/2}`; the first call after a :meth:`step` saves :math:`\theta_t`."""
         self._check_gradients()
+        if not self._go_ahead():
+            return
         save = len(self.params_copy) == 0
         for p, group in self._params():
             u = self.update(p, group)
@@ -120,6 +139,8 @@ class ExtragradientOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_gradients()
+        if not self._go_ahead():
+            return loss
         for (p, group), saved in zip(self._params(), self.params_copy):
             u = self.update(p, group)
             if u is not None:
@@ -150,6 +171,8 @@ class ExtraSGD(ExtragradientOptimizer):
       weight_decay: L2 penalty :math:`w \ge 0`.
       nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
       maximize: ascend instead of descend (the dual side of a constrained problem).
+      nonfinite: ``"propagate"`` (default), ``"raise"`` or ``"skip"``
+        (:class:`ExtragradientOptimizer`, docs/faults.md).
 
     Raises:
       ValueError: a negative or NaN ``lr``, ``momentum`` or ``weight_decay``; ``nesterov``
@@ -166,7 +189,8 @@ class ExtraSGD(ExtragradientOptimizer):
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
-                 weight_decay: float = 0, nesterov: bool = False, maximize: bool = False) -> None:
+                 weight_decay: float = 0, nesterov: bool = False, maximize: bool = False, *,
+                 nonfinite: str = "propagate") -> None:
         _nonnegative("learning rate", lr)
         _nonnegative("momentum value", momentum)
         _nonnegative("weight_decay value", weight_decay)
@@ -176,7 +200,7 @@ class ExtraSGD(ExtragradientOptimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = {"lr": lr, "momentum": momentum, "dampening": dampening,
                     "weight_decay": weight_decay, "nesterov": nesterov, "maximize": maximize}
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -226,6 +250,8 @@ class ExtraAdam(ExtragradientOptimizer):
       weight_decay: L2 penalty :math:`w \ge 0`.
       amsgrad: use the AMSGrad variant.
       maximize: ascend instead of descend.
+      nonfinite: ``"propagate"`` (default), ``"raise"`` or ``"skip"``
+        (:class:`ExtragradientOptimizer`, docs/faults.md).
 
     Raises:
       ValueError: a hyper-parameter out of range (or NaN).
@@ -233,7 +259,8 @@ class ExtraAdam(ExtragradientOptimizer):
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0, amsgrad: bool = False, maximize: bool = False) -> None:
+                 weight_decay: float = 0, amsgrad: bool = False, maximize: bool = False, *,
+                 nonfinite: str = "propagate") -> None:
         _nonnegative("learning rate", lr)
         _nonnegative("epsilon value", eps)
         for i, beta in enumerate(pair("betas", betas)):
@@ -242,7 +269,7 @@ class ExtraAdam(ExtragradientOptimizer):
         _nonnegative("weight_decay value", weight_decay)
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
                     "amsgrad": amsgrad, "maximize": maximize}
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

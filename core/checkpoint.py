@@ -59,7 +59,7 @@ import dataclasses
 import math
 import os
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -77,6 +77,10 @@ __all__ = [
     "ialm_to_groups",
     "export",
     "restore",
+    "constrained_from_parts",
+    "constrained_to_parts",
+    "export_constrained",
+    "restore_constrained",
 ]
 
 #: The version every format string carries (``"uniopt.<family>/1"``).
@@ -115,7 +119,24 @@ FAMILIES = {
                              "momentum": _FLOAT, "dampening": _FLOAT, "dual_range": _PAIR,
                              "is_ineq": _BOOL},
                     ("duals", "momentum_buffer"), (), {"penalty": _FLOAT, "ctol": _FLOAT}),
+    # the group hyper-parameters depend on the dual optimizer: see _CONSTRAINED_HYPER
+    "constrained": _Family("constrained", {}, ("momentum_buffer", "xi", "needs_error_initialization_mask"),
+                           (), {"optimizer": _STR}),
 }
+
+#: The constrained family's group hyper-parameters per dual optimizer (``"optimizer"`` key):
+#: torch.optim.SGD's (Cooper's projected ascent) and nuPI's, under the torch names.
+_CONSTRAINED_HYPER = {
+    "sgd": {"lr": _FLOAT, "momentum": _FLOAT, "dampening": _FLOAT, "weight_decay": _FLOAT,
+            "nesterov": _BOOL, "maximize": _BOOL},
+    "nupi": {"lr": _FLOAT, "weight_decay": _FLOAT, "Kp": _FLOAT, "Ki": _FLOAT, "ema_nu": _FLOAT,
+             "init_type": _STR, "maximize": _BOOL},
+}
+#: The dual optimizer's state buffers per multiplier, per dual optimizer.
+_CONSTRAINED_BUFFERS = {"sgd": ("momentum_buffer",),
+                        "nupi": ("xi", "needs_error_initialization_mask")}
+_MULTIPLIER_KINDS = ("dense", "indexed")
+_CONSTRAINT_TYPES = ("inequality", "equality", "none")
 
 _FORMAT_RE = re.compile(r"^uniopt\.([a-z_]+)/(\d+)$")
 
@@ -224,6 +245,8 @@ def validate(ckpt: Any) -> dict:
         or group), a parameter in no group or in two.
     """
     fam = family_of(ckpt)
+    if fam.name == "constrained":
+        return _validate_constrained(ckpt)
     _need(ckpt, ["step", "n_groups"] + list(fam.top))
     out: dict = {"format": fam.format, "step": _int(ckpt, "step"), "n_groups": _int(ckpt, "n_groups")}
     n_groups = out["n_groups"]
@@ -604,3 +627,369 @@ def restore(opt: Any, ckpt: dict, params: Any = None) -> Any:
     sd["param_groups"] = [{**g, **theirs} for g, theirs in zip(mine, sd["param_groups"])]
     opt.load_state_dict(sd)
     return opt
+
+
+# ----------------------------------------------------------------------------------------------
+# Constrained learning (Cooper): multipliers, penalty coefficients, the dual optimizer
+# ----------------------------------------------------------------------------------------------
+def _float_vector(key: str, value: Any, ndim: tuple = (1,)) -> np.ndarray:
+    a = _array(value)
+    if a.dtype not in (np.float32, np.float64) or a.ndim not in ndim:
+        raise CheckpointError(f"checkpoint key {key!r}: a {a.ndim}-D {a.dtype} array (expected a "
+                              f"{'/'.join(f'{n}-D' for n in ndim)} float32 or float64 array)")
+    return a
+
+
+def _choice(key: str, value: Any, options: tuple) -> str:
+    value = _kind(key, _STR, value)
+    if value not in options:
+        raise CheckpointError(f"checkpoint key {key!r}: {value!r} (expected one of {list(options)})")
+    return value
+
+
+def _validate_constrained(ckpt: Any) -> dict:
+    """:func:`validate` for ``"uniopt.constrained/1"``."""
+    fam = FAMILIES["constrained"]
+    _need(ckpt, ["step", "n_groups", "optimizer", "n_multipliers", "n_penalty_coefficients"])
+    out: dict = {"format": fam.format, "step": _int(ckpt, "step"), "n_groups": _int(ckpt, "n_groups")}
+    optimizer = out["optimizer"] = _choice("optimizer", ckpt["optimizer"], tuple(_CONSTRAINED_HYPER))
+    n_mult = out["n_multipliers"] = _int(ckpt, "n_multipliers")
+    n_pen = out["n_penalty_coefficients"] = _int(ckpt, "n_penalty_coefficients")
+    if out["n_groups"] < 1 or n_mult < 1 or n_pen < 0:
+        raise CheckpointError(f"checkpoint: n_groups={out['n_groups']}, n_multipliers={n_mult}, "
+                              f"n_penalty_coefficients={n_pen} (expected >= 1, >= 1, >= 0)")
+    for i in range(n_mult):
+        keys = [f"multiplier{i}.{k}" for k in ("kind", "constraint_type", "weight")]
+        _need(ckpt, keys)
+        out[keys[0]] = _choice(keys[0], ckpt[keys[0]], _MULTIPLIER_KINDS)
+        out[keys[1]] = _choice(keys[1], ckpt[keys[1]], _CONSTRAINT_TYPES)
+        weight = out[keys[2]] = _float_vector(keys[2], ckpt[keys[2]])
+        present = [b for b in _CONSTRAINED_BUFFERS[optimizer] if f"multiplier{i}.{b}" in ckpt]
+        if present and len(present) != len(_CONSTRAINED_BUFFERS[optimizer]):
+            raise CheckpointError(f"checkpoint {fam.format!r} is missing keys "
+                                  f"{[f'multiplier{i}.{b}' for b in _CONSTRAINED_BUFFERS[optimizer] if b not in present]}")
+        for b in present:
+            key = f"multiplier{i}.{b}"
+            a = _array(ckpt[key])
+            want = np.bool_ if b == "needs_error_initialization_mask" else weight.dtype
+            if a.shape != weight.shape or a.dtype != want:
+                raise CheckpointError(f"checkpoint key {key!r}: shape {a.shape}, dtype {a.dtype} "
+                                      f"(expected the weight's shape {weight.shape}, dtype "
+                                      f"{np.dtype(want)})")
+            out[key] = a
+        stray = [k for k in ckpt if k.startswith(f"multiplier{i}.")
+                 and k.split(".", 1)[1] in fam.buffers and k.split(".", 1)[1] not in present]
+        if stray:
+            raise CheckpointError(f"checkpoint keys {stray} are not state of the {optimizer!r} dual "
+                                  f"optimizer")
+    hyper = _CONSTRAINED_HYPER[optimizer]
+    for k in range(out["n_groups"]):
+        _need(ckpt, [f"group{k}.{h}" for h in hyper] + [f"group{k}.params"])
+        for h, kind in hyper.items():
+            out[f"group{k}.{h}"] = _kind(f"group{k}.{h}", kind, ckpt[f"group{k}.{h}"])
+        if optimizer == "nupi":
+            _choice(f"group{k}.init_type", out[f"group{k}.init_type"], ("sgd", "zeros"))
+        if f"group{k}.nonfinite_skips" in ckpt:
+            out[f"group{k}.nonfinite_skips"] = _int(ckpt, f"group{k}.nonfinite_skips")
+        idx = np.asarray(ckpt[f"group{k}.params"])
+        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+            raise CheckpointError(f"checkpoint key 'group{k}.params': expected a 1-D int array")
+        out[f"group{k}.params"] = idx.astype(np.int64)
+    seen = np.concatenate([out[f"group{k}.params"] for k in range(out["n_groups"])])
+    if sorted(seen.tolist()) != list(range(n_mult)):
+        raise CheckpointError(f"checkpoint: the groups' params "
+                              f"{[out[f'group{k}.params'].tolist() for k in range(out['n_groups'])]} "
+                              f"are not each of the {n_mult} multipliers exactly once")
+    for j in range(n_pen):
+        keys = [f"penalty_coefficient{j}.{k}" for k in ("kind", "value", "init")]
+        _need(ckpt, keys)
+        out[keys[0]] = _choice(keys[0], ckpt[keys[0]], _MULTIPLIER_KINDS)
+        value = out[keys[1]] = _float_vector(keys[1], ckpt[keys[1]], (0, 1))
+        init = out[keys[2]] = _float_vector(keys[2], ckpt[keys[2]], (0, 1))
+        if init.shape != value.shape or init.dtype != value.dtype:
+            raise CheckpointError(f"checkpoint key {keys[2]!r}: shape {init.shape}, dtype {init.dtype} "
+                                  f"(expected the value's {value.shape}, {value.dtype})")
+    return out
+
+
+def constrained_from_parts(optimizer: str, multipliers: list, groups: list, state: dict,
+                           penalty_coefficients: list = (), *, step: int = -1) -> dict:
+    """A ``"uniopt.constrained/1"`` checkpoint from framework-free parts (NumPy arrays).
+
+    Args:
+      optimizer: the dual optimizer, ``"sgd"`` (projected SGD ascent, torch.optim.SGD's
+        hyper-parameters) or ``"nupi"``.
+      multipliers: one dict per multiplier, in order: ``{"kind": "dense" | "indexed",
+        "constraint_type": "inequality" | "equality" | "none", "weight": array}`` (flattened
+        to 1-D).
+      groups: the dual optimizer's groups: the hyper-parameters (torch names; nuPI's
+        ``init_type`` as ``"sgd"``/``"zeros"``), ``"params"`` (the indices of the group's
+        multipliers) and optionally ``"nonfinite_skips"``.
+      state: ``{multiplier index: {buffer: array}}`` (``momentum_buffer``; ``xi`` and
+        ``needs_error_initialization_mask``), flattened to 1-D; a multiplier without state has
+        its initial one.
+      penalty_coefficients: one dict per coefficient: ``{"kind", "value", "init"}`` (0-d or
+        1-D arrays).
+      step: the number of dual updates (``-1``: unknown).
+    """
+    ckpt: dict = {"format": FAMILIES["constrained"].format, "step": int(step),
+                  "optimizer": optimizer, "n_groups": len(groups),
+                  "n_multipliers": len(multipliers),
+                  "n_penalty_coefficients": len(penalty_coefficients)}
+    if optimizer not in _CONSTRAINED_HYPER:
+        raise CheckpointError(f"Invalid dual optimizer: {optimizer!r} (expected one of "
+                              f"{sorted(_CONSTRAINED_HYPER)})")
+    for i, m in enumerate(multipliers):
+        ckpt[f"multiplier{i}.kind"] = m["kind"]
+        ckpt[f"multiplier{i}.constraint_type"] = m["constraint_type"]
+        ckpt[f"multiplier{i}.weight"] = _array(m["weight"]).reshape(-1)
+    for k, g in enumerate(groups):
+        for h in _CONSTRAINED_HYPER[optimizer]:
+            if h not in g:
+                raise CheckpointError(f"dual optimizer group {k} has no {h!r}")
+            value = g[h]
+            ckpt[f"group{k}.{h}"] = value.item() if hasattr(value, "item") and np.size(value) == 1 else value
+        ckpt[f"group{k}.params"] = np.array(g["params"], dtype=np.int64)
+        if "nonfinite_skips" in g:
+            ckpt[f"group{k}.nonfinite_skips"] = int(g["nonfinite_skips"])
+    for i, s in state.items():
+        for b, value in s.items():
+            ckpt[f"multiplier{int(i)}.{b}"] = _array(value).reshape(-1)
+    for j, c in enumerate(penalty_coefficients):
+        ckpt[f"penalty_coefficient{j}.kind"] = c["kind"]
+        ckpt[f"penalty_coefficient{j}.value"] = _array(c["value"])
+        ckpt[f"penalty_coefficient{j}.init"] = _array(c["init"])
+    return validate(ckpt)
+
+
+def constrained_to_parts(ckpt: dict) -> dict:
+    """The parts of a ``"uniopt.constrained/1"`` checkpoint (validated; arrays copied):
+    ``{"optimizer", "step", "multipliers", "groups", "state", "penalty_coefficients"}`` as
+    :func:`constrained_from_parts` takes them (``groups[k]["params"]`` a list of ints)."""
+    ckpt = validate(ckpt)
+    if ckpt["format"] != FAMILIES["constrained"].format:
+        raise CheckpointError(f"expected a 'uniopt.constrained/1' checkpoint, got {ckpt['format']!r}")
+    optimizer = ckpt["optimizer"]
+    multipliers = [{"kind": ckpt[f"multiplier{i}.kind"],
+                    "constraint_type": ckpt[f"multiplier{i}.constraint_type"],
+                    "weight": ckpt[f"multiplier{i}.weight"]} for i in range(ckpt["n_multipliers"])]
+    groups = []
+    for k in range(ckpt["n_groups"]):
+        g = {h: ckpt[f"group{k}.{h}"] for h in _CONSTRAINED_HYPER[optimizer]}
+        g["params"] = ckpt[f"group{k}.params"].tolist()
+        if f"group{k}.nonfinite_skips" in ckpt:
+            g["nonfinite_skips"] = ckpt[f"group{k}.nonfinite_skips"]
+        groups.append(g)
+    state = {}
+    for i in range(ckpt["n_multipliers"]):
+        entry = {b: ckpt[f"multiplier{i}.{b}"] for b in _CONSTRAINED_BUFFERS[optimizer]
+                 if f"multiplier{i}.{b}" in ckpt}
+        if entry:
+            state[i] = entry
+    penalties = [{k: ckpt[f"penalty_coefficient{j}.{k}"] for k in ("kind", "value", "init")}
+                 for j in range(ckpt["n_penalty_coefficients"])]
+    return {"optimizer": optimizer, "step": ckpt["step"], "multipliers": multipliers,
+            "groups": groups, "state": state, "penalty_coefficients": penalties}
+
+
+def _check_sizes(what: str, theirs: list, mine: list) -> None:
+    if list(theirs) != list(mine):
+        raise CheckpointError(f"checkpoint has {what} of sizes {list(theirs)}, the target "
+                              f"{list(mine)}")
+
+
+def export_constrained(multipliers: Sequence, dual_optimizer: Any = None, *, lr: Any = None,
+                       kinds: Sequence | None = None, constraint_types: Sequence | None = None,
+                       penalty_coefficients: Sequence = (), penalty_kinds: Sequence | None = None,
+                       penalty_inits: Sequence | None = None, step: int = -1) -> dict:
+    """The ``"uniopt.constrained/1"`` checkpoint of the NumPy face's dual side (arrays copied).
+
+    Args:
+      multipliers: the multiplier arrays, in order (an indexed one is ``(m,)`` or ``(m, 1)``).
+      dual_optimizer: a :class:`uniopt.constrained.nuPI` over exactly these arrays, or ``None``
+        for :func:`uniopt.constrained.projected_ascent_` /
+        :func:`~uniopt.constrained.indexed_projected_ascent_` (stateless; then ``lr`` is
+        needed).
+      lr: the projected ascent's step size (``dual_optimizer=None`` only).
+      kinds: ``"dense"`` / ``"indexed"`` per multiplier (default all ``"dense"``).
+      constraint_types: ``"inequality"`` / ``"equality"`` per multiplier; default for nuPI
+        its groups' ``nonnegative`` flag; required for projected ascent.
+      penalty_coefficients: the penalty coefficient arrays (0-d or 1-D), in order.
+      penalty_kinds: ``"dense"`` / ``"indexed"`` per coefficient (default ``"dense"``).
+      penalty_inits: their initial values (restarts); default their current values.
+      step: the number of dual updates to record (``-1``: unknown).
+
+    Raises:
+      TypeError: a missing ``lr``/``constraint_types``, a ``dual_optimizer`` that is not a
+        nuPI or does not hold exactly ``multipliers``.
+      CheckpointError: per-entry nuPI gains (not in format version 1).
+    """
+    from .constrained import MASK_KEY, nuPI
+
+    arrays = [np.asarray(m) for m in multipliers]
+    kinds = ["dense"] * len(arrays) if kinds is None else list(kinds)
+    if dual_optimizer is None:
+        if lr is None or constraint_types is None:
+            raise TypeError("export_constrained(multipliers, None, lr=..., constraint_types=...): "
+                            "projected ascent keeps no hyper-parameters: give lr and "
+                            "constraint_types")
+        groups = [{"lr": float(lr), "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0,
+                   "nesterov": False, "maximize": True, "params": list(range(len(arrays)))}]
+        return constrained_from_parts(
+            "sgd", _np_multipliers(arrays, kinds, constraint_types), groups, {},
+            _np_penalties(penalty_coefficients, penalty_kinds, penalty_inits), step=step)
+    if not isinstance(dual_optimizer, nuPI):
+        raise TypeError(f"export_constrained: expected a uniopt.constrained.nuPI or None, got "
+                        f"{type(dual_optimizer).__name__}")
+    if len(dual_optimizer._params) != len(arrays) or any(
+            p is not a for p, a in zip(dual_optimizer._params, multipliers)):
+        raise TypeError("export_constrained: the nuPI optimizer's parameters are not the given "
+                        "multiplier arrays (same objects, same order)")
+    groups, types = [], [None] * len(arrays)
+    for g, indices in zip(dual_optimizer.param_groups, dual_optimizer._group_indices()):
+        if isinstance(g["Kp"], np.ndarray) or isinstance(g["Ki"], np.ndarray):
+            raise CheckpointError("export_constrained: per-entry nuPI gains are not in the "
+                                  "'uniopt.constrained/1' format")
+        group = {"lr": g["lr"], "weight_decay": g["weight_decay"], "Kp": g["Kp"], "Ki": g["Ki"],
+                 "ema_nu": g["ema_nu"], "init_type": g["init_type"].name.lower(),
+                 "maximize": g["maximize"], "params": list(indices)}
+        if "nonfinite_skips" in g:
+            group["nonfinite_skips"] = g["nonfinite_skips"]
+        groups.append(group)
+        for i in indices:
+            types[i] = "inequality" if g["nonnegative"] else "equality"
+    state = {}
+    for i, s in dual_optimizer.state.items():
+        if s and "xi" in s:
+            mask = s.get(MASK_KEY)
+            state[i] = {"xi": s["xi"], "needs_error_initialization_mask":
+                        np.zeros(s["xi"].shape, bool) if mask is None else np.asarray(mask, bool)}
+    return constrained_from_parts(
+        "nupi", _np_multipliers(arrays, kinds, types if constraint_types is None else constraint_types),
+        groups, state, _np_penalties(penalty_coefficients, penalty_kinds, penalty_inits), step=step)
+
+
+def _np_multipliers(arrays: list, kinds: list, types: Sequence) -> list:
+    types = list(types)
+    if len(kinds) != len(arrays) or len(types) != len(arrays):
+        raise TypeError(f"export_constrained: {len(arrays)} multipliers, {len(kinds)} kinds, "
+                        f"{len(types)} constraint types")
+    return [{"kind": k, "constraint_type": t, "weight": a} for a, k, t in zip(arrays, kinds, types)]
+
+
+def _np_penalties(values: Sequence, kinds: Sequence | None, inits: Sequence | None) -> list:
+    values = [np.asarray(v) for v in values]
+    kinds = ["dense"] * len(values) if kinds is None else list(kinds)
+    inits = values if inits is None else [np.asarray(v) for v in inits]
+    if len(kinds) != len(values) or len(inits) != len(values):
+        raise TypeError(f"export_constrained: {len(values)} penalty coefficients, {len(kinds)} "
+                        f"kinds, {len(inits)} inits")
+    return [{"kind": k, "value": v, "init": i} for v, k, i in zip(values, kinds, inits)]
+
+
+def restore_constrained(ckpt: dict, multipliers: Sequence, dual_optimizer: Any = None, *,
+                        penalty_coefficients: Sequence = ()) -> dict:
+    """Restore a ``"uniopt.constrained/1"`` checkpoint into the NumPy face, in place.
+
+    Everything is checked before anything changes. The multiplier (and penalty coefficient)
+    arrays take the checkpoint's values (their own shape and dtype; the sizes must match); a
+    :class:`uniopt.constrained.nuPI` takes its hyper-parameters and state (its groups must
+    hold the same multipliers as the checkpoint's; each group's ``nonnegative`` becomes
+    whether its multipliers are inequality ones).
+
+    Args:
+      ckpt: the checkpoint.
+      multipliers: the multiplier arrays (float32/float64, writeable), in order.
+      dual_optimizer: a nuPI over exactly these arrays for a ``"nupi"`` checkpoint; ``None``
+        for an ``"sgd"`` one (projected ascent: restored through the returned ``lr``).
+      penalty_coefficients: the penalty coefficient arrays, in order (as many as stored).
+
+    Returns:
+      ``{"optimizer", "step", "lr", "kinds", "constraint_types", "nonnegative",
+      "penalty_kinds", "penalty_inits"}``: what the next steps need (``lr`` of the first group;
+      ``nonnegative`` per multiplier, for ``projected_ascent_(..., nonnegative=...)``;
+      ``penalty_inits`` for ``update_penalty_coefficients_(..., init=...)``).
+
+    Raises:
+      CheckpointError: another family, sizes that differ, a ``"sgd"`` checkpoint with
+        momentum, weight decay, nesterov or ``maximize=False`` (projected ascent has none of
+        them), a dual optimizer that does not fit, a group mixing inequality and equality
+        multipliers.
+    """
+    from .constrained import MASK_KEY, nuPI, nuPIInitType
+
+    parts = constrained_to_parts(ckpt)
+    arrays = list(multipliers)
+    _check_sizes("multipliers", [m["weight"].size for m in parts["multipliers"]],
+                 [np.size(a) for a in arrays])
+    pens = list(penalty_coefficients)
+    _check_sizes("penalty coefficients", [c["value"].size for c in parts["penalty_coefficients"]],
+                 [np.size(a) for a in pens])
+    nonnegative = [m["constraint_type"] == "inequality" for m in parts["multipliers"]]
+    groups = parts["groups"]
+    if parts["optimizer"] == "sgd":
+        if dual_optimizer is not None:
+            raise CheckpointError("a projected-ascent ('sgd') checkpoint restores with "
+                                  "dual_optimizer=None (projected_ascent_ keeps no state)")
+        for k, g in enumerate(groups):
+            if g["momentum"] != 0 or g["weight_decay"] != 0 or g["nesterov"] or not g["maximize"]:
+                raise CheckpointError(f"checkpoint group {k}: SGD with momentum={g['momentum']}, "
+                                      f"weight_decay={g['weight_decay']}, nesterov={g['nesterov']}, "
+                                      f"maximize={g['maximize']} has no NumPy equivalent "
+                                      f"(projected_ascent_ is momentum 0, no decay, maximize)")
+        if len({g["lr"] for g in groups}) != 1:
+            raise CheckpointError(f"checkpoint groups with different lr {[g['lr'] for g in groups]}")
+    else:
+        if not isinstance(dual_optimizer, nuPI):
+            raise CheckpointError(f"a 'nupi' checkpoint restores into a uniopt.constrained.nuPI, "
+                                  f"got {type(dual_optimizer).__name__}")
+        if len(dual_optimizer._params) != len(arrays) or any(
+                p is not a for p, a in zip(dual_optimizer._params, arrays)):
+            raise CheckpointError("restore_constrained: the nuPI optimizer's parameters are not the "
+                                  "given multiplier arrays (same objects, same order)")
+        mine = [list(ix) for ix in dual_optimizer._group_indices()]
+        if mine != [g["params"] for g in groups]:
+            raise CheckpointError(f"checkpoint groups hold multipliers {[g['params'] for g in groups]}, "
+                                  f"the nuPI's {mine}")
+        for k, g in enumerate(groups):
+            if len({nonnegative[i] for i in g["params"]}) > 1:
+                raise CheckpointError(f"checkpoint group {k} mixes inequality and equality "
+                                      f"multipliers (a NumPy nuPI group has one 'nonnegative')")
+    for a in arrays + pens:
+        if not (isinstance(a, np.ndarray) and a.flags.writeable):
+            raise CheckpointError(f"restore_constrained: the targets are writeable NumPy arrays, "
+                                  f"got {type(a).__name__}")
+    if parts["optimizer"] == "nupi":  # load_state_dict checks everything before changing
+        state = {}
+        for i, s in parts["state"].items():
+            shape, dtype = np.shape(arrays[i]), arrays[i].dtype
+            entry = {"xi": s["xi"].reshape(shape).astype(dtype)}
+            mask = s["needs_error_initialization_mask"]
+            if mask.any():
+                entry[MASK_KEY] = mask.reshape(shape).copy()
+            state[i] = entry
+        new_groups = []
+        for g, theirs in zip(dual_optimizer.param_groups, groups):
+            group = {k: v for k, v in g.items() if k != "params"}
+            group.update({h: theirs[h] for h in _CONSTRAINED_HYPER["nupi"]})
+            group["init_type"] = nuPIInitType[theirs["init_type"].upper()]
+            group["nonnegative"] = bool(theirs["params"]) and nonnegative[theirs["params"][0]]
+            if "nonfinite_skips" in theirs and "nonfinite_skips" in g:
+                group["nonfinite_skips"] = theirs["nonfinite_skips"]
+            group["params"] = list(range(len(g["params"])))
+            new_groups.append(group)
+        sd = dual_optimizer.state_dict()
+        sd["param_groups"] = [{**ng, "params": old["params"]}
+                              for ng, old in zip(new_groups, sd["param_groups"])]
+        sd["state"] = state
+        dual_optimizer.load_state_dict(sd)
+    for m, a in zip(parts["multipliers"], arrays):
+        a[...] = m["weight"].reshape(np.shape(a))
+    for c, a in zip(parts["penalty_coefficients"], pens):
+        a[...] = c["value"].reshape(np.shape(a))
+    return {"optimizer": parts["optimizer"], "step": parts["step"], "lr": groups[0]["lr"],
+            "kinds": [m["kind"] for m in parts["multipliers"]],
+            "constraint_types": [m["constraint_type"] for m in parts["multipliers"]],
+            "nonnegative": nonnegative,
+            "penalty_kinds": [c["kind"] for c in parts["penalty_coefficients"]],
+            "penalty_inits": [c["init"] for c in parts["penalty_coefficients"]]}

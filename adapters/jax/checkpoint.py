@@ -36,6 +36,12 @@ restore (``-1``, unknown, leaves them at 0). Learning-rate schedules are not sto
 needs numbers; to resume with a schedule, pass the transform built with it as
 ``restore(..., tx=...)``.
 
+Constrained learning (``uniopt.adapters.jax.constrained``, ``"uniopt.constrained/1"``):
+:func:`export_constrained` takes the multipliers (or the constraints mapping), the dual
+transform's state (:func:`~uniopt.adapters.jax.constrained.projected_ascent`: the format's
+``"sgd"``; :func:`~uniopt.adapters.jax.constrained.nupi`) and its hyper-parameters;
+:func:`restore_constrained` gives the multipliers, the transform and its state back.
+
 Example:
   >>> import jax.numpy as jnp
   >>> from uniopt.adapters.jax import qhm
@@ -65,7 +71,8 @@ from .ialm import IALMState, ialm
 from .polyak import ScaleByPolyakState, polyak_sgd
 from .qh import ScaleByQHAdamState, ScaleByQHMState, qhadam, qhm
 
-__all__ = ["export", "restore", "transform_kwargs"]
+__all__ = ["export", "restore", "transform_kwargs", "export_constrained", "restore_constrained",
+           "constrained_transform_kwargs"]
 
 _BLOCKS = {ScaleByQHMState: "qhm", ScaleByQHAdamState: "qhadam", ScaleByPolyakState: "polyak"}
 
@@ -391,3 +398,246 @@ def _restore_ialm(ckpt: dict, constraints: Any, tx: Any) -> tuple:
     return tx, state
 
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Constrained learning (Cooper): multipliers, penalty coefficients, the dual transform
+# ----------------------------------------------------------------------------------------------
+def _cons():
+    from . import constrained
+
+    return constrained
+
+
+def _split_constraints(tree: Any, penalty_coefficients: Any) -> tuple:
+    """``(multipliers pytree, penalty pytree or None, constraints or None)``: a mapping of
+    ``Constraint`` gives its multipliers ``{name: multiplier}`` and penalty coefficients."""
+    c = _cons()
+    if isinstance(tree, dict) and tree and all(isinstance(v, c.Constraint) for v in tree.values()):
+        mults = c._multipliers(tree)
+        if penalty_coefficients is None:
+            penalty_coefficients = {n: k.penalty_coefficient for n, k in tree.items()
+                                    if k.penalty_coefficient is not None}
+        return mults, penalty_coefficients, tree
+    return tree, penalty_coefficients, None
+
+
+def _mult_leaves(tree: Any) -> list:
+    c = _cons()
+    leaves = jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, c.Multiplier))
+    for i, m in enumerate(leaves):
+        if not isinstance(m, (c.DenseMultiplier, c.IndexedMultiplier)):
+            raise TypeError(f"multiplier {i}: {type(m).__name__} (expected DenseMultiplier or "
+                            f"IndexedMultiplier nodes)")
+    return leaves
+
+
+def _pen_leaves(tree: Any) -> list:
+    c = _cons()
+    if tree is None:
+        return []
+    leaves = jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, c.PenaltyCoefficient))
+    for j, p in enumerate(leaves):
+        if not isinstance(p, c.PenaltyCoefficient):
+            raise TypeError(f"penalty coefficient {j}: {type(p).__name__} (expected a PenaltyCoefficient)")
+    return leaves
+
+
+def _jkind(node: Any) -> str:
+    c = _cons()
+    return "indexed" if isinstance(node, (c.IndexedMultiplier, c.IndexedPenaltyCoefficient)) else "dense"
+
+
+def _jtype(m: Any) -> str:
+    return "none" if m.constraint_type is None else m.constraint_type.name.lower()
+
+
+def _dual_node(state: Any) -> Any:
+    c = _cons()
+    if isinstance(state, c.ConstrainedOptimizerState):
+        state = state.dual
+    for node in _nodes(state):
+        if isinstance(node, (c.ProjectedAscentState, c.NuPIState)):
+            return node
+    raise TypeError(f"export_constrained: no projected_ascent or nupi state in {type(state).__name__}")
+
+
+def export_constrained(multipliers: Any, state: Any, *, learning_rate: Any, weight_decay: Any = 0.0,
+                       Kp: Any = 0.0, Ki: Any = 1.0, ema_nu: Any = 0.0, init_type: Any = "sgd",
+                       maximize: bool = False, penalty_coefficients: Any = None) -> dict:
+    """The ``"uniopt.constrained/1"`` checkpoint of the JAX face's dual side.
+
+    Args:
+      multipliers: a pytree of ``DenseMultiplier`` / ``IndexedMultiplier`` nodes (the order is
+        :func:`jax.tree_util.tree_leaves`', dict keys sorted), or the constraints mapping
+        ``{name: Constraint}`` (its multipliers and, by default, penalty coefficients).
+      state: the dual transform's state (:class:`~uniopt.adapters.jax.constrained.ProjectedAscentState`,
+        :class:`~uniopt.adapters.jax.constrained.NuPIState`, possibly wrapped, or a
+        ``ConstrainedOptimizerState``: its ``dual``).
+      learning_rate, weight_decay, Kp, Ki, ema_nu, init_type, maximize: the hyper-parameters the
+        transform was built with (``projected_ascent`` takes ``learning_rate`` only; it is the
+        format's ``"sgd"`` with ``maximize=True`` and no momentum); numbers, not schedules.
+      penalty_coefficients: a pytree of ``PenaltyCoefficient`` nodes (default: the
+        constraints', or none).
+
+    ``step`` is the state's ``count``.
+    """
+    c = _cons()
+    tree, pens, _ = _split_constraints(multipliers, penalty_coefficients)
+    leaves = _mult_leaves(tree)
+    node = _dual_node(state)
+    _number("learning_rate", learning_rate)
+    parts = [{"kind": _jkind(m), "constraint_type": _jtype(m), "weight": _host(m.weight)} for m in leaves]
+    group = {"params": list(range(len(leaves)))}
+    st = {}
+    if isinstance(node, c.ProjectedAscentState):
+        optimizer = "sgd"
+        group.update(lr=float(learning_rate), momentum=0.0, dampening=0.0, weight_decay=0.0,
+                     nesterov=False, maximize=True)
+    else:
+        optimizer = "nupi"
+        for name, v in (("Kp", Kp), ("Ki", Ki)):
+            if np.size(v) != 1:
+                raise CheckpointError(f"export_constrained: per-entry nuPI gains ({name}) are not in "
+                                      f"the 'uniopt.constrained/1' format")
+        group.update(lr=float(learning_rate), weight_decay=float(weight_decay),
+                     Kp=float(np.asarray(Kp).reshape(-1)[0]), Ki=float(np.asarray(Ki).reshape(-1)[0]),
+                     ema_nu=float(ema_nu), init_type=c._check_init_type(init_type).name.lower(),
+                     maximize=bool(maximize))
+        xis, freshes = jax.tree.leaves(node.xi), jax.tree.leaves(node.fresh)
+        if len(xis) != len(leaves) or len(freshes) != len(leaves):
+            raise CheckpointError(f"export_constrained: the nupi state has {len(xis)} leaves, the "
+                                  f"multipliers {len(leaves)}")
+        for i, (xi, fresh) in enumerate(zip(xis, freshes)):
+            st[i] = {"xi": _host(xi), "needs_error_initialization_mask": _host(fresh).astype(bool)}
+    pen = [{"kind": _jkind(p), "value": _host(p.value), "init": _host(p.init)} for p in _pen_leaves(pens)]
+    return _ckpt.constrained_from_parts(optimizer, parts, [group], st, pen, step=int(node.count))
+
+
+def constrained_transform_kwargs(ckpt: dict) -> dict:
+    """The keyword arguments of the dual transform a ``"uniopt.constrained/1"`` checkpoint
+    resumes in: ``projected_ascent(**kw)`` (``"sgd"``) or ``nupi(**kw)`` (``"nupi"``).
+
+    Raises:
+      CheckpointError: groups with different hyper-parameters; SGD with momentum, weight decay,
+        nesterov or ``maximize=False`` (``projected_ascent`` has none of them).
+    """
+    parts = _ckpt.constrained_to_parts(ckpt)
+    first = {k: v for k, v in parts["groups"][0].items() if k not in ("params", "nonfinite_skips")}
+    for k, g in enumerate(parts["groups"][1:], 1):
+        other = {key: v for key, v in g.items() if key not in ("params", "nonfinite_skips")}
+        if other != first:
+            raise CheckpointError(f"a JAX dual transform takes one set of hyper-parameters; the "
+                                  f"checkpoint's group {k} differs from group 0: {other} != {first}")
+    if parts["optimizer"] == "sgd":
+        if first["momentum"] != 0 or first["weight_decay"] != 0 or first["nesterov"] or not first["maximize"]:
+            raise CheckpointError(f"SGD with momentum={first['momentum']}, weight_decay="
+                                  f"{first['weight_decay']}, nesterov={first['nesterov']}, maximize="
+                                  f"{first['maximize']} has no JAX equivalent (projected_ascent is "
+                                  f"momentum 0, no decay, ascent)")
+        return {"learning_rate": first["lr"]}
+    return {"learning_rate": first["lr"], "weight_decay": first["weight_decay"], "Kp": first["Kp"],
+            "Ki": first["Ki"], "ema_nu": first["ema_nu"], "init_type": first["init_type"],
+            "maximize": first["maximize"]}
+
+
+def restore_constrained(ckpt: dict, multipliers: Any, *, tx: Any = None,
+                        penalty_coefficients: Any = None) -> tuple:
+    """Restore a ``"uniopt.constrained/1"`` checkpoint (from any face) into the JAX face.
+
+    Args:
+      ckpt: the checkpoint.
+      multipliers: the target multipliers (a pytree of ``DenseMultiplier`` /
+        ``IndexedMultiplier`` nodes giving the structure, kinds and dtypes) or the constraints
+        mapping ``{name: Constraint}``. A multiplier without a constraint type takes the
+        checkpoint's.
+      tx: the dual transform to use (default: built from the checkpoint,
+        :func:`constrained_transform_kwargs`); its state must be a ``projected_ascent`` /
+        ``nupi`` one matching the checkpoint's dual optimizer.
+      penalty_coefficients: the target penalty coefficients (pytree; default: the
+        constraints', or none).
+
+    Returns:
+      ``(multipliers, tx, state, penalty_coefficients)``: the multipliers (or the constraints
+      mapping, with its multipliers and penalty coefficients restored), the transform, its
+      state (initialised on the multipliers ``{name: multiplier}`` of a constraints mapping,
+      as :class:`~uniopt.adapters.jax.constrained.ConstrainedOptimizer` does; ``count`` the
+      checkpoint's ``step``, 0 when unknown) and the penalty coefficients (``None`` when none
+      were given).
+
+    Raises:
+      CheckpointError: another family, different numbers, kinds or sizes of multipliers or
+        penalty coefficients, constraint types that disagree, SGD hyper-parameters that
+        ``projected_ascent`` does not have.
+    """
+    c = _cons()
+    parts = _ckpt.constrained_to_parts(ckpt)
+    tree, pens, constraints = _split_constraints(multipliers, penalty_coefficients)
+    leaves = _mult_leaves(tree)
+    theirs = parts["multipliers"]
+    if len(theirs) != len(leaves):
+        raise CheckpointError(f"checkpoint has {len(theirs)} multipliers, the target {len(leaves)}")
+    new_leaves = []
+    for i, (t, m) in enumerate(zip(theirs, leaves)):
+        if t["kind"] != _jkind(m) or t["weight"].size != int(np.size(m.weight)):
+            raise CheckpointError(f"checkpoint multiplier {i}: {t['kind']} of size {t['weight'].size}, "
+                                  f"the target's {_jkind(m)} of size {int(np.size(m.weight))}")
+        if "none" not in (t["constraint_type"], _jtype(m)) and t["constraint_type"] != _jtype(m):
+            raise CheckpointError(f"checkpoint multiplier {i} is an {t['constraint_type']} "
+                                  f"multiplier, the target's {_jtype(m)}")
+        new = m.replace(weight=jnp.asarray(t["weight"].reshape(jnp.shape(m.weight)),
+                                           jnp.result_type(m.weight)))
+        if m.constraint_type is None and t["constraint_type"] != "none":
+            new = new.replace(constraint_type=c.ConstraintType[t["constraint_type"].upper()])
+        new_leaves.append(new)
+    pen_leaves = _pen_leaves(pens)
+    if len(parts["penalty_coefficients"]) != len(pen_leaves):
+        raise CheckpointError(f"checkpoint has {len(parts['penalty_coefficients'])} penalty "
+                              f"coefficients, the target {len(pen_leaves)}")
+    new_pens = []
+    for j, (t, p) in enumerate(zip(parts["penalty_coefficients"], pen_leaves)):
+        if t["kind"] != _jkind(p) or t["value"].shape != tuple(jnp.shape(p.value)):
+            raise CheckpointError(f"checkpoint penalty coefficient {j}: {t['kind']} of shape "
+                                  f"{t['value'].shape}, the target's {_jkind(p)} of shape "
+                                  f"{tuple(jnp.shape(p.value))}")
+        dt = jnp.result_type(p.value)
+        new_pens.append(p.replace(value=jnp.asarray(t["value"], dt), init=jnp.asarray(t["init"], dt)))
+    if tx is None:
+        kw = constrained_transform_kwargs(ckpt)
+        tx = c.projected_ascent(**kw) if parts["optimizer"] == "sgd" else c.nupi(**kw)
+    is_m = lambda n: isinstance(n, c.Multiplier)  # noqa: E731
+    tree = jax.tree.unflatten(jax.tree.structure(tree, is_leaf=is_m), new_leaves)
+    if pens is not None:
+        is_p = lambda n: isinstance(n, c.PenaltyCoefficient)  # noqa: E731
+        pens = jax.tree.unflatten(jax.tree.structure(pens, is_leaf=is_p), new_pens)
+    state = tx.init(tree)
+    node = _dual_node(state)
+    want = c.ProjectedAscentState if parts["optimizer"] == "sgd" else c.NuPIState
+    if not isinstance(node, want):
+        raise CheckpointError(f"restore_constrained: a {parts['optimizer']!r} checkpoint, the tx's "
+                              f"state holds a {type(node).__name__}")
+    count = jnp.asarray(max(parts["step"], 0), jnp.result_type(node.count))
+    if want is c.ProjectedAscentState:
+        block = node._replace(count=count)
+    else:
+        treedef = jax.tree.structure(node.xi)
+        xis, freshes = jax.tree.leaves(node.xi), jax.tree.leaves(node.fresh)
+        new_xi, new_fresh = [], []
+        for i, (x, f) in enumerate(zip(xis, freshes)):
+            s = parts["state"].get(i)
+            if s is None:  # the initial state
+                new_xi.append(x)
+                new_fresh.append(f)
+            else:
+                new_xi.append(jnp.asarray(s["xi"].reshape(jnp.shape(x)), jnp.result_type(x)))
+                new_fresh.append(jnp.asarray(s["needs_error_initialization_mask"].reshape(jnp.shape(f))))
+        block = node._replace(count=count, xi=treedef.unflatten(new_xi),
+                              fresh=treedef.unflatten(new_fresh))
+    state = _replace(state, lambda n: block if n is node else None)
+    if constraints is not None:
+        restored_pens = pens or {}
+        constraints = {name: k.replace(multiplier=tree.get(name, k.multiplier),
+                                       penalty_coefficient=restored_pens.get(name, k.penalty_coefficient))
+                       for name, k in constraints.items()}
+        return constraints, tx, state, pens
+    return tree, tx, state, pens

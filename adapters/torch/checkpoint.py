@@ -395,6 +395,12 @@ def restore_constrained(multipliers: Any, dual_optimizer: Any, ckpt: dict, *,
     with torch.no_grad():
         for t, m in zip(theirs, multipliers):
             m.weight.copy_(torch.from_numpy(np.array(t["weight"])).reshape(m.weight.shape))
+    for t, m in zip(theirs, multipliers):
+        if m.constraint_type is None and t["constraint_type"] != "none":
+            from .constrained.utils import ConstraintType
+
+            m.set_constraint_type(ConstraintType[t["constraint_type"].upper()])
+    with torch.no_grad():
         for t, c in zip(parts["penalty_coefficients"], penalties):
             c.value = torch.from_numpy(np.array(t["value"])).to(device=c.value.device, dtype=c.value.dtype)
             c.init = torch.from_numpy(np.array(t["init"])).to(device=c.init.device, dtype=c.init.dtype)

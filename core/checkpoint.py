@@ -792,6 +792,20 @@ def constrained_to_parts(ckpt: dict) -> dict:
             "groups": groups, "state": state, "penalty_coefficients": penalties}
 
 
+def _groups_for(theirs: list, owners: list, what: str) -> list:
+    """The checkpoint group each target group takes its hyper-parameters from: the same group
+    when both hold the same multipliers; else, when every checkpoint group has the same
+    hyper-parameters (e.g. one written by JAX, whose transforms have one set), that one."""
+    if owners == [g["params"] for g in theirs]:
+        return list(theirs)
+    first = {k: v for k, v in theirs[0].items() if k not in ("params", "nonfinite_skips")}
+    if all({k: v for k, v in g.items() if k not in ("params", "nonfinite_skips")} == first
+           for g in theirs[1:]):
+        return [theirs[0]] * len(owners)
+    raise CheckpointError(f"checkpoint groups hold multipliers {[g['params'] for g in theirs]} "
+                          f"with different hyper-parameters, {what} {owners}")
+
+
 def _check_sizes(what: str, theirs: list, mine: list) -> None:
     if list(theirs) != list(mine):
         raise CheckpointError(f"checkpoint has {what} of sizes {list(theirs)}, the target "
@@ -894,8 +908,9 @@ def restore_constrained(ckpt: dict, multipliers: Sequence, dual_optimizer: Any =
     Everything is checked before anything changes. The multiplier (and penalty coefficient)
     arrays take the checkpoint's values (their own shape and dtype; the sizes must match); a
     :class:`uniopt.constrained.nuPI` takes its hyper-parameters and state (its groups must
-    hold the same multipliers as the checkpoint's; each group's ``nonnegative`` becomes
-    whether its multipliers are inequality ones).
+    hold the same multipliers as the checkpoint's, or the checkpoint's groups must share their
+    hyper-parameters; each group's ``nonnegative`` becomes whether its multipliers are
+    inequality ones).
 
     Args:
       ckpt: the checkpoint.
@@ -948,12 +963,10 @@ def restore_constrained(ckpt: dict, multipliers: Sequence, dual_optimizer: Any =
             raise CheckpointError("restore_constrained: the nuPI optimizer's parameters are not the "
                                   "given multiplier arrays (same objects, same order)")
         mine = [list(ix) for ix in dual_optimizer._group_indices()]
-        if mine != [g["params"] for g in groups]:
-            raise CheckpointError(f"checkpoint groups hold multipliers {[g['params'] for g in groups]}, "
-                                  f"the nuPI's {mine}")
-        for k, g in enumerate(groups):
-            if len({nonnegative[i] for i in g["params"]}) > 1:
-                raise CheckpointError(f"checkpoint group {k} mixes inequality and equality "
+        sources = _groups_for(groups, mine, "the nuPI's")
+        for k, own in enumerate(mine):
+            if len({nonnegative[i] for i in own}) > 1:
+                raise CheckpointError(f"the nuPI's group {k} holds inequality and equality "
                                       f"multipliers (a NumPy nuPI group has one 'nonnegative')")
     for a in arrays + pens:
         if not (isinstance(a, np.ndarray) and a.flags.writeable):
@@ -969,11 +982,11 @@ def restore_constrained(ckpt: dict, multipliers: Sequence, dual_optimizer: Any =
                 entry[MASK_KEY] = mask.reshape(shape).copy()
             state[i] = entry
         new_groups = []
-        for g, theirs in zip(dual_optimizer.param_groups, groups):
+        for g, theirs, own in zip(dual_optimizer.param_groups, sources, mine):
             group = {k: v for k, v in g.items() if k != "params"}
             group.update({h: theirs[h] for h in _CONSTRAINED_HYPER["nupi"]})
             group["init_type"] = nuPIInitType[theirs["init_type"].upper()]
-            group["nonnegative"] = bool(theirs["params"]) and nonnegative[theirs["params"][0]]
+            group["nonnegative"] = bool(own) and nonnegative[own[0]]
             if "nonfinite_skips" in theirs and "nonfinite_skips" in g:
                 group["nonfinite_skips"] = theirs["nonfinite_skips"]
             group["params"] = list(range(len(g["params"])))

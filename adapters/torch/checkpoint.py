@@ -310,8 +310,9 @@ def export_constrained(multipliers: Any, dual_optimizer: Any, *, penalty_coeffic
                         np.zeros(xi.shape, bool) if mask is None else _numpy(mask).astype(bool)}
     parts = [{"kind": "indexed" if isinstance(m, IndexedMultiplier) else "dense",
               "constraint_type": _type_name(m), "weight": _numpy(m.weight)} for m in multipliers]
-    pens = [{"kind": _penalty_kind(c), "value": np.asarray(_numpy(c.value)),
-             "init": np.asarray(_numpy(c.init))} for c in penalties]
+    host = lambda t: t.detach().cpu().numpy().copy()  # noqa: E731 (0-d kept as arrays, dtype kept)
+    pens = [{"kind": _penalty_kind(c), "value": host(c.value), "init": host(c.init)}
+            for c in penalties]
     return _ckpt.constrained_from_parts(kind, parts, groups, state, pens, step=step)
 
 
@@ -324,8 +325,10 @@ def restore_constrained(multipliers: Any, dual_optimizer: Any, ckpt: dict, *,
     checkpoint's kind: ``torch.optim.SGD`` for ``"sgd"``, uniopt's ``nuPI`` for ``"nupi"``)
     takes its hyper-parameters and state through ``load_state_dict``. Everything is checked
     first (``CheckpointError``): the family and kind, the multipliers' number, kinds and
-    sizes, the dual optimizer's groups (the same multipliers in the same order). A
-    multiplier's constraint type is the constraint's, not restored (a mismatch is an error).
+    sizes, their constraint types (where both are known), the dual optimizer's groups (the
+    same multipliers in the same order, or any grouping when the checkpoint's groups share
+    their hyper-parameters, as a JAX one's). A multiplier without a constraint type takes the
+    checkpoint's.
 
     Args:
       multipliers: as :func:`export_constrained` (a CMP, a list or a dict).
@@ -359,9 +362,7 @@ def restore_constrained(multipliers: Any, dual_optimizer: Any, ckpt: dict, *,
     _check_pens(parts["penalty_coefficients"], penalties, _penalty_kind,
                 lambda c: tuple(c.value.shape))
     owners = _owners(multipliers, dual_optimizer)
-    if owners != [g["params"] for g in parts["groups"]]:
-        raise CheckpointError(f"checkpoint groups hold multipliers {[g['params'] for g in parts['groups']]}, "
-                              f"the dual optimizer's {owners}")
+    sources = _ckpt._groups_for(parts["groups"], owners, "the dual optimizer's")
     sd = dual_optimizer.state_dict()
     state = {}
     order = [i for own in owners for i in own]  # state_dict index -> multiplier index
@@ -379,7 +380,7 @@ def restore_constrained(multipliers: Any, dual_optimizer: Any, ckpt: dict, *,
             if bool(mask.any()):
                 state[n][MASK_KEY] = mask
     new_groups = []
-    for g, t in zip(sd["param_groups"], parts["groups"]):
+    for g, t in zip(sd["param_groups"], sources):
         group = dict(g)
         for h in _ckpt._CONSTRAINED_HYPER[kind]:
             group[h] = t[h]
@@ -387,7 +388,8 @@ def restore_constrained(multipliers: Any, dual_optimizer: Any, ckpt: dict, *,
             from .constrained.optim.torch_optimizers import nuPIInitType
 
             group["init_type"] = nuPIInitType[t["init_type"].upper()]
-            group["Kp"], group["Ki"] = torch.tensor(t["Kp"]), torch.tensor(t["Ki"])
+            group["Kp"] = torch.tensor(t["Kp"], dtype=torch.float64)
+            group["Ki"] = torch.tensor(t["Ki"], dtype=torch.float64)
         if "nonfinite_skips" in t and "nonfinite_skips" in g:
             group["nonfinite_skips"] = t["nonfinite_skips"]
         new_groups.append(group)

@@ -11,6 +11,8 @@ A checkpoint is a flat ``dict`` of NumPy arrays and Python scalars (``str``, ``b
                               ``uniopt.adapters.jax.polyak_sgd``
 ``"uniopt.ialm/1"``           :class:`uniopt.iALM`, ``uniopt.adapters.torch.iALM``,
                               ``uniopt.adapters.jax.ialm``
+``"uniopt.constrained/1"``    constrained learning (Cooper): Dense/Indexed multipliers, penalty
+                              coefficients, the dual optimizer (projected SGD ascent or nuPI)
 ============================  =====================================================================
 
 Keys common to every family:
@@ -25,6 +27,22 @@ Keys common to every family:
   buffer names of the torch/NumPy optimizers (``momentum_buffer``, ``exp_avg``, ``exp_avg_sq``,
   ``beta1_weight``, ``beta2_weight``, ``velocity``), shaped like the parameter, in its dtype. A
   parameter that has not been stepped yet has no buffer keys (its state is the initial one).
+
+``"uniopt.constrained/1"`` (the dual side of constrained learning) has its own keys:
+``optimizer`` (``"sgd"``: ``torch.optim.SGD(maximize=True)`` / projected ascent, or
+``"nupi"``), ``n_multipliers`` and per multiplier ``i`` ``multiplier{i}.kind`` (``"dense"`` /
+``"indexed"``), ``multiplier{i}.constraint_type`` (``"inequality"`` / ``"equality"`` /
+``"none"``), ``multiplier{i}.weight`` (1-D: an indexed torch ``(m, 1)`` table is stored flat)
+and the dual optimizer's buffers ``multiplier{i}.momentum_buffer`` (SGD with momentum) or
+``multiplier{i}.xi`` and ``multiplier{i}.needs_error_initialization_mask`` (nuPI; bool: the
+entries whose first step is still to come), shaped as the weight; the groups'
+``group{k}.params`` index the multipliers and their hyper-parameters are SGD's (``lr``,
+``momentum``, ``dampening``, ``weight_decay``, ``nesterov``, ``maximize``) or nuPI's (``lr``,
+``weight_decay``, ``Kp``, ``Ki``, ``ema_nu``, ``init_type`` as ``"sgd"``/``"zeros"``,
+``maximize``); ``n_penalty_coefficients`` and per coefficient ``j``
+``penalty_coefficient{j}.kind``, ``.value`` and ``.init`` (0-d or 1-D). The NumPy face's
+converters are :func:`export_constrained` / :func:`restore_constrained`, the framework-free
+helpers :func:`constrained_from_parts` / :func:`constrained_to_parts`.
 
 The family tables are in ``docs/checkpoints.md`` and in :data:`FAMILIES`. :func:`save` writes
 a checkpoint as an ``.npz`` file (strings as unicode arrays, no pickle) and :func:`load` reads
@@ -727,7 +745,8 @@ def constrained_from_parts(optimizer: str, multipliers: list, groups: list, stat
         multipliers) and optionally ``"nonfinite_skips"``.
       state: ``{multiplier index: {buffer: array}}`` (``momentum_buffer``; ``xi`` and
         ``needs_error_initialization_mask``), flattened to 1-D; a multiplier without state has
-        its initial one.
+        its initial one (a nuPI state equal to the initial one, ``xi`` zero and the mask the
+        initialisation's, is stored as none).
       penalty_coefficients: one dict per coefficient: ``{"kind", "value", "init"}`` (0-d or
         1-D arrays).
       step: the number of dual updates (``-1``: unknown).
@@ -752,9 +771,19 @@ def constrained_from_parts(optimizer: str, multipliers: list, groups: list, stat
         ckpt[f"group{k}.params"] = np.array(g["params"], dtype=np.int64)
         if "nonfinite_skips" in g:
             ckpt[f"group{k}.nonfinite_skips"] = int(g["nonfinite_skips"])
+    initial = {}  # nuPI: the state a multiplier starts with (xi = 0; mask = SGD initialisation)
+    if optimizer == "nupi":
+        for g in groups:
+            for i in g["params"]:
+                initial[int(i)] = g["init_type"] == "sgd"
     for i, s in state.items():
-        for b, value in s.items():
-            ckpt[f"multiplier{int(i)}.{b}"] = _array(value).reshape(-1)
+        i = int(i)
+        arrays = {b: _array(value).reshape(-1) for b, value in s.items()}
+        if (i in initial and "xi" in arrays and not arrays["xi"].any()
+                and bool(np.all(arrays.get("needs_error_initialization_mask") == initial[i]))):
+            continue  # the initial state: stored as no state (one form for every face)
+        for b, a in arrays.items():
+            ckpt[f"multiplier{i}.{b}"] = a
     for j, c in enumerate(penalty_coefficients):
         ckpt[f"penalty_coefficient{j}.kind"] = c["kind"]
         ckpt[f"penalty_coefficient{j}.value"] = _array(c["value"])

@@ -414,3 +414,44 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_a_cmp_resumes_as_a_jax_constraints_mapping():
+    """torch: a CMP (registration order) -> JAX: a constraints mapping (sorted names) and back;
+    the multipliers, penalty coefficients and nuPI state land on the same constraints."""
+    import uniopt.adapters.torch.constrained as cooper
+
+    class Problem(cooper.ConstrainedMinimizationProblem):
+        def __init__(self):
+            super().__init__()
+            self.a = cooper.Constraint(
+                cooper.ConstraintType.INEQUALITY, cooper.formulations.AugmentedLagrangian,
+                multiplier=tm.DenseMultiplier(init=torch.tensor([0.5, 1.5], dtype=torch.float64)),
+                penalty_coefficient=tp.DensePenaltyCoefficient(torch.tensor(3.0, dtype=torch.float64)))
+            self.b = cooper.Constraint(
+                cooper.ConstraintType.EQUALITY,
+                multiplier=tm.IndexedMultiplier(init=torch.tensor([1.0, -2.0, 4.0], dtype=torch.float64)))
+
+        def compute_cmp_state(self):  # pragma: no cover - not used
+            raise NotImplementedError
+
+    cmp = Problem()
+    dual = TorchNuPI(cmp.dual_parameters(), lr=0.1, Kp=0.5, maximize=True)
+    cmp.a.multiplier.weight.grad = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    dual.step()
+    ckpt = torch_checkpoint.export_constrained(cmp, dual)
+    assert ckpt["n_penalty_coefficients"] == 1 and ckpt["multiplier1.kind"] == "indexed"
+    constraints = {
+        "a": jc.Constraint(jc.ConstraintType.INEQUALITY, jc.augmented_lagrangian,
+                           multiplier=jc.DenseMultiplier(2),
+                           penalty_coefficient=jc.DensePenaltyCoefficient(jnp.asarray(1.0))),
+        "b": jc.Constraint(jc.ConstraintType.EQUALITY, multiplier=jc.IndexedMultiplier(3))}
+    restored, tx, state, pens = jax_checkpoint.restore_constrained(ckpt, constraints)
+    np.testing.assert_array_equal(restored["a"].multiplier.weight, cmp.a.multiplier.weight.detach())
+    np.testing.assert_array_equal(restored["b"].multiplier.weight, [1.0, -2.0, 4.0])
+    assert float(restored["a"].penalty_coefficient.value) == 3.0 and float(pens["a"].value) == 3.0
+    np.testing.assert_array_equal(state.xi["a"].weight, [1.0, -1.0])
+    assert bool(state.fresh["b"].weight.all()) and not bool(state.fresh["a"].weight.any())
+    back = jax_checkpoint.export_constrained(restored, state,
+                                             **jax_checkpoint.constrained_transform_kwargs(ckpt))
+    _same_state(back, ckpt)

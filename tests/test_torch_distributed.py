@@ -328,6 +328,26 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             fresh_dual.load_state_dict(state["dual"])
             results["dcp", family] = steps(fresh, fresh_primal if family == "iALM" else fresh_dual,
                                            fresh_stepper, xh, yh, RESUME_AT, STEPS)
+        # the nonfinite policy under FSDP2: a NaN in rank 1's gradient shard only, at step 2
+        for policy in ("skip", "raise"):
+            model, _ = wrapped("fsdp")
+            cls, kwargs = OPTIMIZERS["QHAdam"]
+            opt = cls(model.parameters(), **kwargs, nonfinite=policy)
+            raised = []
+            for t in range(3):
+                opt.zero_grad()
+                (model(xh) - yh).square().mean().backward()
+                if t == 1 and rank == 1:
+                    next(model.parameters()).grad.to_local().view(-1)[0] = float("nan")
+                try:
+                    opt.step()
+                    raised.append(False)
+                except FloatingPointError:
+                    raised.append(True)
+            snap = _snapshot(model.parameters(), opt)
+            snap["raised"] = raised
+            snap["skips"] = [g["nonfinite_skips"] for g in opt.param_groups]
+            results["nonfinite", policy] = snap
         results["penalty"] = _penalty_run(lambda t: _rank_violations(rank, t))
         # bilevel: each rank's hypergradient on its half of the validation batch, averaged
         grad = _hypergrad(slice(rank * 4, rank * 4 + 4))
@@ -454,6 +474,21 @@ def test_fsdp2_checkpoint_of_the_constrained_families_resumes_the_identical_traj
     (``dcp.save``), loaded into fresh ones after ``RESUME_AT`` steps: the uninterrupted run."""
     for rank in range(2):
         _assert_equal(fsdp_results[rank]["dcp", family], fsdp_results[rank]["fsdp", family])
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_fsdp2_nonfinite_shard_on_one_rank_is_decided_on_every_rank(policy, fsdp_results):
+    """A NaN in one rank's gradient shard: both ranks skip (or raise) the same step, the
+    replicas stay equal, and the run equals two clean full-batch steps."""
+    rank0, rank1 = fsdp_results[0]["nonfinite", policy], fsdp_results[1]["nonfinite", policy]
+    _assert_equal(rank0, rank1)  # the rank whose own shard is finite decided alike
+    assert rank0["raised"] == [False, policy == "raise", False]
+    assert rank0["skips"] == [1 if policy == "skip" else 0]
+    model = _model()
+    opt = _optimizer("QHAdam", model)
+    _train("QHAdam", model, *_data(), opt, steps=2)
+    _assert_close(rank0["params"], list(model.parameters()))
+    _assert_close(rank0["state"], _snapshot(model.parameters(), opt)["state"])
 
 
 def test_penalty_updater_averages_the_strict_violations_over_the_ranks(fsdp_results):

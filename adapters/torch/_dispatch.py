@@ -215,8 +215,10 @@ def nonfinite_gate(optimizer, labelled, groups, process_group=None) -> bool:
     if policy == "raise":
         from uniopt._validation import nonfinite_error
 
-        where = next((label for t, label in labelled if t is not None and not all_finite([t])),
-                     "another rank's values")
+        # the first non-finite value among this rank's own (local shards: no collective here,
+        # where ranks could stop at different tensors)
+        where = next((label for t, label in labelled if t is not None and not all_finite(
+            [t.to_local() if is_dtensor(t) else t])), "another rank's values")
         raise nonfinite_error(type(optimizer).__name__, where)
     for group in groups:
         group["nonfinite_skips"] = int(group.get("nonfinite_skips", 0)) + 1

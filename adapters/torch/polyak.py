@@ -438,8 +438,6 @@ class PolyakSGD(Optimizer):
     def _nonfinite_gate(self, value: float, sq_norms: list) -> bool:
         """The ``nonfinite`` policy on the loss and each group's squared gradient norm (already
         reduced over the ranks, so every rank decides alike); ``False``: skip the step."""
-        import math
-
         where = None
         if not math.isfinite(value):
             where = f"the loss ({value})"
@@ -552,7 +550,8 @@ class PolyakSGD(Optimizer):
                 value, sq_norm, float(group["fun_min"]), group["variant"], cap,
                 float(group["delta"]), eps=eps)
             steps[id(group)] = _Step(stepsize, momentum)
-            last_step.append({"loss": math.nan if value is None else value, "grad_norm": float(np.sqrt(sq_norm)), "stepsize": stepsize})
+            last_step.append({"loss": math.nan if value is None else value,
+                              "grad_norm": float(np.sqrt(sq_norm)), "stepsize": stepsize})
         # 2. Update, from the same scans.
         for dispatcher, work in ((heavy_dispatcher, heavy_work), (plain_dispatcher, plain_work)):
             if work:

@@ -93,10 +93,27 @@ def traced(value: Any) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
-def check(check_fn: Callable, what: str, value: Any) -> None:
-    """``check_fn(what, value)`` unless ``value`` is traced (unknown until run time)."""
+def host_number(value: Any) -> Any:
+    """A Python ``int`` (not a bool) as a Python ``float``; anything else unchanged.
+
+    The JAX faces keep a validated real hyper-parameter given as a Python number as a float:
+    JAX parses a Python int argument of a jitted step as int32/int64 and overflows on a larger
+    one (``learning_rate=2**64``). Schedules, arrays and traced values are kept as they are.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def check(check_fn: Callable, what: str, value: Any) -> Any:
+    """``check_fn(what, value)`` unless ``value`` is traced (unknown until run time).
+
+    Returns:
+      ``value``, a Python int as a float (:func:`host_number`).
+    """
     if not traced(value):
         check_fn(what, value)
+    return host_number(value)
 
 
 def check_bool(what: str, value: Any) -> None:
@@ -364,14 +381,18 @@ class IterativeSolver:
     def _check_fields(self) -> None:
         """Check the solver fields (subclasses check theirs, then call this)."""
         check_count("maxiter value", self.maxiter)
-        check(_validation.nonnegative, "tol value", self.tol)
+        self.tol = check(_validation.nonnegative, "tol value", self.tol)
         if not isinstance(self.verbose, (bool, int, np.integer)):
             raise TypeError(f"Invalid verbose value: {self.verbose!r} (expected a bool or an int)")
         check_bool("implicit_diff value", self.implicit_diff)
         check_callable("implicit_diff_solve value", self.implicit_diff_solve, optional=True)
         check_bool("jit value", self.jit)
-        if not (self.unroll == "auto" or isinstance(self.unroll, (bool, np.bool_))):
-            raise ValueError(
+        if isinstance(self.unroll, str):
+            if self.unroll != "auto":
+                raise ValueError(
+                    f"Invalid unroll value: {self.unroll!r} (expected 'auto', True or False)")
+        elif not isinstance(self.unroll, (bool, np.bool_)):
+            raise TypeError(
                 f"Invalid unroll value: {self.unroll!r} (expected 'auto', True or False)")
         if self.unroll is False and not self.jit:
             raise ValueError("unroll=False and jit=False cannot be used together")

@@ -187,6 +187,36 @@ def _lower(constraint_type) -> float:
     return 0.0 if constraint_type is ConstraintType.INEQUALITY else -math.inf
 
 
+def _init_array(init: Any, expected: str):
+    """``init`` (of a multiplier or a penalty coefficient) as an array of real numbers.
+
+    JAX arrays and tracers are taken as they are. Anything else goes through NumPy first, with
+    Python ints (any size) as floats, so that a value JAX cannot hold, a string, ``None`` or an
+    object raises an error naming ``init``, as the torch face's pieces do.
+
+    Raises:
+      TypeError: ``init`` is not a real number or an array (or list) of real numbers
+        (``Invalid init: ... (expected ...)``).
+    """
+    if isinstance(init, jax.Array):
+        return jnp.asarray(init)
+    error = TypeError(f"Invalid init: {init!r} ({expected})")
+    try:
+        array = np.asarray(init)
+        if array.dtype.kind == "O":  # e.g. a Python int beyond int64, or None, or an object
+            items = array.ravel().tolist()
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in items):
+                raise error
+            array = array.astype(np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise error from None
+    if array.dtype.kind not in "biuf":  # strings, complex numbers
+        raise error
+    if array.dtype.kind in "iu":  # as floats: JAX would wrap an int64 into int32
+        array = array.astype(np.float64)
+    return jnp.asarray(array)
+
+
 def _float_dtype(dtype: Any, what: str = "dtype"):
     try:
         d = jnp.dtype(dtype)
@@ -233,7 +263,7 @@ class Multiplier(_Node):
                     init, (list, tuple)):
                 raise TypeError(f"Invalid init: {init!r} (expected a 1-D array of shape "
                                 f"(num_constraints,))")
-            weight = jnp.asarray(init)
+            weight = _init_array(init, "expected a 1-D array of shape (num_constraints,)")
             if weight.ndim != 1:
                 raise ValueError(f"Invalid init: shape {tuple(weight.shape)} (expected a 1-D array "
                                  f"of shape (num_constraints,))")
@@ -387,7 +417,7 @@ class PenaltyCoefficient(_Node):
     def __init__(self, init: Any, *, dtype: Any = None) -> None:
         if isinstance(init, (bool, np.bool_)) or isinstance(init, str) or init is None:
             raise TypeError(f"Invalid init: {init!r} (expected a number or a 0-d or 1-D array)")
-        value = jnp.asarray(init)
+        value = _init_array(init, "expected a number or a 0-d or 1-D array")
         if dtype is not None:
             value = value.astype(_float_dtype(dtype))
         elif not jnp.issubdtype(value.dtype, jnp.floating):
@@ -1133,6 +1163,25 @@ def _check_nupi(weight_decay, Kp, Ki, ema_nu, init_type, maximize):
     return _check_init_type(init_type), _validation.boolean("maximize value", maximize)
 
 
+def _check_gain_shapes(params, **gains):
+    """Each gain (``Kp``, ``Ki``) must broadcast to every leaf of ``params`` without changing
+    the leaf's shape: known only at ``init``, where the multipliers are seen.
+
+    Raises:
+      ValueError: ``Invalid Kp value: shape (2,) does not broadcast to a leaf of shape (3,)``.
+    """
+    for leaf in jax.tree.leaves(params):
+        for name, gain in gains.items():
+            gain_shape, leaf_shape = tuple(np.shape(gain)), tuple(jnp.shape(leaf))
+            try:
+                fits = np.broadcast_shapes(gain_shape, leaf_shape) == leaf_shape
+            except ValueError:
+                fits = False
+            if not fits:
+                raise ValueError(f"Invalid {name} value: shape {gain_shape} does not broadcast "
+                                 f"to a leaf of shape {leaf_shape}")
+
+
 def nupi(learning_rate: optax.ScalarOrSchedule, weight_decay: Any = 0.0, Kp: Any = 0.0,
          Ki: Any = 1.0, ema_nu: Any = 0.0, init_type: Any = NuPIInitType.SGD,
          maximize: bool = False, *,
@@ -1183,7 +1232,8 @@ def nupi(learning_rate: optax.ScalarOrSchedule, weight_decay: Any = 0.0, Kp: Any
 
     Raises:
       ValueError: a negative or non-finite ``learning_rate``/``weight_decay``, ``ema_nu``
-        outside (-1, 1), non-finite gains, an unknown ``init_type``.
+        outside (-1, 1), non-finite gains, an unknown ``init_type``; at ``init``, a gain
+        whose shape does not broadcast to a leaf's shape.
       TypeError: a value that is not a number, a ``maximize`` that is not a bool.
 
     The checks, messages and warnings (negative gains, all-zero gains, a negative ``ema_nu``)
@@ -1218,6 +1268,7 @@ def nupi(learning_rate: optax.ScalarOrSchedule, weight_decay: Any = 0.0, Kp: Any
         return new, _rules.nupi_average(xi, e, fresh, nu_k, one_minus_nu)
 
     def init_fn(params):
+        _check_gain_shapes(params, Kp=Kp, Ki=Ki)
         return NuPIState(count=jnp.zeros([], jnp.int32), xi=optax.tree.zeros_like(params),
                          fresh=jax.tree.map(lambda p: jnp.full(jnp.shape(p), sgd_init), params))
 

@@ -110,9 +110,12 @@ def _is_container(value: Any) -> bool:
 
 
 def _is_pair(value: Any) -> bool:
-    """A single ``dual_range``: ``None``, or a list/tuple of numbers / ``None`` (any length)."""
+    """A single ``dual_range``: ``None``, a list/tuple of numbers / ``None`` (any length), or
+    a 1-D NumPy array (any length: the checks say whether it is a pair)."""
     if value is None:
         return True
+    if isinstance(value, np.ndarray):
+        return value.ndim == 1
     return isinstance(value, (list, tuple)) and not any(_is_container(v) for v in value)
 
 
@@ -241,7 +244,9 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
     group: either a list/tuple with one entry per group in :func:`jax.tree.leaves` order of the
     constraints, or a pytree of the constraints' structure with one entry at each leaf
     (e.g. ``is_ineq={"eq": False, "ineq": True}``). A single ``dual_range`` is a pair
-    ``(low, high)`` (``None``: unbounded); per group it is a list / pytree of pairs. A single
+    ``(low, high)`` (``None``: unbounded; a 1-D NumPy array of two numbers counts as one);
+    per group it is a list / pytree of pairs. An empty list/tuple/dict of per-group values
+    is a ValueError at construction. A single
     ``init_duals`` is ``None`` or a number; per group, each entry is ``None``, a number or a
     float array of the group's size (so an array alone is the one group's multipliers).
     ``penalty`` and ``ctol`` apply to every group. Hyper-parameters are static Python numbers;
@@ -281,7 +286,8 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
       ValueError, TypeError: at construction, a hyper-parameter out of range or of the wrong
         type (message naming it and its value, as :class:`uniopt.iALM`; an ``axis_name`` that
         is not None, a str or a tuple of str is a TypeError); at ``init``, a
-        per-group hyper-parameter that does not match the constraints; at ``update`` /
+        per-group hyper-parameter that does not match the constraints (message naming it;
+        e.g. an ``init_duals`` array whose size is not the group's); at ``update`` /
         ``lagrangian``, constraints whose structure or sizes differ from the state's.
 
     Example:
@@ -308,7 +314,11 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
     axis_name = check_axis_name(axis_name)
     _validation.check_nonfinite(nonfinite)
     for name, value in specs.items():
-        for entry in ([value] if _is_single(name, value) else _entries(name, value)):
+        entries = [value] if _is_single(name, value) else _entries(name, value)
+        if not entries:  # a container without entries matches no constraints
+            raise ValueError(f"Invalid {name}: {value!r} (no entry for any group; give one "
+                             f"value for every group or one entry per group)")
+        for entry in entries:
             _check_entry(name, entry)
     if all(_is_single(name, value) for name, value in specs.items()):
         check_ialm_group(**{k: v for k, v in specs.items() if k != "init_duals"})

@@ -176,7 +176,8 @@ class PolyakSGD(IterativeSolver):
       ValueError: an unknown ``variant``; a negative (or NaN) ``max_stepsize``, ``delta``,
         ``momentum``, ``maxiter`` or ``tol``; a non-finite ``fun_min``; ``unroll=False``
         with ``jit=False``. TypeError: an argument of the wrong type (an ``axis_name`` that
-        is not None, a str or a tuple of str). Traced values (a solver
+        is not None, a str or a tuple of str; an ``unroll`` that is not ``"auto"`` or a bool).
+        A Python int given for a real field is stored as a float. Traced values (a solver
         built inside ``jit``/``vmap``) are not checked.
 
     Example:
@@ -230,11 +231,12 @@ class PolyakSGD(IterativeSolver):
             raise ValueError("Invalid nonfinite policy: 'raise' with jit=True (a compiled update "
                              "cannot raise); use jit=False, or nonfinite='skip' under jit")
         self.value_and_grad = check_fun_fields(self.fun, self.value_and_grad, self.has_aux)
-        check(_validation.finite, "fun_min value", self.fun_min)
+        self.fun_min = check(_validation.finite, "fun_min value", self.fun_min)
         _validation.choice("variant value", self.variant, _polyak.VARIANTS)
-        check(_validation.nonnegative_finite, "max_stepsize value", self.max_stepsize)
-        check(_validation.nonnegative_finite, "delta value", self.delta)
-        check(_validation.nonnegative_finite, "momentum value", self.momentum)
+        self.max_stepsize = check(_validation.nonnegative_finite, "max_stepsize value",
+                                  self.max_stepsize)
+        self.delta = check(_validation.nonnegative_finite, "delta value", self.delta)
+        self.momentum = check(_validation.nonnegative_finite, "momentum value", self.momentum)
         check_callable("pre_update value", self.pre_update, optional=True)
         self.axis_name = check_axis_name(self.axis_name)
         super()._check_fields()
@@ -415,11 +417,12 @@ def scale_by_polyak(
       An :class:`optax.GradientTransformationExtraArgs` whose ``update(updates, state,
       params=None, *, value)`` needs the loss ``value`` (TypeError without it).
     """
-    check(_validation.finite, "f_min value", f_min)
-    check(_validation.nonnegative_finite, "max_learning_rate value", max_learning_rate)
-    check(_validation.nonnegative, "eps value", eps)
+    f_min = check(_validation.finite, "f_min value", f_min)
+    max_learning_rate = check(_validation.nonnegative_finite, "max_learning_rate value",
+                              max_learning_rate)
+    eps = check(_validation.nonnegative, "eps value", eps)
     _validation.choice("variant value", variant, _OPTAX_VARIANTS)
-    check(_validation.nonnegative_finite, "momentum value", momentum)
+    momentum = check(_validation.nonnegative_finite, "momentum value", momentum)
     axis_name = check_axis_name(axis_name)
     use_velocity = isinstance(momentum, jax.Array) or not is_zero(momentum)
 
@@ -516,7 +519,7 @@ def polyak_sgd(
       <https://arxiv.org/abs/2307.14528>`_, 2023.
     """
     if not callable(scaling):
-        check(_validation.nonnegative, "scaling value", scaling)
+        scaling = check(_validation.nonnegative, "scaling value", scaling)
     return with_nonfinite(optax.chain(
         scale_by_polyak(f_min=f_min, max_learning_rate=max_learning_rate, eps=eps,
                         variant=variant, momentum=momentum, axis_name=axis_name),

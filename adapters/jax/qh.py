@@ -34,7 +34,7 @@ from uniopt.rules.qh_convert import QHAdamConversions, QHMConversions
 
 from . import _ffi
 from ._faults import with_nonfinite
-from ._solver import safe_sqrt
+from ._solver import host_number, safe_sqrt
 
 __all__ = [
     "ScaleByQHMState",
@@ -285,6 +285,7 @@ def scale_by_qhm(momentum: Any, nu: Any) -> optax.GradientTransformation:
       An :class:`optax.GradientTransformation` with state :class:`ScaleByQHMState`.
     """
     _validation.check_qhm(0.0, momentum, nu, skip=_traced)
+    momentum, nu = host_number(momentum), host_number(nu)
     one_minus_beta, one_minus_nu = _complement(momentum), _complement(nu)
 
     def init_fn(params):
@@ -362,6 +363,7 @@ def qhm(learning_rate: optax.ScalarOrSchedule, momentum: Any, nu: Any,
         TypeError: a value that is not a number, an ``ffi`` other than None/True/False;
         at the first update, ``ffi=True`` with leaves other than float32/float64.
         Traced values (inside ``jit``/``vmap``/``inject_hyperparams``) are not checked.
+        A Python int is kept as a float (a jitted step could not take one beyond int64).
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -381,6 +383,8 @@ def qhm(learning_rate: optax.ScalarOrSchedule, momentum: Any, nu: Any,
     """
     _validation.check_qhm(learning_rate, momentum, nu, weight_decay, weight_decay_type,
                           skip=_traced, schedules=True)
+    learning_rate, momentum, nu, weight_decay = map(host_number,
+                                                    (learning_rate, momentum, nu, weight_decay))
     block = scale_by_qhm(momentum, nu)
     decay = optax.add_decayed_weights(weight_decay)
     steps = (decay, block) if weight_decay_type == "grad" else (block, decay)
@@ -442,6 +446,7 @@ def scale_by_qhadam(betas: Any = None, nus: Any = None, eps: Any = 1e-8, *,
     betas, nus, scalar_names = _resolve(betas, nus, b1, b2, nu1, nu2)
     (beta1, beta2), (nu1, nu2) = _validation.check_qhadam(
         0.0, betas, nus, eps=eps, skip=_traced, scalar_names=scalar_names)
+    beta1, beta2, nu1, nu2, eps = map(host_number, (beta1, beta2, nu1, nu2, eps))
     one_minus_nu1, one_minus_nu2 = _complement(nu1), _complement(nu2)
 
     def init_fn(params):
@@ -556,7 +561,7 @@ def qhadam(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
         given together with its scalars. TypeError: a value that is not a number, a
         ``decouple_weight_decay`` that is not a bool, an ``ffi`` other than None/True/False;
         at the first update, ``ffi=True`` with leaves other than float32/float64. Traced
-        values are not checked.
+        values are not checked; a Python int is kept as a float.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -579,6 +584,8 @@ def qhadam(learning_rate: optax.ScalarOrSchedule = 1e-3, betas: Any = None,
     _validation.check_qhadam(learning_rate, betas, nus, weight_decay, eps, decouple_weight_decay,
                              skip=_traced, schedules=True, scalar_names=scalar_names)
     (b1, b2), (nu1, nu2) = betas, nus
+    learning_rate, weight_decay, eps, b1, b2, nu1, nu2 = map(
+        host_number, (learning_rate, weight_decay, eps, b1, b2, nu1, nu2))
     block = scale_by_qhadam(eps=eps, b1=b1, b2=b2, nu1=nu1, nu2=nu2)
     decay = optax.add_decayed_weights(weight_decay)
     steps = (block, decay) if decouple_weight_decay else (decay, block)

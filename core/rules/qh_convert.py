@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from .._validation import check_conversion, pair
+from .._validation import check_conversion, pair, real
 
 __all__ = [
     "QHMParams",
@@ -162,8 +162,9 @@ class QHAdamConversions:
     @classmethod
     def from_nadam(cls, lr=1e-3, betas=(0.9, 0.999)):
         """QHAdam hyper-parameters approximating NAdam (Dozat, 2016)."""
+        lr_key, betas_key, nus_key = cls._conversion_keys
+        lr = real(lr_key, lr)  # named as the face names it (``learning_rate`` on JAX)
         beta1, beta2 = pair("betas", betas)
         params = check_conversion("from_nadam", from_nadam, lr=lr, beta1=beta1, beta2=beta2)
-        lr_key, betas_key, nus_key = cls._conversion_keys
         return {lr_key: params.alpha, nus_key: (params.nu1, params.nu2),
                 betas_key: (params.beta1, params.beta2)}

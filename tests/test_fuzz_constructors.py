@@ -14,7 +14,8 @@ exception, or a step that fails after the constructor accepted the arguments, is
 One exception, the same on every face: an argument whose check needs data that only the
 first step brings (the number of constraints a JAX ``ialm`` ``init_duals`` array must match;
 whether the constraints a JAX ``ConstrainedOptimizer`` meets have multipliers, which needs a
-``dual_optimizer``) is listed in its spec's ``at_step``; for those arguments the first step
+``dual_optimizer``; whether a JAX ``nupi`` array gain ``Kp``/``Ki`` broadcasts to the leaves
+its ``init`` sees) is listed in its spec's ``at_step``; for those arguments the first step
 may raise ``ValueError``/``TypeError`` naming the argument. Nothing else may fail at the step.
 """
 
@@ -496,7 +497,7 @@ spec("jax.qhadam.from_nadam", "jax", dict(learning_rate=1e-3, betas=(0.9, 0.999)
 
 JAX_NUPI = dict(learning_rate=0.1, weight_decay=0.0, Kp=0.5, Ki=1.0, ema_nu=0.2,
                 init_type=jc.NuPIInitType.SGD, maximize=True)
-spec("jax.nupi", "jax", JAX_NUPI, jc.nupi, _optax_step)
+spec("jax.nupi", "jax", JAX_NUPI, jc.nupi, _optax_step, at_step=("Kp", "Ki"))
 spec("jax.projected_ascent", "jax", dict(learning_rate=0.1), jc.projected_ascent, _optax_step)
 JAX_MULTIPLIER = dict(num_constraints=2, init=None, dtype=None, constraint_type=None)
 spec("jax.DenseMultiplier", "jax", JAX_MULTIPLIER, jc.DenseMultiplier, lambda m: m.value())

@@ -838,6 +838,20 @@ BAD = [
     (lambda: DensePenaltyCoefficient(np.array([1.0, -1.0])), ValueError,
      r"Invalid init: .*non-negative"),
     (lambda: DensePenaltyCoefficient(None), TypeError, r"Invalid init: None"),
+    # init that JAX cannot hold or read as numbers: uniopt's message naming init, not JAX's
+    (lambda: DenseMultiplier(init=[""]), TypeError, r"^Invalid init: \[''\] \(expected a 1-D"),
+    (lambda: IndexedMultiplier(init=[None]), TypeError, r"^Invalid init: \[None\] \(expected"),
+    (lambda: DenseMultiplier(init=[1 + 2j]), TypeError, r"^Invalid init: \[\(1\+2j\)\]"),
+    (lambda: IndexedPenaltyCoefficient(object()), TypeError, r"^Invalid init: <object"),
+    (lambda: DensePenaltyCoefficient(-(2**63)), ValueError,
+     r"^Invalid init: -9223372036854775808 \(penalty coefficients must be finite and"),
+    (lambda: DensePenaltyCoefficient(jnp.ones(2), dtype=(None, 1 + 2j)), TypeError,
+     r"^Invalid dtype: \(None, \(1\+2j\)\) \(expected a floating-point dtype\)$"),
+    # an array gain must broadcast to each leaf: known at init
+    (lambda: nupi(0.1, Kp=np.zeros(2)).init(jnp.zeros(3)), ValueError,
+     r"^Invalid Kp value: shape \(2,\) does not broadcast to a leaf of shape \(3,\)$"),
+    (lambda: nupi(0.1, Ki=np.ones((2, 3))).init({"a": jnp.zeros(3)}), ValueError,
+     r"^Invalid Ki value: shape \(2, 3\) does not broadcast to a leaf of shape \(3,\)$"),
     (lambda: IndexedPenaltyCoefficient(np.ones(3))(jnp.array([0.5])), TypeError,
      r"Invalid indices"),
     # states and constraints
@@ -941,6 +955,14 @@ BAD = [
     (lambda: _solver().init(jnp.zeros(3), {"g": DenseMultiplier(1)}), TypeError,
      r"Invalid constraints"),
 ]
+
+
+def test_python_ints_beyond_int64_are_the_real_numbers_they_equal(x64):
+    """``init=[-2**63]``/``[2**64]`` (Python ints JAX cannot hold) are those floats."""
+    m = DenseMultiplier(init=[-(2**63), 2**64])
+    np.testing.assert_array_equal(np.asarray(m.weight), [-(2.0**63), 2.0**64])
+    c = IndexedPenaltyCoefficient(2**64)
+    assert float(c.value) == 2.0**64
 
 
 @pytest.mark.parametrize("build, error, message", BAD,

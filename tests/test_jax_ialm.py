@@ -451,6 +451,9 @@ BAD = [
     (dict(momentum={"a": 0.5, "b": 2.0}), ValueError, r"Invalid momentum value: 2\.0"),
     (dict(dual_range=[(0.0, 1.0), (3.0, 2.0)]), ValueError, r"Invalid dual_range: \(3\.0, 2\.0\)"),
     (dict(is_ineq=[True, "no"]), TypeError, r"Invalid is_ineq: 'no'"),
+    (dict(init_duals=[]), ValueError, r"Invalid init_duals: \[\] \(no entry for any group"),
+    (dict(init_duals=()), ValueError, r"Invalid init_duals: \(\) \(no entry for any group"),
+    (dict(dual_range=np.array([-1.0, 0.0, 1.0])), ValueError, r"Invalid dual_range: array"),
 ]
 
 
@@ -458,6 +461,17 @@ BAD = [
 def test_bad_constructor_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):
         ialm(**kwargs)
+
+
+def test_a_1d_numpy_dual_range_is_the_pair_it_holds():
+    """``dual_range=np.array([lo, hi])`` is ``(lo, hi)``: the same clamped multipliers."""
+    c = jnp.array([5.0, -5.0, 0.25])
+    out = []
+    for dual_range in (np.array([-0.5, 0.5]), (-0.5, 0.5)):
+        t = ialm(beta=10.0, dual_range=dual_range)
+        out.append(np.asarray(t.update(c, t.init(c)).duals))
+    np.testing.assert_array_equal(out[0], out[1])
+    assert out[1].min() == -0.5 and out[1].max() == 0.5  # the clamp was reached
 
 
 def test_per_group_combination_checked_at_init():

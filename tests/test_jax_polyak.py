@@ -606,6 +606,8 @@ BAD_SOLVER = [
     (dict(pre_update=3), TypeError, r"pre_update value: 3"),
     (dict(implicit_diff_solve="cg"), TypeError, r"implicit_diff_solve value: 'cg'"),
     (dict(unroll="yes"), ValueError, r"unroll value: 'yes'"),
+    (dict(unroll=np.array([])), TypeError, r"unroll value: array\(\[\]"),
+    (dict(unroll=None), TypeError, r"unroll value: None"),
     (dict(unroll=False, jit=False), ValueError, r"unroll=False and jit=False"),
 ]
 
@@ -634,6 +636,22 @@ BAD_OPTAX = [
 def test_optax_rejects_bad_arguments(factory, kwargs, error, message):
     with pytest.raises(error, match=message):
         factory(**kwargs)
+
+
+def test_python_ints_beyond_int64_are_the_real_numbers_they_equal():
+    """``f_min=-2**63`` and ``max_learning_rate=2**70`` (Python ints beyond what a jitted step
+    can take) are those floats: the step is the closed form (f - f_min) / |g|^2 < the cap
+    (``scale_by_polyak`` scales the gradient by it; ``polyak_sgd`` descends)."""
+    x = jnp.ones(3)
+    value, grad = 3.0, 2 * x  # f = |x|^2 at ones(3); |g|^2 = 12
+    step = (value + 2.0**63) / 12.0
+    for t, sign in ((scale_by_polyak(f_min=-(2**63), max_learning_rate=2**70), 1.0),
+                    (polyak_sgd(f_min=-(2**63), max_learning_rate=2**70), -1.0)):
+        updates, _ = jax.jit(t.update)(grad, t.init(x), x, value=jnp.asarray(value))
+        np.testing.assert_allclose(np.asarray(updates), sign * step * np.asarray(grad), rtol=1e-6)
+    solver = PolyakSGD(f_sq, fun_min=-(2**63), max_stepsize=2**70)
+    new, _ = solver.update(x, solver.init_state(x))
+    np.testing.assert_allclose(np.asarray(new), np.asarray(x - step * grad), rtol=1e-6)
 
 
 def test_solver_protocol_attributes(jaxopt):

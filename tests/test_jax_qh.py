@@ -851,6 +851,8 @@ BAD_INPUTS = [
     (qhadamw, dict(learning_rate=float("nan")), ValueError, "Invalid learning rate: nan"),
     (scale_by_qhadam, dict(betas=(0.9, 1.5)), ValueError, "Invalid beta parameter at index 1: 1.5"),
     (scale_by_qhadam, dict(eps=None), TypeError, "Invalid epsilon value: None"),
+    (qhadam.from_nadam, dict(learning_rate=None), TypeError, "Invalid learning_rate: None"),
+    (qhadamw.from_nadam, dict(learning_rate="1"), TypeError, "Invalid learning_rate: '1'"),
 ]
 
 
@@ -859,6 +861,17 @@ BAD_INPUTS = [
 def test_bad_inputs_raise_at_construction(factory, kwargs, exc, message):
     with pytest.raises(exc, match="^" + re.escape(message)):
         factory(**kwargs)
+
+
+def test_python_ints_beyond_int64_are_the_real_numbers_they_equal():
+    """``learning_rate=2**64`` (a Python int no JAX integer holds) is the float 2**64: the
+    first step is the closed form -lr * g (QHM with momentum 0, nu 1: direction g; QHAdam with
+    nus (1, 1): g / (|g| + eps), 1 for g = 1), not an OverflowError of the jitted step."""
+    g = jnp.ones(2)
+    for opt, direction in ((qhm(2**64, 0, 1), 1.0), (qhadam(2**64, nus=(1, 1)), 1 / (1 + 1e-8)),
+                           (qhadamw(2**64, weight_decay=0), 1 / (1 + 1e-8))):
+        updates, _ = jax.jit(opt.update)(g, opt.init(g), g)
+        np.testing.assert_allclose(np.asarray(updates), -(2.0**64) * direction, rtol=1e-6)
 
 
 def test_accepted_edge_values():

@@ -220,7 +220,7 @@ def _init_array(init: Any, expected: str):
 def _float_dtype(dtype: Any, what: str = "dtype"):
     try:
         d = jnp.dtype(dtype)
-    except TypeError:
+    except (TypeError, ValueError):  # e.g. a tuple NumPy reads as a structured dtype
         raise TypeError(f"Invalid {what}: {dtype!r} (expected a floating-point dtype)") from None
     if not jnp.issubdtype(d, jnp.floating):
         raise TypeError(f"Invalid {what}: {dtype!r} (expected a floating-point dtype)")

@@ -486,7 +486,11 @@ def _jax_ialm_step(t):
     t.update(c, state)
 
 
-spec("jax.ialm", "jax", JAX_IALM, uniopt_jax.ialm, _jax_ialm_step, at_step=("init_duals",))
+# the per-group hyper-parameters (a list/pytree with one entry per constraint group) meet the
+# number of groups only at the first step
+spec("jax.ialm", "jax", JAX_IALM, uniopt_jax.ialm, _jax_ialm_step,
+     at_step=("init_duals", "beta", "sigma", "gamma", "momentum", "dampening", "dual_range",
+              "is_ineq"))
 for _method, _args in CONVERTERS.items():
     spec(f"jax.qhm.{_method}", "jax", _args,
          _converter_build(uniopt_jax.qhm, _method, uniopt_jax.qhm), _optax_step,

@@ -49,6 +49,12 @@ GUARD = 5  # elements after each view, checked untouched
 
 
 # ----------------------------------------------------------------------------------------------
+def _times(a, b):
+    """``a * b`` for non-negative bounds, with ``0 * inf = 0`` (an exact zero stays exact)."""
+    with np.errstate(invalid="ignore"):
+        return np.where((np.asarray(a) == 0) | (np.asarray(b) == 0), 0.0, np.multiply(a, b))
+
+
 # A value with a running bound on its rounding error
 # ----------------------------------------------------------------------------------------------
 class E:
@@ -98,7 +104,10 @@ class E:
 
     def __mul__(self, other):
         o = self._lift(other)
-        return self._new(self.v * o.v, np.abs(self.v) * o.e + np.abs(o.v) * self.e + self.e * o.e, o)
+        # an exact zero (value and bound 0) times anything is an exact zero: its product with an
+        # unbounded (inf) error is 0, not NaN (e.g. lr = 0 times a term with a huge bound)
+        return self._new(self.v * o.v, _times(np.abs(self.v), o.e) + _times(np.abs(o.v), self.e)
+                         + _times(self.e, o.e), o)
 
     __rmul__ = __mul__
 

@@ -62,8 +62,13 @@ ALIAS_GRADIENTS = os.environ.get("UNIOPT_JAX_FFI_ALIAS_GRADS", "1") != "0"
 APPLY_MIN_SIZE = _jit._parse_min_size("UNIOPT_JAX_FFI_APPLY_MIN_SIZE",
                                       os.environ.get("UNIOPT_JAX_FFI_APPLY_MIN_SIZE", "0"))
 
-_TARGETS = {"qhadam": "uniopt_qhadam", "qhm": "uniopt_qhm",
-            "qhadam_apply": "uniopt_qhadam_apply", "qhm_apply": "uniopt_qhm_apply"}
+#: family -> (XLA target name, kernel module under ``uniopt.kernels``, handler factory name).
+_TARGETS = {
+    "qhadam": ("uniopt_qhadam", "qh_ffi", "qhadam_handler"),
+    "qhm": ("uniopt_qhm", "qh_ffi", "qhm_handler"),
+    "qhadam_apply": ("uniopt_qhadam_apply", "qh_ffi", "qhadam_apply_handler"),
+    "qhm_apply": ("uniopt_qhm_apply", "qh_ffi", "qhm_apply_handler"),
+}
 _registered: set[str] = set()
 _SUPPORTED = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -75,13 +80,11 @@ def registered() -> frozenset:
 
 def ensure_registered(family: str) -> str:
     """Compile (or load from the cache) ``family``'s handler and register it once; its name."""
-    name = _TARGETS[family]
+    name, module, factory = _TARGETS[family]
     if family not in _registered:
-        from uniopt.kernels import qh_ffi
+        import importlib
 
-        handler = {"qhadam": qh_ffi.qhadam_handler, "qhm": qh_ffi.qhm_handler,
-                   "qhadam_apply": qh_ffi.qhadam_apply_handler,
-                   "qhm_apply": qh_ffi.qhm_apply_handler}[family]()
+        handler = getattr(importlib.import_module(f"uniopt.kernels.{module}"), factory)()
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler.ctypes), platform="cpu",
                                     api_version=1)
         _registered.add(family)

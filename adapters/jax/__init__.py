@@ -13,7 +13,7 @@ Example:
 
 from . import bilevel, constrained
 from ._faults import NonFiniteState
-from ._ffi import update_and_apply
+from ._ffi import flatten, update_and_apply
 from .ialm import IALMState, IALMTransformation, ialm
 from .polyak import (
     OptStep,
@@ -43,6 +43,7 @@ __all__ = [
     "qhadam",
     "qhadamw",
     "update_and_apply",
+    "flatten",
     "OptStep",
     "PolyakSGD",
     "PolyakSGDState",

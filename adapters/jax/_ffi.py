@@ -36,7 +36,8 @@ import optax
 from uniopt import _jit
 
 __all__ = ["MIN_SIZE", "APPLY_MIN_SIZE", "registered", "ensure_registered", "is_jit_value",
-           "choose", "call", "update_and_apply", "apply_pair", "with_traced_derivatives"]
+           "choose", "call", "update_and_apply", "flatten", "apply_pair",
+           "with_traced_derivatives"]
 
 #: Total element count of a step from which ``ffi=None`` takes the FFI path (environment:
 #: ``UNIOPT_JAX_FFI_MIN_SIZE``, parsed as ``UNIOPT_PARALLEL_MIN_SIZE`` is). Default: never.
@@ -68,6 +69,8 @@ _TARGETS = {
     "qhm": ("uniopt_qhm", "qh_ffi", "qhm_handler"),
     "qhadam_apply": ("uniopt_qhadam_apply", "qh_ffi", "qhadam_apply_handler"),
     "qhm_apply": ("uniopt_qhm_apply", "qh_ffi", "qhm_apply_handler"),
+    "qhadam_apply_packed": ("uniopt_qhadam_apply_packed", "qh_ffi", "qhadam_apply_packed_handler"),
+    "qhm_apply_packed": ("uniopt_qhm_apply_packed", "qh_ffi", "qhm_apply_packed_handler"),
 }
 _registered: set[str] = set()
 _SUPPORTED = (np.dtype(np.float32), np.dtype(np.float64))
@@ -165,23 +168,28 @@ def choose(ffi: bool | None, leaves: Sequence, states: Sequence[Sequence], scala
 
 
 def call(family: str, hyper: jax.Array, grads: list, params: list | None,
-         states: list[list], apply: bool = False) -> tuple[list, list[list], list]:
+         states: list[list], apply: bool = False, packed: bool = False
+         ) -> tuple[list, list[list], list]:
     """One FFI call for leaves of one dtype: ``(updates, new_states, extra_results)``.
 
     Args:
       family: ``"qhadam"`` or ``"qhm"``.
       hyper: the step's scalars (see :mod:`uniopt.kernels.qh_ffi`).
       grads: gradient leaves; params: parameter leaves (decay modes, or ``apply``) or None.
-      states: the state leaves, one list per state field (QHAdam: ``[exp_avg, exp_avg_sq]``).
+      states: the state leaves, one list per state field (QHAdam: ``[exp_avg, exp_avg_sq]``);
+        ``packed``: one flat buffer per field (``[[exp_avg], [exp_avg_sq]]``).
       apply: the fused variant: the parameters are updated in place (aliased to the first
         results) and returned instead of the updates.
+      packed: the fused variant over packed state (implies ``apply``).
 
     Returns:
       The updates (``apply``: the new parameters), the new state leaves (per field) and, for
       QHAdam, ``[weights]``: the two new bias weights in ``hyper``'s dtype.
     """
-    name = ensure_registered(family + "_apply" if apply else family)
+    apply = apply or packed
+    name = ensure_registered(family + ("_apply_packed" if packed else "_apply" if apply else ""))
     n = len(grads)
+    per_field = 1 if packed else n
     args = [hyper, *grads, *(params or []), *(s for field in states for s in field)]
     first_state = 1 + n * (2 if params else 1)
     results = [jax.ShapeDtypeStruct(jnp.shape(g), jnp.result_type(g)) for g in grads]
@@ -189,16 +197,16 @@ def call(family: str, hyper: jax.Array, grads: list, params: list | None,
                 for field in states for s in field]
     if family == "qhadam":
         results.append(jax.ShapeDtypeStruct((2,), jnp.result_type(hyper)))
-    aliases = {first_state + k: n + k for k in range(n * len(states))}
+    aliases = {first_state + k: n + k for k in range(per_field * len(states))}
     if apply:
         aliases.update({1 + n + k: k for k in range(n)})
     elif ALIAS_GRADIENTS:
         aliases.update({1 + k: k for k in range(n)})
     out = jax.ffi.ffi_call(name, results, input_output_aliases=aliases,
                            vmap_method="sequential")(*args)
-    end = n + n * len(states)
-    return (list(out[:n]), [list(out[n + k * n:n + (k + 1) * n]) for k in range(len(states))],
-            list(out[end:]))
+    end = n + per_field * len(states)
+    return (list(out[:n]), [list(out[n + k * per_field:n + (k + 1) * per_field])
+                            for k in range(len(states))], list(out[end:]))
 
 
 def update_and_apply(tx, grads, state, params, **extra_args):
@@ -253,6 +261,63 @@ def update_and_apply(tx, grads, state, params, **extra_args):
     if fused is not None:
         return fused(grads, state, params, **extra_args)
     return apply_pair(tx.update, grads, state, params, **extra_args)
+
+
+def flatten(inner) -> optax.GradientTransformationExtraArgs:
+    """:func:`optax.flatten` (the state of ``inner`` over all parameters as one flat vector)
+    whose :func:`update_and_apply` keeps the gradients and parameters as separate leaves.
+
+    ``init`` and ``update`` are :func:`optax.flatten`'s: the state is ``inner``'s state of the
+    concatenated parameters (the same arrays, bit for bit, so a state moves between the two),
+    and ``update`` concatenates the gradients and splits the updates as optax does. For a
+    uniopt QH transform (:func:`~uniopt.adapters.jax.qhm`, :func:`~uniopt.adapters.jax.qhadam`,
+    :func:`~uniopt.adapters.jax.qhadamw`) whose step takes the FFI path, ``update_and_apply``
+    is one fused call (:func:`uniopt.kernels.qh_ffi.qhadam_apply_packed_handler`) that reads
+    each gradient and parameter where it lies and the state at its offset in the flat buffers:
+    no concatenation, no split, the 28 bytes per float32 QHAdam parameter of the per-leaf fused
+    step, and only two state buffers (one for QHM) in the jitted call instead of two per leaf.
+    That is what it is for: with donated state, JAX's and XLA's fixed cost of a jitted step
+    grows with the number of donated buffers (docs/performance.md), so a model of many
+    tensors steps faster with its state packed. The leaves must share one float32/float64
+    dtype (optax's concatenation promotes mixed ones: those steps take optax's path, as do
+    every other transform and every case :func:`update_and_apply` lists).
+
+    Args:
+      inner: an optax ``GradientTransformation``.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from uniopt.adapters.jax import flatten, qhadam, update_and_apply
+      >>> tx = flatten(qhadam(0.1, nus=(0.7, 1.0)))
+      >>> params = {"b": jnp.array([0.5]), "w": jnp.array([1.0, -2.0])}
+      >>> state = tx.init(params)
+      >>> state[1].exp_avg.shape  # one flat buffer for all three elements
+      (3,)
+      >>> step = jax.jit(lambda g, s, p: update_and_apply(tx, g, s, p), donate_argnums=(1, 2))
+      >>> for _ in range(300):
+      ...     params, state = step(jax.tree.map(lambda x: 2 * x, params), state, params)
+      >>> bool(max(jnp.abs(x).max() for x in jax.tree.leaves(params)) < 1e-2)
+      True
+    """
+    outer = optax.flatten(inner)
+    packed = getattr(inner.update, "update_and_apply_packed", None)
+    if packed is None:
+        return outer
+
+    def update_fn(updates, state, params=None, **extra_args):
+        return outer.update(updates, state, params, **extra_args)
+
+    def fused(grads, state, params, **extra_args):
+        def fallback():
+            return apply_pair(outer.update, grads, state, params, **extra_args)
+
+        return packed(grads, state, params, fallback)
+
+    update_fn.update_and_apply = fused
+    return optax.GradientTransformationExtraArgs(outer.init, update_fn)
 
 
 def apply_pair(update, grads, state, params, **extra_args):

@@ -191,6 +191,23 @@ def _fused_leaves(family, mode, hyper, grads, params, states, apply=False):
     return _ffi.with_traced_derivatives(through_ffi, traced)(hyper, grads, params, states)
 
 
+def _fused_packed(family, mode, hyper, grads, params, flats):
+    """``(params, [[flat] per field], extra)``: the fused step over packed state (one call)."""
+
+    def through_ffi(hyper, grads, params, flats):
+        return _ffi.call(family, hyper, grads, params, [[f] for f in flats], packed=True)
+
+    def traced(hyper, grads, params, flats):
+        cuts = np.cumsum([np.size(g) for g in grads])[:-1]
+        states = [[piece.reshape(jnp.shape(g)) for piece, g in zip(jnp.split(f, cuts), grads)]
+                  for f in flats]
+        updates, new, extra = _traced_step(family, hyper, grads, params, states, mode)
+        return ([p + u for p, u in zip(params, updates)],
+                [[jnp.concatenate([jnp.reshape(x, -1) for x in field])] for field in new], extra)
+
+    return _ffi.with_traced_derivatives(through_ffi, traced)(hyper, grads, params, flats)
+
+
 def _with_ffi(chain, family, ffi, learning_rate, weight_decay, decoupled, block_hyper,
               state_fields):
     """``chain`` whose update runs through one FFI call per dtype where :func:`_ffi.choose` says.
@@ -199,12 +216,37 @@ def _with_ffi(chain, family, ffi, learning_rate, weight_decay, decoupled, block_
     ``block_hyper(block_state)`` gives the block's scalars between the weight decay and the
     learning rate in the handler's layout (:mod:`uniopt.kernels.qh_ffi`) and the scalars
     after it; ``state_fields`` names the block state's per-leaf fields.
+
+    The update gets two attributes: ``update_and_apply(grads, state, params)`` (the fused
+    step, :func:`_ffi.update_and_apply`) and ``update_and_apply_packed(grads, state, params,
+    fallback)`` (the fused step over ``optax.flatten``'s state, :func:`_ffi.flatten`).
     """
     if ffi not in (None, True, False):
         raise TypeError(f"Invalid ffi: {ffi!r} (expected None, True or False)")
     mode = (_ffi_kernels.PLAIN if _static_zero(weight_decay) else
             _ffi_kernels.DECOUPLED if decoupled else _ffi_kernels.COUPLED)
     block_at, decay_at = (0, 1) if decoupled else (1, 0)
+
+    def parts(state):
+        """``(block_state, decay_state, lr_state, lr, wd, scalars)`` of a chain state."""
+        block_state, decay_state, lr_state = state[block_at], state[decay_at], state[2]
+        lr, wd = _value(learning_rate, lr_state), _value(weight_decay, decay_state)
+        scalars = [lr, wd, *jax.tree.leaves(block_state._replace(
+            **{f: None for f in state_fields})), *jax.tree.leaves((decay_state, lr_state))]
+        return block_state, decay_state, lr_state, lr, wd, scalars
+
+    def hyper_of(dtype, block_state, lr, wd):
+        middle, tail = block_hyper(block_state)
+        hyper_dtype = jnp.result_type(block_state.beta1_weight) if tail else dtype
+        return jnp.stack(_cast(hyper_dtype, float(mode), 1.0, wd, *middle, -lr, *tail))
+
+    def new_chain_state(block_state, decay_state, lr_state, fields, extra):
+        new_block = block_state._replace(**dict(zip(state_fields, fields)))
+        if extra:  # QHAdam: the bias weights (every group computed the same ones)
+            new_block = new_block._replace(beta1_weight=extra[0][0], beta2_weight=extra[0][1])
+        new_state = [None, None, _advanced(lr_state)]
+        new_state[block_at], new_state[decay_at] = new_block, _advanced(decay_state)
+        return tuple(new_state)
 
     def step(updates, state, params, apply, **extra_args):
         """``update_fn``; ``apply``: :func:`_ffi.update_and_apply`'s ``(params, state)``."""
@@ -213,22 +255,18 @@ def _with_ffi(chain, family, ffi, learning_rate, weight_decay, decoupled, block_
                 return _ffi.apply_pair(chain.update, updates, state, params, **extra_args)
             return chain.update(updates, state, params, **extra_args)
 
-        block_state, decay_state, lr_state = state[block_at], state[decay_at], state[2]
+        block_state, decay_state, lr_state, lr, wd, scalars = parts(state)
         treedef, grads, fields = _leaves_with(updates, *(getattr(block_state, f)
                                                          for f in state_fields))
         if not grads or ((apply or mode != _ffi_kernels.PLAIN) and params is None):
             return fallback()  # (optax raises)
         ps = treedef.flatten_up_to(params) if apply or mode != _ffi_kernels.PLAIN else None
-        lr, wd = _value(learning_rate, lr_state), _value(weight_decay, decay_state)
-        scalars = [lr, wd, *jax.tree.leaves(block_state._replace(
-            **{f: None for f in state_fields})), *jax.tree.leaves((decay_state, lr_state))]
         leaves = grads if apply else grads + (ps or [])
         per_leaf = [[field[t] for field in fields] + ([ps[t]] if apply else [])
                     for t in range(len(grads))]  # (apply: p must have g's dtype, as state)
         if not _ffi.choose(ffi, leaves, per_leaf + ([[]] * len(ps) if ps and not apply else []),
                            scalars, _ffi.APPLY_MIN_SIZE if apply else None):
             return fallback()
-        middle, tail = block_hyper(block_state)
         new_updates = [None] * len(grads)
         new_fields = [[None] * len(grads) for _ in state_fields]
         groups: dict = {}
@@ -236,9 +274,8 @@ def _with_ffi(chain, family, ffi, learning_rate, weight_decay, decoupled, block_
             groups.setdefault(jnp.result_type(g), []).append(t)
         extra = []
         for dtype, index in groups.items():
-            hyper_dtype = jnp.result_type(block_state.beta1_weight) if tail else dtype
-            hyper = jnp.stack(_cast(hyper_dtype, float(mode), 1.0, wd, *middle, -lr, *tail))
-            us, outs, extra = _fused_leaves(family, mode, hyper, [grads[t] for t in index],
+            us, outs, extra = _fused_leaves(family, mode, hyper_of(dtype, block_state, lr, wd),
+                                            [grads[t] for t in index],
                                             [ps[t] for t in index] if ps else None,
                                             [[field[t] for t in index] for field in fields],
                                             apply)
@@ -246,19 +283,36 @@ def _with_ffi(chain, family, ffi, learning_rate, weight_decay, decoupled, block_
                 new_updates[t] = us[j]
                 for k in range(len(state_fields)):
                     new_fields[k][t] = outs[k][j]
-        new_block = block_state._replace(**{
-            f: treedef.unflatten(new_fields[k]) for k, f in enumerate(state_fields)})
-        if extra:  # QHAdam: the bias weights (every group computed the same ones)
-            new_block = new_block._replace(beta1_weight=extra[0][0], beta2_weight=extra[0][1])
-        new_state = [None, None, _advanced(lr_state)]
-        new_state[block_at], new_state[decay_at] = new_block, _advanced(decay_state)
-        return treedef.unflatten(new_updates), tuple(new_state)
+        return treedef.unflatten(new_updates), new_chain_state(
+            block_state, decay_state, lr_state, [treedef.unflatten(f) for f in new_fields], extra)
+
+    def packed_step(grads_tree, state, params, fallback):
+        """The fused step over ``optax.flatten``'s state (one flat array per field)."""
+        block_state, decay_state, lr_state, lr, wd, scalars = parts(state)
+        grads, treedef = jax.tree.flatten(grads_tree)
+        if not grads or params is None:
+            return fallback()
+        ps = treedef.flatten_up_to(params)
+        flats = [getattr(block_state, f) for f in state_fields]
+        dtype = jnp.result_type(grads[0])
+        total = sum(int(np.prod(jnp.shape(g))) for g in grads)
+        if any(jnp.result_type(x) != dtype for x in [*grads, *ps, *flats]) or any(
+                jnp.shape(f) != (total,) for f in flats):
+            return fallback()  # mixed dtypes (promoted by the packing): not the handler's layout
+        if not _ffi.choose(ffi, grads, [[p] for p in ps], [*scalars, *flats],
+                           _ffi.APPLY_MIN_SIZE):
+            return fallback()
+        new_ps, outs, extra = _fused_packed(family, mode, hyper_of(dtype, block_state, lr, wd),
+                                            grads, ps, flats)
+        return treedef.unflatten(new_ps), new_chain_state(
+            block_state, decay_state, lr_state, [out[0] for out in outs], extra)
 
     def update_fn(updates, state, params=None, **extra_args):
         return step(updates, state, params, False, **extra_args)
 
     update_fn.update_and_apply = lambda grads, state, params, **extra_args: step(
         grads, state, params, True, **extra_args)
+    update_fn.update_and_apply_packed = packed_step
     return optax.GradientTransformationExtraArgs(chain.init, update_fn)
 
 

@@ -322,6 +322,17 @@ def _build_uniopt_jax_qhadam_fused(data):
     return _jax_step(lambda: qhadam(lr, ffi=True, **kw), data, fused=True)
 
 
+def _build_uniopt_jax_qhadam_packed(data):
+    _import_jax()
+    try:
+        from uniopt.adapters.jax import flatten, qhadam, update_and_apply  # noqa: F401
+    except ImportError as exc:
+        raise Unavailable(f"uniopt.adapters.jax.flatten not available ({exc})") from exc
+    kw = dict(QHADAM)
+    lr = kw.pop("lr")
+    return _jax_step(lambda: flatten(qhadam(lr, ffi=True, **kw)), data, fused=True)
+
+
 def _build_optax_adam(data):
     _, optax = _import_jax()
     return _jax_step(lambda: optax.adam(ADAM["lr"], b1=ADAM["betas"][0], b2=ADAM["betas"][1],
@@ -408,6 +419,7 @@ CASES: dict[str, Callable[[Data], Callable[[], object]]] = {
     "torch_sgd": _build_torch_sgd,
     "uniopt_jax_qhadam": _build_uniopt_jax_qhadam,
     "uniopt_jax_qhadam_fused": _build_uniopt_jax_qhadam_fused,
+    "uniopt_jax_qhadam_packed": _build_uniopt_jax_qhadam_packed,
     "optax_adam": _build_optax_adam,
     "kernel_qhadam": _build_kernel_qhadam,
     "stream": _build_stream,
@@ -765,6 +777,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("uo_jax_fused", "uniopt jax fused", "ms", "uniopt_jax_qhadam_fused",
            help="uniopt.adapters.jax.update_and_apply(qhadam(..., ffi=True), ...) under "
                 "jax.jit: one fused FFI call, donated params and state"),
+    Column("uo_jax_packed", "uniopt jax packed", "ms", "uniopt_jax_qhadam_packed",
+           help="uniopt.adapters.jax.update_and_apply(flatten(qhadam(..., ffi=True)), ...) "
+                "under jax.jit: the fused FFI call over packed state (2 state buffers)"),
     Column("optax_adam", "optax adam", "ms", "optax_adam",
            help="optax.adam under jax.jit, donated params and state"),
     Column("kernel_gbps", "kernel GB/s", "gbps", "kernel_qhadam",
@@ -786,6 +801,12 @@ COLUMNS: tuple[Column, ...] = (
            help="uniopt jax fused qhadam step (update_and_apply, FFI) time / optax.adam time"),
     Column("r_jax_fused_torch", "jax fused/torch", "ratio", ratio=("uo_jax_fused", "uo_qhadam"),
            help="uniopt jax fused qhadam step time / uniopt torch QHAdam (kernel path) time"),
+    Column("r_jax_packed_optax", "jax packed/optax", "ratio",
+           ratio=("uo_jax_packed", "optax_adam"),
+           help="uniopt jax packed fused qhadam step time / optax.adam time"),
+    Column("r_jax_packed_torch", "jax packed/torch", "ratio",
+           ratio=("uo_jax_packed", "uo_qhadam"),
+           help="uniopt jax packed fused qhadam step time / uniopt torch QHAdam time"),
     Column("r_kernel_stream", "kernel/stream", "ratio", ratio=("stream_gbps", "kernel_gbps"),
            help="fraction of the measured bandwidth the kernel reaches (stream time / kernel time)"),
 )

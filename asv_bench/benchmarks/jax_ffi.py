@@ -6,6 +6,8 @@ thread: the process is pinned to one CPU by ``common``); only the path differs:
 
 * ``uniopt_jax_qhadam_fused``: ``update_and_apply(qhadam(..., ffi=True), ...)``, one fused FFI
   call per step for all leaves, parameters and state updated in place (28 B/param);
+* ``uniopt_jax_qhadam_packed``: ``update_and_apply(flatten(qhadam(..., ffi=True)), ...)``, the
+  fused call over packed state (``optax.flatten``'s layout: 2 state buffers, not 200);
 * ``uniopt_jax_qhadam_ffi``: ``update`` + ``apply_updates`` with ``ffi=True`` (the update-only
   call writes the updates, XLA reads them back: 44-48 B/param);
 * ``uniopt_jax_qhadam_traced``: ``ffi=False``, the ``jax.numpy`` expression XLA compiles.
@@ -48,6 +50,7 @@ def _uniopt_jax_qhadam(ffi):
 
 #: The FFI benchmark's contenders (the others come from ``contenders.CASES``).
 CASES = {"uniopt_jax_qhadam_fused": contenders.CASES["uniopt_jax_qhadam_fused"],
+         "uniopt_jax_qhadam_packed": contenders.CASES["uniopt_jax_qhadam_packed"],
          "uniopt_jax_qhadam_ffi": _uniopt_jax_qhadam(True),
          "uniopt_jax_qhadam_traced": _uniopt_jax_qhadam(False)}
 
@@ -67,6 +70,12 @@ class UnioptQHAdamFused(_FFIStep):
     """uniopt.adapters.jax.update_and_apply(qhadam(ffi=True), ...), nus=(0.7, 1.0)."""
 
     case = "uniopt_jax_qhadam_fused"
+
+
+class UnioptQHAdamPacked(_FFIStep):
+    """uniopt.adapters.jax.update_and_apply(flatten(qhadam(ffi=True)), ...), nus=(0.7, 1.0)."""
+
+    case = "uniopt_jax_qhadam_packed"
 
 
 class UnioptQHAdamFFI(_FFIStep):
@@ -106,10 +115,14 @@ class HandlerCompile:
 # ----------------------------------------------------------------------------------------------
 #: name -> builder of every contender the script times (the fused step first).
 SCRIPT_CASES = {**CASES, "optax_adam": contenders.CASES["optax_adam"],
-                "uniopt_torch_qhadam": contenders.CASES["uniopt_torch_qhadam"]}
+                "uniopt_torch_qhadam": contenders.CASES["uniopt_torch_qhadam"],
+                "stream": contenders.CASES["stream"]}
 #: (label, numerator, denominator) of the printed ratios.
 RATIOS = [("fused / optax.adam", "uniopt_jax_qhadam_fused", "optax_adam"),
           ("fused / torch QHAdam", "uniopt_jax_qhadam_fused", "uniopt_torch_qhadam"),
+          ("packed / optax.adam", "uniopt_jax_qhadam_packed", "optax_adam"),
+          ("packed / torch QHAdam", "uniopt_jax_qhadam_packed", "uniopt_torch_qhadam"),
+          ("stream / optax.adam", "stream", "optax_adam"),
           ("fused / traced", "uniopt_jax_qhadam_fused", "uniopt_jax_qhadam_traced"),
           ("update FFI / optax.adam", "uniopt_jax_qhadam_ffi", "optax_adam"),
           ("traced / optax.adam", "uniopt_jax_qhadam_traced", "optax_adam")]

@@ -38,6 +38,17 @@ alias their arguments: the handler reads and writes them in the result buffers. 
 rounded as ``optax.apply_updates`` rounds it (no fused multiply-add), so the fused step equals
 the update-then-apply pair bit for bit.
 
+The packed variants (:func:`qhadam_apply_packed_handler`, :func:`qhm_apply_packed_handler`; the
+entry point :func:`uniopt.adapters.jax.flatten`) are the fused step over a state kept as ONE flat
+buffer per field (``optax.flatten``'s layout: the leaves' elements concatenated in pytree order)
+while gradients and parameters stay separate leaves. Their frame: argument 0 as above, the ``L``
+gradients, the ``L`` parameters, then one buffer per state field (QHAdam: ``exp_avg``,
+``exp_avg_sq``; QHM: ``momentum_buffer``) holding the sum of the leaves' sizes; results: the
+``L`` parameters, the state buffers (QHAdam: then the bias weights). Leaf ``t``'s state is the
+slice of each buffer after the elements of leaves ``0..t-1``. The bytes moved are the fused
+step's (28 per float32 QHAdam parameter); what the packing saves is XLA's and JAX's fixed cost
+per buffer of the jitted call (2 state buffers instead of ``2 L``).
+
 The handlers are compiled by :func:`qhadam_handler` / :func:`qhm_handler` on first use (Numba
 compiles a cfunc when it is created) and cached on disk like the other kernels.
 """
@@ -58,6 +69,7 @@ from . import ffi
 from ._pointers import view
 
 __all__ = ["qhadam_handler", "qhm_handler", "qhadam_apply_handler", "qhm_apply_handler",
+           "qhadam_apply_packed_handler", "qhm_apply_packed_handler",
            "QHADAM_HYPER", "QHM_COEFFICIENTS", "PLAIN", "COUPLED", "DECOUPLED"]
 
 PLAIN, COUPLED, DECOUPLED = 0, 1, 2
@@ -270,6 +282,55 @@ def _qhm_apply_leaves(frame, c, n_leaves):
 
 
 @numba.njit(inline="always")
+def _packed_fields_ok(frame, like, n_leaves, n_fields):
+    """Every packed state buffer holds exactly the leaves' elements, and each gradient has
+    its parameter's size (else the handler leaves every buffer untouched)."""
+    total = 0
+    for t in range(n_leaves):
+        size = ffi.buffer_size(ffi.ret_buffer(frame, t))
+        if ffi.buffer_size(ffi.arg_buffer(frame, 1 + t)) != size:
+            return False
+        total += size
+    for k in range(n_fields):
+        if ffi.buffer_size(ffi.ret_buffer(frame, n_leaves + k)) != total:
+            return False
+    return True
+
+
+@numba.njit(inline="always")
+def _field_slice(frame, like, k, offset, size):
+    """Elements ``offset .. offset + size`` of packed result ``k`` (a flat array)."""
+    start = ffi.buffer_data(ffi.ret_buffer(frame, k)) + offset * like.itemsize
+    return view(start, size, like)
+
+
+@numba.njit(inline="always")
+def _qhadam_packed_leaves(frame, c, n_leaves, mode):
+    if not _packed_fields_ok(frame, c, n_leaves, 2):
+        return
+    offset = 0
+    for t in range(n_leaves):
+        p = _leaf(frame, c, t)
+        m = _field_slice(frame, c, n_leaves, offset, p.size)
+        v = _field_slice(frame, c, n_leaves + 1, offset, p.size)
+        qhadam_apply_leaf_(p, _arg(frame, c, 1 + t), m, v, c, mode)
+        offset += p.size
+
+
+@numba.njit(inline="always")
+def _qhm_packed_leaves(frame, c, n_leaves):
+    if ffi.n_args(frame) != 2 + 2 * n_leaves or not _packed_fields_ok(frame, c, n_leaves, 1):
+        return
+    mode = int(c[0])
+    offset = 0
+    for t in range(n_leaves):
+        p = _leaf(frame, c, t)
+        qhm_apply_leaf_(p, _arg(frame, c, 1 + t), _field_slice(frame, c, n_leaves, offset, p.size),
+                        c, mode)
+        offset += p.size
+
+
+@numba.njit(inline="always")
 def _qhadam_step(h, weights):
     """This step's 13 leaf coefficients (float64) from the hyper-parameters ``h`` (float64).
 
@@ -289,9 +350,20 @@ def _qhadam_step(h, weights):
 
 
 @numba.njit(inline="always")
-def _qhadam_run(frame, apply):
-    """A QHAdam frame (not the metadata query); ``apply``: the fused variant's layout."""
-    n_leaves = (ffi.n_rets(frame) - 1) // 3
+def _qhadam_dispatch(frame, c, n_leaves, mode, apply, packed):
+    if packed:
+        _qhadam_packed_leaves(frame, c, n_leaves, mode)
+    elif apply:
+        _qhadam_apply_leaves(frame, c, n_leaves, mode)
+    else:
+        _qhadam_leaves(frame, c, n_leaves, mode)
+
+
+@numba.njit(inline="always")
+def _qhadam_run(frame, apply, packed):
+    """A QHAdam frame (not the metadata query); ``apply``: the fused variant's layout;
+    ``packed``: the fused variant over packed state."""
+    n_leaves = ffi.n_rets(frame) - 3 if packed else (ffi.n_rets(frame) - 1) // 3
     hyper_buffer = ffi.arg_buffer(frame, 0)
     if ffi.buffer_size(hyper_buffer) != QHADAM_HYPER:
         return
@@ -304,11 +376,12 @@ def _qhadam_run(frame, apply):
     else:
         return
     mode = int(h[0])
-    if ffi.n_args(frame) != 1 + n_leaves * (4 if apply or mode != PLAIN else 3):
+    expected = 3 + 2 * n_leaves if packed else 1 + n_leaves * (4 if apply or mode != PLAIN else 3)
+    if n_leaves < 0 or ffi.n_args(frame) != expected:
         return
     weights = np.empty(2, np.float64)
     c = _qhadam_step(h, weights)
-    out = ffi.ret_buffer(frame, 3 * n_leaves)
+    out = ffi.ret_buffer(frame, n_leaves + 2 if packed else 3 * n_leaves)
     if hyper_type == ffi.F32:
         view(ffi.buffer_data(out), 2, _F32)[:] = weights
     else:
@@ -317,34 +390,33 @@ def _qhadam_run(frame, apply):
         return
     leaf_type = ffi.buffer_dtype(ffi.arg_buffer(frame, 1))
     if leaf_type == ffi.F32:
-        if apply:
-            _qhadam_apply_leaves(frame, c.astype(np.float32), n_leaves, mode)
-        else:
-            _qhadam_leaves(frame, c.astype(np.float32), n_leaves, mode)
+        _qhadam_dispatch(frame, c.astype(np.float32), n_leaves, mode, apply, packed)
     elif leaf_type == ffi.F64:
-        if apply:
-            _qhadam_apply_leaves(frame, c, n_leaves, mode)
-        else:
-            _qhadam_leaves(frame, c, n_leaves, mode)
+        _qhadam_dispatch(frame, c, n_leaves, mode, apply, packed)
 
 
 @numba.njit(inline="always")
-def _qhm_run(frame, apply):
-    """A QHM frame (not the metadata query); ``apply``: the fused variant's layout."""
-    n_leaves = ffi.n_rets(frame) // 2
+def _qhm_run(frame, apply, packed):
+    """A QHM frame (not the metadata query); ``apply``: the fused variant's layout;
+    ``packed``: the fused variant over packed state."""
+    n_leaves = ffi.n_rets(frame) - 1 if packed else ffi.n_rets(frame) // 2
     coef = ffi.arg_buffer(frame, 0)
     dtype = ffi.buffer_dtype(coef)
     if ffi.buffer_size(coef) != QHM_COEFFICIENTS:
         return
     if dtype == ffi.F32:
         c32 = view(ffi.buffer_data(coef), QHM_COEFFICIENTS, _F32)
-        if apply:
+        if packed:
+            _qhm_packed_leaves(frame, c32, n_leaves)
+        elif apply:
             _qhm_apply_leaves(frame, c32, n_leaves)
         else:
             _qhm_leaves(frame, c32, n_leaves)
     elif dtype == ffi.F64:
         c64 = view(ffi.buffer_data(coef), QHM_COEFFICIENTS, _F64)
-        if apply:
+        if packed:
+            _qhm_packed_leaves(frame, c64, n_leaves)
+        elif apply:
             _qhm_apply_leaves(frame, c64, n_leaves)
         else:
             _qhm_leaves(frame, c64, n_leaves)
@@ -353,28 +425,42 @@ def _qhm_run(frame, apply):
 def _qhadam_frame(pointer):
     frame = ffi.frame_address(pointer)
     if not ffi.answer_metadata(frame):
-        _qhadam_run(frame, False)
+        _qhadam_run(frame, False, False)
     return 0
 
 
 def _qhadam_apply_frame(pointer):
     frame = ffi.frame_address(pointer)
     if not ffi.answer_metadata(frame):
-        _qhadam_run(frame, True)
+        _qhadam_run(frame, True, False)
+    return 0
+
+
+def _qhadam_apply_packed_frame(pointer):
+    frame = ffi.frame_address(pointer)
+    if not ffi.answer_metadata(frame):
+        _qhadam_run(frame, True, True)
     return 0
 
 
 def _qhm_frame(pointer):
     frame = ffi.frame_address(pointer)
     if not ffi.answer_metadata(frame):
-        _qhm_run(frame, False)
+        _qhm_run(frame, False, False)
     return 0
 
 
 def _qhm_apply_frame(pointer):
     frame = ffi.frame_address(pointer)
     if not ffi.answer_metadata(frame):
-        _qhm_run(frame, True)
+        _qhm_run(frame, True, False)
+    return 0
+
+
+def _qhm_apply_packed_frame(pointer):
+    frame = ffi.frame_address(pointer)
+    if not ffi.answer_metadata(frame):
+        _qhm_run(frame, True, True)
     return 0
 
 
@@ -413,3 +499,15 @@ def qhadam_apply_handler() -> CFunc:
 def qhm_apply_handler() -> CFunc:
     """The fused QHM handler (updates ``p`` and the buffer in place; see the module docs)."""
     return _compile(_qhm_apply_frame)
+
+
+@functools.cache
+def qhadam_apply_packed_handler() -> CFunc:
+    """The fused QHAdam handler over packed state (see the module docs)."""
+    return _compile(_qhadam_apply_packed_frame)
+
+
+@functools.cache
+def qhm_apply_packed_handler() -> CFunc:
+    """The fused QHM handler over packed state (see the module docs)."""
+    return _compile(_qhm_apply_packed_frame)

@@ -211,3 +211,79 @@ def test_packed_handler_leaves_an_unknown_layout_untouched():
     out, _, _ = jax.jit(lambda h, g, p, b: _ffi.call("qhm", h, g, p, [[b]], packed=True))(
         hyper, grads, params, buf)
     assert not np.array_equal(np.asarray(out[0]), np.asarray(params[0]))
+
+
+def test_packed_scalars_and_empty_leaves_are_one_call():
+    """0-d and empty leaves: their offsets in the flat state are right (bit for bit the
+    per-leaf fused step, whose state is concatenated in pytree order)."""
+    params = {"a": jnp.linspace(-1, 1, 7, dtype=jnp.float32), "e": jnp.zeros((0, 3), jnp.float32),
+              "s": jnp.asarray(0.5, jnp.float32), "z": jnp.arange(6.0, dtype=jnp.float32) - 2}
+    packed_tx = flatten(qhadam(0.05, nus=(0.7, 0.9), weight_decay=0.1, ffi=True))
+    leaf_tx = qhadam(0.05, nus=(0.7, 0.9), weight_decay=0.1, ffi=True)
+    assert packed_calls(lowered(packed_tx, params, packed_tx.init(params), params)) == 1
+    outs = []
+    for tx in (packed_tx, leaf_tx):
+        p, s = params, tx.init(params)
+        step = jax.jit(lambda g, s, p, tx=tx: ujax.update_and_apply(tx, g, s, p))
+        for _ in range(5):
+            p, s = step(jax.tree.map(lambda x: 3 * x - 1, p), s, p)
+        outs.append((p, block(s, "qhadam")))
+    for k in params:
+        np.testing.assert_array_equal(np.asarray(outs[0][0][k]), np.asarray(outs[1][0][k]))
+    flat = np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(outs[1][1].exp_avg_sq)])
+    np.testing.assert_array_equal(np.asarray(outs[0][1].exp_avg_sq), flat)
+    assert not np.array_equal(np.asarray(outs[0][0]["s"]), np.asarray(params["s"]))
+
+
+def test_flatten_of_a_chain_is_optax_flatten():
+    """A transform without the packed step (here a chain around qhadam): optax.flatten's."""
+    params, grads = problem()
+    make = lambda: optax.chain(optax.clip_by_global_norm(1.0), qhadam(0.05, nus=(0.7, 1.0)))
+    ours, theirs = flatten(make()), optax.flatten(make())
+    assert packed_calls(lowered(ours, grads, ours.init(params), params)) == 0
+    a = jax.jit(lambda g, s, p: ujax.update_and_apply(ours, g, s, p))(grads, ours.init(params), params)
+    b = jax.jit(lambda g, s, p: pair(theirs, g, s, p))(grads, theirs.init(params), params)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_asv_packed_contender_equals_the_fused_one(monkeypatch):
+    monkeypatch.setenv("UNIOPT_BENCH_PIN", "0")  # importing the suite must not pin pytest
+    from benchmarks import contenders
+
+    data = contenders.Data.make(contenders.layout_sizes(3000, "model"))
+    packed, fused = (contenders.CASES[k](data)() for k in ("uniopt_jax_qhadam_packed",
+                                                           "uniopt_jax_qhadam_fused"))
+    assert len(packed[0]) == contenders.MODEL_TENSORS
+    for a, b, p0 in zip(packed[0], fused[0], data.params):  # two steps each
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert not np.array_equal(np.asarray(a), p0)
+
+
+def test_fresh_process_registers_on_first_use_and_loads_the_warm_cache():
+    from test_jax_ffi import run_python
+
+    code = """
+        import json
+        import jax, jax.numpy as jnp
+        from uniopt.adapters.jax import _ffi, flatten, qhadam, qhm, update_and_apply
+        from uniopt.kernels import qh_ffi
+        handlers = (qh_ffi.qhadam_apply_packed_handler, qh_ffi.qhm_apply_packed_handler)
+        before = sorted(_ffi.registered()), sum(h.cache_info().currsize for h in handlers)
+        params = {"a": jnp.linspace(-1.0, 1.0, 6), "b": jnp.ones(2)}
+        out = []
+        for opt in (flatten(qhadam(0.1, nus=(0.7, 1.0))), flatten(qhm(0.1, 0.9, 0.7))):
+            p, _ = jax.jit(lambda g, s, p: update_and_apply(opt, g, s, p))(
+                params, opt.init(params), params)
+            out.append([float(v) for v in jnp.concatenate([p["a"], p["b"]])])
+        print(json.dumps({"before": before, "after": sorted(_ffi.registered()), "out": out,
+                          "hits": [h().cache_hits for h in handlers]}))
+    """
+    first = run_python(code)  # warms the cache if another test has not
+    second = run_python(code)
+    assert first["before"] == [[], 0]
+    assert first["after"] == ["qhadam_apply_packed", "qhm_apply_packed"]
+    assert second["hits"] == [1, 1] and second["out"] == first["out"]
+    w = np.concatenate([np.linspace(-1.0, 1.0, 6), np.ones(2)]).astype(np.float32)
+    # first QHAdam step with nus=(0.7, 1), g = p: p - 0.1 * sign(p)
+    np.testing.assert_allclose(second["out"][0], w - 0.1 * w / (np.abs(w) + 1e-8), rtol=1e-6)

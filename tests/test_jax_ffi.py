@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -284,9 +285,13 @@ def test_eager_auto_is_traced_and_forced_eager_runs_the_ffi(any_size):
     np.testing.assert_array_equal(outs[None], outs[False])
 
 
-def test_bad_ffi_argument():
-    with pytest.raises(TypeError, match=r"Invalid ffi: 'yes'"):
-        qhadam(1e-3, ffi="yes")
+@pytest.mark.parametrize("value", ["yes", 1, 0.0, np.bool_(True)], ids=repr)
+@pytest.mark.parametrize("make", [qhadam, lambda lr, **kw: qhm(lr, 0.9, 0.7, **kw)],
+                         ids=["qhadam", "qhm"])
+def test_bad_ffi_argument(make, value):
+    """Only None, True and False (by identity: 1 == True and 0.0 == False are not flags)."""
+    with pytest.raises(TypeError, match=rf"Invalid ffi: {re.escape(repr(value))}"):
+        make(1e-3, ffi=value)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -233,7 +233,9 @@ def update_and_apply(tx, grads, state, params, **extra_args):
     a ``nonfinite`` policy other than ``"propagate"``), and a uniopt transform on its traced
     path (``ffi=False``, under ``jax.grad``/``jax.vmap`` tracing, eagerly, off CPU, other
     dtypes, parameters of another dtype than their gradients). The fused step equals the pair
-    bit for bit: ``p + u`` is rounded once, as ``apply_updates`` rounds it.
+    bit for bit: ``p + u`` is rounded once, as ``apply_updates`` rounds it. With many leaves,
+    wrap the transform in :func:`flatten`: its state is packed into one buffer per field and
+    its fused call skips JAX's and XLA's fixed cost per state buffer of a jitted call.
 
     Args:
       tx: an optax ``GradientTransformation``.

@@ -300,37 +300,32 @@ def _jax_step(make_transform: Callable, data: Data, fused: bool = False) -> Call
     return step
 
 
-def _build_uniopt_jax_qhadam(data):
-    _import_jax()
-    try:
-        from uniopt.adapters.jax import qhadam
-    except ImportError as exc:
-        raise Unavailable(f"uniopt.adapters.jax.qhadam not available ({exc})") from exc
-    kw = dict(QHADAM)
-    lr = kw.pop("lr")
-    return _jax_step(lambda: qhadam(lr, **kw), data)
+def _uniopt_jax_qhadam_builder(ffi=None, fused=False, packed=False):
+    """A builder of uniopt's JAX qhadam step: ``update`` + ``apply_updates`` (``fused``:
+    ``update_and_apply``; ``packed``: of ``flatten(qhadam(...))``)."""
+
+    def build(data):
+        _import_jax()
+        try:
+            import uniopt.adapters.jax as ujax
+            ujax.qhadam, ujax.update_and_apply, ujax.flatten  # noqa: B018
+        except (ImportError, AttributeError) as exc:
+            raise Unavailable(f"uniopt.adapters.jax not available ({exc})") from exc
+        kw = dict(QHADAM)
+        lr = kw.pop("lr")
+
+        def make():
+            tx = ujax.qhadam(lr, ffi=ffi, **kw)
+            return ujax.flatten(tx) if packed else tx
+
+        return _jax_step(make, data, fused=fused)
+
+    return build
 
 
-def _build_uniopt_jax_qhadam_fused(data):
-    _import_jax()
-    try:
-        from uniopt.adapters.jax import qhadam, update_and_apply  # noqa: F401
-    except ImportError as exc:
-        raise Unavailable(f"uniopt.adapters.jax.update_and_apply not available ({exc})") from exc
-    kw = dict(QHADAM)
-    lr = kw.pop("lr")
-    return _jax_step(lambda: qhadam(lr, ffi=True, **kw), data, fused=True)
-
-
-def _build_uniopt_jax_qhadam_packed(data):
-    _import_jax()
-    try:
-        from uniopt.adapters.jax import flatten, qhadam, update_and_apply  # noqa: F401
-    except ImportError as exc:
-        raise Unavailable(f"uniopt.adapters.jax.flatten not available ({exc})") from exc
-    kw = dict(QHADAM)
-    lr = kw.pop("lr")
-    return _jax_step(lambda: flatten(qhadam(lr, ffi=True, **kw)), data, fused=True)
+_build_uniopt_jax_qhadam = _uniopt_jax_qhadam_builder()
+_build_uniopt_jax_qhadam_fused = _uniopt_jax_qhadam_builder(ffi=True, fused=True)
+_build_uniopt_jax_qhadam_packed = _uniopt_jax_qhadam_builder(ffi=True, fused=True, packed=True)
 
 
 def _build_optax_adam(data):

@@ -34,25 +34,11 @@ from . import contenders
 from .common import LAYOUTS, SIZES, StepBenchmark
 
 
-def _uniopt_jax_qhadam(ffi):
-    def build(data):
-        contenders._import_jax()
-        try:
-            from uniopt.adapters.jax import qhadam
-        except ImportError as exc:
-            raise contenders.Unavailable(f"uniopt.adapters.jax.qhadam not available ({exc})") from exc
-        kw = dict(contenders.QHADAM)
-        lr = kw.pop("lr")
-        return contenders._jax_step(lambda: qhadam(lr, ffi=ffi, **kw), data)
-
-    return build
-
-
 #: The FFI benchmark's contenders (the others come from ``contenders.CASES``).
 CASES = {"uniopt_jax_qhadam_fused": contenders.CASES["uniopt_jax_qhadam_fused"],
          "uniopt_jax_qhadam_packed": contenders.CASES["uniopt_jax_qhadam_packed"],
-         "uniopt_jax_qhadam_ffi": _uniopt_jax_qhadam(True),
-         "uniopt_jax_qhadam_traced": _uniopt_jax_qhadam(False)}
+         "uniopt_jax_qhadam_ffi": contenders._uniopt_jax_qhadam_builder(ffi=True),
+         "uniopt_jax_qhadam_traced": contenders._uniopt_jax_qhadam_builder(ffi=False)}
 
 
 class _FFIStep(StepBenchmark):

@@ -68,6 +68,7 @@ _TARGETS = {
     "qhm": ("uniopt_qhm", "qh_ffi", "qhm_handler"),
     "qhadam_apply": ("uniopt_qhadam_apply", "qh_ffi", "qhadam_apply_handler"),
     "qhm_apply": ("uniopt_qhm_apply", "qh_ffi", "qhm_apply_handler"),
+    "polyak_apply": ("uniopt_polyak_apply", "polyak_ffi", "polyak_apply_handler"),
 }
 _registered: set[str] = set()
 _SUPPORTED = (np.dtype(np.float32), np.dtype(np.float64))

@@ -613,3 +613,26 @@ def test_fresh_process_loads_the_handler_from_the_warm_cache():
     assert abs(gamma - 0.5) < 1e-6
     for got in second["out"]:
         np.testing.assert_array_equal(np.float32(got), w + np.float32(-1.0) * (gamma * w))
+
+
+# ----------------------------------------------------------------------------------------------
+# The asv module's contenders (asv_bench/benchmarks/jax_ffi_polyak.py)
+# ----------------------------------------------------------------------------------------------
+def test_asv_contenders_step_and_agree(monkeypatch):
+    monkeypatch.setenv("UNIOPT_BENCH_PIN", "0")  # importing the suite must not pin pytest
+    from benchmarks import contenders, jax_ffi_polyak
+
+    data = contenders.Data.make(contenders.layout_sizes(3000, "model"))
+    results = {name: build(data)() for name, build in jax_ffi_polyak.CASES.items()}
+    fused_params, traced_params, optax_params = (results[k][0] for k in (
+        "uniopt_jax_polyak_fused", "uniopt_jax_polyak_traced", "optax_polyak_sgd"))
+    assert len(fused_params) == contenders.MODEL_TENSORS
+    assert set(jax_ffi_polyak.SCRIPT_CASES) >= {"uniopt_torch_polyak", *jax_ffi_polyak.CASES}
+    # two steps each (compile + timed); the step size is SGD's lr (loss = lr ||g||^2) in all
+    lr = contenders.SGD["lr"]
+    for a, b, c, p0, g in zip(fused_params, traced_params, optax_params, data.params,
+                              data.grads):
+        np.testing.assert_allclose(a, b, **tolerance(np.float32))
+        np.testing.assert_allclose(a, c, **tolerance(np.float32))
+        np.testing.assert_allclose(a, p0 - 2 * lr * g, rtol=1e-5, atol=1e-6)
+        assert not np.array_equal(np.asarray(a), p0)

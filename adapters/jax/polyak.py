@@ -26,9 +26,11 @@ from uniopt import _validation
 from uniopt.rules import bind
 from uniopt.rules import polyak as _polyak
 
+from . import _ffi
 from ._faults import all_finite, nonfinite_raise, select, with_nonfinite
 from ._solver import (
     IterativeSolver,
+    host_number,
     OptStep,
     check,
     check_callable,
@@ -467,6 +469,7 @@ def polyak_sgd(
     *,
     axis_name: Any = None,
     nonfinite: str = "propagate",
+    ffi: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD with the Polyak step size (:func:`optax.polyak_sgd`'s signature, plus momentum).
 
@@ -496,9 +499,27 @@ def polyak_sgd(
         ``"skip"`` (traced; the state becomes ``NonFiniteState(inner_state,
         nonfinite_skips)``): what an update does when the gradient or ``value`` is NaN/inf
         (docs/faults.md).
+      ffi: (keyword) the execution of the fused step
+        ``uniopt.adapters.jax.update_and_apply(tx, grads, state, params, value=loss)``:
+        ``None`` (default) takes one XLA FFI call of a Numba kernel (norm, step size, update of
+        every leaf, parameters and velocity in place: :mod:`uniopt.kernels.polyak_ffi`) where
+        it applies (under ``jit`` on CPU, float32/float64 leaves of one dtype whose parameters
+        and velocity have their dtype, ``nonfinite="propagate"``, from
+        :data:`POLYAK_APPLY_MIN_SIZE` elements), else ``update`` then ``apply_updates``;
+        ``True`` forces the FFI call, ``False`` the traced pair. ``update`` itself is always
+        traced (an FFI call there would write the updates for ``apply_updates`` to read back:
+        more memory traffic than XLA's fused traced step). The squared norm of the FFI call is
+        the NumPy core's (float64, blocked order): float64 parameters equal
+        :class:`uniopt.PolyakSGD`'s bit for bit when ``scaling`` is 1, float32 ones are within
+        a few ulps of the traced path.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; ``update`` needs ``value=``.
+
+    Raises:
+      TypeError: an ``ffi`` other than None/True/False; at a fused step, ``ffi=True`` with
+        leaves other than float32/float64, of two dtypes, or parameters/velocity of another
+        dtype than their gradients.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -518,10 +539,147 @@ def polyak_sgd(
       <https://arxiv.org/abs/2002.10542>`_, 2021; Garrigos et al., `Function value learning
       <https://arxiv.org/abs/2307.14528>`_, 2023.
     """
+    if not (ffi is None or ffi is True or ffi is False):  # (1 == True: not in (...))
+        raise TypeError(f"Invalid ffi: {ffi!r} (expected None, True or False)")
     if not callable(scaling):
         scaling = check(_validation.nonnegative, "scaling value", scaling)
-    return with_nonfinite(optax.chain(
+    chain = optax.chain(
         scale_by_polyak(f_min=f_min, max_learning_rate=max_learning_rate, eps=eps,
                         variant=variant, momentum=momentum, axis_name=axis_name),
         optax.scale_by_learning_rate(scaling),
-    ), nonfinite, "polyak_sgd", ("value",), axis_name)
+    )
+    # (scale_by_polyak checked them: the same conversions, no second message)
+    hyper = dict(f_min=host_number(f_min), max_learning_rate=host_number(max_learning_rate),
+                 eps=host_number(eps), momentum=host_number(momentum))
+    return with_nonfinite(_with_fused_ffi(chain, ffi, scaling, axis_name, **hyper), nonfinite,
+                          "polyak_sgd", ("value",), axis_name)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused step through XLA's FFI (update_and_apply)
+# ----------------------------------------------------------------------------------------------
+#: Total element count from which ``ffi=None`` runs :func:`uniopt.adapters.jax.update_and_apply`
+#: of :func:`polyak_sgd` through the fused FFI call (under ``jit`` on CPU). Default: the QH
+#: steps' threshold, :data:`uniopt.adapters.jax._ffi.APPLY_MIN_SIZE` (0), read at each trace.
+POLYAK_APPLY_MIN_SIZE = None
+
+
+def _scalar_value(hyper, sub_state):
+    """A ``ScalarOrSchedule`` at this step (a schedule reads its transform's ``count``)."""
+    return hyper(sub_state.count) if callable(hyper) else hyper
+
+
+def _advanced(sub_state):
+    """``scale_by_learning_rate``'s state after one update (a schedule's count advances)."""
+    if "count" in getattr(sub_state, "_fields", ()):
+        return sub_state._replace(count=optax.safe_increment(sub_state.count))
+    return sub_state
+
+
+def _traced_apply(hyper, grads, params, velocities):
+    """The fused handler's arithmetic in ``jax.numpy`` (its derivative rule; same signature).
+
+    ``hyper``: :mod:`uniopt.kernels.polyak_ffi`'s scalars in the leaves' dtype. The norm is the
+    traced face's (``tree_sq_norm`` in the leaves' dtype), so the values are within a few ulps
+    of the handler's, not bit for bit.
+    """
+    from uniopt.kernels import polyak_ffi as k
+
+    sq_norm = tree_sq_norm(grads)
+    h = [hyper[i] for i in range(k.POLYAK_SCALARS)]
+    step = _rules.polyak_stepsize(h[k.VALUE], h[k.F_MIN], sq_norm, h[k.EPS],
+                                  h[k.MAX_LEARNING_RATE], h[k.TINY], h[k.IS_PLUS] != 0)
+    step = jnp.where(h[k.GUARD] >= 0, _rules.zero_below(step, sq_norm + h[k.EPS], h[k.GUARD]),
+                     step)
+    new_params, new_velocities = [], []
+    for t, (p, g) in enumerate(zip(params, grads)):
+        if velocities:
+            _, v = _rules.heavy_ball_update(0.0, -g, velocities[t], step, h[k.MOMENTUM])
+            new_velocities.append(v)
+            new_params.append(p + h[k.NEG_SCALING] * v)
+        else:
+            new_params.append(p + h[k.NEG_SCALING] * _rules.sgd_update(0.0, -g, step))
+    return new_params, new_velocities, jnp.stack([step, sq_norm]).astype(hyper.dtype)
+
+
+def _ffi_apply(hyper, grads, params, velocities):
+    """One FFI call: ``(new_params, new_velocities, [step size, squared norm])``."""
+    name = _ffi.ensure_registered("polyak_apply")
+    n = len(grads)
+    results = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+               for x in (*params, *velocities)]
+    results.append(jax.ShapeDtypeStruct((2,), jnp.result_type(hyper)))
+    aliases = {1 + n + k: k for k in range(n + len(velocities))}  # params, then velocities
+    out = jax.ffi.ffi_call(name, results, input_output_aliases=aliases,
+                           vmap_method="sequential")(hyper, *grads, *params, *velocities)
+    return list(out[:n]), list(out[n:-1]), out[-1]
+
+
+def fused_polyak_step(hyper, grads, params, velocities):
+    """The fused step of leaves of one dtype through the FFI call, with traced derivatives.
+
+    Args:
+      hyper: the :data:`uniopt.kernels.polyak_ffi.POLYAK_SCALARS` scalars (module docs there).
+      grads, params: lists of leaves of one dtype (float32 or float64).
+      velocities: the heavy-ball buffers (the optax face's sign), or ``[]``.
+
+    Returns:
+      ``(new_params, new_velocities, step)``, ``step`` = ``[step size, squared norm]``.
+    """
+    return _ffi.with_traced_derivatives(_ffi_apply, _traced_apply)(hyper, grads, params,
+                                                                   velocities)
+
+
+def _with_fused_ffi(chain, ffi, scaling, axis_name, *, f_min, max_learning_rate, eps,
+                    momentum):
+    """``chain`` (``polyak_sgd``'s) whose update has an ``update_and_apply`` attribute.
+
+    ``update`` stays ``chain.update`` (traced); ``update.update_and_apply(grads, state, params,
+    value=...)`` returns ``(params, state)`` through one fused FFI call where
+    :func:`_ffi.choose` says, else through ``chain.update`` and ``optax.apply_updates``.
+    """
+    from uniopt.kernels import polyak_ffi as k
+
+    def fused(grads, state, params, *, value, **extra_args):
+        def fallback():
+            return _ffi.apply_pair(chain.update, grads, state, params, value=value,
+                                   **extra_args)
+
+        polyak_state, lr_state = state
+        leaves, treedef = jax.tree.flatten(grads)
+        if not leaves or params is None:
+            return fallback()  # (optax raises, or nothing to do)
+        ps = treedef.flatten_up_to(params)
+        vs = (treedef.flatten_up_to(polyak_state.velocity)
+              if polyak_state.velocity is not None else [])
+        neg_scaling = -1 * _scalar_value(scaling, lr_state)
+        scalars = [value, neg_scaling, f_min, max_learning_rate, eps, momentum,
+                   *jax.tree.leaves(lr_state)]
+        per_leaf = [[ps[t]] + ([vs[t]] if vs else []) for t in range(len(leaves))]
+        min_size = _ffi.APPLY_MIN_SIZE if POLYAK_APPLY_MIN_SIZE is None else POLYAK_APPLY_MIN_SIZE
+        if not _ffi.choose(ffi, leaves, per_leaf, scalars, min_size):
+            return fallback()
+        dtypes = sorted({str(jnp.result_type(g)) for g in leaves})
+        if len(dtypes) > 1:  # the norm couples every leaf: one call, one dtype
+            if ffi:
+                raise TypeError(f"Invalid ffi=True: the fused Polyak step runs leaves of one "
+                                f"dtype, got {', '.join(dtypes)}")
+            return fallback()
+        dtype = jnp.dtype(dtypes[0])
+        loss = mean_over(jnp.asarray(value), axis_name)
+        numbers = [0.0] * k.POLYAK_SCALARS
+        numbers[k.VALUE], numbers[k.F_MIN], numbers[k.EPS] = loss, f_min, eps
+        numbers[k.MAX_LEARNING_RATE], numbers[k.NEG_SCALING] = max_learning_rate, neg_scaling
+        numbers[k.MOMENTUM], numbers[k.TINY], numbers[k.IS_PLUS] = momentum, _OPTAX_TINY, 0.0
+        numbers[k.GUARD] = _OPTAX_TINY  # optax's zero guard (zero_below)
+        hyper = jnp.stack([jnp.asarray(x).astype(dtype) for x in numbers])
+        new_ps, new_vs, _ = fused_polyak_step(hyper, leaves, ps, vs)
+        if vs:
+            polyak_state = polyak_state._replace(velocity=treedef.unflatten(new_vs))
+        return treedef.unflatten(new_ps), (polyak_state, _advanced(lr_state))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        return chain.update(updates, state, params, **extra_args)
+
+    update_fn.update_and_apply = fused
+    return optax.GradientTransformationExtraArgs(chain.init, update_fn)

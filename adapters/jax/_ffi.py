@@ -36,8 +36,8 @@ import optax
 from uniopt import _jit
 
 __all__ = ["MIN_SIZE", "APPLY_MIN_SIZE", "registered", "ensure_registered", "is_jit_value",
-           "choose", "call", "update_and_apply", "flatten", "apply_pair",
-           "with_traced_derivatives"]
+           "choose", "call", "update_and_apply", "flatten", "apply_pair", "schedule_value",
+           "advanced", "with_traced_derivatives"]
 
 #: Total element count of a step from which ``ffi=None`` takes the FFI path (environment:
 #: ``UNIOPT_JAX_FFI_MIN_SIZE``, parsed as ``UNIOPT_PARALLEL_MIN_SIZE`` is). Default: never.
@@ -321,6 +321,20 @@ def flatten(inner) -> optax.GradientTransformationExtraArgs:
 
     update_fn.update_and_apply = fused
     return optax.GradientTransformationExtraArgs(outer.init, update_fn)
+
+
+def schedule_value(hyper, sub_state):
+    """A ``ScalarOrSchedule`` at this step (a schedule reads its transform's ``count``), for a
+    fused call that stands for a chain's ``scale_by_learning_rate``/``add_decayed_weights``."""
+    return hyper(sub_state.count) if callable(hyper) else hyper
+
+
+def advanced(sub_state):
+    """The state of ``add_decayed_weights``/``scale_by_learning_rate`` after one update (a
+    schedule's ``count`` advances), as the fused call leaves it."""
+    if "count" in getattr(sub_state, "_fields", ()):
+        return sub_state._replace(count=optax.safe_increment(sub_state.count))
+    return sub_state
 
 
 def apply_pair(update, grads, state, params, **extra_args):

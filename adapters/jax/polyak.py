@@ -564,18 +564,6 @@ def polyak_sgd(
 POLYAK_APPLY_MIN_SIZE = None
 
 
-def _scalar_value(hyper, sub_state):
-    """A ``ScalarOrSchedule`` at this step (a schedule reads its transform's ``count``)."""
-    return hyper(sub_state.count) if callable(hyper) else hyper
-
-
-def _advanced(sub_state):
-    """``scale_by_learning_rate``'s state after one update (a schedule's count advances)."""
-    if "count" in getattr(sub_state, "_fields", ()):
-        return sub_state._replace(count=optax.safe_increment(sub_state.count))
-    return sub_state
-
-
 def _traced_apply(hyper, grads, params, velocities):
     """The fused handler's arithmetic in ``jax.numpy`` (its derivative rule; same signature).
 
@@ -652,7 +640,7 @@ def _with_fused_ffi(chain, ffi, scaling, axis_name, *, f_min, max_learning_rate,
         ps = treedef.flatten_up_to(params)
         vs = (treedef.flatten_up_to(polyak_state.velocity)
               if polyak_state.velocity is not None else [])
-        neg_scaling = -1 * _scalar_value(scaling, lr_state)
+        neg_scaling = -1 * _ffi.schedule_value(scaling, lr_state)
         scalars = [value, neg_scaling, f_min, max_learning_rate, eps, momentum,
                    *jax.tree.leaves(lr_state)]
         per_leaf = [[ps[t]] + ([vs[t]] if vs else []) for t in range(len(leaves))]
@@ -676,7 +664,7 @@ def _with_fused_ffi(chain, ffi, scaling, axis_name, *, f_min, max_learning_rate,
         new_ps, new_vs, _ = fused_polyak_step(hyper, leaves, ps, vs)
         if vs:
             polyak_state = polyak_state._replace(velocity=treedef.unflatten(new_vs))
-        return treedef.unflatten(new_ps), (polyak_state, _advanced(lr_state))
+        return treedef.unflatten(new_ps), (polyak_state, _ffi.advanced(lr_state))
 
     def update_fn(updates, state, params=None, **extra_args):
         return chain.update(updates, state, params, **extra_args)

@@ -130,18 +130,6 @@ def _weight_dtype(params):
 # ----------------------------------------------------------------------------------------------
 # The FFI path: the whole recipe (decay, block, learning rate) in one Numba call per dtype
 # ----------------------------------------------------------------------------------------------
-def _value(hyper, sub_state):
-    """A ``ScalarOrSchedule`` at this step (a schedule reads its transform's ``count``)."""
-    return hyper(sub_state.count) if callable(hyper) else hyper
-
-
-def _advanced(sub_state):
-    """The state of ``add_decayed_weights``/``scale_by_learning_rate`` after one update."""
-    if "count" in getattr(sub_state, "_fields", ()):
-        return sub_state._replace(count=optax.safe_increment(sub_state.count))
-    return sub_state
-
-
 def _static_zero(value) -> bool:
     """optax skips ``add_decayed_weights`` exactly when the decay is a Python zero."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0.0
@@ -230,7 +218,8 @@ def _with_ffi(chain, family, ffi, learning_rate, weight_decay, decoupled, block_
     def parts(state):
         """``(block_state, decay_state, lr_state, lr, wd, scalars)`` of a chain state."""
         block_state, decay_state, lr_state = state[block_at], state[decay_at], state[2]
-        lr, wd = _value(learning_rate, lr_state), _value(weight_decay, decay_state)
+        lr, wd = _ffi.schedule_value(learning_rate, lr_state), _ffi.schedule_value(
+            weight_decay, decay_state)
         scalars = [lr, wd, *jax.tree.leaves(block_state._replace(
             **{f: None for f in state_fields})), *jax.tree.leaves((decay_state, lr_state))]
         return block_state, decay_state, lr_state, lr, wd, scalars
@@ -244,8 +233,8 @@ def _with_ffi(chain, family, ffi, learning_rate, weight_decay, decoupled, block_
         new_block = block_state._replace(**dict(zip(state_fields, fields)))
         if extra:  # QHAdam: the bias weights (every group computed the same ones)
             new_block = new_block._replace(beta1_weight=extra[0][0], beta2_weight=extra[0][1])
-        new_state = [None, None, _advanced(lr_state)]
-        new_state[block_at], new_state[decay_at] = new_block, _advanced(decay_state)
+        new_state = [None, None, _ffi.advanced(lr_state)]
+        new_state[block_at], new_state[decay_at] = new_block, _ffi.advanced(decay_state)
         return tuple(new_state)
 
     def step(updates, state, params, apply, **extra_args):

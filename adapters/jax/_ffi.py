@@ -71,6 +71,7 @@ _TARGETS = {
     "qhm_apply": ("uniopt_qhm_apply", "qh_ffi", "qhm_apply_handler"),
     "qhadam_apply_packed": ("uniopt_qhadam_apply_packed", "qh_ffi", "qhadam_apply_packed_handler"),
     "qhm_apply_packed": ("uniopt_qhm_apply_packed", "qh_ffi", "qhm_apply_packed_handler"),
+    "ialm": ("uniopt_ialm", "ialm_ffi", "ialm_handler"),
 }
 _registered: set[str] = set()
 _SUPPORTED = (np.dtype(np.float32), np.dtype(np.float64))

@@ -54,7 +54,7 @@ __all__ = ["IALMState", "IALMTransformation", "ialm", "FFI_MIN_SIZE"]
 #: ``asv_bench/benchmarks/jax_ffi_ialm.py`` (jitted ``update``, donated state, float32, one
 #: pinned CPU): below it the call's fixed cost exceeds what it saves over XLA's traced step.
 FFI_MIN_SIZE = _jit._parse_min_size("UNIOPT_JAX_FFI_IALM_MIN_SIZE",
-                                    os.environ.get("UNIOPT_JAX_FFI_IALM_MIN_SIZE", "100000"))
+                                    os.environ.get("UNIOPT_JAX_FFI_IALM_MIN_SIZE", "10000"))
 
 _rules = bind(_ialm, where=jnp.where, minimum=jnp.minimum, maximum=jnp.maximum, sqrt=jnp.sqrt,
               frexp=jnp.frexp, ldexp=jnp.ldexp)

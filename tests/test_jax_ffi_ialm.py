@@ -565,3 +565,27 @@ def test_asv_contenders_step_and_agree(monkeypatch):
         np.testing.assert_allclose(a, b, **tolerance(np.float32))
         assert a.shape == (100,) and float(jnp.max(jnp.abs(a))) > 0  # two steps moved them
     assert int(states["ffi"].count) == 2 and int(states["floor"].count) == 0
+
+
+def test_axis_name_averages_before_the_call(x64):
+    """``axis_name``: the pmean stays traced before the FFI call; every member of the mapped
+    axis steps with the mean constraint values, as the NumPy core does with the mean."""
+    shards = jnp.asarray(np.random.default_rng(7).normal(0.2, 0.5, size=(3, 5)))
+    kw = dict(beta=0.6, gamma=0.8, momentum=0.5, dual_range=(-0.3, 0.3))
+    state = ialm(**kw).init(shards[0])
+
+    def step(ffi):
+        t = ialm(**kw, axis_name="i", ffi=ffi)
+        return jax.vmap(jax.jit(t.update), in_axes=(0, None), axis_name="i")(shards, state)
+
+    got, want = step(True), step(False)
+    opt = uniopt.iALM(m=5, **kw)
+    mean = jax.vmap(lambda c: jax.lax.pmean(c, "i"), axis_name="i")(shards)[0]  # JAX's mean
+    opt.update(np.asarray(mean))
+    for p in range(3):
+        np.testing.assert_array_equal(got.duals[p], opt.duals)
+        np.testing.assert_allclose(got.duals[p], want.duals[p], **tolerance(np.float64))
+    t = ialm(**kw, axis_name="i", ffi=True)
+    text = jax.jit(jax.vmap(t.update, in_axes=(0, None), axis_name="i")).lower(
+        shards, state).as_text()
+    assert TARGET in text

@@ -50,9 +50,14 @@ __all__ = ["IALMState", "IALMTransformation", "ialm", "FFI_MIN_SIZE"]
 
 #: Total constraint count (all groups) from which ``ffi=None`` runs a jitted ``update`` on CPU
 #: through the FFI call (environment: ``UNIOPT_JAX_FFI_IALM_MIN_SIZE``, parsed as
-#: ``UNIOPT_PARALLEL_MIN_SIZE`` is; an empty value means never). The default comes from
-#: ``asv_bench/benchmarks/jax_ffi_ialm.py`` (jitted ``update``, donated state, float32, one
-#: pinned CPU): below it the call's fixed cost exceeds what it saves over XLA's traced step.
+#: ``UNIOPT_PARALLEL_MIN_SIZE`` is; an empty value means never). Measured with
+#: ``asv_bench/benchmarks/jax_ffi_ialm.py`` (jitted ``update``, donated state, float32,
+#: momentum, one pinned CPU; medians of interleaved paired ratios), the call took 0.52-0.59x
+#: the traced step's time from 1e4 constraints (1 or 10 groups; 0.23-0.27x at 1e6), and
+#: 0.53-0.91x below, where it saves at most 0.02-0.05 ms per step: too little to pay, in most
+#: runs, for loading the handler in every process that jits iALM (about 0.4 s from Numba's
+#: cache, tens of seconds to compile it cold) and for the call's fusion barrier (constraints
+#: computed in the same ``jit`` are written out before it). Default: 10000.
 FFI_MIN_SIZE = _jit._parse_min_size("UNIOPT_JAX_FFI_IALM_MIN_SIZE",
                                     os.environ.get("UNIOPT_JAX_FFI_IALM_MIN_SIZE", "10000"))
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import uniopt
 from uniopt.adapters.jax import _ffi, ialm
 from conftest import tolerance
-from test_jax_ialm import (C_SEQ, CTOL, GROUPS, LOSS_SEQ, NAMES, PARITY, SHAPES, STEPS,
+from test_jax_ialm import (C_SEQ, CTOL, GROUPS, LOSS_SEQ, NAMES, PARITY, STEPS,
                            _ids, _init_for, make_numpy)
 
 TARGET = "uniopt_ialm"

@@ -319,10 +319,12 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
     Raises:
       ValueError, TypeError: at construction, a hyper-parameter out of range or of the wrong
         type (message naming it and its value, as :class:`uniopt.iALM`; an ``axis_name`` that
-        is not None, a str or a tuple of str is a TypeError); at ``init``, a
+        is not None, a str or a tuple of str is a TypeError, as is an ``ffi`` other than
+        None, True or False); at ``init``, a
         per-group hyper-parameter that does not match the constraints (message naming it;
         e.g. an ``init_duals`` array whose size is not the group's); at ``update`` /
-        ``lagrangian``, constraints whose structure or sizes differ from the state's.
+        ``lagrangian``, constraints whose structure or sizes differ from the state's; at
+        ``update`` with ``ffi=True``, multipliers other than float32/float64 (TypeError).
 
     Example:
       >>> import jax, jax.numpy as jnp

@@ -72,6 +72,7 @@ _TARGETS = {
     "qhadam_apply_packed": ("uniopt_qhadam_apply_packed", "qh_ffi", "qhadam_apply_packed_handler"),
     "qhm_apply_packed": ("uniopt_qhm_apply_packed", "qh_ffi", "qhm_apply_packed_handler"),
     "polyak_apply": ("uniopt_polyak_apply", "polyak_ffi", "polyak_apply_handler"),
+    "ialm": ("uniopt_ialm", "ialm_ffi", "ialm_handler"),
 }
 _registered: set[str] = set()
 _SUPPORTED = (np.dtype(np.float32), np.dtype(np.float64))

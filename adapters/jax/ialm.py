@@ -9,11 +9,25 @@ again here.
 Constraint groups are the leaves of the constraints pytree: a single array is one group, a
 list/tuple/dict of arrays one group per leaf (in :func:`jax.tree.leaves` order). A leaf may
 have any shape; its multipliers have the same shape and its norm is over all its entries.
+
+Two executions of the dual step, chosen per step at trace time (argument ``ffi``): the traced
+``jax.numpy`` expression, or ONE call through XLA's FFI of the NumPy core's Numba kernel for
+every group (:mod:`uniopt.kernels.ialm_ffi`, registered on first use by :mod:`._ffi`), which
+updates the multipliers and momentum buffers in place (``input_output_aliases``; with the state
+donated, no copies) and equals :class:`uniopt.iALM` bit for bit for the same ``beta``. The
+counters and the growth of ``beta`` stay traced around the call. ``ffi=None`` (default) takes
+the call where it applies and pays: under ``jit`` (not under ``grad``/``vmap`` tracing, not
+eagerly), on CPU, every group float32 or float64 (one dtype for all), at least
+:data:`FFI_MIN_SIZE` constraints in all. ``ffi=True``/``False`` force a path (``True`` raises
+``TypeError`` for other dtypes; groups of two dtypes still take the traced path, as one call
+must decide the whole step's skip). A jitted ``update`` differentiated from outside gets the
+traced path's derivative (:func:`uniopt.adapters.jax._ffi.with_traced_derivatives`).
 """
 
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -21,15 +35,31 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from uniopt import _validation
+from uniopt import _jit, _validation
 from uniopt._validation import check_ialm_group, check_penalty
 from uniopt.rules import bind
+from uniopt.kernels import ialm_cpu as _ialm_cpu
+from uniopt.kernels import ialm_ffi as _ialm_ffi
 from uniopt.rules import ialm as _ialm
 
+from . import _ffi
 from ._faults import nonfinite_raise
 from ._solver import check_axis_name, mean_over
 
-__all__ = ["IALMState", "IALMTransformation", "ialm"]
+__all__ = ["IALMState", "IALMTransformation", "ialm", "FFI_MIN_SIZE"]
+
+#: Total constraint count (all groups) from which ``ffi=None`` runs a jitted ``update`` on CPU
+#: through the FFI call (environment: ``UNIOPT_JAX_FFI_IALM_MIN_SIZE``, parsed as
+#: ``UNIOPT_PARALLEL_MIN_SIZE`` is; an empty value means never). Measured with
+#: ``asv_bench/benchmarks/jax_ffi_ialm.py`` (jitted ``update``, donated state, float32,
+#: momentum, one pinned CPU; medians of interleaved paired ratios), the call took 0.52-0.59x
+#: the traced step's time from 1e4 constraints (1 or 10 groups; 0.23-0.27x at 1e6), and
+#: 0.53-0.91x below, where it saves at most 0.02-0.05 ms per step: too little to pay, in most
+#: runs, for loading the handler in every process that jits iALM (about 0.4 s from Numba's
+#: cache, tens of seconds to compile it cold) and for the call's fusion barrier (constraints
+#: computed in the same ``jit`` are written out before it). Default: 10000.
+FFI_MIN_SIZE = _jit._parse_min_size("UNIOPT_JAX_FFI_IALM_MIN_SIZE",
+                                    os.environ.get("UNIOPT_JAX_FFI_IALM_MIN_SIZE", "10000"))
 
 _rules = bind(_ialm, where=jnp.where, minimum=jnp.minimum, maximum=jnp.maximum, sqrt=jnp.sqrt,
               frexp=jnp.frexp, ldexp=jnp.ldexp)
@@ -193,7 +223,7 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
          dual_range: Any = (-100.0, 100.0), momentum: Any = 0.0, dampening: Any = 0.0,
          is_ineq: Any = False, ctol: float = 0.0, init_duals: Any = None,
          axis_name: Any = None,
-         nonfinite: str = "propagate") -> IALMTransformation:
+         nonfinite: str = "propagate", ffi: bool | None = None) -> IALMTransformation:
     r"""iALM's dual step (adaptive, capped dual ascent) and augmented Lagrangian, functionally.
 
     For every constraint group :math:`k` (a leaf of the constraints pytree, values
@@ -278,6 +308,10 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
         ``"raise"`` raises ``FloatingPointError`` from ``update``/``forward_update`` on
         concrete values, and ``TypeError`` when they are traced (under ``jit``: use
         ``"skip"`` there). See docs/faults.md.
+      ffi: the execution of ``update`` and ``forward_update`` (keyword only): ``None`` takes
+        the FFI call (the Numba kernel inside ``jit``) where it applies and pays (see the
+        module docs and :data:`FFI_MIN_SIZE`), ``True`` forces it (eagerly too), ``False``
+        never takes it. Only ``None``, ``True`` and ``False`` (checked by identity).
 
     Returns:
       An :class:`IALMTransformation`.
@@ -285,10 +319,12 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
     Raises:
       ValueError, TypeError: at construction, a hyper-parameter out of range or of the wrong
         type (message naming it and its value, as :class:`uniopt.iALM`; an ``axis_name`` that
-        is not None, a str or a tuple of str is a TypeError); at ``init``, a
+        is not None, a str or a tuple of str is a TypeError, as is an ``ffi`` other than
+        None, True or False); at ``init``, a
         per-group hyper-parameter that does not match the constraints (message naming it;
         e.g. an ``init_duals`` array whose size is not the group's); at ``update`` /
-        ``lagrangian``, constraints whose structure or sizes differ from the state's.
+        ``lagrangian``, constraints whose structure or sizes differ from the state's; at
+        ``update`` with ``ffi=True``, multipliers other than float32/float64 (TypeError).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -313,6 +349,8 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
     ctol = _validation.nonnegative_finite("ctol value", ctol)
     axis_name = check_axis_name(axis_name)
     _validation.check_nonfinite(nonfinite)
+    if not any(ffi is allowed for allowed in (None, True, False)):  # (1 == True, 0.0 == False)
+        raise TypeError(f"Invalid ffi: {ffi!r} (expected None, True or False)")
     for name, value in specs.items():
         entries = [value] if _is_single(name, value) else _entries(name, value)
         if not entries:  # a container without entries matches no constraints
@@ -407,16 +445,12 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
             last_finite=jnp.array(True),
             total_notfinite=jnp.zeros((), jnp.int32))
 
-    def update(constraints, state: IALMState) -> IALMState:
-        treedef, parts, groups = matched(constraints, state)
-        if nonfinite == "raise":
-            nonfinite_raise("ialm", {"the constraint values": constraints})
-        leaves = [treedef.flatten_up_to(t) for t in
-                  (state.duals, state.momentum_buffer, state.beta, state.stepsize)]
-        duals, buffers, betas, steps = [], [], [], []
+    def traced_step(parts, lams, bufs, betas, old_steps, groups):
+        """The dual step of every group in ``jax.numpy``: ``(duals, buffers, steps, finite)``,
+        the whole-step skip applied (nothing changes unless every value is finite)."""
+        duals, buffers, steps = [], [], []
         finite = jnp.array(True)
-        for c, lam, buf, beta_k, _, g in zip(parts, *leaves, groups):
-            c = c.astype(lam.dtype)
+        for c, lam, buf, beta_k, g in zip(parts, lams, bufs, betas, groups):
             finite = finite & jnp.all(jnp.isfinite(c))
             c = _rules.filtered(c, ctol, g.is_ineq)
             if g.momentum != 0:
@@ -440,16 +474,89 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
             duals.append(_rules.dual_update(lam, unit, unit_step, g.lower, g.upper))
             buffers.append(buf)
             steps.append(step)
-            betas.append(beta_k * g.sigma)
         # a step with a non-finite constraint value (in any group) changes no multiplier,
-        # buffer, beta or step size: it is counted, as optax.apply_if_finite does
+        # buffer or step size (nor beta: see update), as optax.apply_if_finite does
         keep = [jnp.where(finite, new, old) for new, old in
-                zip(duals + buffers + betas + steps, [x for t in leaves for x in t])]
+                zip(duals + buffers + steps, lams + bufs + old_steps)]
         n = len(duals)
-        return IALMState(duals=treedef.unflatten(keep[:n]),
-                         momentum_buffer=treedef.unflatten(keep[n:2 * n]),
-                         beta=treedef.unflatten(keep[2 * n:3 * n]),
-                         stepsize=treedef.unflatten(keep[3 * n:]),
+        return keep[:n], keep[n:2 * n], keep[2 * n:], finite
+
+    settings_cache: dict = {}
+
+    def settings_of(groups) -> np.ndarray:
+        """The handler's argument 0 for ``groups`` (float64 rows as int32 words)."""
+        key = tuple((g.momentum, g.dampening, g.lower, g.upper, g.gamma, g.is_ineq)
+                    for g in groups)
+        if key not in settings_cache:
+            rows = []
+            for g in groups:
+                coef = _ialm_cpu.coefficients(np.float64, g.momentum, g.dampening, g.lower,
+                                              g.upper, ctol)
+                rows.append(_ialm_ffi.settings_row(*coef[:5], g.gamma, g.momentum != 0,
+                                                   g.is_ineq))
+            settings_cache[key] = np.ascontiguousarray(
+                np.asarray(rows, np.float64).reshape(-1)).view(np.int32)
+        return settings_cache[key]
+
+    def ffi_step(parts, lams, bufs, betas, old_steps, groups):
+        """:func:`traced_step` as ONE FFI call (:mod:`uniopt.kernels.ialm_ffi`), the traced
+        path's derivatives; ``finite`` read from the call's flag."""
+        settings = settings_of(groups)
+        n = len(lams)
+
+        def through_ffi(betas, parts, lams, bufs, old_steps):
+            name = _ffi.ensure_registered("ialm")
+            dtype = jnp.result_type(lams[0])
+            steps_in = jnp.concatenate([jnp.stack(old_steps).astype(dtype),
+                                        jnp.zeros((1,), dtype)])
+            args = [settings, jnp.stack(betas).astype(dtype), *parts, *lams, *bufs, steps_in]
+            results = [jax.ShapeDtypeStruct(jnp.shape(x), dtype) for x in [*lams, *bufs]]
+            results.append(jax.ShapeDtypeStruct((n + 1,), dtype))
+            aliases = {2 + n + j: j for j in range(2 * n)}
+            aliases[2 + 3 * n] = 2 * n
+            out = jax.ffi.ffi_call(name, results, input_output_aliases=aliases,
+                                   vmap_method="sequential")(*args)
+            return list(out[:n]), list(out[n:2 * n]), out[2 * n]
+
+        def traced(betas, parts, lams, bufs, old_steps):
+            duals, buffers, steps, finite = traced_step(parts, lams, bufs, betas, old_steps,
+                                                        groups)
+            dtype = jnp.result_type(lams[0])
+            return duals, buffers, jnp.concatenate([jnp.stack(steps).astype(dtype),
+                                                    finite.astype(dtype)[None]])
+
+        duals, buffers, steps = _ffi.with_traced_derivatives(through_ffi, traced)(
+            betas, parts, lams, bufs, old_steps)
+        return duals, buffers, [steps[k] for k in range(n)], steps[n] != 0
+
+    def use_ffi(parts, lams, bufs, betas, old_steps, state) -> bool:
+        """Whether this step runs through the FFI call (:func:`uniopt.adapters.jax._ffi.choose`
+        with :data:`FFI_MIN_SIZE`; groups of two dtypes: never)."""
+        if ffi is False:
+            return False
+        counters = [state.count, state.notfinite_count, state.last_finite,
+                    state.total_notfinite]
+        if not _ffi.choose(ffi, lams, [[c, b] for c, b in zip(parts, bufs)],
+                           [*betas, *old_steps, *counters], FFI_MIN_SIZE):
+            return False
+        dtype = jnp.result_type(lams[0])
+        return all(jnp.result_type(x) == dtype for x in [*lams, *betas, *old_steps])
+
+    def update(constraints, state: IALMState) -> IALMState:
+        treedef, parts, groups = matched(constraints, state)
+        if nonfinite == "raise":
+            nonfinite_raise("ialm", {"the constraint values": constraints})
+        lams, bufs, betas, old_steps = [treedef.flatten_up_to(t) for t in
+                                        (state.duals, state.momentum_buffer, state.beta,
+                                         state.stepsize)]
+        parts = [c.astype(lam.dtype) for c, lam in zip(parts, lams)]
+        step = ffi_step if use_ffi(parts, lams, bufs, betas, old_steps, state) else traced_step
+        duals, buffers, steps, finite = step(parts, lams, bufs, betas, old_steps, groups)
+        betas = [jnp.where(finite, beta_k * g.sigma, beta_k) for beta_k, g in zip(betas, groups)]
+        return IALMState(duals=treedef.unflatten(duals),
+                         momentum_buffer=treedef.unflatten(buffers),
+                         beta=treedef.unflatten(betas),
+                         stepsize=treedef.unflatten(steps),
                          count=jnp.where(finite, optax.safe_int32_increment(state.count),
                                          state.count),
                          notfinite_count=jnp.where(

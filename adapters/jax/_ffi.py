@@ -1,7 +1,8 @@
 """The Numba kernels inside ``jax.jit`` on CPU, through XLA's FFI: registration, calls, path choice.
 
-The handlers are ``numba.cfunc`` C callbacks of :mod:`uniopt.kernels.qh_ffi`; this module
-registers them with :func:`jax.ffi.register_ffi_target` (platform ``"cpu"``, typed FFI
+The handlers are ``numba.cfunc`` C callbacks of :mod:`uniopt.kernels.qh_ffi`,
+:mod:`uniopt.kernels.polyak_ffi` and :mod:`uniopt.kernels.ialm_ffi` (table :data:`_TARGETS`);
+this module registers them with :func:`jax.ffi.register_ffi_target` (platform ``"cpu"``, typed FFI
 ``api_version=1``) the first time a transform takes the FFI path, never at import, and emits
 one :func:`jax.ffi.ffi_call` per dtype per step for every leaf of the pytree: the optimizer
 state is aliased to the results (``input_output_aliases``), so with donated state XLA updates
@@ -19,8 +20,12 @@ path's, and its ``vmap_method`` loops over the batch.
 
 The fused entry point :func:`update_and_apply` (``uniopt.adapters.jax.update_and_apply``)
 replaces ``tx.update`` + ``optax.apply_updates``: one call per dtype per step updates the
-parameters and the state in place (:func:`uniopt.kernels.qh_ffi.qhadam_apply_handler`). The
-same rules choose its path, with :data:`APPLY_MIN_SIZE` (default 0) as the size threshold.
+parameters and the state in place (:func:`uniopt.kernels.qh_ffi.qhadam_apply_handler`; for
+:func:`~uniopt.adapters.jax.polyak_sgd`, :func:`uniopt.kernels.polyak_ffi.polyak_apply_handler`).
+The same rules choose its path, with :data:`APPLY_MIN_SIZE` (default 0) as the size threshold.
+:func:`flatten` packs a QH transform's state (``optax.flatten``'s layout) for a fused call
+with two state buffers instead of two per leaf. iALM's dual step calls its handler from
+:mod:`uniopt.adapters.jax.ialm` with these same pieces.
 """
 
 from __future__ import annotations

@@ -1062,6 +1062,57 @@ def interleave(steps: dict[str, Callable[[], object]], repeat: int, min_time: fl
     return samples, numbers
 
 
+def measure_ratios(cases: dict, ratios: list, n: int, repeat: int, min_time: float,
+                   layout: str = "model") -> dict:
+    """Median ms per step of every case (name -> builder) at size ``n`` and the medians of the
+    interleaved paired ``ratios`` (``(label, numerator, denominator)``)."""
+    data = Data.make(layout_sizes(n, layout))
+    steps = {name: build(data) for name, build in cases.items()}
+    samples, numbers = interleave(steps, repeat, min_time)
+    del steps
+    return {"n": n, "layout": layout, "repeat": repeat, "numbers": numbers,
+            "ms": {k: 1e3 * statistics.median(v) for k, v in samples.items()},
+            "ratios": {label: _median_ratio(samples[a], samples[b]) for label, a, b in ratios}}
+
+
+def ratio_script(argv, description: str, cases: dict, ratios: list, repeat: int,
+                 bytes_per_param: dict | None = None) -> None:
+    """The command line of the side-by-side ratio scripts (``python -m benchmarks.jax_ffi``...):
+    per size, the median ms of every case (and GB/s where ``bytes_per_param`` names the bytes a
+    case moves per float32 parameter), then the median paired ratios."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--sizes", type=lambda text: [int(float(x)) for x in text.split(",")],
+                        default=[10_000, 1_000_000, 10_000_000])
+    parser.add_argument("--layout", default="model", choices=("one", "model"))
+    parser.add_argument("--repeat", type=int, default=repeat)
+    parser.add_argument("--min-time", type=float, default=0.02)
+    parser.add_argument("--json", action="store_true", help="one JSON line per size")
+    parser.add_argument("--no-donate", action="store_true",
+                        help="jit the JAX steps without donating params and state")
+    args = parser.parse_args(argv)
+    global JAX_DONATE
+    JAX_DONATE = not args.no_donate
+    for n in args.sizes:
+        result = measure_ratios(cases, ratios, n, args.repeat, args.min_time, args.layout)
+        if args.json:
+            print(json.dumps(result), flush=True)
+            continue
+
+        def cell(k, ms):
+            if not bytes_per_param or k not in bytes_per_param:
+                return f"{k} {ms:.3f} ms"
+            gbs = bytes_per_param[k] * n / (ms * 1e-3) / 1e9
+            return f"{k} {ms:.3f} ms ({gbs:.1f} GB/s at {bytes_per_param[k]} B/param)"
+
+        print(f"n={n:.0e} ({args.layout}, {args.repeat} repeats"
+              f"{', not donated' if args.no_donate else ''}): "
+              + ", ".join(cell(k, v) for k, v in result["ms"].items()), flush=True)
+        for label, value in result["ratios"].items():
+            print(f"    {label}: {value:.3f}", flush=True)
+
+
 def medians(steps: dict[str, Callable[[], object]], repeat: int = 7, min_time: float = 0.05):
     """Median seconds per step of each step callable, measured interleaved."""
     samples, _ = interleave(steps, repeat, min_time)

@@ -24,8 +24,6 @@ fused/optax.adam, fused/torch QHAdam (kernel path) and the other paths' ratios. 
 times one tensor; ``--no-donate`` jits the JAX steps without donation.
 """
 
-import argparse
-import json
 import os
 import subprocess
 import sys
@@ -116,43 +114,11 @@ RATIOS = [("fused / optax.adam", "uniopt_jax_qhadam_fused", "optax_adam"),
 
 def measure(n: int, repeat: int, min_time: float, layout: str = "model") -> dict:
     """Median ms per step of every script contender and the median paired ratios at size ``n``."""
-    import statistics
-
-    data = contenders.Data.make(contenders.layout_sizes(n, layout))
-    steps = {name: build(data) for name, build in SCRIPT_CASES.items()}
-    samples, numbers = contenders.interleave(steps, repeat, min_time)
-    del steps
-    return {"n": n, "layout": layout, "repeat": repeat, "numbers": numbers,
-            "ms": {k: 1e3 * statistics.median(v) for k, v in samples.items()},
-            "ratios": {label: contenders._median_ratio(samples[a], samples[b])
-                       for label, a, b in RATIOS}}
-
-
-def _sizes(text: str) -> list[int]:
-    return [int(float(x)) for x in text.split(",")]
+    return contenders.measure_ratios(SCRIPT_CASES, RATIOS, n, repeat, min_time, layout)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=_sizes, default=[10_000, 1_000_000, 10_000_000])
-    parser.add_argument("--layout", default="model", choices=LAYOUTS)
-    parser.add_argument("--repeat", type=int, default=31)
-    parser.add_argument("--min-time", type=float, default=0.02)
-    parser.add_argument("--json", action="store_true", help="one JSON line per size")
-    parser.add_argument("--no-donate", action="store_true",
-                        help="jit the JAX steps without donating params and state")
-    args = parser.parse_args(argv)
-    contenders.JAX_DONATE = not args.no_donate
-    for n in args.sizes:
-        result = measure(n, args.repeat, args.min_time, args.layout)
-        if args.json:
-            print(json.dumps(result), flush=True)
-            continue
-        print(f"n={n:.0e} ({args.layout}, {args.repeat} repeats"
-              f"{', not donated' if args.no_donate else ''}): "
-              + ", ".join(f"{k} {v:.3f} ms" for k, v in result["ms"].items()), flush=True)
-        for label, value in result["ratios"].items():
-            print(f"    {label}: {value:.3f}", flush=True)
+    contenders.ratio_script(argv, __doc__.split("\n")[0], SCRIPT_CASES, RATIOS, repeat=31)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,6 @@ prints, per size (100 tensors, float32, one pinned CPU), the median ms per step 
 over interleaved repeats of fused/traced, fused/optax.polyak_sgd, fused/torch PolyakSGD.
 """
 
-import argparse
-import json
-import statistics
 
 from . import contenders
 from .common import LAYOUTS, SIZES, StepBenchmark
@@ -129,43 +126,12 @@ BYTES_PER_PARAM = {"uniopt_jax_polyak_fused": 16, "uniopt_jax_polyak_traced": 16
 
 def measure(n: int, repeat: int, min_time: float, layout: str = "model") -> dict:
     """Median ms per step of every script contender and the median paired ratios at size ``n``."""
-    data = contenders.Data.make(contenders.layout_sizes(n, layout))
-    steps = {name: build(data) for name, build in SCRIPT_CASES.items()}
-    samples, numbers = contenders.interleave(steps, repeat, min_time)
-    del steps
-    return {"n": n, "layout": layout, "repeat": repeat, "numbers": numbers,
-            "ms": {k: 1e3 * statistics.median(v) for k, v in samples.items()},
-            "ratios": {label: contenders._median_ratio(samples[a], samples[b])
-                       for label, a, b in RATIOS}}
-
-
-def _sizes(text: str) -> list[int]:
-    return [int(float(x)) for x in text.split(",")]
+    return contenders.measure_ratios(SCRIPT_CASES, RATIOS, n, repeat, min_time, layout)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=_sizes, default=[10_000, 1_000_000, 10_000_000])
-    parser.add_argument("--layout", default="model", choices=LAYOUTS)
-    parser.add_argument("--repeat", type=int, default=11)
-    parser.add_argument("--min-time", type=float, default=0.02)
-    parser.add_argument("--json", action="store_true", help="one JSON line per size")
-    parser.add_argument("--no-donate", action="store_true",
-                        help="jit the JAX steps without donating params and state")
-    args = parser.parse_args(argv)
-    contenders.JAX_DONATE = not args.no_donate
-    for n in args.sizes:
-        result = measure(n, args.repeat, args.min_time, args.layout)
-        if args.json:
-            print(json.dumps(result), flush=True)
-            continue
-        gbs = {k: BYTES_PER_PARAM[k] * n / (v * 1e-3) / 1e9 for k, v in result["ms"].items()}
-        print(f"n={n:.0e} ({args.layout}, {args.repeat} repeats"
-              f"{', not donated' if args.no_donate else ''}): "
-              + ", ".join(f"{k} {v:.3f} ms ({gbs[k]:.1f} GB/s at {BYTES_PER_PARAM[k]} B/param)"
-                          for k, v in result["ms"].items()), flush=True)
-        for label, value in result["ratios"].items():
-            print(f"    {label}: {value:.3f}", flush=True)
+    contenders.ratio_script(argv, __doc__.split("\n")[0], SCRIPT_CASES, RATIOS, repeat=11,
+                            bytes_per_param=BYTES_PER_PARAM)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,15 @@ import os
 if os.environ.get("UNIOPT_TEST_REAL_CUDA") != "1":
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
+import numba
 import numpy as np
 import pytest
+
+# Numba's thread count is read from the environment, or else from the CPU affinity, whenever
+# its configuration reloads (at compiles), and may not change once its threads run. Tests that
+# import a benchmark module or run the table may pin the process to one CPU and restore the
+# affinity afterwards: fix the count now so such a test cannot change it under the next one.
+os.environ.setdefault("NUMBA_NUM_THREADS", str(numba.config.NUMBA_NUM_THREADS))
 from fuzz_profiles import register as register_hypothesis_profiles
 from hypothesis import settings
 
@@ -22,6 +29,15 @@ def tolerance(dtype) -> dict:
     if np.dtype(dtype) == np.float32:
         return dict(rtol=2e-5, atol=1e-6)
     return dict(rtol=1e-12, atol=1e-14)
+
+
+@pytest.fixture
+def x64():
+    """float64 in JAX for one test (restored afterwards)."""
+    import jax
+
+    with jax.enable_x64(True):
+        yield
 
 
 @pytest.fixture

@@ -36,13 +36,6 @@ STEPS = 12
 LR_PRIMAL, MOMENTUM, LR_DUAL = 0.1, 0.5, 0.6
 
 
-@pytest.fixture
-def x64():
-    """float64 in JAX for one test."""
-    with jax.enable_x64(True):
-        yield
-
-
 # ----------------------------------------------------------------------------------------------
 # The problem, x in R^3: f(x) = sum((x - a)^2) + 0.1 sum(x^4) subject to
 #   g: G x - gr <= 0 (2 rows, dense; the primal side sees the proxy G x - gr + 0.1 sin(x[:2]))

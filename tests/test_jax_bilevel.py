@@ -27,13 +27,6 @@ from refimpl import naive_bilevel as nb
 TOL = 1e-10
 
 
-@pytest.fixture
-def x64():
-    """Enable float64 in JAX for one test (restored afterwards)."""
-    with jax.enable_x64(True):
-        yield
-
-
 # ----------------------------------------------------------------------------------------------
 # The problem, the objectives as the face sees them, the optax optimizers
 # ----------------------------------------------------------------------------------------------

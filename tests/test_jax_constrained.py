@@ -43,13 +43,6 @@ TOL = dict(rtol=1e-12, atol=1e-13)
 STEPS = 12
 
 
-@pytest.fixture
-def x64():
-    """Enable float64 in JAX for one test (restored afterwards)."""
-    with jax.enable_x64(True):
-        yield
-
-
 # ----------------------------------------------------------------------------------------------
 # The problem: x in R^3, f(x) = sum((x - a)^2) + 0.1 sum(x^4) (smooth, not quadratic), and one
 # linear constraint block R x - r (dense: 2 rows, all read; indexed: 5 rows, 3 sampled a step,

@@ -33,12 +33,6 @@ TARGETS = ("uniopt_qhadam", "uniopt_qhm")
 
 
 @pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
-@pytest.fixture
 def any_size(monkeypatch):
     """Let ``ffi=None`` take the FFI path for the small test problems."""
     monkeypatch.setattr(_ffi, "MIN_SIZE", 0)
@@ -372,8 +366,10 @@ def test_jitted_training_loop_with_donated_state(any_size):
 # ----------------------------------------------------------------------------------------------
 # Processes: nothing registered at import; a warm cache loads the handlers
 # ----------------------------------------------------------------------------------------------
-def run_python(code: str) -> dict:
-    env = dict(os.environ, UNIOPT_JAX_FFI_MIN_SIZE="0", UNIOPT_JAX_FFI_APPLY_MIN_SIZE="0")
+def run_python(code: str, **env) -> dict:
+    """Run ``code`` in a fresh interpreter (FFI size thresholds 0, then ``env``); the JSON of
+    its last line."""
+    env = dict(os.environ, UNIOPT_JAX_FFI_MIN_SIZE="0", UNIOPT_JAX_FFI_APPLY_MIN_SIZE="0", **env)
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                          text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -11,12 +11,8 @@ groups (equality and inequality, momentum heavy-ball and EMA, clamps that bind, 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import re
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -27,17 +23,12 @@ import jax.numpy as jnp
 import uniopt
 from uniopt.adapters.jax import _ffi, ialm
 from conftest import tolerance
+from test_jax_ffi import run_python
 from test_jax_ialm import (C_SEQ, CTOL, GROUPS, LOSS_SEQ, NAMES, PARITY, STEPS,
                            _ids, _init_for, make_numpy)
 
 TARGET = "uniopt_ialm"
 ialm_module = importlib.import_module("uniopt.adapters.jax.ialm")
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
 
 
 @pytest.fixture
@@ -500,14 +491,6 @@ def test_jitted_training_loop_with_donated_state_updates_in_place(any_size):
 # ----------------------------------------------------------------------------------------------
 # Processes: nothing registered at import; a warm cache loads the handler
 # ----------------------------------------------------------------------------------------------
-def run_python(code: str, **env) -> dict:
-    env = dict(os.environ, **env)
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                         text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_import_registers_nothing_until_first_use_and_the_env_threshold():
     result = run_python("""
         import json

@@ -11,11 +11,6 @@ read from the lowered module (the FFI target's name).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -33,6 +28,7 @@ from uniopt.kernels import polyak_cpu
 from uniopt.kernels import polyak_ffi
 from uniopt.rules import polyak as rules
 from conftest import tolerance
+from test_jax_ffi import run_python
 
 TARGET = "uniopt_polyak_apply"
 STEPS = 12
@@ -53,12 +49,6 @@ SETTINGS = {
     "sps": dict(max_learning_rate=5.0, variant="sps"),
     "solver_momentum": dict(f_min=0.005, eps=0.1, max_learning_rate=0.7, momentum=0.5),
 }
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
 
 
 @pytest.fixture
@@ -552,14 +542,6 @@ def test_training_loop_donated_in_place_without_retracing(any_size, momentum):
 # ----------------------------------------------------------------------------------------------
 # Processes: nothing registered at import; a warm cache loads the handler
 # ----------------------------------------------------------------------------------------------
-def run_python(code: str) -> dict:
-    env = dict(os.environ, UNIOPT_JAX_FFI_APPLY_MIN_SIZE="0")
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                         text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_import_registers_nothing_until_first_use():
     result = run_python("""
         import json

@@ -26,13 +26,6 @@ from refimpl.naive_ialm import EXTREME64, closed_form_step  # noqa: E402
 STEPS = 20
 
 
-@pytest.fixture
-def x64():
-    """Enable float64 in JAX for one test (restored afterwards)."""
-    with jax.enable_x64(True):
-        yield
-
-
 # ----------------------------------------------------------------------------------------------
 # Four groups: equality and inequality, unequal sizes (one 2-D), momentum (heavy-ball and EMA),
 # sigma > 1, clamps that bind (upper, the inequality's 0, a tight box), gamma/||d|| binding.

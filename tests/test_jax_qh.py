@@ -33,13 +33,6 @@ from refimpl.naive_qh import NaiveQHAdam, NaiveQHM  # noqa: E402
 STEPS = 25
 
 
-@pytest.fixture
-def x64():
-    """Enable float64 in JAX for one test (restored afterwards)."""
-    with jax.enable_x64(True):
-        yield
-
-
 # ----------------------------------------------------------------------------------------------
 # A small problem: a dict of parameters with an elementwise, parameter-dependent gradient
 # ----------------------------------------------------------------------------------------------

@@ -30,8 +30,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-jax.config.update("jax_enable_x64", True)
-
 from uniopt.adapters import jax as ujax  # noqa: E402
 from uniopt.adapters import torch as utorch  # noqa: E402
 from uniopt.adapters.jax import constrained as jcon  # noqa: E402
@@ -39,6 +37,16 @@ from uniopt.adapters.jax.polyak import PolyakSGD as JaxPolyakSGD  # noqa: E402
 from uniopt.adapters.jax.polyak import polyak_sgd  # noqa: E402
 from uniopt.adapters.torch import constrained as tcon  # noqa: E402
 from uniopt.adapters.torch.dual_optim import iALM as DualOptimIALM  # noqa: E402
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _x64():
+    """float64 in JAX for this module only (a module-level config update leaked into every
+    test file a pytest-xdist worker collects)."""
+    with jax.enable_x64(True):
+        yield
+
 
 N = 5
 RNG = np.random.default_rng(11)

@@ -177,7 +177,7 @@ def test_packed_under_grad_and_vmap_takes_the_traced_path():
         d_theirs = jax.grad(lambda c: loss(c, theirs, pair))(1.5)
         np.testing.assert_allclose(d_ours, d_theirs, **tolerance(np.float32))
         assert float(d_ours) != 0.0
-    scales = jnp.array([0.5, 1.0, 2.0])
+    scales = jnp.array([0.5, 1.0, 2.0], jnp.float32)
     batched = jax.jit(jax.vmap(lambda c: loss(c, ours, ujax.update_and_apply)))(scales)
     want = [loss(c, theirs, pair) for c in scales]
     np.testing.assert_allclose(batched, want, **tolerance(np.float32))

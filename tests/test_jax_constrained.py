@@ -814,6 +814,8 @@ BAD = [
      r"Invalid init: shape \(2,\) is inconsistent with num_constraints=3"),
     (lambda: DenseMultiplier(init=np.array([1.0, np.nan])), ValueError, r"Invalid init: not every"),
     (lambda: DenseMultiplier(init="abc"), TypeError, r"Invalid init: 'abc'"),
+    (lambda: IndexedMultiplier(init=[]), ValueError,
+     r"Invalid init: shape \(0,\) \(an IndexedMultiplier needs at least one row"),
     (lambda: DenseMultiplier(2, dtype=jnp.int32), TypeError, r"Invalid dtype: .*int32"),
     (lambda: DenseMultiplier(init=np.array([-1.0, 0.0]),
                              constraint_type=ConstraintType.INEQUALITY), ValueError,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import uniopt
 from uniopt.adapters.jax import _ffi, ialm
 from conftest import tolerance
-from test_jax_ffi import run_python
+from test_jax_ffi import run_python, ulps
 from test_jax_ialm import (C_SEQ, CTOL, GROUPS, LOSS_SEQ, NAMES, PARITY, STEPS,
                            _ids, _init_for, make_numpy)
 
@@ -40,16 +40,6 @@ def any_size(monkeypatch):
 def ffi_calls(fn, *args) -> int:
     """How many custom calls to our target jit(fn)(*args) lowers to."""
     return len(re.findall(rf"custom_call @{TARGET}\b", jax.jit(fn).lower(*args).as_text()))
-
-
-def ulps(a, b):
-    """Distance in float32 units in the last place."""
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    ia = a.view(np.int32).astype(np.int64)
-    ib = b.view(np.int32).astype(np.int64)
-    ia = np.where(ia < 0, np.int64(-2**31) - ia, ia)  # monotone integer order
-    ib = np.where(ib < 0, np.int64(-2**31) - ib, ib)
-    return np.abs(ia - ib)
 
 
 def make_jax(dtype, penalty, ctol, ffi):

@@ -361,7 +361,7 @@ class IndexedMultiplier(Multiplier):
     gradient of Cooper's ``IndexedMultiplier``), so a dual step moves only the sampled rows.
     The weight is 1-D (Cooper keeps an ``(m, 1)`` table).
 
-    Args: as :class:`DenseMultiplier`.
+    Args: as :class:`DenseMultiplier`; an empty ``init`` is a ValueError (no row to index).
 
     Example:
       >>> import jax.numpy as jnp
@@ -372,6 +372,13 @@ class IndexedMultiplier(Multiplier):
     """
 
     expects_constraint_features = True
+
+    def __init__(self, num_constraints: Optional[int] = None, init: Any = None, *,
+                 dtype: Any = None, constraint_type: Optional[ConstraintType] = None) -> None:
+        super().__init__(num_constraints, init, dtype=dtype, constraint_type=constraint_type)
+        if self.weight.shape[0] == 0:  # every index would be out of range (found by the fuzz)
+            raise ValueError(f"Invalid init: shape {tuple(self.weight.shape)} (an "
+                             f"IndexedMultiplier needs at least one row to index)")
 
     def value(self, indices: Any = None):
         """The multipliers at the integer ``indices``."""

@@ -36,9 +36,11 @@ import numba
 from numba import types
 from numba.extending import intrinsic
 
+from ._pointers import view
+
 __all__ = ["API_MAJOR", "API_MINOR", "F32", "F64", "frame_address", "answer_metadata",
            "arg_buffer", "ret_buffer", "n_args", "n_rets", "buffer_dtype", "buffer_data",
-           "buffer_size", "load_i64"]
+           "buffer_size", "load_i64", "arg_array", "ret_array"]
 
 API_MAJOR = 0  # XLA_FFI_API_MAJOR of the header the layouts come from
 API_MINOR = 3  # XLA_FFI_API_MINOR
@@ -170,3 +172,17 @@ def buffer_size(buffer):
     for r in range(rank):
         n *= load_i64(dims + 8 * r)
     return n
+
+
+@_inline
+def arg_array(frame, like, k):
+    """Argument ``k`` as a flat array of ``like``'s dtype (its element count)."""
+    buffer = arg_buffer(frame, k)
+    return view(buffer_data(buffer), buffer_size(buffer), like)
+
+
+@_inline
+def ret_array(frame, like, k):
+    """Result ``k`` as a flat array of ``like``'s dtype (its element count)."""
+    buffer = ret_buffer(frame, k)
+    return view(buffer_data(buffer), buffer_size(buffer), like)

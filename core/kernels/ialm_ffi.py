@@ -78,18 +78,6 @@ def settings_row(momentum: float, one_minus_dampening: float, lower: float, uppe
 
 
 @numba.njit(inline="always")
-def _ret(frame, like, k):
-    buffer = ffi.ret_buffer(frame, k)
-    return view(ffi.buffer_data(buffer), ffi.buffer_size(buffer), like)
-
-
-@numba.njit(inline="always")
-def _arg(frame, like, k):
-    buffer = ffi.arg_buffer(frame, k)
-    return view(ffi.buffer_data(buffer), ffi.buffer_size(buffer), like)
-
-
-@numba.njit(inline="always")
 def _layout_ok(frame, groups, dtype):
     """Every buffer of the frame has the dtype and size the contract says."""
     settings = ffi.arg_buffer(frame, 0)
@@ -115,10 +103,10 @@ def _layout_ok(frame, groups, dtype):
 def _groups(frame, like, groups):
     """The dual step of every group (layout checked), ``like`` a witness of the groups' dtype."""
     settings = view(ffi.buffer_data(ffi.arg_buffer(frame, 0)), SETTINGS * groups, _F64)
-    beta = _arg(frame, like, 1)
-    steps = _ret(frame, like, 2 * groups)
+    beta = ffi.arg_array(frame, like, 1)
+    steps = ffi.ret_array(frame, like, 2 * groups)
     for k in range(1, groups):  # read-only: a later group must not fail after group 0 stepped
-        if not all_finite(_arg(frame, like, 2 + k)):
+        if not all_finite(ffi.arg_array(frame, like, 2 + k)):
             return
     coef = np.empty(6, like.dtype)
     hyper = np.empty(2, np.float64)
@@ -132,8 +120,8 @@ def _groups(frame, like, groups):
         hyper[1] = row[5]
         flags[0] = 1 if row[6] != 0 else 0
         flags[1] = 1 if row[7] != 0 else 0
-        c = _arg(frame, like, 2 + k)
-        out = ialm_dual_step_(_ret(frame, like, k), _ret(frame, like, groups + k), c, coef,
+        c = ffi.arg_array(frame, like, 2 + k)
+        out = ialm_dual_step_(ffi.ret_array(frame, like, k), ffi.ret_array(frame, like, groups + k), c, coef,
                               hyper, flags)
         if out[1] != out[1]:  # NaN: the kernel wrote nothing for this group
             if k == 0 and not all_finite(c):

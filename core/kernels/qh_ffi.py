@@ -220,26 +220,13 @@ def qhm_apply_leaf_(p, g, buf, c, mode):
 
 
 @numba.njit(inline="always")
-def _leaf(frame, like, k):
-    """Result ``k`` as a flat array of ``like``'s dtype."""
-    buffer = ffi.ret_buffer(frame, k)
-    return view(ffi.buffer_data(buffer), ffi.buffer_size(buffer), like)
-
-
-@numba.njit(inline="always")
-def _arg(frame, like, k):
-    buffer = ffi.arg_buffer(frame, k)
-    return view(ffi.buffer_data(buffer), ffi.buffer_size(buffer), like)
-
-
-@numba.njit(inline="always")
 def _qhadam_leaves(frame, c, n_leaves, mode):
     with_p = mode != PLAIN
     for t in range(n_leaves):
-        g = _arg(frame, c, 1 + t)
-        p = _arg(frame, c, 1 + n_leaves + t) if with_p else g
-        u = _leaf(frame, c, t)
-        m, v = _leaf(frame, c, n_leaves + t), _leaf(frame, c, 2 * n_leaves + t)
+        g = ffi.arg_array(frame, c, 1 + t)
+        p = ffi.arg_array(frame, c, 1 + n_leaves + t) if with_p else g
+        u = ffi.ret_array(frame, c, t)
+        m, v = ffi.ret_array(frame, c, n_leaves + t), ffi.ret_array(frame, c, 2 * n_leaves + t)
         if u.ctypes.data == g.ctypes.data:
             qhadam_leaf_over_grad_(u, p if with_p else u, m, v, c, mode)
         else:
@@ -253,9 +240,9 @@ def _qhm_leaves(frame, c, n_leaves):
     if ffi.n_args(frame) != 1 + n_leaves * (3 if with_p else 2):
         return
     for t in range(n_leaves):
-        g = _arg(frame, c, 1 + t)
-        p = _arg(frame, c, 1 + n_leaves + t) if with_p else g
-        u, buf = _leaf(frame, c, t), _leaf(frame, c, n_leaves + t)
+        g = ffi.arg_array(frame, c, 1 + t)
+        p = ffi.arg_array(frame, c, 1 + n_leaves + t) if with_p else g
+        u, buf = ffi.ret_array(frame, c, t), ffi.ret_array(frame, c, n_leaves + t)
         if u.ctypes.data == g.ctypes.data:
             qhm_leaf_over_grad_(u, p if with_p else u, buf, c, mode)
         else:
@@ -265,9 +252,9 @@ def _qhm_leaves(frame, c, n_leaves):
 @numba.njit(inline="always")
 def _qhadam_apply_leaves(frame, c, n_leaves, mode):
     for t in range(n_leaves):
-        g = _arg(frame, c, 1 + t)
-        p, m = _leaf(frame, c, t), _leaf(frame, c, n_leaves + t)
-        v = _leaf(frame, c, 2 * n_leaves + t)
+        g = ffi.arg_array(frame, c, 1 + t)
+        p, m = ffi.ret_array(frame, c, t), ffi.ret_array(frame, c, n_leaves + t)
+        v = ffi.ret_array(frame, c, 2 * n_leaves + t)
         qhadam_apply_leaf_(p, g, m, v, c, mode)
 
 
@@ -277,7 +264,7 @@ def _qhm_apply_leaves(frame, c, n_leaves):
         return
     mode = int(c[0])
     for t in range(n_leaves):
-        qhm_apply_leaf_(_leaf(frame, c, t), _arg(frame, c, 1 + t), _leaf(frame, c, n_leaves + t),
+        qhm_apply_leaf_(ffi.ret_array(frame, c, t), ffi.arg_array(frame, c, 1 + t), ffi.ret_array(frame, c, n_leaves + t),
                         c, mode)
 
 
@@ -310,10 +297,10 @@ def _qhadam_packed_leaves(frame, c, n_leaves, mode):
         return
     offset = 0
     for t in range(n_leaves):
-        p = _leaf(frame, c, t)
+        p = ffi.ret_array(frame, c, t)
         m = _field_slice(frame, c, n_leaves, offset, p.size)
         v = _field_slice(frame, c, n_leaves + 1, offset, p.size)
-        qhadam_apply_leaf_(p, _arg(frame, c, 1 + t), m, v, c, mode)
+        qhadam_apply_leaf_(p, ffi.arg_array(frame, c, 1 + t), m, v, c, mode)
         offset += p.size
 
 
@@ -324,8 +311,8 @@ def _qhm_packed_leaves(frame, c, n_leaves):
     mode = int(c[0])
     offset = 0
     for t in range(n_leaves):
-        p = _leaf(frame, c, t)
-        qhm_apply_leaf_(p, _arg(frame, c, 1 + t), _field_slice(frame, c, n_leaves, offset, p.size),
+        p = ffi.ret_array(frame, c, t)
+        qhm_apply_leaf_(p, ffi.arg_array(frame, c, 1 + t), _field_slice(frame, c, n_leaves, offset, p.size),
                         c, mode)
         offset += p.size
 

@@ -37,11 +37,12 @@ SOLVER_PROBLEMS = list(contenders.SOLVER_PROBLEMS)
 SOLVER_MODES = list(contenders.SOLVER_MODES)
 
 
-def build(case: str, n: int, layout: str):
-    """A warmed-up step callable of contender ``case``; NotImplementedError (asv: skipped)
-    when its framework or adapter is missing."""
+def build(case: str, n: int, layout: str, cases: dict | None = None):
+    """A warmed-up step callable of contender ``case`` (of ``cases``, default
+    ``contenders.CASES``); NotImplementedError (asv: skipped) when its framework or adapter is
+    missing."""
     try:
-        return contenders.build(case, n, layout)
+        return contenders.build(case, n, layout, cases=cases)
     except contenders.Unavailable as exc:
         raise NotImplementedError(str(exc)) from exc
 
@@ -70,9 +71,11 @@ class StepBenchmark(abc.ABC):
     params = [SIZES, LAYOUTS]
     param_names = ["n", "layout"]
     timeout = 600  # a JAX jit of 100 leaves takes seconds to compile, twice per round
+    #: the builders ``case`` is looked up in (None: ``contenders.CASES``)
+    cases: dict | None = None
 
     def setup(self, n, layout):
-        self.step = build(self.case, n, layout)
+        self.step = build(self.case, n, layout, self.cases)
 
     def teardown(self, n, layout):
         self.step = None

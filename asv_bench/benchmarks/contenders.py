@@ -424,11 +424,13 @@ CASES: dict[str, Callable[[Data], Callable[[], object]]] = {
 }
 
 
-def build(name: str, n: int, layout: str, seed: int = 0, data: Data | None = None):
-    """A warmed-up step callable of contender ``name`` on ``layout_sizes(n, layout)``."""
+def build(name: str, n: int, layout: str, seed: int = 0, data: Data | None = None,
+          cases: dict | None = None):
+    """A warmed-up step callable of contender ``name`` (a key of ``cases``, default
+    :data:`CASES`) on ``layout_sizes(n, layout)``."""
     if data is None:
         data = Data.make(layout_sizes(n, layout), seed)
-    return CASES[name](data)
+    return (CASES if cases is None else cases)[name](data)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import subprocess
 import sys
 
 from . import contenders
-from .common import LAYOUTS, SIZES, StepBenchmark
+from .common import StepBenchmark
 
 
 #: The FFI benchmark's contenders (the others come from ``contenders.CASES``).
@@ -40,14 +40,7 @@ CASES = {"uniopt_jax_qhadam_fused": contenders.CASES["uniopt_jax_qhadam_fused"],
 
 
 class _FFIStep(StepBenchmark):
-    params = [SIZES, LAYOUTS]
-
-    def setup(self, n, layout):
-        data = contenders.Data.make(contenders.layout_sizes(n, layout))
-        try:
-            self.step = CASES[self.case](data)
-        except contenders.Unavailable as exc:
-            raise NotImplementedError(str(exc)) from exc
+    cases = CASES
 
 
 class UnioptQHAdamFused(_FFIStep):

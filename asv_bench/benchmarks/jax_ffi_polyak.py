@@ -27,7 +27,7 @@ over interleaved repeats of fused/traced, fused/optax.polyak_sgd, fused/torch Po
 
 
 from . import contenders
-from .common import LAYOUTS, SIZES, StepBenchmark
+from .common import StepBenchmark
 
 
 def _loss(data) -> float:
@@ -81,14 +81,7 @@ CASES = {"uniopt_jax_polyak_fused": _uniopt_jax_polyak(True, True),
 
 
 class _FFIStep(StepBenchmark):
-    params = [SIZES, LAYOUTS]
-
-    def setup(self, n, layout):
-        data = contenders.Data.make(contenders.layout_sizes(n, layout))
-        try:
-            self.step = CASES[self.case](data)
-        except contenders.Unavailable as exc:
-            raise NotImplementedError(str(exc)) from exc
+    cases = CASES
 
 
 class UnioptPolyakFused(_FFIStep):

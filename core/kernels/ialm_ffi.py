@@ -121,8 +121,8 @@ def _groups(frame, like, groups):
         flags[0] = 1 if row[6] != 0 else 0
         flags[1] = 1 if row[7] != 0 else 0
         c = ffi.arg_array(frame, like, 2 + k)
-        out = ialm_dual_step_(ffi.ret_array(frame, like, k), ffi.ret_array(frame, like, groups + k), c, coef,
-                              hyper, flags)
+        out = ialm_dual_step_(ffi.ret_array(frame, like, k),
+                              ffi.ret_array(frame, like, groups + k), c, coef, hyper, flags)
         if out[1] != out[1]:  # NaN: the kernel wrote nothing for this group
             if k == 0 and not all_finite(c):
                 return  # a non-finite constraint value: the whole step is skipped

@@ -129,9 +129,9 @@ def _apply(frame, h, g_addrs, sizes, n_leaves, velocity, like):
     for t in range(n_leaves):
         n = sizes[t]
         g = view(g_addrs[t], n, like)
-        p = view(ffi.buffer_data(ffi.ret_buffer(frame, t)), n, like)
+        p = ffi.ret_array(frame, like, t)  # (the layout check: n elements, as g)
         if velocity:
-            v = view(ffi.buffer_data(ffi.ret_buffer(frame, n_leaves + t)), n, like)
+            v = ffi.ret_array(frame, like, n_leaves + t)
             polyak_heavy_ball_apply_leaf_(p, g, v, c)
         else:
             polyak_apply_leaf_(p, g, c)

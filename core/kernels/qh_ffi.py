@@ -264,8 +264,8 @@ def _qhm_apply_leaves(frame, c, n_leaves):
         return
     mode = int(c[0])
     for t in range(n_leaves):
-        qhm_apply_leaf_(ffi.ret_array(frame, c, t), ffi.arg_array(frame, c, 1 + t), ffi.ret_array(frame, c, n_leaves + t),
-                        c, mode)
+        qhm_apply_leaf_(ffi.ret_array(frame, c, t), ffi.arg_array(frame, c, 1 + t),
+                        ffi.ret_array(frame, c, n_leaves + t), c, mode)
 
 
 @numba.njit(inline="always")
@@ -312,8 +312,8 @@ def _qhm_packed_leaves(frame, c, n_leaves):
     offset = 0
     for t in range(n_leaves):
         p = ffi.ret_array(frame, c, t)
-        qhm_apply_leaf_(p, ffi.arg_array(frame, c, 1 + t), _field_slice(frame, c, n_leaves, offset, p.size),
-                        c, mode)
+        qhm_apply_leaf_(p, ffi.arg_array(frame, c, 1 + t),
+                        _field_slice(frame, c, n_leaves, offset, p.size), c, mode)
         offset += p.size
 
 

@@ -449,6 +449,8 @@ def test_asv_contenders_step_and_agree(monkeypatch):
     for a, b, p0 in zip(ffi_params, traced_params, data.params):
         np.testing.assert_allclose(a, b, **tolerance(np.float32))
         assert not np.array_equal(np.asarray(a), p0)  # the step moved the parameters
+    for a, p0 in zip(results["jax_floor"][0], data.params):  # the floor computes nothing
+        np.testing.assert_array_equal(np.asarray(a), p0)
 
 
 # ----------------------------------------------------------------------------------------------

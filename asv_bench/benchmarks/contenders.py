@@ -268,9 +268,11 @@ def _build_qhoptim_qhm(data):
 JAX_DONATE = True
 
 
-def _jax_step(make_transform: Callable, data: Data, fused: bool = False) -> Callable[[], object]:
+def _jax_step(make_transform: Callable, data: Data, fused: bool = False,
+              identity: bool = False) -> Callable[[], object]:
     """A jitted step with donated params and state: ``update`` + ``apply_updates``, or
-    (``fused``) ``uniopt.adapters.jax.update_and_apply``."""
+    (``fused``) ``uniopt.adapters.jax.update_and_apply``, or (``identity``) nothing: the
+    params and state returned as they came (JAX's own cost of a call over these buffers)."""
     jax, optax = _import_jax()
     import jax.numpy as jnp
 
@@ -282,6 +284,8 @@ def _jax_step(make_transform: Callable, data: Data, fused: bool = False) -> Call
     state = jax.tree.map(lambda x: jnp.array(x, copy=True), tx.init(params))
 
     def update(params, state, grads):
+        if identity:
+            return params, state
         if fused:
             from uniopt.adapters.jax import update_and_apply
 
@@ -300,9 +304,10 @@ def _jax_step(make_transform: Callable, data: Data, fused: bool = False) -> Call
     return step
 
 
-def _uniopt_jax_qhadam_builder(ffi=None, fused=False, packed=False):
+def _uniopt_jax_qhadam_builder(ffi=None, fused=False, packed=False, identity=False):
     """A builder of uniopt's JAX qhadam step: ``update`` + ``apply_updates`` (``fused``:
-    ``update_and_apply``; ``packed``: of ``flatten(qhadam(...))``)."""
+    ``update_and_apply``; ``packed``: of ``flatten(qhadam(...))``; ``identity``: a jitted
+    call over the same buffers that computes nothing)."""
 
     def build(data):
         _import_jax()
@@ -318,7 +323,7 @@ def _uniopt_jax_qhadam_builder(ffi=None, fused=False, packed=False):
             tx = ujax.qhadam(lr, ffi=ffi, **kw)
             return ujax.flatten(tx) if packed else tx
 
-        return _jax_step(make, data, fused=fused)
+        return _jax_step(make, data, fused=fused, identity=identity)
 
     return build
 
@@ -326,6 +331,21 @@ def _uniopt_jax_qhadam_builder(ffi=None, fused=False, packed=False):
 _build_uniopt_jax_qhadam = _uniopt_jax_qhadam_builder()
 _build_uniopt_jax_qhadam_fused = _uniopt_jax_qhadam_builder(ffi=True, fused=True)
 _build_uniopt_jax_qhadam_packed = _uniopt_jax_qhadam_builder(ffi=True, fused=True, packed=True)
+
+
+def _build_jax_floor(data):
+    """The least time of a jitted JAX step over the packed step's buffers: the 28 B/param sweep
+    at stream speed (``stream``), then a jitted call over the same donated params and packed
+    state and the same gradients that computes nothing (JAX's own cost per call; after the
+    sweep, with cold caches, as in a real step)."""
+    sweep = _build_stream(data)
+    call = _uniopt_jax_qhadam_builder(ffi=True, fused=True, packed=True, identity=True)(data)
+
+    def step():
+        sweep()
+        return call()
+
+    return step
 
 
 def _build_optax_adam(data):

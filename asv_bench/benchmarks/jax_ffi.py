@@ -10,7 +10,10 @@ thread: the process is pinned to one CPU by ``common``); only the path differs:
   fused call over packed state (``optax.flatten``'s layout: 2 state buffers, not 200);
 * ``uniopt_jax_qhadam_ffi``: ``update`` + ``apply_updates`` with ``ffi=True`` (the update-only
   call writes the updates, XLA reads them back: 44-48 B/param);
-* ``uniopt_jax_qhadam_traced``: ``ffi=False``, the ``jax.numpy`` expression XLA compiles.
+* ``uniopt_jax_qhadam_traced``: ``ffi=False``, the ``jax.numpy`` expression XLA compiles;
+* ``jax_floor``: the floor of any jitted step over the packed step's buffers: the 28 B/param
+  sweep at stream speed, then a jitted call over the same donated params and state and the same
+  gradients that computes nothing (JAX's own cost per call, with the caches the sweep left).
 
 ``track_handler_compile`` is the cost of compiling the handlers in a fresh process with the
 on-disk cache off.
@@ -36,7 +39,8 @@ from .common import StepBenchmark
 CASES = {"uniopt_jax_qhadam_fused": contenders.CASES["uniopt_jax_qhadam_fused"],
          "uniopt_jax_qhadam_packed": contenders.CASES["uniopt_jax_qhadam_packed"],
          "uniopt_jax_qhadam_ffi": contenders._uniopt_jax_qhadam_builder(ffi=True),
-         "uniopt_jax_qhadam_traced": contenders._uniopt_jax_qhadam_builder(ffi=False)}
+         "uniopt_jax_qhadam_traced": contenders._uniopt_jax_qhadam_builder(ffi=False),
+         "jax_floor": contenders._build_jax_floor}
 
 
 class _FFIStep(StepBenchmark):
@@ -65,6 +69,13 @@ class UnioptQHAdamTraced(_FFIStep):
     """uniopt.adapters.jax.qhadam(ffi=False), nus=(0.7, 1.0)."""
 
     case = "uniopt_jax_qhadam_traced"
+
+
+class JAXFloor(_FFIStep):
+    """The stream sweep then a jitted call that computes nothing over the packed step's
+    buffers."""
+
+    case = "jax_floor"
 
 
 class HandlerCompile:
@@ -100,6 +111,8 @@ RATIOS = [("fused / optax.adam", "uniopt_jax_qhadam_fused", "optax_adam"),
           ("packed / optax.adam", "uniopt_jax_qhadam_packed", "optax_adam"),
           ("packed / torch QHAdam", "uniopt_jax_qhadam_packed", "uniopt_torch_qhadam"),
           ("stream / optax.adam", "stream", "optax_adam"),
+          ("JAX floor / optax.adam", "jax_floor", "optax_adam"),
+          ("packed / JAX floor", "uniopt_jax_qhadam_packed", "jax_floor"),
           ("fused / traced", "uniopt_jax_qhadam_fused", "uniopt_jax_qhadam_traced"),
           ("update FFI / optax.adam", "uniopt_jax_qhadam_ffi", "optax_adam"),
           ("traced / optax.adam", "uniopt_jax_qhadam_traced", "optax_adam")]

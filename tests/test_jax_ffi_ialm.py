@@ -284,6 +284,33 @@ def test_one_non_finite_group_moves_nothing_and_counts_as_traced(x64, where, bad
                                                           np.asarray(skipped.duals[0]))
 
 
+@pytest.mark.parametrize("k", [0, 2], ids=["first group", "last group"])
+def test_an_overflowed_momentum_direction_skips_the_whole_step_on_both_paths(x64, k):
+    """Finite constraints whose momentum direction overflows (a buffer near float64's range):
+    the NumPy core raises and changes nothing; both JAX paths skip the whole step, counted."""
+    good = [jnp.array([0.5, -1.0]), jnp.array([2.0, 0.25, 3.0]), jnp.array([0.3])]
+    huge = [jnp.full(x.shape, 1.5e308) for x in good]
+    c = list(good)
+    c[k] = huge[k]  # finite, but 0.5 b + c (group 0) and 0.9 b + c (group 2) overflow
+    for ffi in (True, False):
+        t = ialm(beta=1.0, sigma=2.0, momentum=[0.5, 0.0, 0.9], is_ineq=[False, True, False],
+                 dual_range=(-5.0, 5.0), ffi=ffi)
+        update = jax.jit(t.update)
+        state = update(good, update(good, t.init(good)))
+        buffers = list(state.momentum_buffer)
+        buffers[k] = huge[k]
+        state = state._replace(momentum_buffer=buffers)
+        assert ffi_calls(t.update, c, state) == (1 if ffi else 0)
+        skipped = update(c, state)
+        for field in ("duals", "momentum_buffer", "beta", "stepsize", "count"):
+            for old, new in zip(jax.tree.leaves(getattr(state, field)),
+                                jax.tree.leaves(getattr(skipped, field))):
+                assert np.asarray(old).tobytes() == np.asarray(new).tobytes(), (ffi, field)
+        assert not bool(skipped.last_finite) and int(skipped.notfinite_count) == 1, ffi
+        assert int(skipped.total_notfinite) == 1 and int(skipped.count) == 2, ffi
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(skipped.duals))
+
+
 def test_a_frame_of_unknown_layout_leaves_every_buffer_untouched(x64):
     """Settings one group short: the handler returns without writing (results = inputs)."""
     name = _ffi.ensure_registered("ialm")

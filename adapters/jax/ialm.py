@@ -83,8 +83,8 @@ class IALMState(NamedTuple):
         (0-d; 0 before the first update and for a zero direction).
       count: the number of updates so far (int32; skipped updates not counted).
       notfinite_count: the number of consecutive updates skipped because some constraint
-        value was not finite (int32; 0 again after an update with finite values), as in
-        :func:`optax.apply_if_finite`.
+        value (or some group's momentum direction) was not finite (int32; 0 again after an
+        update with finite values), as in :func:`optax.apply_if_finite`.
       last_finite: whether the constraint values of the last update were all finite.
       total_notfinite: the number of updates skipped so far (int32).
     """
@@ -258,7 +258,9 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
       The norm :math:`\|d_k\|` is overflow-safe (scaled by a power of two near
       :math:`\max|d_i|`, as BLAS ``nrm2``; the same bits as the plain norm wherever that one
       neither overflows nor underflows). A step whose constraint values are not all finite
-      (in any group) is skipped as a whole, as :func:`optax.apply_if_finite` does: every
+      (in any group), or whose momentum direction :math:`\mu b + (1 - \delta) c` is not (a
+      buffer near the dtype's range), is skipped as a whole, as
+      :func:`optax.apply_if_finite` does: every
       multiplier, buffer, ``beta`` and ``stepsize`` stays, ``count`` too, and
       ``notfinite_count`` / ``total_notfinite`` count it (``last_finite`` is False); traced,
       so it works under ``jit`` and ``vmap`` (each problem of a batch decides for itself).
@@ -461,6 +463,9 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
             # the norm scaled by a power of two near max |d| (as BLAS nrm2): no overflow or
             # underflow, and bit for bit the plain sqrt(sum d**2) wherever that has neither
             amax = jax.lax.stop_gradient(jnp.max(jnp.abs(d), initial=0))
+            # finite constraints whose momentum direction overflowed skip the step too (the
+            # NumPy core and torch raise there, changing nothing)
+            finite = finite & jnp.isfinite(amax)
             info = jnp.finfo(d.dtype)  # s and 1/s normal numbers of the dtype
             scale = _rules.norm_scale(amax, info.minexp + 1, info.maxexp - 3)
             unit = d / scale  # exact
@@ -474,8 +479,8 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
             duals.append(_rules.dual_update(lam, unit, unit_step, g.lower, g.upper))
             buffers.append(buf)
             steps.append(step)
-        # a step with a non-finite constraint value (in any group) changes no multiplier,
-        # buffer or step size (nor beta: see update), as optax.apply_if_finite does
+        # a step with a non-finite constraint value or direction (in any group) changes no
+        # multiplier, buffer or step size (nor beta: see update), as optax.apply_if_finite does
         keep = [jnp.where(finite, new, old) for new, old in
                 zip(duals + buffers + steps, lams + bufs + old_steps)]
         n = len(duals)

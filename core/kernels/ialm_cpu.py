@@ -202,21 +202,21 @@ _scaled_norm = _jit.elementwise(_scaled_norm)
 _momentum_sq_sum = _jit.elementwise(_momentum_sq_sum)
 
 
-def _dual_step(dual, buffer, c, coef, hyper, flags):
-    """The body of :func:`ialm_dual_step_`; returns ``(sq_norm, stepsize, norm)``.
+def _dual_norm(buffer, c, coef, hyper, flags):
+    """Pass 1 of :func:`ialm_dual_step_`, read-only: ``(sq_norm, stepsize, norm)`` of the
+    group's direction (``(nan, nan, nan)`` for a direction that is not finite).
 
-    Pass 1 is read-only (:func:`_momentum_sq_sum`, or :func:`_direction_block`: the direction
-    into work blocks in L1, one array stored per loop, which keeps LLVM's vectoriser on). Pass 2 writes, block by block:
-    the filtered constraints into the work block, then in one loop the momentum buffer (the
-    values pass 1 computed, bit for bit) and the multipliers from it (measured: faster than
-    two loops, the buffer and constraints being read once).
+    The direction goes into work blocks in L1 (:func:`_direction_block`, one array stored per
+    loop, which keeps LLVM's vectoriser on), or with momentum and no ``ctol`` is squared where
+    it is made (:func:`_momentum_sq_sum`); the overflow-safe route when the sum is not in
+    ``[SMALL_SQ, inf)``.
     """
-    n = dual.size
-    momentum, keep, lower, upper, ctol = coef[0], coef[1], coef[2], coef[3], coef[4]
+    n = c.size
+    momentum, keep, ctol = coef[0], coef[1], coef[4]
     use_momentum, is_ineq = flags[0] != 0, flags[1] != 0
     lanes = np.empty(LANES, dtype=np.float64)
-    work = np.empty(BLOCK, dtype=dual.dtype)
-    spare = np.empty(BLOCK if use_momentum else 0, dtype=dual.dtype)
+    work = np.empty(BLOCK, dtype=c.dtype)
+    spare = np.empty(BLOCK if use_momentum else 0, dtype=c.dtype)
     total = np.float64(0)
     compensation = np.float64(0)
     use_ctol = ctol >= 0  # coefficients() passes ctol = 0 as -1: no filter
@@ -231,16 +231,26 @@ def _dual_step(dual, buffer, c, coef, hyper, flags):
         total, compensation = _neumaier_add(total, compensation, block_sum)
     sq_norm = total + compensation
     if sq_norm >= SMALL_SQ and sq_norm < np.inf:  # the common case: no over/underflow
-        stepsize = _dual_stepsize(hyper[0], hyper[1], sq_norm)
-        norm = math.sqrt(sq_norm)
-    else:  # overflow, underflow, a zero or a non-finite direction
-        scale, sq_scaled = _scaled_norm(buffer, c, work, spare, lanes, momentum, keep, ctol,
-                                        use_momentum, is_ineq, use_ctol)
-        if not sq_scaled < np.inf:  # NaN: a direction that is not finite; nothing written
-            return np.nan, np.nan, np.nan
-        stepsize = _scaled_dual_stepsize(hyper[0], hyper[1], scale, sq_scaled)
-        norm = scale * math.sqrt(sq_scaled)
-        sq_norm = norm * norm
+        return sq_norm, _dual_stepsize(hyper[0], hyper[1], sq_norm), math.sqrt(sq_norm)
+    # overflow, underflow, a zero or a non-finite direction
+    scale, sq_scaled = _scaled_norm(buffer, c, work, spare, lanes, momentum, keep, ctol,
+                                    use_momentum, is_ineq, use_ctol)
+    if not sq_scaled < np.inf:  # NaN: a direction that is not finite
+        return np.nan, np.nan, np.nan
+    norm = scale * math.sqrt(sq_scaled)
+    return norm * norm, _scaled_dual_stepsize(hyper[0], hyper[1], scale, sq_scaled), norm
+
+
+def _dual_apply(dual, buffer, c, coef, flags, stepsize):
+    """Pass 2 of :func:`ialm_dual_step_`: ``coef[5] = stepsize`` (cast to the dtype), then block
+    by block the direction again (bit for bit pass 1's), written to the momentum buffer, and
+    the multipliers from it (measured: one loop is faster than two, the buffer and constraints
+    being read once)."""
+    n = dual.size
+    momentum, keep, lower, upper, ctol = coef[0], coef[1], coef[2], coef[3], coef[4]
+    use_momentum, is_ineq = flags[0] != 0, flags[1] != 0
+    use_ctol = ctol >= 0
+    work = np.empty(BLOCK if use_ctol else 0, dtype=dual.dtype)
     coef[5] = stepsize
     s = coef[5]
     for start in range(0, n, BLOCK):
@@ -254,6 +264,20 @@ def _dual_step(dual, buffer, c, coef, hyper, flags):
                                     lower, upper)
         else:
             _update_block_(dual[start:stop], d, s, lower, upper)
+
+
+_dual_norm = _jit.elementwise(_dual_norm)
+_dual_apply = _jit.elementwise(_dual_apply)
+
+
+def _dual_step(dual, buffer, c, coef, hyper, flags):
+    """The body of :func:`ialm_dual_step_`; returns ``(sq_norm, stepsize, norm)``:
+    :func:`_dual_norm` (read-only), then :func:`_dual_apply` unless the direction is not
+    finite."""
+    sq_norm, stepsize, norm = _dual_norm(buffer, c, coef, hyper, flags)
+    if stepsize != stepsize:  # NaN: a direction that is not finite; nothing written
+        return sq_norm, stepsize, norm
+    _dual_apply(dual, buffer, c, coef, flags, stepsize)
     return sq_norm, stepsize, norm
 
 

@@ -1,10 +1,10 @@
 """XLA FFI handler (``numba.cfunc``) running iALM's dual step inside ``jax.jit`` on CPU.
 
 One call steps every constraint group of one dtype (float32 or float64): for each group it
-calls :func:`uniopt.kernels.ialm_cpu.ialm_dual_step_`, the kernel of the NumPy core
-:class:`uniopt.iALM`, with the arguments that core builds (:func:`uniopt.kernels.ialm_cpu.
-coefficients`: ``coef`` in the group's dtype, ``hyper`` = ``(beta, gamma)`` in float64,
-``flags`` = ``(use_momentum, is_ineq)``), so multipliers, momentum buffers and step sizes equal
+runs the two passes of :func:`uniopt.kernels.ialm_cpu.ialm_dual_step_`, the kernel of the
+NumPy core :class:`uniopt.iALM`, with the arguments that core builds
+(:func:`uniopt.kernels.ialm_cpu.coefficients`: ``coef`` in the group's dtype, ``hyper`` =
+``(beta, gamma)`` in float64, ``flags`` = ``(use_momentum, is_ineq)``), so multipliers, momentum buffers and step sizes equal
 the NumPy core's bit for bit, in float32 as in float64, for the same ``beta``.
 
 Call frame contract (checked by the adapter, :mod:`uniopt.adapters.jax.ialm`, before it emits a
@@ -29,15 +29,14 @@ call; see :mod:`.ffi`), for ``G >= 1`` groups of one dtype ``D`` (float32 or flo
 Group ``k``'s ``c``, multipliers and buffer hold the same number of elements (any shape: read as
 flat row-major arrays).
 
-The whole-step skip of the JAX face: if the constraint values of ANY group are not all finite,
-nothing changes in any group (multipliers, buffers, step sizes) and ``steps[G]`` is 0. Groups
-``1 .. G-1`` are checked read-only first (:func:`uniopt.kernels._reduce.all_finite`, one read of
-their constraints); group 0 is left to its kernel, which writes nothing for a direction that is
-not finite (then its constraints are checked to tell a non-finite value from an overflowed
-momentum buffer). A group whose constraints are finite but whose direction is not (its momentum
-buffer overflowed) is left unchanged, and the other groups step (``steps[G]`` is 1): the traced
-path writes NaN/inf there instead. The counters and the growth of ``beta`` stay in the adapter,
-from ``steps[G]``.
+The whole-step skip of the JAX face: if the direction of ANY group is not finite (a constraint
+value that is not, or a momentum buffer that overflowed), nothing changes in any group
+(multipliers, buffers, step sizes) and ``steps[G]`` is 0, as on the traced path. The handler
+runs the kernel's read-only first pass (:func:`uniopt.kernels.ialm_cpu._dual_norm`: the
+direction's norm and step size) for every group, then its writing pass
+(:func:`~uniopt.kernels.ialm_cpu._dual_apply`) for every group only when no norm was NaN: no
+extra read of any group's constraints. The counters and the growth of ``beta`` stay in the
+adapter, from ``steps[G]``.
 
 A frame whose layout the handler does not know (counts, sizes or dtypes) leaves every buffer
 untouched: then ``steps[G]`` keeps the 0 it came with, and the adapter counts a skipped step.
@@ -56,8 +55,7 @@ from numba.core.ccallback import CFunc
 
 from . import ffi
 from ._pointers import view
-from ._reduce import all_finite
-from .ialm_cpu import ialm_dual_step_
+from .ialm_cpu import _dual_apply, _dual_norm
 from .qh_ffi import _compile
 
 __all__ = ["ialm_handler", "SETTINGS", "settings_row"]
@@ -101,33 +99,37 @@ def _layout_ok(frame, groups, dtype):
 
 @numba.njit(inline="always")
 def _groups(frame, like, groups):
-    """The dual step of every group (layout checked), ``like`` a witness of the groups' dtype."""
+    """The dual step of every group (layout checked), ``like`` a witness of the groups' dtype:
+    every group's read-only pass first, last group first, then, only if every direction is
+    finite, every group's writing pass, first group first (so each group's writing pass finds
+    in cache what its read-only pass read, unless the groups before it have pushed it out)."""
     settings = view(ffi.buffer_data(ffi.arg_buffer(frame, 0)), SETTINGS * groups, _F64)
     beta = ffi.arg_array(frame, like, 1)
     steps = ffi.ret_array(frame, like, 2 * groups)
-    for k in range(1, groups):  # read-only: a later group must not fail after group 0 stepped
-        if not all_finite(ffi.arg_array(frame, like, 2 + k)):
-            return
-    coef = np.empty(6, like.dtype)
+    coef = np.empty(6 * groups, like.dtype)
     hyper = np.empty(2, np.float64)
-    flags = np.empty(2, np.int64)
-    for k in range(groups):
+    flags = np.empty(2 * groups, np.int64)
+    stepsizes = np.empty(groups, np.float64)
+    for k in range(groups - 1, -1, -1):
         row = settings[SETTINGS * k:SETTINGS * (k + 1)]
         for j in range(5):
-            coef[j] = row[j]
-        coef[5] = 0
+            coef[6 * k + j] = row[j]
+        coef[6 * k + 5] = 0
         hyper[0] = np.float64(beta[k])
         hyper[1] = row[5]
-        flags[0] = 1 if row[6] != 0 else 0
-        flags[1] = 1 if row[7] != 0 else 0
-        c = ffi.arg_array(frame, like, 2 + k)
-        out = ialm_dual_step_(ffi.ret_array(frame, like, k),
-                              ffi.ret_array(frame, like, groups + k), c, coef, hyper, flags)
-        if out[1] != out[1]:  # NaN: the kernel wrote nothing for this group
-            if k == 0 and not all_finite(c):
-                return  # a non-finite constraint value: the whole step is skipped
-            continue  # an overflowed momentum buffer: this group is left as it was
-        steps[k] = coef[5]
+        flags[2 * k] = 1 if row[6] != 0 else 0
+        flags[2 * k + 1] = 1 if row[7] != 0 else 0
+        stepsizes[k] = _dual_norm(ffi.ret_array(frame, like, groups + k),
+                                  ffi.arg_array(frame, like, 2 + k), coef[6 * k:6 * k + 6],
+                                  hyper, flags[2 * k:2 * k + 2])[1]
+        if stepsizes[k] != stepsizes[k]:  # NaN: a direction that is not finite
+            return  # the whole step is skipped: nothing written, steps[groups] stays 0
+    for k in range(groups):
+        group_coef = coef[6 * k:6 * k + 6]
+        _dual_apply(ffi.ret_array(frame, like, k), ffi.ret_array(frame, like, groups + k),
+                    ffi.arg_array(frame, like, 2 + k), group_coef, flags[2 * k:2 * k + 2],
+                    stepsizes[k])
+        steps[k] = group_coef[5]
     steps[groups] = 1
 
 

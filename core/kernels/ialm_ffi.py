@@ -4,8 +4,9 @@ One call steps every constraint group of one dtype (float32 or float64): for eac
 runs the two passes of :func:`uniopt.kernels.ialm_cpu.ialm_dual_step_`, the kernel of the
 NumPy core :class:`uniopt.iALM`, with the arguments that core builds
 (:func:`uniopt.kernels.ialm_cpu.coefficients`: ``coef`` in the group's dtype, ``hyper`` =
-``(beta, gamma)`` in float64, ``flags`` = ``(use_momentum, is_ineq)``), so multipliers, momentum buffers and step sizes equal
-the NumPy core's bit for bit, in float32 as in float64, for the same ``beta``.
+``(beta, gamma)`` in float64, ``flags`` = ``(use_momentum, is_ineq)``), so multipliers,
+momentum buffers and step sizes equal the NumPy core's bit for bit, in float32 as in float64,
+for the same ``beta``.
 
 Call frame contract (checked by the adapter, :mod:`uniopt.adapters.jax.ialm`, before it emits a
 call; see :mod:`.ffi`), for ``G >= 1`` groups of one dtype ``D`` (float32 or float64):

@@ -246,20 +246,13 @@ class iALM:  # noqa: N801 (the seed's name)
         """Raise :func:`uniopt._validation.nonfinite_constraints_error` naming the first group
         whose constraint values are not all finite, before anything changes.
 
-        The CPU kernel itself changes nothing for a non-finite direction (its first pass is
-        read-only; it returns a NaN step before writing), so the first group is left to its
-        kernel when its dtype is settled, and that single-group case pays no extra pass over
-        the constraints. The groups after the first are checked here (the first one must not
-        change when a later one fails).
+        Only groups whose dtype is not settled yet (the first update) are checked here, before
+        they adopt one. A settled group is left to the kernel's read-only first pass
+        (:meth:`_dual_norm`: a NaN step size for a direction that is not finite), which every
+        group takes before any group is written: no extra pass over the constraints.
         """
-        first = self.param_groups[0]
-        skip_first = first["dtype_fixed"]
-        if skip_first and len(parts) == 1:  # the common case: nothing to do here
-            return
-        for k, (group, c) in enumerate(zip(self.param_groups, parts)):
-            if k == 0 and skip_first:
-                continue
-            if not self._all_finite(c):
+        for group, c in zip(self.param_groups, parts):
+            if not group["dtype_fixed"] and not self._all_finite(c):
                 raise nonfinite_constraints_error(group["name"])
 
     def _gate(self, cast) -> bool:
@@ -304,17 +297,24 @@ class iALM:  # noqa: N801 (the seed's name)
                 self._adopt_dtypes(parts)
         rhos = self._rhos()
         if update:
-            last = []
-            for group, c, rho in zip(self.param_groups, cast, rhos):
-                out = self._dual_step_(group, c)
-                norm = out[2] if len(out) > 2 else math.sqrt(out[0])
-                if not math.isfinite(out[1]):  # a kernel met a direction that is not finite
-                    if not self._all_finite(c):
-                        raise nonfinite_constraints_error(group["name"])
+            # every group's read-only pass first (last group first: the writing passes, first
+            # group first, then find in cache what they read), so a group whose direction is
+            # not finite raises before any group changed
+            norms = [None] * len(cast)
+            for k in reversed(range(len(cast))):
+                group, c = self.param_groups[k], cast[k]
+                norms[k] = self._dual_norm(group, c)
+                if not math.isfinite(norms[k][1]):  # the direction is not finite
+                    for bad, values in zip(self.param_groups, cast):  # the first such group
+                        if not self._all_finite(values):
+                            raise nonfinite_constraints_error(bad["name"])
                     raise ValueError(f"constraints: the direction of group {group['name']!r} "
-                                     f"is not finite (its momentum buffer overflowed); that "
-                                     f"group was not updated")
-                last.append({"direction_norm": norm, "stepsize": out[1], "rho": rho})
+                                     f"is not finite (its momentum buffer overflowed); nothing "
+                                     f"was updated")
+            last = []
+            for group, c, rho, (_, stepsize, norm) in zip(self.param_groups, cast, rhos, norms):
+                self._dual_apply(group, c, stepsize)
+                last.append({"direction_norm": norm, "stepsize": stepsize, "rho": rho})
             for group in self.param_groups:
                 group["beta"] *= group["sigma"]
             self.last_step = last
@@ -422,13 +422,19 @@ class iALM:  # noqa: N801 (the seed's name)
     def _copy(self, x):
         return np.array(x, copy=True)
 
-    def _dual_step_(self, group, c):
-        """:func:`uniopt.kernels.ialm_cpu.ialm_dual_step_` in place (it writes nothing when the
-        direction is not finite)."""
-        duals, buffer = group["duals"], group["momentum_buffer"]
-        coef, hyper, flags = self._kernel_args(group, duals.dtype)
-        out = ialm_cpu.ialm_dual_step_(duals, buffer, c, coef, hyper, flags)
+    def _dual_norm(self, group, c):
+        """``(sq_norm, stepsize, norm)`` of a group's direction (NaNs when it is not finite):
+        :func:`uniopt.kernels.ialm_cpu.ialm_dual_norm_`, read-only."""
+        coef, hyper, flags = self._kernel_args(group, group["duals"].dtype)
+        out = ialm_cpu.ialm_dual_norm_(group["momentum_buffer"], c, coef, hyper, flags)
         return float(out[0]), float(out[1]), float(out[2])
+
+    def _dual_apply(self, group, c, stepsize):
+        """The group's multipliers and momentum buffer, in place, with the step size
+        :meth:`_dual_norm` gave (:func:`uniopt.kernels.ialm_cpu.ialm_dual_apply_`)."""
+        coef, _, flags = self._kernel_args(group, group["duals"].dtype)
+        ialm_cpu.ialm_dual_apply_(group["duals"], group["momentum_buffer"], c, coef, flags,
+                                  stepsize)
 
     def _all_finite(self, c) -> bool:
         return bool(all_finite(np.ascontiguousarray(c)))

@@ -568,6 +568,36 @@ def test_kernel_overflowing_momentum_buffer_writes_nothing():
         assert now.tobytes() == then.tobytes()
 
 
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_an_overflowing_direction_in_any_group_raises_and_changes_no_group(k):
+    """Finite float32 constraints whose momentum direction overflows in group ``k`` of three:
+    every group's read-only pass runs before any group is written, so the groups before ``k``
+    do not move either."""
+    opt = uniopt.iALM(2, momentum=0.5, init_duals=np.zeros(2, np.float32), sigma=2.0)
+    opt.add_constraint_group(3, momentum=0.0, name="plain")
+    opt.add_constraint_group(2, momentum=0.9, name="late")
+    sizes, names = [2, 3, 2], ["group0", "plain", "late"]
+    c = np.array([0.5, -1.0, 2.0, 0.25, 3.0, 0.3, -0.7], np.float32)
+    opt.update(c)
+    opt.update(2 * c)
+    momentum_group = k if k != 1 else 2  # group 1 has no momentum: its direction is c
+    start = sum(sizes[:momentum_group])
+    opt.param_groups[momentum_group]["momentum_buffer"][:] = 3e38
+    huge = c.copy()
+    huge[start:start + sizes[momentum_group]] = 3e38  # finite; 0.5 or 0.9 * 3e38 + 3e38 is not
+    before = _snapshot(opt)
+    pattern = f"direction of group '{names[momentum_group]}' is not finite .*nothing was updated"
+    with pytest.raises(ValueError, match=pattern):
+        opt.update(huge)
+    _assert_same_state(before, _snapshot(opt))
+    if k == 1:  # a non-finite value in an earlier group is named first
+        bad = huge.copy()
+        bad[2] = np.nan
+        with pytest.raises(ValueError, match="group 'plain' are not finite"):
+            opt.update(bad)
+        _assert_same_state(before, _snapshot(opt))
+
+
 def test_numpy_face_momentum_group_raises_and_changes_nothing():
     """The NumPy iALM leaves its first group to the kernel (no check of its own first)."""
     opt = uniopt.iALM(3, momentum=0.5, init_duals=np.zeros(3), beta=0.7)

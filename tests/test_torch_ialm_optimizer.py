@@ -351,6 +351,28 @@ def test_a_later_group_with_non_finite_constraints_changes_no_group(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [0, 2])
+def test_an_overflowing_direction_in_any_group_changes_no_group(backend, k):
+    """Three groups (momentum in groups 0 and 2), float32: finite constraints whose momentum
+    direction overflows in group ``k`` raise before any group moves, the earlier ones too."""
+    dual = _make(iALM, _backend=backend, init_duals=torch.zeros(2))
+    dual.update(torch.linspace(-1, 1, 6))
+    at = {0: slice(0, 2), 2: slice(5, 6)}[k]
+    dual.param_groups[k]["momentum_buffer"].fill_(3e38)
+    snapshot = _snapshot(dual)
+    c = torch.linspace(-1, 1, 6)
+    c[at] = 3e38                                   # finite; 0.5 or 0.9 * 3e38 + 3e38 is not
+    with pytest.raises(ValueError, match=f"direction of group 'group{k}' is not finite .*"
+                                         f"nothing was updated"):
+        dual.update(c)
+    _assert_unchanged(dual, snapshot)
+    c[5] = math.nan                                # a non-finite value is named as such
+    with pytest.raises(ValueError, match="group 'group2' has 1 non-finite"):
+        dual.update(c)
+    _assert_unchanged(dual, snapshot)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_overflowing_momentum_buffer_raises_and_changes_nothing(backend):
     """Finite constraints whose float32 momentum direction overflows: raised, nothing written."""
     dual = iALM(m=3, momentum=0.9, init_duals=torch.zeros(3), dual_range=(None, None),

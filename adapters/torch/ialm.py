@@ -446,6 +446,28 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
                 if bad:
                     raise _nonfinite_error(group, bad, c.numel())
 
+    def _check_directions(self, groups, grads, start: int) -> None:
+        """Raise, naming the group, if the momentum direction of a group from ``start`` on is
+        not finite, before any group changes (the dispatcher writes group by group; the CPU
+        kernel, which ``start = 1`` leaves the first group to, writes nothing for it).
+
+        Groups without momentum are skipped (their direction is their checked constraints);
+        one reduction per momentum group, the exact check only when its sum is not finite.
+        """
+        for group, (c,) in zip(groups[start:], grads[start:]):
+            if group["momentum"] == 0 or not c.numel():
+                continue
+            d = _torch_rules.momentum_direction(
+                group["momentum_buffer"], _torch_rules.filtered(c, self.ctol, group["is_ineq"]),
+                group["momentum"], 1.0 - group["dampening"])
+            if math.isfinite(float(d.sum())) or bool(torch.isfinite(d).all()):
+                continue
+            bad = int((~torch.isfinite(c)).sum())
+            if bad:
+                raise _nonfinite_error(group, bad, c.numel())
+            raise ValueError(f"constraints: the direction of group {group['name']!r} is not "
+                             f"finite (its momentum buffer overflowed); nothing was updated")
+
     def _adopt_dtypes(self, parts) -> None:
         """Multipliers whose dtype is not settled take that of the first constraints seen."""
         for group, c in zip(self.param_groups, parts):
@@ -528,7 +550,8 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
 
         All or nothing: the CPU kernel writes nothing for a direction that is not finite, so the
         first group (when its constraints were not checked yet) is left to it if it runs there;
-        every other group is checked before anything changes.
+        every other group is checked (its constraints, and with momentum its direction) before
+        anything changes.
         """
         grads = []
         for group, c in zip(groups, parts):
@@ -541,11 +564,11 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
                 c = c.contiguous()
             grads.append((c,))
         work = self._dispatcher.collect(groups, self.state, grads)
-        if checked_first:
-            first = work[0]
-            start = 1 if first.tables and not first.slow else 0
-            if start < len(groups):
-                self._check_finite(parts, start)
+        first = work[0]
+        start = 1 if first.tables and not first.slow else 0
+        if checked_first and start < len(groups):
+            self._check_finite(parts, start)
+        self._check_directions(groups, grads, start)
         aliases = self.__dict__.get("_aliases")
         if aliases:
             for group in groups:

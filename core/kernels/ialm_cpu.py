@@ -47,7 +47,8 @@ from ..rules import bind
 from ..rules import ialm as _ialm
 from ._reduce import BLOCK, LANES, SMALL_SQ, _block_sq_sum, _neumaier_add
 
-__all__ = ["ialm_dual_step_", "coefficients", "group_arguments", "SMALL_SQ"]
+__all__ = ["ialm_dual_step_", "ialm_dual_norm_", "ialm_dual_apply_", "coefficients",
+           "group_arguments", "SMALL_SQ"]
 
 _rules = bind(_ialm, wrap=_jit.elementwise)
 _equality_filter = _rules.equality_filter
@@ -292,6 +293,20 @@ def ialm_dual_step_(dual, buffer, c, coef, hyper, flags):
     (``dual``, ``buffer`` and ``coef`` unchanged).
     """
     return _dual_step(dual, buffer, c, coef, hyper, flags)
+
+
+@_jit.cpu_kernel
+def ialm_dual_norm_(buffer, c, coef, hyper, flags):
+    """The first, read-only pass of :func:`ialm_dual_step_` alone: ``(sq_norm, stepsize,
+    norm)``, NaNs for a direction that is not finite; nothing is written."""
+    return _dual_norm(buffer, c, coef, hyper, flags)
+
+
+@_jit.cpu_kernel
+def ialm_dual_apply_(dual, buffer, c, coef, flags, stepsize):
+    """The writing pass of :func:`ialm_dual_step_` alone, with the ``stepsize``
+    :func:`ialm_dual_norm_` returned: ``coef[5]``, the momentum buffer and the multipliers."""
+    _dual_apply(dual, buffer, c, coef, flags, stepsize)
 
 
 def coefficients(dtype, momentum: float, dampening: float, lower: float, upper: float,

@@ -297,24 +297,27 @@ class iALM:  # noqa: N801 (the seed's name)
                 self._adopt_dtypes(parts)
         rhos = self._rhos()
         if update:
-            # every group's read-only pass first (last group first: the writing passes, first
-            # group first, then find in cache what they read), so a group whose direction is
-            # not finite raises before any group changed
-            norms = [None] * len(cast)
-            for k in reversed(range(len(cast))):
-                group, c = self.param_groups[k], cast[k]
-                norms[k] = self._dual_norm(group, c)
-                if not math.isfinite(norms[k][1]):  # the direction is not finite
-                    for bad, values in zip(self.param_groups, cast):  # the first such group
+            # the read-only pass of every group after the first (last group first), then the
+            # first group's whole step (its kernel writes nothing for a direction that is not
+            # finite), then the other groups' writing passes: a group whose direction is not
+            # finite raises before any group changed, and one group is one kernel call
+            groups = self.param_groups
+            outs = [None] * len(cast)
+            for k in range(len(cast) - 1, -1, -1):
+                outs[k] = self._dual_step_(groups[k], cast[k]) if k == 0 else self._dual_norm(
+                    groups[k], cast[k])
+                if not math.isfinite(outs[k][1]):  # the direction is not finite
+                    for bad, values in zip(groups, cast):  # name the first such group
                         if not self._all_finite(values):
                             raise nonfinite_constraints_error(bad["name"])
-                    raise ValueError(f"constraints: the direction of group {group['name']!r} "
+                    raise ValueError(f"constraints: the direction of group {groups[k]['name']!r} "
                                      f"is not finite (its momentum buffer overflowed); nothing "
                                      f"was updated")
             last = []
-            for group, c, rho, (_, stepsize, norm) in zip(self.param_groups, cast, rhos, norms):
-                self._dual_apply(group, c, stepsize)
-                last.append({"direction_norm": norm, "stepsize": stepsize, "rho": rho})
+            for k, (group, c, rho) in enumerate(zip(groups, cast, rhos)):
+                if k:
+                    self._dual_apply(group, c, outs[k][1])
+                last.append({"direction_norm": outs[k][2], "stepsize": outs[k][1], "rho": rho})
             for group in self.param_groups:
                 group["beta"] *= group["sigma"]
             self.last_step = last
@@ -421,6 +424,14 @@ class iALM:  # noqa: N801 (the seed's name)
 
     def _copy(self, x):
         return np.array(x, copy=True)
+
+    def _dual_step_(self, group, c):
+        """:func:`uniopt.kernels.ialm_cpu.ialm_dual_step_` in place: ``(sq_norm, stepsize,
+        norm)``; it writes nothing (and returns NaNs) when the direction is not finite."""
+        duals = group["duals"]
+        coef, hyper, flags = self._kernel_args(group, duals.dtype)
+        out = ialm_cpu.ialm_dual_step_(duals, group["momentum_buffer"], c, coef, hyper, flags)
+        return float(out[0]), float(out[1]), float(out[2])
 
     def _dual_norm(self, group, c):
         """``(sq_norm, stepsize, norm)`` of a group's direction (NaNs when it is not finite):

@@ -248,8 +248,9 @@ class iALM:  # noqa: N801 (the seed's name)
 
         Only groups whose dtype is not settled yet (the first update) are checked here, before
         they adopt one. A settled group is left to the kernel's read-only first pass
-        (:meth:`_dual_norm`: a NaN step size for a direction that is not finite), which every
-        group takes before any group is written: no extra pass over the constraints.
+        (:meth:`_dual_norm`, or the first group's :meth:`_dual_step_`: a NaN step size, nothing
+        written, for a direction that is not finite), which every group takes before any group
+        is written: no extra pass over the constraints.
         """
         for group, c in zip(self.param_groups, parts):
             if not group["dtype_fixed"] and not self._all_finite(c):

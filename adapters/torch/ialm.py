@@ -448,8 +448,8 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
 
     def _check_directions(self, groups, grads, start: int) -> None:
         """Raise, naming the group, if the momentum direction of a group from ``start`` on is
-        not finite, before any group changes (the dispatcher writes group by group; the CPU
-        kernel, which ``start = 1`` leaves the first group to, writes nothing for it).
+        not finite, before any group changes (the dispatcher writes group by group; ``start =
+        1`` leaves the first group to its own step, which must then write nothing for it).
 
         Groups without momentum are skipped (their direction is their checked constraints);
         one reduction per momentum group, the exact check only when its sum is not finite.
@@ -568,7 +568,10 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
         start = 1 if first.tables and not first.slow else 0
         if checked_first and start < len(groups):
             self._check_finite(parts, start)
-        self._check_directions(groups, grads, start)
+        # the CPU kernel and the torch ops write nothing for a direction that is not finite;
+        # the CUDA kernel writes the buffer before its norm tells
+        on_cuda = any(first.plan.kinds[i] == "cuda" for i in first.slow)
+        self._check_directions(groups, grads, 0 if on_cuda else 1)
         aliases = self.__dict__.get("_aliases")
         if aliases:
             for group in groups:

@@ -520,6 +520,34 @@ def _naive_dual_step(dual, buffer, c, momentum, dampening, lo, hi, beta, gamma, 
 
 
 @pytest.mark.parametrize("momentum, ctol, is_ineq", [(0.5, 0.0, False), (0.9, 0.2, False),
+                                                     (0.5, 0.2, True), (0.0, 0.0, True)])
+@pytest.mark.parametrize("scale", [1.0, 1e-160, 1e160])  # the plain and the scaled norm
+@pytest.mark.parametrize("n", [5, 1024 + 300])
+def test_kernel_passes_alone_equal_the_whole_step_bitwise(dtype, momentum, ctol, is_ineq, scale,
+                                                          n):
+    """ialm_dual_norm_ (read-only) then ialm_dual_apply_ (the NumPy face's groups 2..G) are
+    ialm_dual_step_ bit for bit: multipliers, buffer, coef[5] and the returned triple."""
+    rng = np.random.default_rng(5)
+    scale = scale if dtype == np.float64 else 1.0
+    c = (rng.standard_normal(n) * scale).astype(dtype)
+    hyper, flags = np.array([0.5, 2.0]), np.array([momentum != 0, is_ineq], dtype=np.int64)
+    small = min(scale, 1.0)  # multipliers of the steps' magnitude, so that they move
+    arrays = [((rng.uniform(-1, 1, n) * small).astype(dtype),
+               (rng.standard_normal(n) * scale).astype(dtype))]
+    arrays.append(tuple(a.copy() for a in arrays[0]))
+    coefs = [ialm_cpu.coefficients(dtype, momentum, 0.1, -5.0, 5.0, ctol) for _ in range(2)]
+    whole = ialm_cpu.ialm_dual_step_(*arrays[0], c, coefs[0], hyper, flags)
+    before = tuple(a.copy() for a in arrays[1])
+    alone = ialm_cpu.ialm_dual_norm_(arrays[1][1], c, coefs[1], hyper, flags)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(arrays[1], before))  # read-only
+    ialm_cpu.ialm_dual_apply_(*arrays[1], c, coefs[1], flags, alone[1])
+    assert np.array(whole).tobytes() == np.array(alone).tobytes()
+    for a, b in zip((*arrays[0], coefs[0]), (*arrays[1], coefs[1])):
+        assert a.tobytes() == b.tobytes()
+    assert not np.array_equal(arrays[1][0], before[0])  # the multipliers moved
+
+
+@pytest.mark.parametrize("momentum, ctol, is_ineq", [(0.5, 0.0, False), (0.9, 0.2, False),
                                                      (0.5, 0.2, True), (0.0, 0.2, True)])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("n", [5, 1024 + 300])  # one block, and a later block holding the bad value

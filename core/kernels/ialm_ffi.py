@@ -33,11 +33,12 @@ flat row-major arrays).
 The whole-step skip of the JAX face: if the direction of ANY group is not finite (a constraint
 value that is not, or a momentum buffer that overflowed), nothing changes in any group
 (multipliers, buffers, step sizes) and ``steps[G]`` is 0, as on the traced path. The handler
-runs the kernel's read-only first pass (:func:`uniopt.kernels.ialm_cpu._dual_norm`: the
+runs the kernel's read-only first pass (:func:`uniopt.kernels.ialm_cpu.ialm_dual_norm_`: the
 direction's norm and step size) for every group, then its writing pass
-(:func:`~uniopt.kernels.ialm_cpu._dual_apply`) for every group only when no norm was NaN: no
-extra read of any group's constraints. The counters and the growth of ``beta`` stay in the
-adapter, from ``steps[G]``.
+(:func:`~uniopt.kernels.ialm_cpu.ialm_dual_apply_`) for every group only when no norm was NaN:
+no extra read of any group's constraints. Both are the NumPy core's compiled kernels, called,
+not inlined (inlining them into the handler doubled its cold compile, 28 s to 63 s). The
+counters and the growth of ``beta`` stay in the adapter, from ``steps[G]``.
 
 A frame whose layout the handler does not know (counts, sizes or dtypes) leaves every buffer
 untouched: then ``steps[G]`` keeps the 0 it came with, and the adapter counts a skipped step.
@@ -56,7 +57,7 @@ from numba.core.ccallback import CFunc
 
 from . import ffi
 from ._pointers import view
-from .ialm_cpu import _dual_apply, _dual_norm
+from .ialm_cpu import ialm_dual_apply_, ialm_dual_norm_
 from .qh_ffi import _compile
 
 __all__ = ["ialm_handler", "SETTINGS", "settings_row"]
@@ -120,16 +121,16 @@ def _groups(frame, like, groups):
         hyper[1] = row[5]
         flags[2 * k] = 1 if row[6] != 0 else 0
         flags[2 * k + 1] = 1 if row[7] != 0 else 0
-        stepsizes[k] = _dual_norm(ffi.ret_array(frame, like, groups + k),
-                                  ffi.arg_array(frame, like, 2 + k), coef[6 * k:6 * k + 6],
-                                  hyper, flags[2 * k:2 * k + 2])[1]
+        stepsizes[k] = ialm_dual_norm_(ffi.ret_array(frame, like, groups + k),
+                                       ffi.arg_array(frame, like, 2 + k), coef[6 * k:6 * k + 6],
+                                       hyper, flags[2 * k:2 * k + 2])[1]
         if stepsizes[k] != stepsizes[k]:  # NaN: a direction that is not finite
             return  # the whole step is skipped: nothing written, steps[groups] stays 0
     for k in range(groups):
         group_coef = coef[6 * k:6 * k + 6]
-        _dual_apply(ffi.ret_array(frame, like, k), ffi.ret_array(frame, like, groups + k),
-                    ffi.arg_array(frame, like, 2 + k), group_coef, flags[2 * k:2 * k + 2],
-                    stepsizes[k])
+        ialm_dual_apply_(ffi.ret_array(frame, like, k), ffi.ret_array(frame, like, groups + k),
+                         ffi.arg_array(frame, like, 2 + k), group_coef, flags[2 * k:2 * k + 2],
+                         stepsizes[k])
         steps[k] = group_coef[5]
     steps[groups] = 1
 

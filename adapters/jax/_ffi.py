@@ -130,6 +130,13 @@ def _all_jit_or_static(values) -> bool:
     return seen
 
 
+def check_flag(ffi) -> None:
+    """The ``ffi`` argument of a transform: None, True or False (by identity: ``1 == True``
+    and ``0.0 == False`` are not flags), else ``TypeError`` naming the value."""
+    if not (ffi is None or ffi is True or ffi is False):
+        raise TypeError(f"Invalid ffi: {ffi!r} (expected None, True or False)")
+
+
 def supported_dtype(dtype) -> bool:
     return np.dtype(dtype) in _SUPPORTED
 

@@ -351,8 +351,7 @@ def ialm(beta: Any = 1.0, sigma: Any = 1.0, gamma: Any = 1.0, penalty: Any = 1.0
     ctol = _validation.nonnegative_finite("ctol value", ctol)
     axis_name = check_axis_name(axis_name)
     _validation.check_nonfinite(nonfinite)
-    if not any(ffi is allowed for allowed in (None, True, False)):  # (1 == True, 0.0 == False)
-        raise TypeError(f"Invalid ffi: {ffi!r} (expected None, True or False)")
+    _ffi.check_flag(ffi)
     for name, value in specs.items():
         entries = [value] if _is_single(name, value) else _entries(name, value)
         if not entries:  # a container without entries matches no constraints

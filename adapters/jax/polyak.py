@@ -539,8 +539,7 @@ def polyak_sgd(
       <https://arxiv.org/abs/2002.10542>`_, 2021; Garrigos et al., `Function value learning
       <https://arxiv.org/abs/2307.14528>`_, 2023.
     """
-    if not (ffi is None or ffi is True or ffi is False):  # (1 == True: not in (...))
-        raise TypeError(f"Invalid ffi: {ffi!r} (expected None, True or False)")
+    _ffi.check_flag(ffi)
     if not callable(scaling):
         scaling = check(_validation.nonnegative, "scaling value", scaling)
     chain = optax.chain(

@@ -209,8 +209,7 @@ def _with_ffi(chain, family, ffi, learning_rate, weight_decay, decoupled, block_
     step, :func:`_ffi.update_and_apply`) and ``update_and_apply_packed(grads, state, params,
     fallback)`` (the fused step over ``optax.flatten``'s state, :func:`_ffi.flatten`).
     """
-    if not any(ffi is allowed for allowed in (None, True, False)):  # (1 == True, 0.0 == False)
-        raise TypeError(f"Invalid ffi: {ffi!r} (expected None, True or False)")
+    _ffi.check_flag(ffi)
     mode = (_ffi_kernels.PLAIN if _static_zero(weight_decay) else
             _ffi_kernels.DECOUPLED if decoupled else _ffi_kernels.COUPLED)
     block_at, decay_at = (0, 1) if decoupled else (1, 0)

@@ -63,6 +63,15 @@ class _NotFinite(Exception):
         self.group = group
 
 
+def _direction(group: dict, c: torch.Tensor, buffer: torch.Tensor, ctol: float) -> torch.Tensor:
+    """A group's dual direction with torch ops (nothing written): the ``ctol`` filter of the
+    constraint values, then, with momentum, the new buffer values."""
+    d = _torch_rules.filtered(c, ctol, group["is_ineq"])
+    if group["momentum"] != 0:
+        d = _torch_rules.momentum_direction(buffer, d, group["momentum"], 1.0 - group["dampening"])
+    return d
+
+
 class _DualStepRule(Rule):
     """iALM's dual step as :class:`uniopt.adapters.torch._dispatch.Dispatcher` runs it.
 
@@ -135,9 +144,7 @@ class _DualStepRule(Rule):
         written when the direction is not finite.
         """
         buffer = buffers[0]
-        d = _torch_rules.filtered(c, self.ctol, group["is_ineq"])
-        if group["momentum"] != 0:
-            d = _torch_rules.momentum_direction(buffer, d, group["momentum"], 1.0 - group["dampening"])
+        d = _direction(group, c, buffer, self.ctol)
         d64 = d.to(torch.float64)
         sq_norm = float(torch.sum(torch.square(d64)))
         f64 = dict(dtype=torch.float64, device=duals.device)
@@ -457,9 +464,7 @@ class iALM(torch.optim.Optimizer):  # noqa: N801 (the seed's name)
         for group, (c,) in zip(groups[start:], grads[start:]):
             if group["momentum"] == 0 or not c.numel():
                 continue
-            d = _torch_rules.momentum_direction(
-                group["momentum_buffer"], _torch_rules.filtered(c, self.ctol, group["is_ineq"]),
-                group["momentum"], 1.0 - group["dampening"])
+            d = _direction(group, c, group["momentum_buffer"], self.ctol)
             if math.isfinite(float(d.sum())) or bool(torch.isfinite(d).all()):
                 continue
             bad = int((~torch.isfinite(c)).sum())
